@@ -1,0 +1,108 @@
+"""The ``PROVIDERS_FILE`` format: per-provider endpoints, secrets, timers and error table.
+
+JSON, one object ``{"providers": {"<provider_id>": {...}}}``. String values may reference
+environment variables as ``${NAME}`` or ``${NAME:-default}``; the loader expands them from the
+mapping it is given so one file serves ``make run`` on any port.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Literal
+
+import msgspec
+
+Decision = Literal["next_provider", "recheck", "manual_check", "stop_cascade"]
+DECISIONS: tuple[str, ...] = ("next_provider", "recheck", "manual_check", "stop_cascade")
+
+
+class RecheckPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Exponential backoff for polling a provider after an ambiguous create."""
+
+    initial_delay_seconds: float = 1.0
+    multiplier: float = 2.0
+    max_delay_seconds: float = 60.0
+    max_attempts: int = 10
+
+
+class StatusPolling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional fallback polling of an executing order after its webhook SLA passed."""
+
+    interval_seconds: float = 5.0
+    max_polls: int = 3
+
+
+class Timeouts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    connect_seconds: float = 2.0
+    read_seconds: float = 10.0
+
+
+class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One provider's integration settings."""
+
+    base_url: str
+    webhook_secrets: tuple[str, ...] = ()
+    # None: no SLA — an accepted order with no webhook goes straight to manual check rules.
+    webhook_sla_seconds: float | None = 900.0
+    status_polling: StatusPolling | None = None
+    recheck: RecheckPolicy = RecheckPolicy()
+    timeouts: Timeouts = Timeouts()
+    idempotency_key_max_length: int = 64
+    supports_cancel: bool = False
+    errors: dict[str, Decision] = {}
+    default_decision: Decision = "next_provider"
+
+    def decision_for(self, code: str) -> Decision:
+        """What a definitive provider error code means for the cascade."""
+        return self.errors.get(code, self.default_decision)
+
+
+class ProvidersFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    providers: dict[str, ProviderConfig]
+
+
+class ProvidersFileError(Exception):
+    """The providers file cannot be used; the message names the problem in one line."""
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Replace ``${NAME}`` / ``${NAME:-default}`` from ``env``; unknown names are an error."""
+
+    def repl(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ProvidersFileError(f"providers file references ${{{name}}}, which is not set")
+
+    return _VAR.sub(repl, text)
+
+
+def load_providers(raw: bytes, env: Mapping[str, str], source: str = "PROVIDERS_FILE") -> ProvidersFile:
+    """Parse and validate a providers file; every problem is a one-line ProvidersFileError."""
+    try:
+        text = expand(raw.decode("utf-8"), env)
+        parsed = msgspec.json.decode(text, type=ProvidersFile)
+    except UnicodeDecodeError as exc:
+        raise ProvidersFileError(f"{source}: not UTF-8 ({exc.reason})") from exc
+    except msgspec.ValidationError as exc:
+        raise ProvidersFileError(f"{source}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProvidersFileError(f"{source}: not valid JSON ({exc})") from exc
+    for provider_id, config in parsed.providers.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", provider_id):
+            raise ProvidersFileError(f"{source}: provider id {provider_id!r} is not a valid id")
+        if not config.base_url.startswith(("http://", "https://")):
+            raise ProvidersFileError(f"{source}: {provider_id}.base_url must be an http(s) URL")
+        if config.idempotency_key_max_length < 8:
+            raise ProvidersFileError(
+                f"{source}: {provider_id}.idempotency_key_max_length must be at least 8"
+            )
+        if config.recheck.max_attempts < 1 or config.recheck.initial_delay_seconds <= 0:
+            raise ProvidersFileError(f"{source}: {provider_id}.recheck needs positive values")
+    return parsed

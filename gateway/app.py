@@ -1,0 +1,110 @@
+"""The Litestar application: legacy v1 API, webhook intake, ops API, health, metrics, sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from litestar import Litestar, Request, Response, get
+from litestar.exceptions import HTTPException
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway import api, ops, webhooks
+from gateway.http import ApiProblem, json_response, on_http_exception, on_problem, on_unexpected
+from gateway.http import request_id_middleware
+from gateway.runtime import Runtime, open_runtime
+from gateway.settings import Settings
+from orchestrator.metrics import SECOND_REGISTRY
+from sandbox.app import Sandbox, SandboxConfig
+
+log = logging.getLogger("cascade.app")
+
+OPENAPI_FILE = Path(__file__).resolve().parents[1] / "contracts" / "openapi.json"
+
+
+@get("/readyz")
+async def readyz(request: Request[object, object, object]) -> Response[bytes]:
+    """Ready only when the database and NATS answer and the flags are loaded."""
+    rt: Runtime = request.app.state.runtime
+    db = await rt.database_up()
+    nats_ok = rt.nats_up
+    flags = rt.router is not None and rt.router.ready
+    ok = db and nats_ok and flags
+    body = (b'{"status":"%s","database":%s,"nats":%s,"flags":%s}' % (
+        b"ready" if ok else b"not_ready", _b(db), _b(nats_ok), _b(flags)))
+    return json_response(body, 200 if ok else 503)
+
+
+def _b(value: bool) -> bytes:
+    return b"true" if value else b"false"
+
+
+@get("/metrics")
+async def metrics() -> Response[bytes]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        data = generate_latest(registry)
+    else:
+        data = generate_latest(REGISTRY) + generate_latest(SECOND_REGISTRY)
+    return Response(content=data, media_type=CONTENT_TYPE_LATEST)
+
+
+@get("/docs/openapi.json")
+async def openapi_document() -> Response[bytes]:
+    """The v1 API as it is on the wire (hand-written, checked against the contract)."""
+    return json_response(OPENAPI_FILE.read_bytes())
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litestar:
+    """Build the app; ``runtime`` is opened at startup unless one is given (tests)."""
+    sandbox: Sandbox | None = None
+    if settings.sandbox_enabled:
+        sandbox = Sandbox(SandboxConfig(
+            gateway_url=settings.public_url, providers=settings.providers,
+            core_tokens=(settings.core_token,),
+            webhook_delay_seconds=settings.sandbox_webhook_delay,
+            fail_delay_seconds=settings.sandbox_fail_delay,
+            flaky_timeout_seconds=settings.sandbox_flaky_timeout,
+        ))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        rt = runtime or await open_runtime(settings, name="gateway", with_router=True)
+        app.state.runtime = rt
+        app.state.sandbox = sandbox
+        if sandbox is not None:
+            await sandbox.start()
+        try:
+            yield
+        finally:
+            if sandbox is not None:
+                await sandbox.close()
+            if runtime is None:
+                await rt.close()
+
+    handlers: list[object] = [
+        api.create_withdrawal, api.get_withdrawal, api.cancel_withdrawal, api.healthz,
+        webhooks.receive_webhook, ops.manual_checks, ops.resolve_task, ops.withdrawal_detail,
+        readyz, metrics, openapi_document,
+    ]
+    if sandbox is not None:
+        handlers.append(sandbox.router)
+    return Litestar(
+        route_handlers=handlers,  # type: ignore[arg-type]
+        lifespan=[lifespan],
+        middleware=[request_id_middleware],
+        exception_handlers={
+            ApiProblem: on_problem,
+            HTTPException: on_http_exception,
+            Exception: on_unexpected,
+        },
+        openapi_config=None,
+        logging_config=None,
+        request_max_body_size=None,
+        debug=False,
+    )

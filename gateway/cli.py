@@ -1,0 +1,194 @@
+"""``cascade-gateway``: serve, worker, migrate, dev (``make run``), dlq, report, transitions.
+
+Bad configuration fails fast with one line on stderr naming the problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+from flags.router import FlagsError
+from gateway import logs
+from gateway.runtime import DependencyError
+from gateway.settings import Settings, SettingsError, load_settings
+
+EXIT_CONFIG = 2
+
+
+def fail(message: str) -> int:
+    print(f"cascade-gateway: {message}", file=sys.stderr)  # noqa: T201
+    return EXIT_CONFIG
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn  # noqa: PLC0415
+
+    from gateway.app import create_app  # noqa: PLC0415
+    from gateway.runtime import open_runtime  # noqa: PLC0415
+
+    if not port_free(settings.http_host, settings.http_port):
+        return fail(f"HTTP_PORT {settings.http_port} on {settings.http_host} is already in use")
+
+    async def main() -> int:
+        # Open dependencies before listening: a bad DATABASE_URL is one line, not a traceback.
+        try:
+            runtime = await open_runtime(settings, name="gateway", with_router=True)
+        except (DependencyError, FlagsError) as exc:
+            return fail(str(exc))
+        logs.configure(settings.log_level, "serve")  # the Unleash client installs its own
+        app = create_app(settings, runtime=runtime)
+        config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
+                                loop="none", http="httptools", log_config=None,
+                                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+        server = uvicorn.Server(config)
+        try:
+            await server.serve()
+        finally:
+            await runtime.close()
+        return 0
+
+    return _run(main())
+
+
+def _worker(settings: Settings) -> int:
+    from gateway.runtime import open_runtime  # noqa: PLC0415
+    from orchestrator.worker import Worker  # noqa: PLC0415
+
+    async def main() -> int:
+        try:
+            runtime = await open_runtime(settings, name="worker", with_router=False)
+        except DependencyError as exc:
+            return fail(str(exc))
+        worker = Worker(engine=runtime.engine, js=runtime.js, core=runtime.core,
+                        concurrency=settings.worker_concurrency)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await worker.start()
+        try:
+            await stop.wait()
+        finally:
+            try:
+                await asyncio.wait_for(worker.stop(), 10)
+            finally:
+                await runtime.close()
+        return 0
+
+    return _run(main())
+
+
+def _run(coro: object) -> int:
+    try:
+        import uvloop  # noqa: PLC0415
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover — uvloop is a dependency on Linux
+        runner = asyncio.run
+    result = runner(coro)  # type: ignore[arg-type]
+    return int(result or 0)
+
+
+def _migrate(settings: Settings) -> int:
+    from gateway.migrate import upgrade  # noqa: PLC0415
+
+    if settings.database_url is None:
+        return fail("DATABASE_URL is not set")
+    try:
+        upgrade(settings.sqlalchemy_url)
+    except (OSError, ConnectionError) as exc:
+        return fail(f"cannot connect to DATABASE_URL ({exc})")
+    except Exception as exc:  # noqa: BLE001 — surfaced as one line; details in --verbose
+        return fail(f"migration failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    print("migrations applied")  # noqa: T201
+    return 0
+
+
+def _dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.dlq import list_dead_letters, replay_dead_letters  # noqa: PLC0415
+
+    if settings.nats_url is None:
+        return fail("NATS_URL is not set")
+    if args.dlq_command == "list":
+        return _run(list_dead_letters(settings))
+    return _run(replay_dead_letters(settings, limit=args.limit))
+
+
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.report import run_report  # noqa: PLC0415
+
+    if settings.database_url is None:
+        return fail("DATABASE_URL is not set")
+    return _run(run_report(settings, as_json=args.json, since=args.since, until=args.until,
+                           merchant=args.merchant))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the HTTP gateway (API, webhooks, ops, sandbox)")
+    sub.add_parser("worker", help="run the orchestrator workers")
+    sub.add_parser("migrate", help="apply database migrations")
+    sub.add_parser("dev", help="start the whole stack on embedded defaults (make run)")
+    sub.add_parser("transitions", help="print the task and queue transition tables")
+    dlq = sub.add_parser("dlq", help="inspect or replay dead-lettered messages")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_sub.add_parser("list", help="print dead letters as JSON lines")
+    replay = dlq_sub.add_parser("replay", help="send dead letters back to their subjects")
+    replay.add_argument("--limit", type=int, default=1000)
+    report = sub.add_parser("report", help="compare the cohorts")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report.add_argument("--since", help="ISO date/time, inclusive (created_at)")
+    report.add_argument("--until", help="ISO date/time, exclusive (created_at)")
+    report.add_argument("--merchant", help="only this merchant")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "transitions":
+        from orchestrator.domain import transition_table  # noqa: PLC0415
+
+        print(transition_table())  # noqa: T201
+        return 0
+    if args.command == "dev":
+        from gateway.devstack import run_dev  # noqa: PLC0415
+
+        return run_dev()
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        return fail(str(exc))
+    logs.configure(settings.log_level, args.command)
+    with contextlib.suppress(KeyboardInterrupt):
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "worker":
+            return _worker(settings)
+        if args.command == "migrate":
+            return _migrate(settings)
+        if args.command == "dlq":
+            return _dlq(settings, args)
+        if args.command == "report":
+            return _report(settings, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

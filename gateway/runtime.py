@@ -1,0 +1,125 @@
+"""The process's live dependencies, built once at start and closed at stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+import httpx
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from flags.router import CohortRouter
+from gateway.settings import Settings
+from orchestrator import bus, store
+from orchestrator.core_client import HttpCascadeCore
+from orchestrator.engine import Engine
+from orchestrator.outbox import OutboxRelay
+from orchestrator.providers import HttpProviderAdapter
+
+log = logging.getLogger("cascade.runtime")
+
+
+class DependencyError(Exception):
+    """A dependency needed at start is unusable; the message is one line for the operator."""
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    pool: store.Pool
+    nc: NatsClient
+    js: JetStreamContext
+    relay: OutboxRelay
+    engine: Engine
+    core: HttpCascadeCore
+    provider_adapter: HttpProviderAdapter
+    http: httpx.AsyncClient
+    router: CohortRouter | None = None
+
+    @property
+    def nats_up(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def database_up(self) -> bool:
+        try:
+            async with asyncio.timeout(2):
+                async with self.pool.acquire() as conn:
+                    await conn.fetchval("SELECT 1")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Release everything within a few seconds, whatever state the peers are in."""
+        if self.router is not None:
+            await asyncio.to_thread(self.router.close)
+        await self.http.aclose()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.close(), 3)
+        try:
+            await asyncio.wait_for(self.pool.close(), 5)
+        except TimeoutError:
+            self.pool.terminate()
+
+
+async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> Runtime:
+    """Connect to Postgres and NATS, ensure the streams, load flags (in a thread)."""
+    if settings.database_url is None:
+        raise DependencyError("DATABASE_URL is not set")
+    if settings.nats_url is None:
+        raise DependencyError("NATS_URL is not set")
+    try:
+        async with asyncio.timeout(10):
+            pool = await store.create_pool(settings.asyncpg_dsn)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise DependencyError(
+            f"cannot connect to DATABASE_URL ({type(exc).__name__}: {exc})".replace("\n", " ")
+        ) from exc
+    try:
+        async with asyncio.timeout(10):
+            missing = await pool.fetchval("SELECT to_regclass('order_tasks') IS NULL")
+    except (asyncpg.PostgresError, TimeoutError) as exc:
+        await pool.close()
+        raise DependencyError(f"database check failed: {exc}") from exc
+    if missing:
+        await pool.close()
+        raise DependencyError("the database has no schema: run `cascade-gateway migrate` first")
+    try:
+        nc = await bus.connect(settings.nats_url, name=name)
+    except Exception as exc:
+        await pool.close()
+        raise DependencyError(f"cannot connect to NATS_URL {settings.nats_url} ({exc!r})") \
+            from exc
+    js = nc.jetstream()
+    names = bus.Names(settings.nats_namespace)
+    try:
+        await bus.ensure_streams(js, names, ack_wait_seconds=settings.ack_wait_seconds)
+    except Exception as exc:
+        await nc.close()
+        await pool.close()
+        raise DependencyError(
+            f"JetStream setup failed on {settings.nats_url} (needs nats-server >= 2.12 with "
+            f"JetStream enabled): {exc!r}"
+        ) from exc
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=200,
+                                                 max_keepalive_connections=100))
+    core = HttpCascadeCore(settings.core_url, settings.core_token, client=http)
+    adapter = HttpProviderAdapter(client=http)
+    relay = OutboxRelay(pool, js, names)
+    engine = Engine(pool=pool, relay=relay, core=core, providers=adapter,
+                    provider_configs=settings.providers)
+    runtime = Runtime(settings=settings, pool=pool, nc=nc, js=js, relay=relay, engine=engine,
+                      core=core, provider_adapter=adapter, http=http)
+    if with_router:
+        router = CohortRouter(
+            flags_file=settings.flags_file, unleash_url=settings.unleash_url,
+            unleash_token=settings.unleash_api_token,
+            refresh_interval=settings.unleash_refresh_seconds,
+        )
+        await asyncio.to_thread(router.start)
+        runtime.router = router
+    return runtime

@@ -1,0 +1,183 @@
+"""Configuration from the environment. Every problem is one :class:`SettingsError` line.
+
+The names listed in DESIGN.md are a fixed interface; the others are ours and documented in
+the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts.providers_file import ProviderConfig, ProvidersFileError, load_providers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FLAGS_FILE = REPO_ROOT / "config" / "flags.json"
+DEFAULT_PROVIDERS_FILE = REPO_ROOT / "config" / "providers.sandbox.json"
+
+
+class SettingsError(Exception):
+    """Configuration that cannot work; the message names the variable and the problem."""
+
+
+def _tokens(env: Mapping[str, str], name: str, default: str) -> tuple[str, ...]:
+    raw = env.get(name, default)
+    tokens = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not tokens:
+        raise SettingsError(f"{name} must list at least one token")
+    return tokens
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, not {raw!r}")
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, not {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, not {raw!r}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"{name} must be a TCP port (1-65535), not {raw!r}")
+    return int(raw)
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.startswith(schemes):
+        raise SettingsError(f"{name} must start with {' or '.join(schemes)}, not {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    database_url: str | None
+    nats_url: str | None
+    nats_namespace: str
+    flags_file: Path | None
+    unleash_url: str | None
+    unleash_api_token: str | None
+    unleash_refresh_seconds: int
+    api_tokens: tuple[str, ...]
+    ops_tokens: tuple[str, ...]
+    core_url: str
+    core_token: str
+    http_host: str
+    http_port: int
+    public_url: str
+    sandbox_enabled: bool
+    deployment_env: str
+    providers_file: Path
+    providers: Mapping[str, ProviderConfig]
+    worker_concurrency: int
+    ack_wait_seconds: float
+    sandbox_webhook_delay: float
+    sandbox_fail_delay: float
+    sandbox_flaky_timeout: float
+    log_level: str
+
+    @property
+    def asyncpg_dsn(self) -> str:
+        """The DSN for asyncpg (accepts SQLAlchemy's ``postgresql+asyncpg://`` form too)."""
+        assert self.database_url is not None
+        return self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return "postgresql+asyncpg://" + self.asyncpg_dsn.split("://", 1)[1]
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the environment; raise SettingsError naming the first problem."""
+    env = dict(os.environ if env is None else env)
+    http_port = _port(env, "HTTP_PORT", 8080)
+    http_host = env.get("HTTP_HOST", "127.0.0.1")
+    public_url = env.get("PUBLIC_URL") or f"http://127.0.0.1:{http_port}"
+    deployment_env = env.get("DEPLOYMENT_ENV", "development").strip().lower()
+    sandbox_enabled = _bool(env, "SANDBOX_ENABLED", False)
+    if sandbox_enabled and deployment_env == "production":
+        raise SettingsError("SANDBOX_ENABLED cannot be true when DEPLOYMENT_ENV is production")
+    database_url = _url(env, "DATABASE_URL", ("postgresql://", "postgresql+asyncpg://",
+                                              "postgres://"))
+    if database_url and database_url.startswith("postgres://"):
+        database_url = "postgresql://" + database_url.removeprefix("postgres://")
+    nats_url = _url(env, "NATS_URL", ("nats://", "tls://"))
+
+    flags_raw = env.get("FLAGS_FILE")
+    flags_file = Path(flags_raw) if flags_raw else DEFAULT_FLAGS_FILE
+    unleash_url = _url(env, "UNLEASH_URL", ("http://", "https://"))
+    unleash_token = env.get("UNLEASH_API_TOKEN") or None
+    if unleash_url and not unleash_token:
+        raise SettingsError("UNLEASH_URL is set but UNLEASH_API_TOKEN is not")
+
+    sandbox_url = env.get("SANDBOX_URL") or f"{public_url}/sandbox"
+    core_url = _url(env, "CORE_URL", ("http://", "https://"))
+    if core_url is None:
+        if not sandbox_enabled:
+            raise SettingsError("CORE_URL is required when SANDBOX_ENABLED is false")
+        core_url = f"{sandbox_url}/core"
+
+    providers_raw = env.get("PROVIDERS_FILE")
+    providers_file = Path(providers_raw) if providers_raw else DEFAULT_PROVIDERS_FILE
+    try:
+        raw = providers_file.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"PROVIDERS_FILE {providers_file}: cannot read ({exc.strerror})") \
+            from exc
+    expansion = {**env, "SANDBOX_URL": sandbox_url, "HTTP_PORT": str(http_port),
+                 "PUBLIC_URL": public_url}
+    try:
+        providers = load_providers(raw, expansion, source=f"PROVIDERS_FILE {providers_file}")
+    except ProvidersFileError as exc:
+        raise SettingsError(str(exc)) from exc
+
+    return Settings(
+        database_url=database_url,
+        nats_url=nats_url,
+        nats_namespace=env.get("NATS_NAMESPACE", ""),
+        flags_file=flags_file,
+        unleash_url=unleash_url,
+        unleash_api_token=unleash_token,
+        unleash_refresh_seconds=int(_number(env, "UNLEASH_REFRESH_SECONDS", 5, minimum=1)),
+        api_tokens=_tokens(env, "GATEWAY_API_TOKENS", "dev-token"),
+        ops_tokens=_tokens(env, "OPS_API_TOKENS", "ops-token"),
+        core_url=core_url.rstrip("/"),
+        core_token=env.get("CORE_TOKEN", "core-token"),
+        http_host=http_host,
+        http_port=http_port,
+        public_url=public_url.rstrip("/"),
+        sandbox_enabled=sandbox_enabled,
+        deployment_env=deployment_env,
+        providers_file=providers_file,
+        providers=providers.providers,
+        worker_concurrency=int(_number(env, "WORKER_CONCURRENCY", 32, minimum=1)),
+        ack_wait_seconds=_number(env, "JETSTREAM_ACK_WAIT_SECONDS", 60, minimum=1),
+        sandbox_webhook_delay=_number(env, "SANDBOX_WEBHOOK_DELAY_SECONDS", 1.0),
+        sandbox_fail_delay=_number(env, "SANDBOX_FAIL_DELAY_SECONDS", 2.0),
+        sandbox_flaky_timeout=_number(env, "SANDBOX_FLAKY_TIMEOUT_SECONDS", 5.0),
+        log_level=env.get("LOG_LEVEL", "INFO").upper(),
+    )

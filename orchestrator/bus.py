@@ -1,0 +1,202 @@
+"""JetStream: streams, the work consumer, scheduled messages (durable timers) and the DLQ.
+
+One stream carries every orchestrator event and every pending timer. Timers are nats-server
+2.12+ message schedules: a message on ``order.schedule.<task_id>.<kind>`` with
+``Nats-Schedule: @at <RFC3339>`` and ``Nats-Schedule-Target: <event subject>``. Re-publishing
+to that subject replaces the timer; purging it cancels the timer. The stream uses ``limits``
+retention: ``interest`` retention silently drops schedules.
+
+A namespace prefix (empty in production) lets tests share one nats-server without sharing
+subjects or streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+
+from orchestrator.domain import TimerKind
+
+log = logging.getLogger("cascade.bus")
+
+TASK_START = "order.task.start"
+WEBHOOK_RECEIVED = "order.task.webhook.received"
+WEBHOOK_TIMEOUT = "order.task.webhook.timeout"
+STATUS_TICK = "order.task.status.tick"
+STATUS_TIMEOUT = "order.task.status.timeout"
+RECHECK_TICK = "order.task.recheck.tick"
+QUEUE_CANCEL = "order.queue.cancel"
+DLQ = "order.task.dlq"
+SCHEDULE_PREFIX = "order.schedule"
+
+EVENT_SUBJECTS = (
+    TASK_START, WEBHOOK_RECEIVED, WEBHOOK_TIMEOUT, STATUS_TICK, STATUS_TIMEOUT, RECHECK_TICK,
+    QUEUE_CANCEL,
+)
+TIMER_TARGETS: dict[TimerKind, str] = {
+    "recheck": RECHECK_TICK,
+    "webhook_timeout": WEBHOOK_TIMEOUT,
+    "status_tick": STATUS_TICK,
+}
+MAX_DELIVER = 8
+# Redelivery delay after the n-th failed attempt (explicit nak delay), seconds.
+BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class TaskMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """Payload of task-addressed events (start, timers)."""
+
+    task_id: uuid.UUID
+    queue_id: uuid.UUID
+    attempt: int = 0
+
+
+class WebhookMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified provider webhook handed from the intake to the orchestrator."""
+
+    provider_id: str
+    order_id: str
+    reference: str
+    status: str
+    code: str | None = None
+    webhook_id: str = ""
+
+
+class QueueCancelMessage(msgspec.Struct, frozen=True, kw_only=True):
+    queue_id: uuid.UUID
+    reason: str | None = None
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    subject: str
+    payload: str
+    error: str
+    deliveries: int
+    failed_at: str
+
+
+@dataclass(frozen=True)
+class Names:
+    """Stream, consumer and subject names, optionally namespaced (tests)."""
+
+    namespace: str = ""
+
+    @property
+    def stream(self) -> str:
+        return f"{self.namespace.upper().replace('.', '_')}ORDERS"
+
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self.namespace.upper().replace('.', '_')}ORDERS_DLQ"
+
+    @property
+    def consumer(self) -> str:
+        return "workers"
+
+    def subject(self, name: str) -> str:
+        return f"{self.namespace}{name}"
+
+    def unprefixed(self, subject: str) -> str:
+        return subject.removeprefix(self.namespace)
+
+    def schedule_subject(self, task_id: uuid.UUID, kind: TimerKind) -> str:
+        return f"{self.namespace}{SCHEDULE_PREFIX}.{task_id.hex}.{kind}"
+
+
+def schedule_headers(target: str, due_at: datetime) -> dict[str, str]:
+    """Headers that turn a message into a one-shot timer firing on ``target`` at ``due_at``."""
+    # Schedules have one-second resolution; round up so a timer never fires early.
+    due = due_at.astimezone(UTC)
+    if due.microsecond:
+        due = due.replace(microsecond=0) + _ONE_SECOND
+    return {"Nats-Schedule": f"@at {due.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+            "Nats-Schedule-Target": target}
+
+
+_ONE_SECOND = datetime(2000, 1, 1, 0, 0, 1) - datetime(2000, 1, 1, 0, 0, 0)
+
+
+async def connect(url: str, *, name: str) -> NatsClient:
+    """Connect with endless reconnects: NATS outages are waited out, never fatal."""
+    state = {"down": False}
+
+    async def on_error(exc: Exception) -> None:
+        # One line per outage, not a traceback per reconnect attempt.
+        if not state["down"]:
+            log.warning("nats connection problem", extra={"error": repr(exc)})
+            state["down"] = True
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected; reconnecting", extra={"client": name})
+
+    async def on_reconnect() -> None:
+        state["down"] = False
+        log.warning("nats reconnected", extra={"client": name})
+
+    return await nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        connect_timeout=2, allow_reconnect=True, error_cb=on_error,
+        disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+    )
+
+
+async def ensure_streams(
+    js: JetStreamContext, names: Names, *, replicas: int = 1, file_storage: bool = True,
+    ack_wait_seconds: float = 60.0,
+) -> None:
+    """Create or update the streams and the work consumer (idempotent, at every start)."""
+    storage = js_api.StorageType.FILE if file_storage else js_api.StorageType.MEMORY
+    main = js_api.StreamConfig(
+        name=names.stream,
+        subjects=[names.subject(s) for s in EVENT_SUBJECTS]
+        + [names.subject(f"{SCHEDULE_PREFIX}.>")],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=storage,
+        num_replicas=replicas,
+        max_age=14 * 24 * 3600,
+        duplicate_window=120,
+        allow_msg_schedules=True,
+    )
+    dlq = js_api.StreamConfig(
+        name=names.dlq_stream,
+        subjects=[names.subject(DLQ)],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=storage,
+        num_replicas=replicas,
+        max_age=30 * 24 * 3600,
+    )
+    for config in (main, dlq):
+        try:
+            await js.stream_info(config.name or "")
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            await js.update_stream(config)
+    await js.add_consumer(
+        names.stream,
+        js_api.ConsumerConfig(
+            durable_name=names.consumer,
+            filter_subjects=[names.subject(s) for s in EVENT_SUBJECTS],
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            max_deliver=MAX_DELIVER,
+            # A crashed worker's message comes back after ack_wait; handlers that fail nak
+            # with an explicit delay from BACKOFF instead.
+            ack_wait=ack_wait_seconds,
+            max_ack_pending=2000,
+        ),
+    )
+
+
+async def dlq_size(js: JetStreamContext, names: Names) -> int:
+    info = await js.stream_info(names.dlq_stream)
+    return int(info.state.messages)

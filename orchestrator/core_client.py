@@ -1,0 +1,109 @@
+"""cascade-core client: balance operations and withdrawal notifications.
+
+Every balance call is idempotent on ``operation_id`` (the task id), so a retry after a crash
+is the same call. Errors tell the caller what to do: :class:`CoreUnavailable` (timeouts,
+connection errors, 5xx — retry later, the task must not move) apart from
+:class:`CoreRefused` (a definitive 4xx answer such as ``insufficient_balance``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from typing import Protocol
+
+import httpx
+import msgspec
+
+
+class CoreUnavailable(Exception):
+    """cascade-core did not give a definitive answer; retry, never advance."""
+
+
+class CoreRefused(Exception):
+    """cascade-core answered 4xx: ``code`` says why (``insufficient_balance``, ``invalid_state``)."""
+
+    def __init__(self, code: str, status: int) -> None:
+        super().__init__(f"cascade-core refused: {code} (HTTP {status})")
+        self.code = code
+        self.status = status
+
+
+class CascadeCore(Protocol):
+    async def freeze(
+        self, operation_id: str, withdrawal_id: str, provider_id: str, amount: Decimal,
+        currency: str,
+    ) -> None: ...
+    async def commit(self, operation_id: str) -> None: ...
+    async def rollback(self, operation_id: str) -> None: ...
+    async def notify(self, withdrawal_id: str, status: str, body: bytes) -> None: ...
+
+
+class _Error(msgspec.Struct):
+    code: str = "unknown"
+
+
+class _ErrorEnvelope(msgspec.Struct):
+    error: _Error = msgspec.field(default_factory=_Error)
+
+
+class HttpCascadeCore:
+    """The real client (httpx, bounded timeouts, a few quick retries per call)."""
+
+    def __init__(
+        self, base_url: str, token: str, *, timeout: float = 5.0, attempts: int = 3,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._attempts = attempts
+        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=2.0))
+        self._owns_client = client is None
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def _post(self, path: str, body: bytes, extra: dict[str, str] | None = None) -> None:
+        headers = {**self._headers, **(extra or {})}
+        last = "no attempt"
+        for attempt in range(self._attempts):
+            try:
+                response = await self._client.post(self._base + path, content=body, headers=headers)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if 200 <= response.status_code < 300:
+                    return
+                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+                    code = msgspec.json.decode(response.content, type=_ErrorEnvelope).error.code \
+                        if response.content.startswith(b"{") else "unknown"
+                    raise CoreRefused(code, response.status_code)
+                last = f"HTTP {response.status_code}"
+            if attempt + 1 < self._attempts:
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise CoreUnavailable(f"cascade-core {path}: {last}")
+
+    async def freeze(
+        self, operation_id: str, withdrawal_id: str, provider_id: str, amount: Decimal,
+        currency: str,
+    ) -> None:
+        body = msgspec.json.encode({
+            "operation_id": operation_id, "withdrawal_id": withdrawal_id,
+            "provider_id": provider_id, "amount": f"{amount:.2f}", "currency": currency,
+        })
+        await self._post("/v1/balances/freeze", body)
+
+    async def commit(self, operation_id: str) -> None:
+        await self._post("/v1/balances/commit", msgspec.json.encode({"operation_id": operation_id}))
+
+    async def rollback(self, operation_id: str) -> None:
+        await self._post(
+            "/v1/balances/rollback", msgspec.json.encode({"operation_id": operation_id})
+        )
+
+    async def notify(self, withdrawal_id: str, status: str, body: bytes) -> None:
+        await self._post(
+            "/v1/withdrawal-notifications", body,
+            {"Idempotency-Key": f"{withdrawal_id}:{status}"},
+        )

@@ -1,0 +1,50 @@
+"""Prometheus metrics. The names and labels of DESIGN.md are a fixed interface.
+
+``cohort`` is ``legacy`` or ``cascade`` on every withdrawal-level series. When several
+processes share one host (``make run``), ``PROMETHEUS_MULTIPROC_DIR`` makes the gateway's
+``/metrics`` show the workers' series too.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# ``withdrawals_total`` reserves the name ``withdrawals_created`` (its creation timestamp),
+# which collides with the fixed name ``withdrawals_created_total``. No ``_created`` series are
+# exported, and the one counter lives in its own registry that /metrics appends.
+disable_created_metrics()
+SECOND_REGISTRY = CollectorRegistry(auto_describe=True)
+
+withdrawals_created = Counter(
+    "withdrawals_created", "Withdrawals accepted, by cohort.", ["cohort"],
+    registry=SECOND_REGISTRY,
+)
+withdrawals_final = Counter(
+    "withdrawals", "Withdrawals that reached a final status.", ["cohort", "outcome"]
+)
+withdrawal_attempts = Histogram(
+    "withdrawal_attempts", "Provider attempts per final withdrawal.", ["cohort"],
+    buckets=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 32),
+)
+withdrawal_duration = Histogram(
+    "withdrawal_duration_seconds", "Time from creation to final status.", ["cohort", "outcome"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400),
+)
+task_time_in_state = Histogram(
+    "task_time_in_state_seconds", "Time a task spent in a state before leaving it.",
+    ["state", "provider"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600),
+)
+dlq_size = Gauge("dlq_size", "Messages waiting in the dead-letter stream.",
+                 multiprocess_mode="max")
+core_notifications = Counter(
+    "core_notifications", "Final-status notifications sent to cascade-core.", ["result"]
+)
+routing_decisions = Counter(
+    "routing_decisions", "Cohort decisions for new withdrawals.", ["cohort", "reason"]
+)
+webhooks = Counter("webhooks", "Provider webhooks received, by outcome.", ["provider", "result"])
+handler_errors = Counter(
+    "orchestrator_handler_errors", "Handler attempts that failed and will be retried.",
+    ["subject", "error"],
+)

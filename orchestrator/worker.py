@@ -1,0 +1,236 @@
+"""The worker process: consumes orchestrator events, relays the outbox, sweeps, notifies.
+
+- Consumer: one durable pull consumer, explicit ack. A handler that raises is nak'ed with a
+  growing delay; on its last allowed delivery the message goes to ``order.task.dlq`` with the
+  error and is acked (``dlq_size`` shows it; ``cascade-gateway dlq replay`` sends it back).
+- Sweeper: Postgres decides what is due. Timers whose due time passed without being handled
+  (a schedule lost by the broker) are fired directly; tasks stranded in PENDING/CREATING (a
+  crash after commit and before publish, or mid-create) are started again. Handlers ignore
+  whatever no longer applies, so sweeping something that was merely slow is harmless.
+- Notifier: final-status notifications to cascade-core, retried with backoff until a 2xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+
+from orchestrator import bus, store
+from orchestrator import metrics as m
+from orchestrator.core_client import CascadeCore
+from orchestrator.engine import Engine
+
+log = logging.getLogger("cascade.worker")
+
+FAULT_ENV = "CASCADE_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: SIGKILL this process at a named point when the env var says so."""
+    if os.environ.get(FAULT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Worker:
+    def __init__(self, *, engine: Engine, js: JetStreamContext, core: CascadeCore,
+                 concurrency: int = 16, sweep_interval: float = 2.0,
+                 stranded_after: float = 10.0, timer_grace: float = 3.0) -> None:
+        self.engine = engine
+        self.js = js
+        self.names = engine.names
+        self.core = core
+        self.concurrency = concurrency
+        self.sweep_interval = sweep_interval
+        self.stranded_after = stranded_after
+        self.timer_grace = timer_grace
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        sub = await self.js.pull_subscribe_bind(durable=self.names.consumer,
+                                                stream=self.names.stream)
+        self._tasks = [
+            asyncio.create_task(self._consume(sub), name="consume"),
+            asyncio.create_task(self.engine.relay.run(), name="outbox-relay"),
+            asyncio.create_task(self._loop(self.sweep_once, self.sweep_interval), name="sweeper"),
+            asyncio.create_task(self._loop(self.notify_once, 1.0), name="notifier"),
+            asyncio.create_task(self._loop(self.measure_dlq, 5.0), name="dlq-gauge"),
+        ]
+
+    async def stop(self, grace: float = 8.0) -> None:
+        """Stop fetching, let in-flight handlers finish (unacked ones are redelivered)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._running:
+            await asyncio.wait(self._running, timeout=grace)
+
+    async def _loop(self, fn: object, interval: float) -> None:
+        assert callable(fn)
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("periodic pass failed", extra={"loop": getattr(fn, "__name__", "")})
+            await asyncio.sleep(interval)
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
+        limit = asyncio.Semaphore(self.concurrency)
+        running = self._running
+        while True:
+            free = max(1, self.concurrency - len(running))
+            try:
+                msgs = await sub.fetch(free, timeout=1.0)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — broker hiccup: wait and fetch again
+                log.warning("fetch failed", extra={"error": repr(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await limit.acquire()
+                task = asyncio.create_task(self._handle(msg))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _t: limit.release())
+
+    async def _handle(self, msg: Msg) -> None:
+        subject = self.names.unprefixed(msg.subject)
+        trace_id = _trace_id(msg)
+        try:
+            await self.dispatch(subject, msg.data, trace_id)
+        except Exception as exc:  # noqa: BLE001 — classified below: retry or dead-letter
+            deliveries = msg.metadata.num_delivered
+            m.handler_errors.labels(subject=subject, error=type(exc).__name__).inc()
+            if deliveries >= bus.MAX_DELIVER:
+                await self._dead_letter(msg, subject, exc, deliveries)
+                await msg.ack()
+                return
+            delay = bus.BACKOFF[min(deliveries - 1, len(bus.BACKOFF) - 1)]
+            log.warning("handler failed, will retry", extra={
+                "subject": subject, "error": repr(exc), "deliveries": deliveries,
+                "retry_in": delay})
+            await msg.nak(delay=delay)
+            return
+        await msg.ack()
+
+    async def dispatch(self, subject: str, data: bytes, trace_id: str | None) -> None:
+        """Route one event to its handler (also used by ``dlq replay`` tests)."""
+        if subject == bus.TASK_START:
+            task_msg = msgspec.json.decode(data, type=bus.TaskMessage)
+            await self.engine.start_task(task_msg.queue_id, task_msg.task_id, actor="worker",
+                                         trace_id=trace_id)
+        elif subject in (bus.RECHECK_TICK, bus.WEBHOOK_TIMEOUT, bus.STATUS_TICK):
+            kind = {bus.RECHECK_TICK: "recheck", bus.WEBHOOK_TIMEOUT: "webhook_timeout",
+                    bus.STATUS_TICK: "status_tick"}[subject]
+            await self.engine.timer_fired(msgspec.json.decode(data, type=bus.TaskMessage), kind,
+                                          trace_id)
+        elif subject == bus.WEBHOOK_RECEIVED:
+            await self.engine.webhook(msgspec.json.decode(data, type=bus.WebhookMessage),
+                                      trace_id)
+        elif subject == bus.QUEUE_CANCEL:
+            cancel = msgspec.json.decode(data, type=bus.QueueCancelMessage)
+            await self.engine.cancel_queue(cancel.queue_id, reason=cancel.reason,
+                                           actor="worker", trace_id=trace_id)
+        else:
+            log.warning("no handler for subject", extra={"subject": subject})
+
+    async def _dead_letter(self, msg: Msg, subject: str, exc: Exception, deliveries: int) -> None:
+        letter = bus.DeadLetter(
+            subject=subject, payload=msg.data.decode(errors="replace"),
+            error=f"{type(exc).__name__}: {exc}"[:2000], deliveries=deliveries,
+            failed_at=datetime.now(UTC).isoformat(),
+        )
+        await self.js.publish(self.names.subject(bus.DLQ), msgspec.json.encode(letter))
+        log.error("message dead-lettered", extra={"subject": subject, "error": letter.error})
+
+    async def measure_dlq(self) -> None:
+        m.dlq_size.set(await bus.dlq_size(self.js, self.names))
+
+    async def sweep_once(self) -> int:
+        """Fire overdue timers and restart stranded tasks; returns how many were re-armed."""
+        now = datetime.now(UTC)
+        fired = 0
+        async with self.engine.pool.acquire() as conn:
+            overdue = await conn.fetch(
+                "SELECT task_id, queue_id, timer_kind, timer_attempt, timer_due_at"
+                " FROM order_tasks WHERE timer_due_at < $1 ORDER BY timer_due_at LIMIT 500",
+                now - timedelta(seconds=self.timer_grace))
+            stranded = await conn.fetch(
+                "SELECT t.task_id, t.queue_id FROM order_tasks t"
+                " JOIN order_queues q ON q.queue_id = t.queue_id"
+                " WHERE q.state = 'ACTIVE' AND t.state IN ('PENDING', 'CREATING')"
+                " AND t.updated_at < $1 AND NOT EXISTS (SELECT 1 FROM order_tasks e"
+                "  WHERE e.queue_id = t.queue_id AND e.position < t.position"
+                "  AND e.state NOT IN ('SUCCEEDED', 'SKIPPED', 'FAILED', 'CANCELLED'))"
+                " LIMIT 500",
+                now - timedelta(seconds=self.stranded_after))
+        for row in overdue:
+            target = bus.TIMER_TARGETS[row["timer_kind"]]
+            payload = msgspec.json.encode(bus.TaskMessage(
+                task_id=row["task_id"], queue_id=row["queue_id"], attempt=row["timer_attempt"]))
+            msg_id = f"sweep-{row['task_id'].hex}-{row['timer_kind']}-{row['timer_attempt']}"
+            await self.js.publish(self.names.subject(target), payload,
+                                  headers={"Nats-Msg-Id": msg_id})
+            fired += 1
+        for row in stranded:
+            payload = msgspec.json.encode(bus.TaskMessage(task_id=row["task_id"],
+                                                          queue_id=row["queue_id"]))
+            minute = now.strftime("%Y%m%d%H%M")
+            await self.js.publish(self.names.subject(bus.TASK_START), payload,
+                                  headers={"Nats-Msg-Id": f"restart-{row['task_id'].hex}-{minute}"})
+            fired += 1
+        if fired:
+            log.info("sweeper re-armed work", extra={"timers": len(overdue),
+                                                     "stranded": len(stranded)})
+        return fired
+
+    async def notify_once(self) -> int:
+        """Retry notifications that were not acknowledged yet (exponential backoff, no limit)."""
+        sent = 0
+        async with self.engine.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT withdrawal_id, status, body, attempts FROM notifications"
+                " WHERE acked_at IS NULL AND next_attempt_at <= now()"
+                " ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED")
+            for row in rows:
+                try:
+                    await self.core.notify(row["withdrawal_id"], row["status"], bytes(row["body"]))
+                except Exception as exc:  # noqa: BLE001 — retried with backoff below
+                    m.core_notifications.labels(result="error").inc()
+                    delay = min(3600.0, 2.0 ** min(row["attempts"] + 1, 12))
+                    await conn.execute(
+                        "UPDATE notifications SET attempts = attempts + 1, last_error = $3,"
+                        " next_attempt_at = now() + make_interval(secs => $4)"
+                        " WHERE withdrawal_id = $1 AND status = $2",
+                        row["withdrawal_id"], row["status"], repr(exc)[:500], delay)
+                    continue
+                m.core_notifications.labels(result="acked").inc()
+                await conn.execute(
+                    "UPDATE notifications SET attempts = attempts + 1, acked_at = now()"
+                    " WHERE withdrawal_id = $1 AND status = $2",
+                    row["withdrawal_id"], row["status"])
+                sent += 1
+        return sent
+
+
+def _trace_id(msg: Msg) -> str | None:
+    parent = (msg.headers or {}).get("traceparent")
+    if parent and len(parent) >= 35:
+        return parent[3:35]
+    return None

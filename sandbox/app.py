@@ -1,0 +1,143 @@
+"""The sandbox as one Litestar router: the cascade-core simulator and the sandbox providers.
+
+The gateway mounts :attr:`Sandbox.router` (path ``/sandbox``) when ``SANDBOX_ENABLED``; never in
+production. Every handler answers its own errors as JSON, so the sandbox behaves the same
+whatever exception handlers the hosting app installs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from litestar import Router
+
+from contracts.providers_file import ProviderConfig
+from sandbox.core import CoreFaults, CoreSimulator, Ledger
+from sandbox.providers import BEHAVIOURS, ProviderSimulator, WebhookSender, behaviour_of
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxConfig:
+    """Timings, floats and faults of one sandbox; seconds everywhere."""
+
+    gateway_url: str
+    """Webhooks go to ``{gateway_url}/webhooks/{provider_id}``."""
+    providers: Mapping[str, ProviderConfig]
+    """Provider configs; the first of ``webhook_secrets`` signs that provider's webhooks."""
+    core_tokens: tuple[str, ...] = ("core-token",)
+    webhook_delay_seconds: float = 1.0
+    fail_delay_seconds: float = 2.0
+    flaky_created_ratio: float = 0.5
+    flaky_timeout_seconds: float = 5.0
+    flaky_success_delay_seconds: float = 2.0
+    open_freeze_bound_seconds: float = 3600.0
+    core_fault_500_ratio: float = 0.0
+    core_fault_timeout_ratio: float = 0.0
+    core_fault_timeout_seconds: float = 5.0
+    provider_floats: Mapping[str, Decimal] = field(default_factory=dict)
+    """Per-provider float at the core simulator; others get ``default_float`` (sbx_no_funds 0)."""
+    default_float: Decimal = Decimal("1000000")
+    webhook_attempts: int = 4
+    webhook_backoff_seconds: float = 0.5
+    webhook_timeout_seconds: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ratios = {
+            "flaky_created_ratio": self.flaky_created_ratio,
+            "core_fault_500_ratio": self.core_fault_500_ratio,
+            "core_fault_timeout_ratio": self.core_fault_timeout_ratio,
+        }
+        for name, value in ratios.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"SandboxConfig.{name} must be within 0..1, got {value}")
+        if self.core_fault_500_ratio + self.core_fault_timeout_ratio > 1:
+            raise ValueError("SandboxConfig core fault ratios must sum to at most 1")
+        durations = {
+            "webhook_delay_seconds": self.webhook_delay_seconds,
+            "fail_delay_seconds": self.fail_delay_seconds,
+            "flaky_timeout_seconds": self.flaky_timeout_seconds,
+            "flaky_success_delay_seconds": self.flaky_success_delay_seconds,
+            "open_freeze_bound_seconds": self.open_freeze_bound_seconds,
+            "core_fault_timeout_seconds": self.core_fault_timeout_seconds,
+            "webhook_backoff_seconds": self.webhook_backoff_seconds,
+            "webhook_timeout_seconds": self.webhook_timeout_seconds,
+        }
+        for name, value in durations.items():
+            if value < 0:
+                raise ValueError(f"SandboxConfig.{name} must not be negative, got {value}")
+        if self.webhook_attempts < 1:
+            raise ValueError("SandboxConfig.webhook_attempts must be at least 1")
+        if not self.gateway_url.startswith(("http://", "https://")):
+            raise ValueError("SandboxConfig.gateway_url must be an http(s) URL")
+
+    def initial_floats(self) -> dict[str, Decimal]:
+        """Floats of every known provider: explicit ones, else 0 for no-funds, else the default."""
+        floats: dict[str, Decimal] = {}
+        for provider_id in {*BEHAVIOURS, *self.providers, *self.provider_floats}:
+            if provider_id in self.provider_floats:
+                floats[provider_id] = self.provider_floats[provider_id]
+            elif behaviour_of(provider_id) == "sbx_no_funds":
+                floats[provider_id] = Decimal(0)
+            else:
+                floats[provider_id] = self.default_float
+        return floats
+
+
+class Sandbox:
+    """Both simulators wired into ``router``; ``start``/``close`` own the background tasks."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.ledger = Ledger(
+            floats=config.initial_floats(),
+            default_float=config.default_float,
+            open_freeze_bound_seconds=config.open_freeze_bound_seconds,
+        )
+        self.core = CoreSimulator(
+            self.ledger,
+            tokens=config.core_tokens,
+            faults=CoreFaults(
+                fault_500_ratio=config.core_fault_500_ratio,
+                timeout_ratio=config.core_fault_timeout_ratio,
+                timeout_seconds=config.core_fault_timeout_seconds,
+                # Seeded on purpose: a run must be reproducible; nothing here is a secret.
+                rng=random.Random(f"{config.seed}:core-faults"),  # noqa: S311
+            ),
+        )
+        self.sender = WebhookSender(
+            gateway_url=config.gateway_url,
+            secrets_by_provider={
+                provider_id: provider.webhook_secrets[0]
+                for provider_id, provider in config.providers.items()
+                if provider.webhook_secrets
+            },
+            attempts=config.webhook_attempts,
+            backoff_seconds=config.webhook_backoff_seconds,
+            timeout_seconds=config.webhook_timeout_seconds,
+        )
+        self.providers = ProviderSimulator(
+            sender=self.sender,
+            webhook_delay_seconds=config.webhook_delay_seconds,
+            fail_delay_seconds=config.fail_delay_seconds,
+            flaky_created_ratio=config.flaky_created_ratio,
+            flaky_timeout_seconds=config.flaky_timeout_seconds,
+            flaky_success_delay_seconds=config.flaky_success_delay_seconds,
+            seed=config.seed,
+        )
+        self.router = Router(
+            path="/sandbox",
+            route_handlers=[self.core.router(), self.providers.router()],
+            include_in_schema=False,
+        )
+
+    async def start(self) -> None:
+        """Open the webhook client; idempotent. Delayed sends also work before it is called."""
+        await self.sender.start()
+
+    async def close(self) -> None:
+        """Cancel pending delayed webhooks and close the HTTP client."""
+        await self.sender.close()
