@@ -22,16 +22,16 @@ The contract leaves some cases open. They are decided here, once:
 - **Metadata errors on the object come before errors on its values**, in the table's order:
   ``metadata``/``too_many`` (more than 20 distinct keys), then ``metadata``/``invalid_format``
   once however many keys are bad, then ``metadata.<key>`` errors in request order. The value
-  under a bad key is not checked: the key is already reported and a path built from an empty
-  or 500-character key would mislead.
+  under a bad key is not checked: the key is already reported, and a path built from an empty
+  or over-long key would mislead.
 - **Repeated JSON keys: the last value wins, at the position of the first occurrence** (what
   Python's and JavaScript's JSON parsers do). This applies to every object, metadata included,
   so metadata echoes each key once.
 - **What counts as not valid JSON** (``MalformedJson``, answered with 400): bad syntax, an empty
   body, trailing bytes after the value, bytes that are not UTF-8, a UTF-8 byte order mark, an
   escaped lone surrogate (``"\\ud800"``: no Unicode text can hold it, so it could never be echoed
-  back), ``NaN``/``Infinity``, and nesting deeper than the decoder's recursion limit (a few
-  hundred levels; no valid request is deeper than three).
+  back), ``NaN``/``Infinity``, and nesting deeper than the decoder can recurse (roughly the
+  interpreter's recursion limit; no valid request nests deeper than three).
 - **Numbers are never strings**: ``250.0``, ``250`` and huge values like ``1e400`` are all valid
   JSON and give ``invalid_type`` where a string is required; booleans likewise.
 """
@@ -117,15 +117,15 @@ WITHDRAWAL_KEYS: Final = (
 
 HEALTHZ_BODY: Final = b'{"status":"ok"}'
 
-DESTINATION_TYPES: Final = frozenset({"iban", "card", "wallet"})
-MAX_ID_LENGTH: Final = 64
-MAX_ACCOUNT_LENGTH: Final = 64
-MAX_HOLDER_LENGTH: Final = 128
-MAX_CASCADE_ENTRIES: Final = 32
-MAX_METADATA_KEYS: Final = 20
-MAX_METADATA_KEY_LENGTH: Final = 40
-MAX_METADATA_VALUE_LENGTH: Final = 500
-MAX_CANCEL_REASON_LENGTH: Final = 200
+_DESTINATION_TYPES: Final = frozenset({"iban", "card", "wallet"})
+_MAX_ID_LENGTH: Final = 64
+_MAX_ACCOUNT_LENGTH: Final = 64
+_MAX_HOLDER_LENGTH: Final = 128
+_MAX_CASCADE_ENTRIES: Final = 32
+_MAX_METADATA_KEYS: Final = 20
+_MAX_METADATA_KEY_LENGTH: Final = 40
+_MAX_METADATA_VALUE_LENGTH: Final = 500
+_MAX_CANCEL_REASON_LENGTH: Final = 200
 
 # fullmatch everywhere: ``$`` would also accept a trailing newline. ``[0-9]`` rather than
 # ``\d``, which matches every Unicode digit.
@@ -185,7 +185,7 @@ class FieldError(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-class MalformedJson(ValueError):  # noqa: N818 - the name other modules import is fixed
+class MalformedJson(ValueError):
     """The request body is not valid JSON: answer 400 ``malformed_json``."""
 
 
@@ -249,7 +249,7 @@ def parse_cancel(body: bytes) -> CancelRequest | list[FieldError]:
         return [FieldError(field="$", reason="invalid_type")]
     errors: list[FieldError] = []
     reason = _string(document, "reason", "reason", errors, required=False)
-    if reason is not None and len(reason) > MAX_CANCEL_REASON_LENGTH:
+    if reason is not None and len(reason) > _MAX_CANCEL_REASON_LENGTH:
         errors.append(FieldError(field="reason", reason="too_long"))
     if errors:
         return errors
@@ -296,7 +296,7 @@ def _identifier(
     value = _string(parent, key, path, errors)
     if value is None:
         return None
-    if len(value) > MAX_ID_LENGTH:
+    if len(value) > _MAX_ID_LENGTH:
         errors.append(FieldError(field=path, reason="too_long"))
         return None
     if _ID.fullmatch(value) is None:
@@ -345,16 +345,16 @@ def _destination(document: Mapping[str, Any], errors: list[FieldError]) -> Desti
         return None
     before = len(errors)
     kind = _string(value, "type", "destination.type", errors)
-    if kind is not None and kind not in DESTINATION_TYPES:
+    if kind is not None and kind not in _DESTINATION_TYPES:
         errors.append(FieldError(field="destination.type", reason="invalid_value"))
     account = _string(value, "account", "destination.account", errors)
     if account is not None:
-        if len(account) > MAX_ACCOUNT_LENGTH:
+        if len(account) > _MAX_ACCOUNT_LENGTH:
             errors.append(FieldError(field="destination.account", reason="too_long"))
         elif not account:
             errors.append(FieldError(field="destination.account", reason="invalid_format"))
     holder = _string(value, "holder", "destination.holder", errors, required=False)
-    if holder is not None and len(holder) > MAX_HOLDER_LENGTH:
+    if holder is not None and len(holder) > _MAX_HOLDER_LENGTH:
         errors.append(FieldError(field="destination.holder", reason="too_long"))
     if len(errors) > before or kind is None or account is None:
         return None
@@ -374,7 +374,7 @@ def _cascade(
     before = len(errors)
     if not value:
         errors.append(FieldError(field="cascade", reason="out_of_range"))
-    elif len(value) > MAX_CASCADE_ENTRIES:
+    elif len(value) > _MAX_CASCADE_ENTRIES:
         errors.append(FieldError(field="cascade", reason="too_many"))
     seen: set[str] = set()
     entries: list[CascadeEntry] = []
@@ -406,7 +406,7 @@ def _metadata(
         errors.append(FieldError(field="metadata", reason="invalid_type"))
         return None
     before = len(errors)
-    if len(value) > MAX_METADATA_KEYS:
+    if len(value) > _MAX_METADATA_KEYS:
         errors.append(FieldError(field="metadata", reason="too_many"))
     if not all(_metadata_key_ok(key) for key in value):
         errors.append(FieldError(field="metadata", reason="invalid_format"))
@@ -416,7 +416,7 @@ def _metadata(
             continue
         if not isinstance(item, str):
             errors.append(FieldError(field=f"metadata.{key}", reason="invalid_type"))
-        elif len(item) > MAX_METADATA_VALUE_LENGTH:
+        elif len(item) > _MAX_METADATA_VALUE_LENGTH:
             errors.append(FieldError(field=f"metadata.{key}", reason="too_long"))
         else:
             pairs.append((key, item))
@@ -426,7 +426,7 @@ def _metadata(
 
 
 def _metadata_key_ok(key: str) -> bool:
-    return 0 < len(key) <= MAX_METADATA_KEY_LENGTH
+    return 0 < len(key) <= _MAX_METADATA_KEY_LENGTH
 
 
 # --- responses --------------------------------------------------------------------------
@@ -475,12 +475,57 @@ _FAILURE_CODE_LITERALS: Final[dict[str | None, bytes]] = {
 }
 
 
+class _WireWithdrawal(msgspec.Struct, frozen=True):
+    """The Withdrawal object with every value in wire form; field order is the key order."""
+
+    withdrawal_id: str
+    merchant_id: str
+    status: str
+    amount: str
+    currency: str
+    provider_id: str
+    provider_reference: str | None
+    failure_code: str | None
+    metadata: dict[str, str]
+    created_at: str
+    updated_at: str
+
+
+_wire_encoder: Final = msgspec.json.Encoder()
+
+
 def encode_withdrawal(view: WithdrawalView) -> bytes:
     """The exact bytes of the Withdrawal object.
 
-    Raises ``ValueError`` for a naive timestamp, and for an amount that is negative or does not
-    fit in whole cents.
+    Raises ``ValueError`` for a naive timestamp, for an amount that is negative or does not fit
+    in whole cents, and for a repeated metadata key.
     """
+    amount = format_amount(view.amount)
+    created_at = format_timestamp(view.created_at)
+    updated_at = format_timestamp(view.updated_at)
+    metadata = dict(view.metadata)
+    if len(metadata) != len(view.metadata):
+        raise ValueError("metadata keys must be unique")
+    encoded = _wire_encoder.encode(
+        _WireWithdrawal(
+            view.withdrawal_id,
+            view.merchant_id,
+            view.status,
+            amount,
+            view.currency,
+            view.provider_id,
+            view.provider_reference,
+            view.failure_code,
+            metadata,
+            created_at,
+            updated_at,
+        )
+    )
+    # The common case, in one C call. Without a backslash nothing was escaped, so every string
+    # is raw UTF-8 and these are the contract's bytes (see contracts.jsonbytes); msgspec's escape
+    # style differs from the contract's, so anything escaped is written piece by piece instead.
+    if b"\\" not in encoded:
+        return encoded
     reference = view.provider_reference
     return b"".join(
         (
@@ -491,7 +536,7 @@ def encode_withdrawal(view: WithdrawalView) -> bytes:
             b',"status":',
             _STATUS_LITERALS[view.status],
             b',"amount":"',
-            format_amount(view.amount).encode(),
+            amount.encode(),
             b'","currency":',
             encode_json_string(view.currency),
             b',"provider_id":',
@@ -503,9 +548,9 @@ def encode_withdrawal(view: WithdrawalView) -> bytes:
             b',"metadata":',
             encode_json_object(view.metadata),
             b',"created_at":"',
-            format_timestamp(view.created_at).encode(),
+            created_at.encode(),
             b'","updated_at":"',
-            format_timestamp(view.updated_at).encode(),
+            updated_at.encode(),
             b'"}',
         )
     )

@@ -83,7 +83,9 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return _VAR.sub(repl, text)
 
 
-def load_providers(raw: bytes, env: Mapping[str, str], source: str = "PROVIDERS_FILE") -> ProvidersFile:
+def load_providers(
+    raw: bytes, env: Mapping[str, str], source: str = "PROVIDERS_FILE"
+) -> ProvidersFile:
     """Parse and validate a providers file; every problem is a one-line ProvidersFileError."""
     try:
         text = expand(raw.decode("utf-8"), env)

@@ -93,8 +93,12 @@ def _allow_listed(feature: _Feature, segments: dict[int, _Segment], merchant_id:
             if seg in segments:
                 constraints += segments[seg].constraints
         for c in constraints:
-            if c.contextName == "merchantId" and c.operator == "IN" and not c.inverted \
-                    and merchant_id in c.values:
+            if (
+                c.contextName == "merchantId"
+                and c.operator == "IN"
+                and not c.inverted
+                and merchant_id in c.values
+            ):
                 return True
     return False
 
@@ -102,9 +106,15 @@ def _allow_listed(feature: _Feature, segments: dict[int, _Segment], merchant_id:
 class CohortRouter:
     """Decides the cohort of a new withdrawal."""
 
-    def __init__(self, *, flags_file: Path | None, unleash_url: str | None = None,
-                 unleash_token: str | None = None, refresh_interval: int = 5,
-                 app_name: str = "cascade-gateway") -> None:
+    def __init__(
+        self,
+        *,
+        flags_file: Path | None,
+        unleash_url: str | None = None,
+        unleash_token: str | None = None,
+        refresh_interval: int = 5,
+        app_name: str = "cascade-gateway",
+    ) -> None:
         self._flags_file = flags_file
         self._bootstrap = load_flags_file(flags_file) if flags_file else None
         self._url = unleash_url
@@ -128,7 +138,7 @@ class CohortRouter:
 
     def start(self) -> None:
         """Initialise the Unleash client (synchronous: run it in a thread)."""
-        from UnleashClient import UnleashClient  # noqa: PLC0415 — heavy import, only when used
+        from UnleashClient import UnleashClient  # type: ignore[attr-defined]  # noqa: PLC0415
         from UnleashClient.cache import FileCache  # noqa: PLC0415
 
         cache = FileCache(self._app_name, directory=self._cache_dir)
@@ -164,8 +174,9 @@ class CohortRouter:
     def decide(self, merchant_id: str) -> RoutingDecision:
         """Cohort for a new withdrawal of ``merchant_id`` (fast, never blocks on Unleash)."""
         if self._client is None:
-            return RoutingDecision(cohort="legacy", reason="fallback",
-                                   flag_state={"source": "fallback"})
+            return RoutingDecision(
+                cohort="legacy", reason="fallback", flag_state={"source": "fallback"}
+            )
         context = {"properties": {"merchantId": merchant_id}}
         enabled = bool(self._client.is_enabled(TOGGLE, context))
         feature, segments = self._feature, self._segments
@@ -175,8 +186,9 @@ class CohortRouter:
             state["strategies"] = [s.name for s in feature.strategies]
         if enabled:
             listed = feature is not None and _allow_listed(feature, segments, merchant_id)
-            return RoutingDecision(cohort="cascade", reason="allow_list" if listed else "rollout",
-                                   flag_state=state)
+            return RoutingDecision(
+                cohort="cascade", reason="allow_list" if listed else "rollout", flag_state=state
+            )
         if feature is not None and not feature.enabled:
             return RoutingDecision(cohort="legacy", reason="disabled", flag_state=state)
         return RoutingDecision(cohort="legacy", reason="not_targeted", flag_state=state)

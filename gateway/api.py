@@ -12,10 +12,12 @@ import logging
 import secrets
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.params import FromPath
 
 from contracts.legacy import (
     ApiError,
@@ -45,10 +47,15 @@ from orchestrator.engine import withdrawal_view
 
 log = logging.getLogger("cascade.api")
 
-AnyRequest = Request[object, object, object]
+AnyRequest = Request[Any, Any, Any]
 # Errors that mean "the database is unreachable right now": answered 503, nothing persisted.
-_DB_DOWN = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-            asyncpg.AdminShutdownError)
+_DB_DOWN = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
 
 
 def runtime_of(request: AnyRequest) -> Runtime:
@@ -105,7 +112,9 @@ async def create_withdrawal(request: AnyRequest) -> Response[bytes]:
         raise ApiProblem(ApiError.UNAVAILABLE) from exc
 
 
-async def _replay_or_conflict(conn: store.Connection, key: str, digest: bytes) -> Response[bytes] | None:
+async def _replay_or_conflict(
+    conn: store.Connection, key: str, digest: bytes
+) -> Response[bytes] | None:
     existing = await store.find_by_idempotency_key(conn, key)
     if existing is None:
         return None
@@ -116,15 +125,17 @@ async def _replay_or_conflict(conn: store.Connection, key: str, digest: bytes) -
     return json_response(view, 200, {"Idempotent-Replayed": "true"})
 
 
-async def _create(request: AnyRequest, rt: Runtime, parsed: CreateWithdrawal, key: str | None,
-                  digest: bytes) -> Response[bytes]:
+async def _create(
+    request: AnyRequest, rt: Runtime, parsed: CreateWithdrawal, key: str | None, digest: bytes
+) -> Response[bytes]:
     async with rt.pool.acquire() as conn:
         if key is not None:
             replay = await _replay_or_conflict(conn, key, digest)
             if replay is not None:
                 return replay
-        if await conn.fetchval("SELECT 1 FROM withdrawals WHERE withdrawal_id = $1",
-                               parsed.withdrawal_id):
+        if await conn.fetchval(
+            "SELECT 1 FROM withdrawals WHERE withdrawal_id = $1", parsed.withdrawal_id
+        ):
             raise ApiProblem(ApiError.DUPLICATE_WITHDRAWAL)
     # Accepting needs the broker (to drive the withdrawal) as much as the database.
     if not rt.nats_up:
@@ -139,34 +150,56 @@ async def _create(request: AnyRequest, rt: Runtime, parsed: CreateWithdrawal, ke
         task_id = uuid.uuid4()
         config = rt.settings.providers.get(entry.provider_id)
         limit = config.idempotency_key_max_length if config else 64
-        tasks.append(OrderTask(
-            task_id=task_id, queue_id=queue_id, position=position,
-            provider_id=entry.provider_id, state=TaskState.PENDING, version=1,
-            provider_order_id=provider_order_id(task_id, limit)))
+        tasks.append(
+            OrderTask(
+                task_id=task_id,
+                queue_id=queue_id,
+                position=position,
+                provider_id=entry.provider_id,
+                state=TaskState.PENDING,
+                version=1,
+                provider_order_id=provider_order_id(task_id, limit),
+            )
+        )
     trace_id = trace_id_of(request)
     record = store.WithdrawalRecord(
-        withdrawal_id=parsed.withdrawal_id, merchant_id=parsed.merchant_id,
-        amount=parsed.amount, currency=parsed.currency,
+        withdrawal_id=parsed.withdrawal_id,
+        merchant_id=parsed.merchant_id,
+        amount=parsed.amount,
+        currency=parsed.currency,
         destination=msgspec.to_builtins(parsed.destination),
         metadata=encode_metadata(parsed.metadata),
         cascade=[{"provider_id": e.provider_id, "fee": f"{e.fee:.2f}"} for e in parsed.cascade],
-        idempotency_key=key, request_sha256=digest, cohort=decision.cohort,
-        routing_reason=decision.reason, flag_state=decision.flag_state, trace_id=trace_id,
+        idempotency_key=key,
+        request_sha256=digest,
+        cohort=decision.cohort,
+        routing_reason=decision.reason,
+        flag_state=decision.flag_state,
+        trace_id=trace_id,
         created_at=datetime.now(UTC),
     )
     outbox_ids: list[int] = []
     async with rt.pool.acquire() as conn:
         try:
             async with conn.transaction():
-                await store.insert_withdrawal(conn, record, queue_id, tasks,
-                                              [e.fee for e in entries])
+                await store.insert_withdrawal(
+                    conn, record, queue_id, tasks, [e.fee for e in entries]
+                )
                 if decision.cohort == "cascade":
-                    payload = msgspec.json.encode(bus.TaskMessage(task_id=tasks[0].task_id,
-                                                                  queue_id=queue_id))
-                    outbox_ids.append(await store.enqueue(
-                        conn, rt.relay.names.subject(bus.TASK_START), payload,
-                        {"Nats-Msg-Id": f"start-{tasks[0].task_id.hex}",
-                         "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}))
+                    payload = msgspec.json.encode(
+                        bus.TaskMessage(task_id=tasks[0].task_id, queue_id=queue_id)
+                    )
+                    outbox_ids.append(
+                        await store.enqueue(
+                            conn,
+                            rt.relay.names.subject(bus.TASK_START),
+                            payload,
+                            {
+                                "Nats-Msg-Id": f"start-{tasks[0].task_id.hex}",
+                                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+                            },
+                        )
+                    )
         except asyncpg.UniqueViolationError as exc:
             # A concurrent request won the insert; answer as if we had come second.
             if key is not None and exc.constraint_name == "withdrawals_idempotency_key_key":
@@ -175,19 +208,29 @@ async def _create(request: AnyRequest, rt: Runtime, parsed: CreateWithdrawal, ke
                     return replay
             raise ApiProblem(ApiError.DUPLICATE_WITHDRAWAL) from exc
     m.withdrawals_created.labels(cohort=decision.cohort).inc()
-    log.info("withdrawal accepted", extra={"withdrawal_id": parsed.withdrawal_id,
-                                           "queue_id": str(queue_id), "cohort": decision.cohort,
-                                           "reason": decision.reason, "trace_id": trace_id})
+    log.info(
+        "withdrawal accepted",
+        extra={
+            "withdrawal_id": parsed.withdrawal_id,
+            "queue_id": str(queue_id),
+            "cohort": decision.cohort,
+            "reason": decision.reason,
+            "trace_id": trace_id,
+        },
+    )
     if decision.cohort == "cascade":
         await rt.relay.publish_now(outbox_ids)
     else:
         # Legacy single-shot: one create inside the request; its answer decides the response.
         try:
-            await rt.engine.start_task(queue_id, tasks[0].task_id, actor="api:legacy",
-                                       trace_id=trace_id)
+            await rt.engine.start_task(
+                queue_id, tasks[0].task_id, actor="api:legacy", trace_id=trace_id
+            )
         except Exception as exc:  # noqa: BLE001 — the task stays CREATING; the sweeper resumes it
-            log.warning("legacy create did not finish in the request",
-                        extra={"withdrawal_id": parsed.withdrawal_id, "error": repr(exc)})
+            log.warning(
+                "legacy create did not finish in the request",
+                extra={"withdrawal_id": parsed.withdrawal_id, "error": repr(exc)},
+            )
     async with rt.pool.acquire() as conn:
         view = await _view_bytes(conn, parsed.withdrawal_id)
     assert view is not None
@@ -195,7 +238,7 @@ async def _create(request: AnyRequest, rt: Runtime, parsed: CreateWithdrawal, ke
 
 
 @get("/v1/withdrawals/{withdrawal_id:str}")
-async def get_withdrawal(request: AnyRequest, withdrawal_id: str) -> Response[bytes]:
+async def get_withdrawal(request: AnyRequest, withdrawal_id: FromPath[str]) -> Response[bytes]:
     rt = runtime_of(request)
     _authenticate(request, rt)
     try:
@@ -209,7 +252,7 @@ async def get_withdrawal(request: AnyRequest, withdrawal_id: str) -> Response[by
 
 
 @post("/v1/withdrawals/{withdrawal_id:str}/cancel", status_code=200)
-async def cancel_withdrawal(request: AnyRequest, withdrawal_id: str) -> Response[bytes]:
+async def cancel_withdrawal(request: AnyRequest, withdrawal_id: FromPath[str]) -> Response[bytes]:
     rt = runtime_of(request)
     _authenticate(request, rt)
     body = await read_body(request)
@@ -222,8 +265,7 @@ async def cancel_withdrawal(request: AnyRequest, withdrawal_id: str) -> Response
         except MalformedJson:
             raise ApiProblem(ApiError.MALFORMED_JSON) from None
         if isinstance(parsed, list):
-            return json_response(encode_validation_error(parsed, request_id_of(request.scope)),
-                                 422)
+            return json_response(encode_validation_error(parsed, request_id_of(request.scope)), 422)
         reason = parsed.reason
     try:
         async with rt.pool.acquire() as conn:
@@ -234,8 +276,12 @@ async def cancel_withdrawal(request: AnyRequest, withdrawal_id: str) -> Response
         if status in ("succeeded", "failed"):
             raise ApiProblem(ApiError.NOT_CANCELLABLE)
         if status == "processing":
-            await rt.engine.cancel_queue(queue.queue.queue_id, reason=reason, actor="api:cancel",
-                                         trace_id=trace_id_of(request))
+            await rt.engine.cancel_queue(
+                queue.queue.queue_id,
+                reason=reason,
+                actor="api:cancel",
+                trace_id=trace_id_of(request),
+            )
         async with rt.pool.acquire() as conn:
             view = await _view_bytes(conn, withdrawal_id)
     except _DB_DOWN as exc:

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from litestar import Litestar, Request, Response, get
 from litestar.exceptions import HTTPException
@@ -14,8 +15,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import api, ops, webhooks
-from gateway.http import ApiProblem, json_response, on_http_exception, on_problem, on_unexpected
-from gateway.http import request_id_middleware
+from gateway.http import (
+    ApiProblem,
+    json_response,
+    on_http_exception,
+    on_problem,
+    on_unexpected,
+    request_id_middleware,
+)
 from gateway.runtime import Runtime, open_runtime
 from gateway.settings import Settings
 from orchestrator.metrics import SECOND_REGISTRY
@@ -27,15 +34,19 @@ OPENAPI_FILE = Path(__file__).resolve().parents[1] / "contracts" / "openapi.json
 
 
 @get("/readyz")
-async def readyz(request: Request[object, object, object]) -> Response[bytes]:
+async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Ready only when the database and NATS answer and the flags are loaded."""
     rt: Runtime = request.app.state.runtime
     db = await rt.database_up()
     nats_ok = rt.nats_up
     flags = rt.router is not None and rt.router.ready
     ok = db and nats_ok and flags
-    body = (b'{"status":"%s","database":%s,"nats":%s,"flags":%s}' % (
-        b"ready" if ok else b"not_ready", _b(db), _b(nats_ok), _b(flags)))
+    body = b'{"status":"%s","database":%s,"nats":%s,"flags":%s}' % (
+        b"ready" if ok else b"not_ready",
+        _b(db),
+        _b(nats_ok),
+        _b(flags),
+    )
     return json_response(body, 200 if ok else 503)
 
 
@@ -47,7 +58,7 @@ def _b(value: bool) -> bytes:
 async def metrics() -> Response[bytes]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # untyped upstream
         data = generate_latest(registry)
     else:
         data = generate_latest(REGISTRY) + generate_latest(SECOND_REGISTRY)
@@ -64,13 +75,16 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
     """Build the app; ``runtime`` is opened at startup unless one is given (tests)."""
     sandbox: Sandbox | None = None
     if settings.sandbox_enabled:
-        sandbox = Sandbox(SandboxConfig(
-            gateway_url=settings.public_url, providers=settings.providers,
-            core_tokens=(settings.core_token,),
-            webhook_delay_seconds=settings.sandbox_webhook_delay,
-            fail_delay_seconds=settings.sandbox_fail_delay,
-            flaky_timeout_seconds=settings.sandbox_flaky_timeout,
-        ))
+        sandbox = Sandbox(
+            SandboxConfig(
+                gateway_url=settings.public_url,
+                providers=settings.providers,
+                core_tokens=(settings.core_token,),
+                webhook_delay_seconds=settings.sandbox_webhook_delay,
+                fail_delay_seconds=settings.sandbox_fail_delay,
+                flaky_timeout_seconds=settings.sandbox_flaky_timeout,
+            )
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -88,9 +102,17 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
                 await rt.close()
 
     handlers: list[object] = [
-        api.create_withdrawal, api.get_withdrawal, api.cancel_withdrawal, api.healthz,
-        webhooks.receive_webhook, ops.manual_checks, ops.resolve_task, ops.withdrawal_detail,
-        readyz, metrics, openapi_document,
+        api.create_withdrawal,
+        api.get_withdrawal,
+        api.cancel_withdrawal,
+        api.healthz,
+        webhooks.receive_webhook,
+        ops.manual_checks,
+        ops.resolve_task,
+        ops.withdrawal_detail,
+        readyz,
+        metrics,
+        openapi_document,
     ]
     if sandbox is not None:
         handlers.append(sandbox.router)

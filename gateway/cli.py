@@ -11,7 +11,8 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from flags.router import FlagsError
 from gateway import logs
@@ -53,9 +54,17 @@ def _serve(settings: Settings) -> int:
             return fail(str(exc))
         logs.configure(settings.log_level, "serve")  # the Unleash client installs its own
         app = create_app(settings, runtime=runtime)
-        config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port,
-                                loop="none", http="httptools", log_config=None,
-                                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            loop="none",
+            http="httptools",
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
         server = uvicorn.Server(config)
         try:
             await server.serve()
@@ -75,8 +84,12 @@ def _worker(settings: Settings) -> int:
             runtime = await open_runtime(settings, name="worker", with_router=False)
         except DependencyError as exc:
             return fail(str(exc))
-        worker = Worker(engine=runtime.engine, js=runtime.js, core=runtime.core,
-                        concurrency=settings.worker_concurrency)
+        worker = Worker(
+            engine=runtime.engine,
+            js=runtime.js,
+            core=runtime.core,
+            concurrency=settings.worker_concurrency,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -94,15 +107,10 @@ def _worker(settings: Settings) -> int:
     return _run(main())
 
 
-def _run(coro: object) -> int:
-    try:
-        import uvloop  # noqa: PLC0415
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop  # noqa: PLC0415
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover — uvloop is a dependency on Linux
-        runner = asyncio.run
-    result = runner(coro)  # type: ignore[arg-type]
-    return int(result or 0)
+    return uvloop.run(coro)
 
 
 def _migrate(settings: Settings) -> int:
@@ -135,8 +143,11 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
 
     if settings.database_url is None:
         return fail("DATABASE_URL is not set")
-    return _run(run_report(settings, as_json=args.json, since=args.since, until=args.until,
-                           merchant=args.merchant))
+    return _run(
+        run_report(
+            settings, as_json=args.json, since=args.since, until=args.until, merchant=args.merchant
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,24 +76,35 @@ def run_dev() -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        migrate = subprocess.run(  # noqa: S603 — our own console script
-            [sys.executable, "-m", "gateway.cli", "migrate"], env=env, check=False,
-            capture_output=True, text=True)
+        migrate = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "migrate"],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if migrate.returncode != 0:
-            return _fail(migrate.stderr.strip().splitlines()[-1] if migrate.stderr else
-                         "migrations failed")
+            return _fail(
+                migrate.stderr.strip().splitlines()[-1] if migrate.stderr else "migrations failed"
+            )
         for role in ("serve", "worker"):
-            children.append(subprocess.Popen(  # noqa: S603
-                [sys.executable, "-m", "gateway.cli", role], env=env,
-                preexec_fn=_die_with_parent))  # noqa: PLW1509 — prctl only, no locks taken
+            children.append(
+                subprocess.Popen(  # noqa: S603
+                    [sys.executable, "-m", "gateway.cli", role],
+                    env=env,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 — no threads yet; prctl only
+                )
+            )
         url = f"http://127.0.0.1:{settings.http_port}"
         if not _wait_healthy(url, children, lambda: stopping):
             if not stopping:
                 return _fail("the gateway did not become healthy; see the log lines above")
             return 0
         _say(f"ready in {time.monotonic() - started:.1f}s")
-        _say(f"gateway      {url}  (API tokens: {env.get('GATEWAY_API_TOKENS', 'dev-token')},"
-             f" ops tokens: {env.get('OPS_API_TOKENS', 'ops-token')})")
+        _say(
+            f"gateway      {url}  (API tokens: {env.get('GATEWAY_API_TOKENS', 'dev-token')},"
+            f" ops tokens: {env.get('OPS_API_TOKENS', 'ops-token')})"
+        )
         _say(f"sandbox      {url}/sandbox  (ledger: {url}/sandbox/core/ledger)")
         _say(f"metrics      {url}/metrics")
         _say(f"nats         {env['NATS_URL']}" + (" (embedded)" if nats else ""))
@@ -103,10 +114,10 @@ def run_dev() -> int:
         while not stopping:
             for child in children:
                 if child.poll() is not None:
-                    return _fail(f"a child process exited with status {child.returncode}; "
-                                 "stopping the stack")
+                    return _fail(
+                        f"a child process exited with status {child.returncode}; stopping the stack"
+                    )
             time.sleep(0.2)
-        return 0
     except EmbeddedServiceError as exc:
         return _fail(str(exc))
     finally:
@@ -117,10 +128,10 @@ def run_dev() -> int:
             nats.stop()
         if stopping:
             _say("stopped")
+    return 0
 
 
-def _wait_healthy(url: str, children: list[subprocess.Popen[bytes]],
-                  stopping: object) -> bool:
+def _wait_healthy(url: str, children: list[subprocess.Popen[bytes]], stopping: object) -> bool:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if callable(stopping) and stopping():

@@ -49,8 +49,11 @@ async def replay_dead_letters(settings: Settings, *, limit: int) -> int:
     names = bus.Names(settings.nats_namespace)
     try:
         for seq, letter in letters:
-            await js.publish(names.subject(letter.subject), letter.payload.encode(),
-                             headers={"Nats-Msg-Id": f"replay-{seq}-{letter.failed_at}"})
+            await js.publish(
+                names.subject(letter.subject),
+                letter.payload.encode(),
+                headers={"Nats-Msg-Id": f"replay-{seq}-{letter.failed_at}"},
+            )
             await js.delete_msg(names.dlq_stream, seq)
     finally:
         await nc.close()

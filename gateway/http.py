@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
@@ -31,7 +32,7 @@ class ApiProblem(Exception):
 
 
 def request_id_of(scope: Scope) -> str:
-    state = scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    state = scope.setdefault("state", {})
     rid = state.get("request_id")
     if rid is None:
         raw = None
@@ -48,7 +49,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     """Adds ``X-Request-Id`` to every HTTP response (echoed when valid, else generated)."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # type: ignore[comparison-overlap]  # ScopeType is a str enum
             await app(scope, receive, send)
             return
         rid = request_id_of(scope).encode()
@@ -65,16 +66,17 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def json_response(body: bytes, status: int = 200,
-                  headers: Mapping[str, str] | None = None) -> Response[bytes]:
+def json_response(
+    body: bytes, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response[bytes]:
     return Response(content=body, status_code=status, media_type=JSON, headers=dict(headers or {}))
 
 
-def error_response(request: Request[object, object, object], error: ApiError) -> Response[bytes]:
+def error_response(request: Request[Any, Any, Any], error: ApiError) -> Response[bytes]:
     return json_response(encode_api_error(error, request_id_of(request.scope)), error.status)
 
 
-def on_problem(request: Request[object, object, object], exc: Exception) -> Response[bytes]:
+def on_problem(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     assert isinstance(exc, ApiProblem)
     return error_response(request, exc.error)
 
@@ -89,7 +91,7 @@ _FRAMEWORK_ERRORS = {
 }
 
 
-def on_http_exception(request: Request[object, object, object], exc: Exception) -> Response[bytes]:
+def on_http_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Framework-raised errors (routing, limits) in the contract's envelope."""
     assert isinstance(exc, HTTPException)
     error = _FRAMEWORK_ERRORS.get(exc.status_code)
@@ -102,14 +104,17 @@ def on_http_exception(request: Request[object, object, object], exc: Exception) 
     return error_response(request, error)
 
 
-def on_unexpected(request: Request[object, object, object], exc: Exception) -> Response[bytes]:
+def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Anything unexpected is a 500 with no detail leaked; the log has the traceback."""
-    log.exception("unhandled error", exc_info=exc,
-                  extra={"path": request.url.path, "request_id": request_id_of(request.scope)})
+    log.exception(
+        "unhandled error",
+        exc_info=exc,
+        extra={"path": request.url.path, "request_id": request_id_of(request.scope)},
+    )
     return error_response(request, ApiError.INTERNAL_ERROR)
 
 
-def bearer_ok(request: Request[object, object, object], tokens: Iterable[str]) -> bool:
+def bearer_ok(request: Request[Any, Any, Any], tokens: Iterable[str]) -> bool:
     """Constant-time check of ``Authorization: Bearer <token>`` against the accepted tokens."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -122,7 +127,7 @@ def bearer_ok(request: Request[object, object, object], tokens: Iterable[str]) -
     return ok
 
 
-async def read_body(request: Request[object, object, object], limit: int = MAX_BODY) -> bytes:
+async def read_body(request: Request[Any, Any, Any], limit: int = MAX_BODY) -> bytes:
     """The request body, refusing (413) before reading more than ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.params import FromPath
 
 from gateway.http import bearer_ok, json_response, read_body
 from gateway.runtime import Runtime
@@ -21,7 +22,7 @@ from orchestrator import store
 from orchestrator.core_client import CoreRefused, CoreUnavailable
 from orchestrator.domain import TaskState
 
-AnyRequest = Request[object, object, object]
+AnyRequest = Request[Any, Any, Any]
 
 
 class ResolveBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -30,8 +31,7 @@ class ResolveBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _error(status: int, code: str, message: str) -> Response[bytes]:
-    return json_response(msgspec.json.encode({"error": {"code": code, "message": message}}),
-                         status)
+    return json_response(msgspec.json.encode({"error": {"code": code, "message": message}}), status)
 
 
 def _authorized(request: AnyRequest) -> tuple[Runtime, Response[bytes] | None]:
@@ -58,21 +58,31 @@ async def manual_checks(request: AnyRequest) -> Response[bytes]:
             " t.provider_code, t.recheck_attempts, t.status_polls"
             " FROM order_tasks t JOIN order_queues q ON q.queue_id = t.queue_id"
             " JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id"
-            " WHERE t.state = 'MANUAL_CHECK' ORDER BY t.state_entered_at LIMIT 1000")
-    items = [{
-        "task_id": str(r["task_id"]), "withdrawal_id": r["withdrawal_id"],
-        "queue_id": str(r["queue_id"]), "merchant_id": r["merchant_id"],
-        "provider_id": r["provider_id"], "provider_reference": r["provider_reference"],
-        "amount": f"{r['amount']:.2f}", "currency": r["currency"], "cohort": r["cohort"],
-        "waiting_since": r["state_entered_at"].isoformat(),
-        "last_provider_code": r["provider_code"], "rechecks": r["recheck_attempts"],
-        "status_polls": r["status_polls"],
-    } for r in rows]
+            " WHERE t.state = 'MANUAL_CHECK' ORDER BY t.state_entered_at LIMIT 1000"
+        )
+    items = [
+        {
+            "task_id": str(r["task_id"]),
+            "withdrawal_id": r["withdrawal_id"],
+            "queue_id": str(r["queue_id"]),
+            "merchant_id": r["merchant_id"],
+            "provider_id": r["provider_id"],
+            "provider_reference": r["provider_reference"],
+            "amount": f"{r['amount']:.2f}",
+            "currency": r["currency"],
+            "cohort": r["cohort"],
+            "waiting_since": r["state_entered_at"].isoformat(),
+            "last_provider_code": r["provider_code"],
+            "rechecks": r["recheck_attempts"],
+            "status_polls": r["status_polls"],
+        }
+        for r in rows
+    ]
     return json_response(msgspec.json.encode({"manual_checks": items}))
 
 
 @post("/ops/tasks/{task_id:str}/resolve", status_code=200)
-async def resolve_task(request: AnyRequest, task_id: str) -> Response[bytes]:
+async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[bytes]:
     rt, denied = _authorized(request)
     if denied:
         return denied
@@ -95,11 +105,16 @@ async def resolve_task(request: AnyRequest, task_id: str) -> Response[bytes]:
     if state != TaskState.MANUAL_CHECK:
         return _error(409, "not_in_manual_check", f"Task is {state}, not MANUAL_CHECK.")
     try:
-        task = await rt.engine.resolve(ident, positive=body.decision == "positive",
-                                       reason=body.reason[:500], actor=_actor(request))
+        task = await rt.engine.resolve(
+            ident,
+            positive=body.decision == "positive",
+            reason=body.reason[:500],
+            actor=_actor(request),
+        )
     except CoreUnavailable:
-        return _error(503, "core_unavailable",
-                      "cascade-core did not answer; nothing changed, try again.")
+        return _error(
+            503, "core_unavailable", "cascade-core did not answer; nothing changed, try again."
+        )
     except CoreRefused as exc:
         return _error(409, "core_refused", f"cascade-core refused: {exc.code}; nothing changed.")
     assert task is not None
@@ -107,7 +122,7 @@ async def resolve_task(request: AnyRequest, task_id: str) -> Response[bytes]:
 
 
 @get("/ops/withdrawals/{withdrawal_id:str}")
-async def withdrawal_detail(request: AnyRequest, withdrawal_id: str) -> Response[bytes]:
+async def withdrawal_detail(request: AnyRequest, withdrawal_id: FromPath[str]) -> Response[bytes]:
     rt, denied = _authorized(request)
     if denied:
         return denied
@@ -117,21 +132,29 @@ async def withdrawal_detail(request: AnyRequest, withdrawal_id: str) -> Response
         if record is None or queue is None:
             return _error(404, "not_found", "Withdrawal not found.")
         tasks = await conn.fetch(
-            "SELECT * FROM order_tasks WHERE queue_id = $1 ORDER BY position",
-            queue.queue.queue_id)
+            "SELECT * FROM order_tasks WHERE queue_id = $1 ORDER BY position", queue.queue.queue_id
+        )
         events = await conn.fetch(
             "SELECT * FROM order_task_events WHERE queue_id = $1 ORDER BY event_id",
-            queue.queue.queue_id)
+            queue.queue.queue_id,
+        )
     detail: dict[str, Any] = {
-        "withdrawal_id": withdrawal_id, "merchant_id": record.merchant_id,
-        "cohort": record.cohort, "routing_reason": record.routing_reason,
-        "flag_state": record.flag_state, "amount": f"{record.amount:.2f}",
-        "currency": record.currency, "cascade": record.cascade,
-        "queue": {"queue_id": str(queue.queue.queue_id), "state": queue.queue.state.value,
-                  "cancel_requested": queue.queue.cancel_requested,
-                  "failure_code": queue.queue.failure_code,
-                  "created_at": queue.created_at.isoformat(),
-                  "updated_at": queue.updated_at.isoformat()},
+        "withdrawal_id": withdrawal_id,
+        "merchant_id": record.merchant_id,
+        "cohort": record.cohort,
+        "routing_reason": record.routing_reason,
+        "flag_state": record.flag_state,
+        "amount": f"{record.amount:.2f}",
+        "currency": record.currency,
+        "cascade": record.cascade,
+        "queue": {
+            "queue_id": str(queue.queue.queue_id),
+            "state": queue.queue.state.value,
+            "cancel_requested": queue.queue.cancel_requested,
+            "failure_code": queue.queue.failure_code,
+            "created_at": queue.created_at.isoformat(),
+            "updated_at": queue.updated_at.isoformat(),
+        },
         "tasks": [_row(t) for t in tasks],
         "events": [_row(e) for e in events],
     }

@@ -60,9 +60,13 @@ def _parse_time(value: str | None) -> datetime | None:
     return moment
 
 
-async def cohort_report(conn: asyncpg.Connection, *, since: str | None = None,  # type: ignore[type-arg]
-                        until: str | None = None, merchant: str | None = None
-                        ) -> dict[str, Any]:
+async def cohort_report(
+    conn: asyncpg.Connection[asyncpg.Record],
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    merchant: str | None = None,
+) -> dict[str, Any]:
     rows = await conn.fetch(QUERY, _parse_time(since), _parse_time(until), merchant)
     cohorts: dict[str, Any] = {}
     for name in ("legacy", "cascade"):
@@ -74,20 +78,24 @@ async def cohort_report(conn: asyncpg.Connection, *, since: str | None = None,  
         final = succeeded + failed + cancelled
         interval = wilson(succeeded, final)
         cohorts[name] = {
-            "created": created, "succeeded": succeeded, "failed": failed,
-            "cancelled": cancelled, "processing": row["processing"] if row else 0,
+            "created": created,
+            "succeeded": succeeded,
+            "failed": failed,
+            "cancelled": cancelled,
+            "processing": row["processing"] if row else 0,
             "success_rate": succeeded / final if final else None,
             "success_rate_ci95": list(interval) if interval else None,
-            "attempts_per_withdrawal": float(row["attempts"]) if row and row["attempts"]
-            is not None else None,
+            "attempts_per_withdrawal": float(row["attempts"])
+            if row and row["attempts"] is not None
+            else None,
             "manual_check_rate": (row["manual_checked"] / created) if row and created else None,
         }
-    return {"cohorts": cohorts, "filters": {"since": since, "until": until,
-                                            "merchant": merchant}}
+    return {"cohorts": cohorts, "filters": {"since": since, "until": until, "merchant": merchant}}
 
 
-async def run_report(settings: Settings, *, as_json: bool, since: str | None, until: str | None,
-                     merchant: str | None) -> int:
+async def run_report(
+    settings: Settings, *, as_json: bool, since: str | None, until: str | None, merchant: str | None
+) -> int:
     conn = await asyncpg.connect(settings.asyncpg_dsn)
     try:
         report = await cohort_report(conn, since=since, until=until, merchant=merchant)
@@ -96,13 +104,23 @@ async def run_report(settings: Settings, *, as_json: bool, since: str | None, un
     if as_json:
         print(msgspec.json.encode(report).decode())  # noqa: T201
         return 0
-    header = f"{'cohort':<8} {'created':>8} {'succ':>6} {'failed':>6} {'canc':>6} " \
-             f"{'proc':>6} {'success rate (95% CI)':>28}"
+    header = (
+        f"{'cohort':<8} {'created':>8} {'succ':>6} {'failed':>6} {'canc':>6} "
+        f"{'proc':>6} {'success rate (95% CI)':>28}"
+    )
     print(header)  # noqa: T201
     for name, c in report["cohorts"].items():
-        rate = "n/a" if c["success_rate"] is None else (
-            f"{c['success_rate']:.1%} ({c['success_rate_ci95'][0]:.1%}–"
-            f"{c['success_rate_ci95'][1]:.1%})")
-        print(f"{name:<8} {c['created']:>8} {c['succeeded']:>6} {c['failed']:>6} "  # noqa: T201
-              f"{c['cancelled']:>6} {c['processing']:>6} {rate:>28}")
+        rate = (
+            "n/a"
+            if c["success_rate"] is None
+            else (
+                f"{c['success_rate']:.1%} ({c['success_rate_ci95'][0]:.1%}–"
+                f"{c['success_rate_ci95'][1]:.1%})"
+            )
+        )
+        line = (
+            f"{name:<8} {c['created']:>8} {c['succeeded']:>6} {c['failed']:>6} "
+            f"{c['cancelled']:>6} {c['processing']:>6} {rate:>28}"
+        )
+        print(line)  # noqa: T201
     return 0

@@ -92,8 +92,7 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
         nc = await bus.connect(settings.nats_url, name=name)
     except Exception as exc:
         await pool.close()
-        raise DependencyError(f"cannot connect to NATS_URL {settings.nats_url} ({exc!r})") \
-            from exc
+        raise DependencyError(f"cannot connect to NATS_URL {settings.nats_url} ({exc!r})") from exc
     js = nc.jetstream()
     names = bus.Names(settings.nats_namespace)
     try:
@@ -105,18 +104,30 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
             f"JetStream setup failed on {settings.nats_url} (needs nats-server >= 2.12 with "
             f"JetStream enabled): {exc!r}"
         ) from exc
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=200,
-                                                 max_keepalive_connections=100))
+    http = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=100)
+    )
     core = HttpCascadeCore(settings.core_url, settings.core_token, client=http)
     adapter = HttpProviderAdapter(client=http)
     relay = OutboxRelay(pool, js, names)
-    engine = Engine(pool=pool, relay=relay, core=core, providers=adapter,
-                    provider_configs=settings.providers)
-    runtime = Runtime(settings=settings, pool=pool, nc=nc, js=js, relay=relay, engine=engine,
-                      core=core, provider_adapter=adapter, http=http)
+    engine = Engine(
+        pool=pool, relay=relay, core=core, providers=adapter, provider_configs=settings.providers
+    )
+    runtime = Runtime(
+        settings=settings,
+        pool=pool,
+        nc=nc,
+        js=js,
+        relay=relay,
+        engine=engine,
+        core=core,
+        provider_adapter=adapter,
+        http=http,
+    )
     if with_router:
         router = CohortRouter(
-            flags_file=settings.flags_file, unleash_url=settings.unleash_url,
+            flags_file=settings.flags_file,
+            unleash_url=settings.unleash_url,
             unleash_token=settings.unleash_api_token,
             refresh_interval=settings.unleash_refresh_seconds,
         )

@@ -121,8 +121,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     sandbox_enabled = _bool(env, "SANDBOX_ENABLED", False)
     if sandbox_enabled and deployment_env == "production":
         raise SettingsError("SANDBOX_ENABLED cannot be true when DEPLOYMENT_ENV is production")
-    database_url = _url(env, "DATABASE_URL", ("postgresql://", "postgresql+asyncpg://",
-                                              "postgres://"))
+    database_url = _url(
+        env, "DATABASE_URL", ("postgresql://", "postgresql+asyncpg://", "postgres://")
+    )
     if database_url and database_url.startswith("postgres://"):
         database_url = "postgresql://" + database_url.removeprefix("postgres://")
     nats_url = _url(env, "NATS_URL", ("nats://", "tls://"))
@@ -146,10 +147,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     try:
         raw = providers_file.read_bytes()
     except OSError as exc:
-        raise SettingsError(f"PROVIDERS_FILE {providers_file}: cannot read ({exc.strerror})") \
-            from exc
-    expansion = {**env, "SANDBOX_URL": sandbox_url, "HTTP_PORT": str(http_port),
-                 "PUBLIC_URL": public_url}
+        raise SettingsError(
+            f"PROVIDERS_FILE {providers_file}: cannot read ({exc.strerror})"
+        ) from exc
+    expansion = {
+        **env,
+        "SANDBOX_URL": sandbox_url,
+        "HTTP_PORT": str(http_port),
+        "PUBLIC_URL": public_url,
+    }
     try:
         providers = load_providers(raw, expansion, source=f"PROVIDERS_FILE {providers_file}")
     except ProvidersFileError as exc:

@@ -9,9 +9,11 @@ the state machine absorbs everything later. Malformed input is always a 4xx, nev
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 from litestar import Request, Response, post
+from litestar.params import FromPath
 
 from contracts.provider import FINAL_PROVIDER_STATUSES, ProviderWebhook
 from contracts.webhooks import SignatureError, verify
@@ -21,8 +23,13 @@ from orchestrator import bus
 from orchestrator import metrics as m
 
 MAX_WEBHOOK_BODY = 65536
-_STATUS_OF_REASON = {"missing_headers": 400, "bad_timestamp": 400, "stale_timestamp": 400,
-                     "bad_signature": 400, "invalid_signature": 401}
+_STATUS_OF_REASON = {
+    "missing_headers": 400,
+    "bad_timestamp": 400,
+    "stale_timestamp": 400,
+    "bad_signature": 400,
+    "invalid_signature": 401,
+}
 
 
 def _answer(provider: str, result: str, status: int, message: str) -> Response[bytes]:
@@ -32,8 +39,9 @@ def _answer(provider: str, result: str, status: int, message: str) -> Response[b
 
 
 @post("/webhooks/{provider_id:str}", status_code=200)
-async def receive_webhook(request: Request[object, object, object],
-                          provider_id: str) -> Response[bytes]:
+async def receive_webhook(
+    request: Request[Any, Any, Any], provider_id: FromPath[str]
+) -> Response[bytes]:
     rt: Runtime = request.app.state.runtime
     config = rt.settings.providers.get(provider_id)
     if config is None:
@@ -45,9 +53,14 @@ async def receive_webhook(request: Request[object, object, object],
         return _answer(provider_id, "too_large", 413, f"body exceeds {MAX_WEBHOOK_BODY} bytes")
     headers = request.headers
     try:
-        verify(list(config.webhook_secrets), headers.get("webhook-id"),
-               headers.get("webhook-timestamp"), headers.get("webhook-signature"), body,
-               time.time())
+        verify(
+            list(config.webhook_secrets),
+            headers.get("webhook-id"),
+            headers.get("webhook-timestamp"),
+            headers.get("webhook-signature"),
+            body,
+            time.time(),
+        )
     except SignatureError as exc:
         return _answer(provider_id, exc.reason, _STATUS_OF_REASON[exc.reason], str(exc))
     try:
@@ -60,14 +73,22 @@ async def receive_webhook(request: Request[object, object, object],
         return _answer(provider_id, "progress", 200, "not an outcome; timers keep running")
     if not rt.nats_up:
         return _answer(provider_id, "unavailable", 503, "try again later")
-    message = bus.WebhookMessage(provider_id=provider_id, order_id=event.order_id,
-                                 reference=event.reference, status=event.status,
-                                 code=event.code, webhook_id=headers.get("webhook-id", ""))
+    message = bus.WebhookMessage(
+        provider_id=provider_id,
+        order_id=event.order_id,
+        reference=event.reference,
+        status=event.status,
+        code=event.code,
+        webhook_id=headers.get("webhook-id", ""),
+    )
     msg_id = f"wh:{provider_id}:{event.reference}:{event.status}"
     try:
-        ack = await rt.js.publish(rt.relay.names.subject(bus.WEBHOOK_RECEIVED),
-                                  msgspec.json.encode(message), headers={"Nats-Msg-Id": msg_id},
-                                  timeout=5)
+        ack = await rt.js.publish(
+            rt.relay.names.subject(bus.WEBHOOK_RECEIVED),
+            msgspec.json.encode(message),
+            headers={"Nats-Msg-Id": msg_id},
+            timeout=5,
+        )
     except Exception:  # noqa: BLE001 — any broker failure: the provider retries later
         return _answer(provider_id, "unavailable", 503, "try again later")
     if ack.duplicate:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 import nats
@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
+from contracts.provider import ProviderStatus
 from orchestrator.domain import TimerKind
 
 log = logging.getLogger("cascade.bus")
@@ -39,7 +40,12 @@ DLQ = "order.task.dlq"
 SCHEDULE_PREFIX = "order.schedule"
 
 EVENT_SUBJECTS = (
-    TASK_START, WEBHOOK_RECEIVED, WEBHOOK_TIMEOUT, STATUS_TICK, STATUS_TIMEOUT, RECHECK_TICK,
+    TASK_START,
+    WEBHOOK_RECEIVED,
+    WEBHOOK_TIMEOUT,
+    STATUS_TICK,
+    STATUS_TIMEOUT,
+    RECHECK_TICK,
     QUEUE_CANCEL,
 )
 TIMER_TARGETS: dict[TimerKind, str] = {
@@ -66,7 +72,7 @@ class WebhookMessage(msgspec.Struct, frozen=True, kw_only=True):
     provider_id: str
     order_id: str
     reference: str
-    status: str
+    status: ProviderStatus
     code: str | None = None
     webhook_id: str = ""
 
@@ -118,11 +124,13 @@ def schedule_headers(target: str, due_at: datetime) -> dict[str, str]:
     due = due_at.astimezone(UTC)
     if due.microsecond:
         due = due.replace(microsecond=0) + _ONE_SECOND
-    return {"Nats-Schedule": f"@at {due.strftime('%Y-%m-%dT%H:%M:%SZ')}",
-            "Nats-Schedule-Target": target}
+    return {
+        "Nats-Schedule": f"@at {due.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+        "Nats-Schedule-Target": target,
+    }
 
 
-_ONE_SECOND = datetime(2000, 1, 1, 0, 0, 1) - datetime(2000, 1, 1, 0, 0, 0)
+_ONE_SECOND = timedelta(seconds=1)
 
 
 async def connect(url: str, *, name: str) -> NatsClient:
@@ -143,14 +151,24 @@ async def connect(url: str, *, name: str) -> NatsClient:
         log.warning("nats reconnected", extra={"client": name})
 
     return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-        connect_timeout=2, allow_reconnect=True, error_cb=on_error,
-        disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=2,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
     )
 
 
 async def ensure_streams(
-    js: JetStreamContext, names: Names, *, replicas: int = 1, file_storage: bool = True,
+    js: JetStreamContext,
+    names: Names,
+    *,
+    replicas: int = 1,
+    file_storage: bool = True,
     ack_wait_seconds: float = 60.0,
 ) -> None:
     """Create or update the streams and the work consumer (idempotent, at every start)."""

@@ -21,7 +21,7 @@ class CoreUnavailable(Exception):
 
 
 class CoreRefused(Exception):
-    """cascade-core answered 4xx: ``code`` says why (``insufficient_balance``, ``invalid_state``)."""
+    """cascade-core answered 4xx; ``code`` says why (e.g. ``insufficient_balance``)."""
 
     def __init__(self, code: str, status: int) -> None:
         super().__init__(f"cascade-core refused: {code} (HTTP {status})")
@@ -31,7 +31,11 @@ class CoreRefused(Exception):
 
 class CascadeCore(Protocol):
     async def freeze(
-        self, operation_id: str, withdrawal_id: str, provider_id: str, amount: Decimal,
+        self,
+        operation_id: str,
+        withdrawal_id: str,
+        provider_id: str,
+        amount: Decimal,
         currency: str,
     ) -> None: ...
     async def commit(self, operation_id: str) -> None: ...
@@ -51,7 +55,12 @@ class HttpCascadeCore:
     """The real client (httpx, bounded timeouts, a few quick retries per call)."""
 
     def __init__(
-        self, base_url: str, token: str, *, timeout: float = 5.0, attempts: int = 3,
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 3,
         client: httpx.AsyncClient | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
@@ -76,8 +85,11 @@ class HttpCascadeCore:
                 if 200 <= response.status_code < 300:
                     return
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-                    code = msgspec.json.decode(response.content, type=_ErrorEnvelope).error.code \
-                        if response.content.startswith(b"{") else "unknown"
+                    code = (
+                        msgspec.json.decode(response.content, type=_ErrorEnvelope).error.code
+                        if response.content.startswith(b"{")
+                        else "unknown"
+                    )
                     raise CoreRefused(code, response.status_code)
                 last = f"HTTP {response.status_code}"
             if attempt + 1 < self._attempts:
@@ -85,13 +97,22 @@ class HttpCascadeCore:
         raise CoreUnavailable(f"cascade-core {path}: {last}")
 
     async def freeze(
-        self, operation_id: str, withdrawal_id: str, provider_id: str, amount: Decimal,
+        self,
+        operation_id: str,
+        withdrawal_id: str,
+        provider_id: str,
+        amount: Decimal,
         currency: str,
     ) -> None:
-        body = msgspec.json.encode({
-            "operation_id": operation_id, "withdrawal_id": withdrawal_id,
-            "provider_id": provider_id, "amount": f"{amount:.2f}", "currency": currency,
-        })
+        body = msgspec.json.encode(
+            {
+                "operation_id": operation_id,
+                "withdrawal_id": withdrawal_id,
+                "provider_id": provider_id,
+                "amount": f"{amount:.2f}",
+                "currency": currency,
+            }
+        )
         await self._post("/v1/balances/freeze", body)
 
     async def commit(self, operation_id: str) -> None:
@@ -104,6 +125,7 @@ class HttpCascadeCore:
 
     async def notify(self, withdrawal_id: str, status: str, body: bytes) -> None:
         await self._post(
-            "/v1/withdrawal-notifications", body,
+            "/v1/withdrawal-notifications",
+            body,
             {"Idempotency-Key": f"{withdrawal_id}:{status}"},
         )

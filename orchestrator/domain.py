@@ -160,6 +160,9 @@ class FreezeRefused:
     code: str
 
 
+AnswerSource = Literal["create", "poll", "webhook", "cancel"]
+
+
 @dataclass(frozen=True)
 class ProviderAnswer:
     """A definitive provider view of our order (create response, status poll or webhook)."""
@@ -167,7 +170,7 @@ class ProviderAnswer:
     status: Literal["pending", "succeeded", "failed", "cancelled", "absent"]
     reference: str | None = None
     code: str | None = None
-    source: Literal["create", "poll", "webhook", "cancel"] = "create"
+    source: AnswerSource = "create"
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,9 @@ def recheck_delay(config: ProviderConfig, attempt: int) -> float:
     )
 
 
-def _executing(task: OrderTask, config: ProviderConfig, now: datetime, event: str, **changes: object) -> Step:
+def _executing(
+    task: OrderTask, config: ProviderConfig, now: datetime, event: str, **changes: object
+) -> Step:
     """Enter EXECUTING with the webhook SLA timer, or go to manual check when there is none."""
     if config.webhook_sla_seconds is None and config.status_polling is None:
         return Step(event=event, to=T.MANUAL_CHECK, changes=changes, clear_timer=True)
@@ -271,28 +276,37 @@ def _executing(task: OrderTask, config: ProviderConfig, now: datetime, event: st
         assert config.status_polling is not None
         due = now + timedelta(seconds=config.status_polling.interval_seconds)
         return Step(
-            event=event, to=T.EXECUTING, changes=changes,
+            event=event,
+            to=T.EXECUTING,
+            changes=changes,
             timer=Timer(kind="status_tick", due_at=due, attempt=0),
         )
     due = now + timedelta(seconds=config.webhook_sla_seconds)
     return Step(
-        event=event, to=T.EXECUTING, changes=changes,
+        event=event,
+        to=T.EXECUTING,
+        changes=changes,
         timer=Timer(kind="webhook_timeout", due_at=due, attempt=0),
     )
 
 
-def _on_decision(task: OrderTask, decision: Decision, code: str, config: ProviderConfig, now: datetime) -> Step:
+def _on_decision(
+    task: OrderTask, decision: Decision, code: str, config: ProviderConfig, now: datetime
+) -> Step:
     """Apply the provider error table to a definitive refusal at create."""
     frozen = task.freeze_state == "frozen"
     if decision == "recheck":
         due = now + timedelta(seconds=recheck_delay(config, task.recheck_attempts))
         return Step(
-            event="create.declined.recheck", to=T.RECHECKING,
+            event="create.declined.recheck",
+            to=T.RECHECKING,
             changes={"provider_code": code},
             timer=Timer(kind="recheck", due_at=due, attempt=task.recheck_attempts),
         )
     if decision == "manual_check":
-        return Step(event="create.declined.manual", to=T.MANUAL_CHECK, changes={"provider_code": code})
+        return Step(
+            event="create.declined.manual", to=T.MANUAL_CHECK, changes={"provider_code": code}
+        )
     return Step(
         event="create.declined",
         to=T.NEGATIVE_EVAL,
@@ -307,8 +321,13 @@ def _final_answer(task: OrderTask, answer: ProviderAnswer, event: str) -> Step |
     ref = {"provider_reference": answer.reference} if answer.reference else {}
     if answer.status == "succeeded":
         # Commit even when a cancel was requested: a success that won the race is kept.
-        return Step(event=event + ".succeeded", to=T.SUCCEEDED, changes=ref,
-                    balance="commit", clear_timer=True)
+        return Step(
+            event=event + ".succeeded",
+            to=T.SUCCEEDED,
+            changes=ref,
+            balance="commit",
+            clear_timer=True,
+        )
     if answer.status in ("failed", "cancelled", "absent"):
         if task.cancel_requested:
             to, outcome = T.CANCELLED, "cancelled"
@@ -319,7 +338,8 @@ def _final_answer(task: OrderTask, answer: ProviderAnswer, event: str) -> Step |
         else:
             to, outcome = T.FAILED, "declined"
         return Step(
-            event=f"{event}.{answer.status}", to=to,
+            event=f"{event}.{answer.status}",
+            to=to,
             changes={**ref, "outcome": outcome, "provider_code": answer.code},
             balance="rollback" if task.freeze_state == "frozen" else None,
             clear_timer=True,
@@ -335,7 +355,9 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
         case Start():
             if task.state == T.PENDING:
                 if task.cancel_requested:
-                    return Step(event="start.cancelled", to=T.CANCELLED, changes={"outcome": "cancelled"})
+                    return Step(
+                        event="start.cancelled", to=T.CANCELLED, changes={"outcome": "cancelled"}
+                    )
                 return Step(event="start", to=T.CREATING, call="freeze_and_create")
             if task.state == T.CREATING:
                 # Redelivery after a crash mid-create: both calls are idempotent, redo them.
@@ -344,8 +366,11 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
         case FreezeRefused(code=code):
             if task.state != T.CREATING:
                 return ignore("freeze.refused", f"task is {task.state}")
-            return Step(event="freeze.refused", to=T.NEGATIVE_EVAL,
-                        changes={"provider_code": code, "outcome": "provider_error"})
+            return Step(
+                event="freeze.refused",
+                to=T.NEGATIVE_EVAL,
+                changes={"provider_code": code, "outcome": "provider_error"},
+            )
         case Declined(code=code):
             if task.state != T.CREATING:
                 return ignore("create.declined", f"task is {task.state}")
@@ -353,9 +378,12 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
         case Ambiguous(detail=detail):
             if task.state == T.CREATING:
                 due = now + timedelta(seconds=recheck_delay(config, 0))
-                return Step(event="create.ambiguous", to=T.RECHECKING,
-                            changes={"provider_code": detail[:200]},
-                            timer=Timer(kind="recheck", due_at=due, attempt=0))
+                return Step(
+                    event="create.ambiguous",
+                    to=T.RECHECKING,
+                    changes={"provider_code": detail[:200]},
+                    timer=Timer(kind="recheck", due_at=due, attempt=0),
+                )
             return ignore("ambiguous", f"task is {task.state}")
         case ProviderAnswer() as answer:
             return _decide_answer(task, answer, config, now)
@@ -365,10 +393,15 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
             if task.state != T.MANUAL_CHECK:
                 return ignore("manual.resolve", f"task is {task.state}, not MANUAL_CHECK")
             if positive:
-                return Step(event="manual.resolved.positive", to=T.SUCCEEDED, balance="commit",
-                            changes={"resolution": reason, "resolved_by": actor})
+                return Step(
+                    event="manual.resolved.positive",
+                    to=T.SUCCEEDED,
+                    balance="commit",
+                    changes={"resolution": reason, "resolved_by": actor},
+                )
             return Step(
-                event="manual.resolved.negative", to=T.FAILED,
+                event="manual.resolved.negative",
+                to=T.FAILED,
                 balance="rollback" if task.freeze_state == "frozen" else None,
                 changes={"outcome": "manual_rejected", "resolution": reason, "resolved_by": actor},
             )
@@ -378,14 +411,19 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
             if task.cancel_requested:
                 return ignore("cancel", "cancel already requested")
             if task.state == T.EXECUTING and config.supports_cancel:
-                return Step(event="cancel.requested", changes={"cancel_requested": True},
-                            call="cancel_at_provider")
+                return Step(
+                    event="cancel.requested",
+                    changes={"cancel_requested": True},
+                    call="cancel_at_provider",
+                )
             # The provider may still pay: remember the request, finish when the outcome is known.
             return Step(event="cancel.requested", changes={"cancel_requested": True})
     raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
 
 
-def _decide_answer(task: OrderTask, answer: ProviderAnswer, config: ProviderConfig, now: datetime) -> Step:
+def _decide_answer(
+    task: OrderTask, answer: ProviderAnswer, config: ProviderConfig, now: datetime
+) -> Step:
     source = answer.source
     if task.state == T.CREATING and source == "create":
         final = _final_answer(task, answer, "create")
@@ -409,7 +447,9 @@ def _decide_answer(task: OrderTask, answer: ProviderAnswer, config: ProviderConf
     return ignore(f"{source}.{answer.status}", f"task is {task.state}")
 
 
-def _decide_timer(task: OrderTask, kind: TimerKind, attempt: int, config: ProviderConfig, now: datetime) -> Step:
+def _decide_timer(
+    task: OrderTask, kind: TimerKind, attempt: int, config: ProviderConfig, now: datetime
+) -> Step:
     event = f"timer.{kind}"
     if kind == "recheck":
         if task.state != T.RECHECKING or attempt != task.recheck_attempts:
@@ -433,24 +473,42 @@ def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -
     if task.state == T.RECHECKING:
         attempts = task.recheck_attempts + 1
         if attempts >= config.recheck.max_attempts:
-            return Step(event="recheck.exhausted", to=T.MANUAL_CHECK,
-                        changes={"recheck_attempts": attempts}, clear_timer=True)
+            return Step(
+                event="recheck.exhausted",
+                to=T.MANUAL_CHECK,
+                changes={"recheck_attempts": attempts},
+                clear_timer=True,
+            )
         due = now + timedelta(seconds=recheck_delay(config, attempts))
-        return Step(event="recheck.unknown", changes={"recheck_attempts": attempts},
-                    timer=Timer(kind="recheck", due_at=due, attempt=attempts))
+        return Step(
+            event="recheck.unknown",
+            changes={"recheck_attempts": attempts},
+            timer=Timer(kind="recheck", due_at=due, attempt=attempts),
+        )
     polls = task.status_polls + 1
     polling = config.status_polling
     if polling is None or polls > polling.max_polls:
-        return Step(event="status.exhausted", to=T.MANUAL_CHECK, changes={"status_polls": polls},
-                    clear_timer=True)
+        return Step(
+            event="status.exhausted",
+            to=T.MANUAL_CHECK,
+            changes={"status_polls": polls},
+            clear_timer=True,
+        )
     due = now + timedelta(seconds=polling.interval_seconds)
-    return Step(event="status.pending", changes={"status_polls": polls},
-                timer=Timer(kind="status_tick", due_at=due, attempt=polls))
+    return Step(
+        event="status.pending",
+        changes={"status_polls": polls},
+        timer=Timer(kind="status_tick", due_at=due, attempt=polls),
+    )
 
 
 def apply_changes(task: OrderTask, step: Step) -> OrderTask:
     """The task as it is after ``step`` (the record's view; checks the transition table)."""
-    if step.to is not None and step.to != task.state and step.to not in TASK_TRANSITIONS[task.state]:
+    if (
+        step.to is not None
+        and step.to != task.state
+        and step.to not in TASK_TRANSITIONS[task.state]
+    ):
         raise IllegalTransition(f"{task.state} → {step.to} ({step.event})")
     known = {f.name for f in dataclasses.fields(OrderTask)}
     changes = {k: v for k, v in step.changes.items() if k in known}
@@ -527,17 +585,32 @@ def public_state(queue: OrderQueue) -> PublicState:
         shown = (started or touched or list(tasks[:1]))[-1]
     reference = shown.provider_reference
     if queue.state == QueueState.ACTIVE:
-        return PublicState(status="processing", provider_id=shown.provider_id,
-                           provider_reference=reference, failure_code=None)
+        return PublicState(
+            status="processing",
+            provider_id=shown.provider_id,
+            provider_reference=reference,
+            failure_code=None,
+        )
     if queue.state == QueueState.COMPLETED:
-        return PublicState(status="succeeded", provider_id=shown.provider_id,
-                           provider_reference=reference, failure_code=None)
+        return PublicState(
+            status="succeeded",
+            provider_id=shown.provider_id,
+            provider_reference=reference,
+            failure_code=None,
+        )
     if queue.state == QueueState.CANCELLED:
-        return PublicState(status="cancelled", provider_id=shown.provider_id,
-                           provider_reference=reference, failure_code="cancelled")
-    return PublicState(status="failed", provider_id=shown.provider_id,
-                       provider_reference=reference,
-                       failure_code=queue.failure_code or "provider_error")
+        return PublicState(
+            status="cancelled",
+            provider_id=shown.provider_id,
+            provider_reference=reference,
+            failure_code="cancelled",
+        )
+    return PublicState(
+        status="failed",
+        provider_id=shown.provider_id,
+        provider_reference=reference,
+        failure_code=queue.failure_code or "provider_error",
+    )
 
 
 def transition_table() -> str:

@@ -63,11 +63,17 @@ def withdrawal_view(record: store.WithdrawalRecord, queue: store.QueueRecord) ->
 
     public = public_state(queue.queue)
     return WithdrawalView(
-        withdrawal_id=record.withdrawal_id, merchant_id=record.merchant_id,
-        status=public.status, amount=record.amount, currency=record.currency,
-        provider_id=public.provider_id, provider_reference=public.provider_reference,
-        failure_code=public.failure_code, metadata=decode_metadata(record.metadata),
-        created_at=record.created_at, updated_at=queue.updated_at,
+        withdrawal_id=record.withdrawal_id,
+        merchant_id=record.merchant_id,
+        status=public.status,
+        amount=record.amount,
+        currency=record.currency,
+        provider_id=public.provider_id,
+        provider_reference=public.provider_reference,
+        failure_code=public.failure_code,
+        metadata=decode_metadata(record.metadata),
+        created_at=record.created_at,
+        updated_at=queue.updated_at,
     )
 
 
@@ -107,8 +113,9 @@ class Engine:
 
     # --- entry points ------------------------------------------------------------------
 
-    async def start_task(self, queue_id: uuid.UUID, task_id: uuid.UUID, *, actor: str,
-                         trace_id: str | None = None) -> None:
+    async def start_task(
+        self, queue_id: uuid.UUID, task_id: uuid.UUID, *, actor: str, trace_id: str | None = None
+    ) -> None:
         await self._drive(queue_id, task_id, Start(), actor=actor, trace_id=trace_id)
 
     async def timer_fired(self, msg: bus.TaskMessage, kind: str, trace_id: str | None) -> None:
@@ -125,22 +132,37 @@ class Engine:
                 await conn.execute(
                     "INSERT INTO unmatched_webhooks (provider_id, order_id, reference, status,"
                     " reason) VALUES ($1, $2, $3, $4, 'unknown_order')",
-                    msg.provider_id, msg.order_id, msg.reference, msg.status,
+                    msg.provider_id,
+                    msg.order_id,
+                    msg.reference,
+                    msg.status,
                 )
-                log.warning("webhook for unknown order", extra={"provider_id": msg.provider_id,
-                                                              "reference": msg.reference})
+                log.warning(
+                    "webhook for unknown order",
+                    extra={"provider_id": msg.provider_id, "reference": msg.reference},
+                )
                 return False
         queue_id, task_id = found
         answer = ProviderAnswer(
-            status=msg.status, reference=msg.reference, code=msg.code,  # type: ignore[arg-type]
+            status=msg.status,
+            reference=msg.reference,
+            code=msg.code,
             source="webhook",
         )
-        await self._drive(queue_id, task_id, answer, actor=f"provider:{msg.provider_id}",
-                          trace_id=trace_id)
+        await self._drive(
+            queue_id, task_id, answer, actor=f"provider:{msg.provider_id}", trace_id=trace_id
+        )
         return True
 
-    async def resolve(self, task_id: uuid.UUID, *, positive: bool, reason: str, actor: str,
-                      trace_id: str | None = None) -> OrderTask | None:
+    async def resolve(
+        self,
+        task_id: uuid.UUID,
+        *,
+        positive: bool,
+        reason: str,
+        actor: str,
+        trace_id: str | None = None,
+    ) -> OrderTask | None:
         """Support's decision on a manual check; returns the task afterwards (None: unknown)."""
         async with self.pool.acquire() as conn:
             queue_id = await conn.fetchval(
@@ -148,16 +170,21 @@ class Engine:
             )
         if queue_id is None:
             return None
-        await self._drive(queue_id, task_id, Resolve(positive=positive, reason=reason,
-                                                     actor=actor),
-                          actor=actor, trace_id=trace_id)
+        await self._drive(
+            queue_id,
+            task_id,
+            Resolve(positive=positive, reason=reason, actor=actor),
+            actor=actor,
+            trace_id=trace_id,
+        )
         async with self.pool.acquire() as conn:
             rec = await store.load_queue(conn, queue_id=queue_id)
         assert rec is not None
         return rec.queue.task(task_id)
 
-    async def cancel_queue(self, queue_id: uuid.UUID, *, reason: str | None, actor: str,
-                           trace_id: str | None = None) -> None:
+    async def cancel_queue(
+        self, queue_id: uuid.UUID, *, reason: str | None, actor: str, trace_id: str | None = None
+    ) -> None:
         """Queue-level cancel: pending tasks stop now; an active one finishes when it can."""
         active: uuid.UUID | None = None
         async with self.pool.acquire() as conn:
@@ -167,24 +194,42 @@ class Engine:
                     return
                 if not tx.queue.cancel_requested:
                     now = self.clock()
-                    await store.save_queue(conn, tx.queue, cancel_requested=True,
-                                           cancel_reason=reason, event="queue.cancel_requested",
-                                           actor=actor, trace_id=trace_id, now=now)
-                    tx.queue = dataclasses.replace(tx.queue, cancel_requested=True,
-                                                   version=tx.queue.version + 1)
+                    await store.save_queue(
+                        conn,
+                        tx.queue,
+                        cancel_requested=True,
+                        cancel_reason=reason,
+                        event="queue.cancel_requested",
+                        actor=actor,
+                        trace_id=trace_id,
+                        now=now,
+                    )
+                    tx.queue = dataclasses.replace(
+                        tx.queue, cancel_requested=True, version=tx.queue.version + 1
+                    )
                     for task in tx.queue.tasks:
                         if task.state == TaskState.PENDING:
-                            await self._persist(tx, task, Step(event="cancel", to=TaskState.CANCELLED,
-                                                               changes={"outcome": "cancelled"}),
-                                                actor=actor, trace_id=trace_id, details={})
+                            await self._persist(
+                                tx,
+                                task,
+                                Step(
+                                    event="cancel",
+                                    to=TaskState.CANCELLED,
+                                    changes={"outcome": "cancelled"},
+                                ),
+                                actor=actor,
+                                trace_id=trace_id,
+                                details={},
+                            )
                     active_task = tx.queue.active_task()
                     active = active_task.task_id if active_task else None
                     if active is None:
                         await self._advance(tx, actor=actor, trace_id=trace_id)
             await self._after_commit(tx)
         if active is not None:
-            await self._drive(queue_id, active, CancelRequested(reason), actor=actor,
-                              trace_id=trace_id)
+            await self._drive(
+                queue_id, active, CancelRequested(reason), actor=actor, trace_id=trace_id
+            )
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -196,8 +241,15 @@ class Engine:
         assert record is not None
         return _Tx(conn=conn, queue=rec.queue, record=record, queue_created_at=rec.created_at)
 
-    async def _drive(self, queue_id: uuid.UUID, task_id: uuid.UUID, event: Event, *,
-                     actor: str, trace_id: str | None) -> None:
+    async def _drive(
+        self,
+        queue_id: uuid.UUID,
+        task_id: uuid.UUID,
+        event: Event,
+        *,
+        actor: str,
+        trace_id: str | None,
+    ) -> None:
         pending: Event | None = event
         while pending is not None:
             async with self.pool.acquire() as conn:
@@ -205,12 +257,14 @@ class Engine:
                     tx = await self._open(conn, queue_id)
                     if tx is None:
                         return
-                    pending = await self._apply(tx, task_id, pending, actor=actor,
-                                                trace_id=trace_id)
+                    pending = await self._apply(
+                        tx, task_id, pending, actor=actor, trace_id=trace_id
+                    )
                 await self._after_commit(tx)
 
-    async def _apply(self, tx: _Tx, task_id: uuid.UUID, event: Event, *, actor: str,
-                     trace_id: str | None) -> Event | None:
+    async def _apply(
+        self, tx: _Tx, task_id: uuid.UUID, event: Event, *, actor: str, trace_id: str | None
+    ) -> Event | None:
         """Apply ``event`` and the answers of any calls it triggers, in this transaction.
 
         Returns an event to apply in a *new* transaction: entering CREATING is committed
@@ -225,19 +279,33 @@ class Engine:
             else:
                 step = decide(task, event, config, now)
             if step.ignored:
-                log.info("event ignored", extra={"task_id": str(task_id), "event": step.event,
-                                                 "because": step.ignored_because})
+                log.info(
+                    "event ignored",
+                    extra={
+                        "task_id": str(task_id),
+                        "event": step.event,
+                        "because": step.ignored_because,
+                    },
+                )
                 return None
             if step.balance is not None:
                 await self._balance(step.balance, task)
-            task = await self._persist(tx, task, step, actor=actor, trace_id=trace_id,
-                                       details=_details(event))
+            task = await self._persist(
+                tx, task, step, actor=actor, trace_id=trace_id, details=_details(event)
+            )
             if step.stop_cascade and not tx.queue.stop_requested:
-                await store.save_queue(tx.conn, tx.queue, stop_requested=True,
-                                       event="queue.stop_requested", actor=actor,
-                                       trace_id=trace_id, now=now)
-                tx.queue = dataclasses.replace(tx.queue, stop_requested=True,
-                                               version=tx.queue.version + 1)
+                await store.save_queue(
+                    tx.conn,
+                    tx.queue,
+                    stop_requested=True,
+                    event="queue.stop_requested",
+                    actor=actor,
+                    trace_id=trace_id,
+                    now=now,
+                )
+                tx.queue = dataclasses.replace(
+                    tx.queue, stop_requested=True, version=tx.queue.version + 1
+                )
             if task.final:
                 await self._advance(tx, actor=actor, trace_id=trace_id)
             if step.to == TaskState.CREATING:
@@ -247,105 +315,189 @@ class Engine:
             event = await self._call(step.call, task, config, tx.record)
             if step.call == "poll" and _still_waiting(task, event):
                 wait = after_poll_pending(task, config, self.clock())
-                task = await self._persist(tx, task, wait, actor=actor, trace_id=trace_id,
-                                           details=_details(event))
+                task = await self._persist(
+                    tx, task, wait, actor=actor, trace_id=trace_id, details=_details(event)
+                )
                 return None
-            if step.call == "freeze_and_create" and task.freeze_state != "frozen" \
-                    and not isinstance(event, FreezeRefused):
+            if (
+                step.call == "freeze_and_create"
+                and task.freeze_state != "frozen"
+                and not isinstance(event, FreezeRefused)
+            ):
                 task = dataclasses.replace(task, freeze_state="frozen")
 
     def _unknown_provider(self, task: OrderTask, event: Event) -> Step:
         if task.state == TaskState.PENDING and isinstance(event, Start):
-            return Step(event="provider.unknown", to=TaskState.SKIPPED,
-                        changes={"outcome": "provider_error", "provider_code": "unknown_provider"})
+            return Step(
+                event="provider.unknown",
+                to=TaskState.SKIPPED,
+                changes={"outcome": "provider_error", "provider_code": "unknown_provider"},
+            )
         return Step(event=type(event).__name__, ignored_because="provider not configured")
 
-    async def _persist(self, tx: _Tx, task: OrderTask, step: Step, *, actor: str,
-                       trace_id: str | None, details: Mapping[str, object]) -> OrderTask:
+    async def _persist(
+        self,
+        tx: _Tx,
+        task: OrderTask,
+        step: Step,
+        *,
+        actor: str,
+        trace_id: str | None,
+        details: Mapping[str, object],
+    ) -> OrderTask:
         now = self.clock()
         after = apply_changes(task, step)
-        audit_details = {**details, **{k: v for k, v in step.changes.items()
-                                       if isinstance(v, str | int | bool | None)}}
+        audit_details = {
+            **details,
+            **{k: v for k, v in step.changes.items() if isinstance(v, str | int | bool | None)},
+        }
         if step.balance:
             audit_details["balance"] = step.balance
         await store.save_task(
-            tx.conn, task, after, withdrawal_id=tx.queue.withdrawal_id, event=step.event,
-            actor=actor, trace_id=trace_id, details=audit_details, now=now, timer=step.timer,
+            tx.conn,
+            task,
+            after,
+            withdrawal_id=tx.queue.withdrawal_id,
+            event=step.event,
+            actor=actor,
+            trace_id=trace_id,
+            details=audit_details,
+            now=now,
+            timer=step.timer,
             clear_timer=step.clear_timer,
         )
         after = dataclasses.replace(after, version=task.version + 1)
         if after.state == TaskState.NEGATIVE_EVAL:
             skipped = dataclasses.replace(after, state=TaskState.SKIPPED)
             await store.save_task(
-                tx.conn, after, skipped, withdrawal_id=tx.queue.withdrawal_id,
-                event="task.skipped", actor=actor, trace_id=trace_id, details={}, now=now,
-                timer=None, clear_timer=True,
+                tx.conn,
+                after,
+                skipped,
+                withdrawal_id=tx.queue.withdrawal_id,
+                event="task.skipped",
+                actor=actor,
+                trace_id=trace_id,
+                details={},
+                now=now,
+                timer=None,
+                clear_timer=True,
             )
             after = dataclasses.replace(skipped, version=after.version + 1)
         if after.state != task.state:
             if task.state_entered_at is not None:
-                m.task_time_in_state.labels(state=task.state.value, provider=task.provider_id
-                                            ).observe((now - task.state_entered_at).total_seconds())
+                m.task_time_in_state.labels(
+                    state=task.state.value, provider=task.provider_id
+                ).observe((now - task.state_entered_at).total_seconds())
             after = dataclasses.replace(after, state_entered_at=now)
             await store.touch_queue(tx.conn, tx.queue.queue_id, now)
             if task.state in (TaskState.RECHECKING, TaskState.EXECUTING):
                 for kind in bus.TIMER_TARGETS:
                     tx.purge.append(self.names.schedule_subject(task.task_id, kind))
         if step.timer is not None:
-            headers = bus.schedule_headers(self.names.subject(bus.TIMER_TARGETS[step.timer.kind]),
-                                           step.timer.due_at)
-            payload = msgspec.json.encode(bus.TaskMessage(
-                task_id=task.task_id, queue_id=task.queue_id, attempt=step.timer.attempt))
-            tx.outbox_ids.append(await store.enqueue(
-                tx.conn, self.names.schedule_subject(task.task_id, step.timer.kind), payload,
-                headers))
+            headers = bus.schedule_headers(
+                self.names.subject(bus.TIMER_TARGETS[step.timer.kind]), step.timer.due_at
+            )
+            payload = msgspec.json.encode(
+                bus.TaskMessage(
+                    task_id=task.task_id, queue_id=task.queue_id, attempt=step.timer.attempt
+                )
+            )
+            tx.outbox_ids.append(
+                await store.enqueue(
+                    tx.conn,
+                    self.names.schedule_subject(task.task_id, step.timer.kind),
+                    payload,
+                    headers,
+                )
+            )
         tx.queue = dataclasses.replace(
-            tx.queue, tasks=tuple(after if t.task_id == after.task_id else t
-                                  for t in tx.queue.tasks))
+            tx.queue,
+            tasks=tuple(after if t.task_id == after.task_id else t for t in tx.queue.tasks),
+        )
         return after
 
     async def _advance(self, tx: _Tx, *, actor: str, trace_id: str | None) -> None:
         """Apply the queue rules after a task became final."""
         qstep = advance_queue(tx.queue)
         for task_id in qstep.skip_tasks:
-            await self._persist(tx, tx.queue.task(task_id),
-                                Step(event="queue.finished", to=TaskState.SKIPPED),
-                                actor=actor, trace_id=trace_id, details={})
+            await self._persist(
+                tx,
+                tx.queue.task(task_id),
+                Step(event="queue.finished", to=TaskState.SKIPPED),
+                actor=actor,
+                trace_id=trace_id,
+                details={},
+            )
         for task_id in qstep.cancel_tasks:
-            await self._persist(tx, tx.queue.task(task_id),
-                                Step(event="queue.cancelled", to=TaskState.CANCELLED,
-                                     changes={"outcome": "cancelled"}),
-                                actor=actor, trace_id=trace_id, details={})
+            await self._persist(
+                tx,
+                tx.queue.task(task_id),
+                Step(
+                    event="queue.cancelled",
+                    to=TaskState.CANCELLED,
+                    changes={"outcome": "cancelled"},
+                ),
+                actor=actor,
+                trace_id=trace_id,
+                details={},
+            )
         if qstep.start_task is not None:
-            payload = msgspec.json.encode(bus.TaskMessage(task_id=qstep.start_task,
-                                                          queue_id=tx.queue.queue_id))
-            tx.outbox_ids.append(await store.enqueue(
-                tx.conn, self.names.subject(bus.TASK_START), payload,
-                {"Nats-Msg-Id": f"start-{qstep.start_task.hex}"}))
+            payload = msgspec.json.encode(
+                bus.TaskMessage(task_id=qstep.start_task, queue_id=tx.queue.queue_id)
+            )
+            tx.outbox_ids.append(
+                await store.enqueue(
+                    tx.conn,
+                    self.names.subject(bus.TASK_START),
+                    payload,
+                    {"Nats-Msg-Id": f"start-{qstep.start_task.hex}"},
+                )
+            )
         if qstep.to is None:
             return
         now = self.clock()
-        await store.save_queue(tx.conn, tx.queue, state=qstep.to, failure_code=qstep.failure_code,
-                               event=f"queue.{qstep.to.value.lower()}", actor=actor,
-                               trace_id=trace_id, now=now)
-        tx.queue = dataclasses.replace(tx.queue, state=qstep.to, version=tx.queue.version + 1,
-                                       failure_code=qstep.failure_code or tx.queue.failure_code)
-        queue_record = store.QueueRecord(queue=tx.queue, created_at=tx.queue_created_at,
-                                         updated_at=now, finished_at=now)
+        await store.save_queue(
+            tx.conn,
+            tx.queue,
+            state=qstep.to,
+            failure_code=qstep.failure_code,
+            event=f"queue.{qstep.to.value.lower()}",
+            actor=actor,
+            trace_id=trace_id,
+            now=now,
+        )
+        tx.queue = dataclasses.replace(
+            tx.queue,
+            state=qstep.to,
+            version=tx.queue.version + 1,
+            failure_code=qstep.failure_code or tx.queue.failure_code,
+        )
+        queue_record = store.QueueRecord(
+            queue=tx.queue, created_at=tx.queue_created_at, updated_at=now, finished_at=now
+        )
         view = withdrawal_view(tx.record, queue_record)
         body = encode_withdrawal(view)
-        await store.add_notification(tx.conn, tx.record.withdrawal_id, view.status, body,
-                                     now + NOTIFY_RETRY_AFTER)
+        await store.add_notification(
+            tx.conn, tx.record.withdrawal_id, view.status, body, now + NOTIFY_RETRY_AFTER
+        )
         tx.finished.append((view.status, body))
         cohort = tx.record.cohort
-        outcome = {QueueState.COMPLETED: "succeeded", QueueState.FAILED: "failed",
-                   QueueState.CANCELLED: "cancelled"}[qstep.to]
-        attempts = sum(1 for t in tx.queue.tasks if t.provider_reference is not None
-                       or t.state in (TaskState.SUCCEEDED, TaskState.FAILED))
+        outcome = {
+            QueueState.COMPLETED: "succeeded",
+            QueueState.FAILED: "failed",
+            QueueState.CANCELLED: "cancelled",
+        }[qstep.to]
+        attempts = sum(
+            1
+            for t in tx.queue.tasks
+            if t.provider_reference is not None
+            or t.state in (TaskState.SUCCEEDED, TaskState.FAILED)
+        )
         m.withdrawals_final.labels(cohort=cohort, outcome=outcome).inc()
         m.withdrawal_attempts.labels(cohort=cohort).observe(max(attempts, 1))
         m.withdrawal_duration.labels(cohort=cohort, outcome=outcome).observe(
-            (now - tx.record.created_at).total_seconds())
+            (now - tx.record.created_at).total_seconds()
+        )
 
     async def _balance(self, operation: str, task: OrderTask) -> None:
         # Raises CoreUnavailable/CoreRefused: the transaction rolls back and nothing moves.
@@ -354,19 +506,29 @@ class Engine:
         else:
             await self.core.rollback(str(task.task_id))
 
-    async def _call(self, call: str, task: OrderTask, config: ProviderConfig,
-                    record: store.WithdrawalRecord) -> Event:
+    async def _call(
+        self, call: str, task: OrderTask, config: ProviderConfig, record: store.WithdrawalRecord
+    ) -> Event:
         if call == "freeze_and_create":
             try:
-                await self.core.freeze(str(task.task_id), record.withdrawal_id, task.provider_id,
-                                       record.amount, record.currency)
+                await self.core.freeze(
+                    str(task.task_id),
+                    record.withdrawal_id,
+                    task.provider_id,
+                    record.amount,
+                    record.currency,
+                )
             except CoreRefused as exc:
                 if exc.code == "insufficient_balance":
                     return FreezeRefused(exc.code)
                 raise
             destination = msgspec.convert(record.destination, ProviderDestination)
-            order = CreateOrder(order_id=task.provider_order_id, amount=f"{record.amount:.2f}",
-                                currency=record.currency, destination=destination)
+            order = CreateOrder(
+                order_id=task.provider_order_id,
+                amount=f"{record.amount:.2f}",
+                currency=record.currency,
+                destination=destination,
+            )
             return await self.providers.create(config, order)
         if call == "poll":
             return await self.providers.status(config, task.provider_order_id)
@@ -387,14 +549,19 @@ class Engine:
             await self.core.notify(withdrawal_id, status, body)
         except Exception as exc:  # noqa: BLE001 — any failure is retried by the notifier loop
             m.core_notifications.labels(result="error").inc()
-            log.warning("notification failed, will retry",
-                        extra={"withdrawal_id": withdrawal_id, "error": str(exc)})
+            log.warning(
+                "notification failed, will retry",
+                extra={"withdrawal_id": withdrawal_id, "error": str(exc)},
+            )
             return
         m.core_notifications.labels(result="acked").inc()
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "UPDATE notifications SET acked_at = now(), attempts = attempts + 1"
-                " WHERE withdrawal_id = $1 AND status = $2", withdrawal_id, status)
+                " WHERE withdrawal_id = $1 AND status = $2",
+                withdrawal_id,
+                status,
+            )
 
 
 def _still_waiting(task: OrderTask, event: Event) -> bool:
@@ -411,15 +578,22 @@ def _still_waiting(task: OrderTask, event: Event) -> bool:
 def _details(event: Event) -> dict[str, object]:
     match event:
         case ProviderAnswer(status=status, reference=reference, code=code, source=source):
-            return {"provider_status": status, "reference": reference, "code": code,
-                    "source": source}
+            return {
+                "provider_status": status,
+                "reference": reference,
+                "code": code,
+                "source": source,
+            }
         case Ambiguous(detail=detail):
             return {"ambiguous": detail[:300]}
         case FreezeRefused(code=code):
             return {"core_code": code}
         case Resolve(positive=positive, reason=reason, actor=actor):
-            return {"decision": "positive" if positive else "negative", "reason": reason,
-                    "operator": actor}
+            return {
+                "decision": "positive" if positive else "negative",
+                "reason": reason,
+                "operator": actor,
+            }
         case TimerFired(kind=kind, attempt=attempt):
             return {"timer": kind, "attempt": attempt}
         case CancelRequested(reason=reason):

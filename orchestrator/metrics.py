@@ -12,31 +12,37 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 # ``withdrawals_total`` reserves the name ``withdrawals_created`` (its creation timestamp),
 # which collides with the fixed name ``withdrawals_created_total``. No ``_created`` series are
 # exported, and the one counter lives in its own registry that /metrics appends.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 SECOND_REGISTRY = CollectorRegistry(auto_describe=True)
 
 withdrawals_created = Counter(
-    "withdrawals_created", "Withdrawals accepted, by cohort.", ["cohort"],
+    "withdrawals_created",
+    "Withdrawals accepted, by cohort.",
+    ["cohort"],
     registry=SECOND_REGISTRY,
 )
 withdrawals_final = Counter(
     "withdrawals", "Withdrawals that reached a final status.", ["cohort", "outcome"]
 )
 withdrawal_attempts = Histogram(
-    "withdrawal_attempts", "Provider attempts per final withdrawal.", ["cohort"],
+    "withdrawal_attempts",
+    "Provider attempts per final withdrawal.",
+    ["cohort"],
     buckets=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 32),
 )
 withdrawal_duration = Histogram(
-    "withdrawal_duration_seconds", "Time from creation to final status.", ["cohort", "outcome"],
+    "withdrawal_duration_seconds",
+    "Time from creation to final status.",
+    ["cohort", "outcome"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 86400),
 )
 task_time_in_state = Histogram(
-    "task_time_in_state_seconds", "Time a task spent in a state before leaving it.",
+    "task_time_in_state_seconds",
+    "Time a task spent in a state before leaving it.",
     ["state", "provider"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600),
 )
-dlq_size = Gauge("dlq_size", "Messages waiting in the dead-letter stream.",
-                 multiprocess_mode="max")
+dlq_size = Gauge("dlq_size", "Messages waiting in the dead-letter stream.", multiprocess_mode="max")
 core_notifications = Counter(
     "core_notifications", "Final-status notifications sent to cascade-core.", ["result"]
 )
@@ -45,6 +51,7 @@ routing_decisions = Counter(
 )
 webhooks = Counter("webhooks", "Provider webhooks received, by outcome.", ["provider", "result"])
 handler_errors = Counter(
-    "orchestrator_handler_errors", "Handler attempts that failed and will be retried.",
+    "orchestrator_handler_errors",
+    "Handler attempts that failed and will be retried.",
     ["subject", "error"],
 )

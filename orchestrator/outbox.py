@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+import asyncpg
 from nats.js import JetStreamContext
 
 from orchestrator import store
@@ -33,22 +34,26 @@ class OutboxRelay:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT id, subject, payload, headers FROM outbox WHERE id = ANY($1::bigint[])"
-                " ORDER BY id", list(ids))
+                " ORDER BY id",
+                list(ids),
+            )
             done = await self._publish(rows)
             if done:
                 await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
 
-    async def _publish(self, rows: Sequence[store.asyncpg.Record]) -> list[int]:
+    async def _publish(self, rows: Sequence[asyncpg.Record]) -> list[int]:
         assert self.js is not None
         done: list[int] = []
         for row in rows:
             headers = {"Nats-Msg-Id": f"ob-{row['id']}", **row["headers"]}
             try:
-                await self.js.publish(row["subject"], bytes(row["payload"]), headers=headers,
-                                      timeout=5)
+                await self.js.publish(
+                    row["subject"], bytes(row["payload"]), headers=headers, timeout=5
+                )
             except Exception as exc:  # noqa: BLE001 — the relay retries every failure
-                log.warning("outbox publish failed", extra={"subject": row["subject"],
-                                                            "error": repr(exc)})
+                log.warning(
+                    "outbox publish failed", extra={"subject": row["subject"], "error": repr(exc)}
+                )
                 break  # keep order: later rows wait for this one
             done.append(row["id"])
         return done
@@ -70,7 +75,10 @@ class OutboxRelay:
             rows = await conn.fetch(
                 "SELECT id, subject, payload, headers FROM outbox"
                 " WHERE created_at < now() - make_interval(secs => $1)"
-                " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED", older_than_seconds, limit)
+                " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                older_than_seconds,
+                limit,
+            )
             done = await self._publish(rows)
             if done:
                 await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)

@@ -14,7 +14,7 @@ import msgspec
 
 from contracts.provider import CreateOrder, ProviderDecline, ProviderOrder
 from contracts.providers_file import ProviderConfig
-from orchestrator.domain import Ambiguous, Declined, ProviderAnswer
+from orchestrator.domain import Ambiguous, AnswerSource, Declined, ProviderAnswer
 
 CreateResult = ProviderAnswer | Declined | Ambiguous
 StatusResult = ProviderAnswer | Ambiguous
@@ -26,13 +26,14 @@ class ProviderAdapter(Protocol):
     async def cancel(self, config: ProviderConfig, order_id: str) -> StatusResult: ...
 
 
-def _answer(body: bytes, source: str) -> ProviderAnswer | Ambiguous:
+def _answer(body: bytes, source: AnswerSource) -> ProviderAnswer | Ambiguous:
     try:
         order = msgspec.json.decode(body, type=ProviderOrder)
     except msgspec.MsgspecError as exc:
         return Ambiguous(f"unreadable provider answer: {exc}")
-    return ProviderAnswer(status=order.status, reference=order.reference, code=order.code,
-                          source=source)  # type: ignore[arg-type]
+    return ProviderAnswer(
+        status=order.status, reference=order.reference, code=order.code, source=source
+    )
 
 
 class HttpProviderAdapter:
@@ -54,7 +55,8 @@ class HttpProviderAdapter:
     async def create(self, config: ProviderConfig, order: CreateOrder) -> CreateResult:
         try:
             response = await self._client.post(
-                f"{config.base_url}/orders", content=msgspec.json.encode(order),
+                f"{config.base_url}/orders",
+                content=msgspec.json.encode(order),
                 headers={"Idempotency-Key": order.order_id, "Content-Type": "application/json"},
                 timeout=self._timeout(config),
             )

@@ -16,10 +16,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
 from orchestrator.domain import (
     OrderQueue,
@@ -30,8 +31,10 @@ from orchestrator.domain import (
     Timer,
 )
 
-Connection = asyncpg.Connection  # type: ignore[type-arg]
-Pool = asyncpg.Pool  # type: ignore[type-arg]
+# A pooled connection or a plain one: the store works with both.
+# asyncpg's classes are generic only in the stubs: string aliases keep runtime happy.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 
 
 class StaleVersion(Exception):
@@ -94,14 +97,22 @@ _TASK_COLUMNS = (
 )
 
 
-def _task(row: Mapping[str, Any]) -> OrderTask:
+def _task(row: asyncpg.Record | Mapping[str, Any]) -> OrderTask:
     return OrderTask(
-        task_id=row["task_id"], queue_id=row["queue_id"], position=row["position"],
-        provider_id=row["provider_id"], state=TaskState(row["state"]), version=row["version"],
-        provider_order_id=row["provider_order_id"], provider_reference=row["provider_reference"],
-        freeze_state=row["freeze_state"], outcome=row["outcome"],
-        provider_code=row["provider_code"], recheck_attempts=row["recheck_attempts"],
-        status_polls=row["status_polls"], cancel_requested=row["cancel_requested"],
+        task_id=row["task_id"],
+        queue_id=row["queue_id"],
+        position=row["position"],
+        provider_id=row["provider_id"],
+        state=TaskState(row["state"]),
+        version=row["version"],
+        provider_order_id=row["provider_order_id"],
+        provider_reference=row["provider_reference"],
+        freeze_state=row["freeze_state"],
+        outcome=row["outcome"],
+        provider_code=row["provider_code"],
+        recheck_attempts=row["recheck_attempts"],
+        status_polls=row["status_polls"],
+        cancel_requested=row["cancel_requested"],
         state_entered_at=row["state_entered_at"],
     )
 
@@ -120,15 +131,27 @@ async def insert_withdrawal(
         " metadata, cascade, idempotency_key, request_sha256, cohort, routing_reason,"
         " flag_state, trace_id, created_at)"
         " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
-        record.withdrawal_id, record.merchant_id, record.amount, record.currency,
-        record.destination, record.metadata.decode(), record.cascade, record.idempotency_key,
-        record.request_sha256, record.cohort, record.routing_reason, record.flag_state,
-        record.trace_id, now,
+        record.withdrawal_id,
+        record.merchant_id,
+        record.amount,
+        record.currency,
+        record.destination,
+        record.metadata.decode(),
+        record.cascade,
+        record.idempotency_key,
+        record.request_sha256,
+        record.cohort,
+        record.routing_reason,
+        record.flag_state,
+        record.trace_id,
+        now,
     )
     await conn.execute(
         "INSERT INTO order_queues (queue_id, withdrawal_id, state, created_at, updated_at)"
         " VALUES ($1, $2, 'ACTIVE', $3, $3)",
-        queue_id, record.withdrawal_id, now,
+        queue_id,
+        record.withdrawal_id,
+        now,
     )
     await conn.executemany(
         "INSERT INTO order_tasks (task_id, queue_id, position, provider_id, fee, state,"
@@ -142,10 +165,35 @@ async def insert_withdrawal(
     await conn.executemany(
         "INSERT INTO order_task_events (queue_id, task_id, withdrawal_id, from_state, to_state,"
         " event, actor, trace_id, details, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-        [(queue_id, None, record.withdrawal_id, None, "ACTIVE", "queue.created", "api",
-          record.trace_id, {"cohort": record.cohort, "reason": record.routing_reason}, now)]
-        + [(queue_id, t.task_id, record.withdrawal_id, None, "PENDING", "task.created", "api",
-            record.trace_id, {"provider_id": t.provider_id}, now) for t in tasks],
+        [
+            (
+                queue_id,
+                None,
+                record.withdrawal_id,
+                None,
+                "ACTIVE",
+                "queue.created",
+                "api",
+                record.trace_id,
+                {"cohort": record.cohort, "reason": record.routing_reason},
+                now,
+            )
+        ]
+        + [
+            (
+                queue_id,
+                t.task_id,
+                record.withdrawal_id,
+                None,
+                "PENDING",
+                "task.created",
+                "api",
+                record.trace_id,
+                {"provider_id": t.provider_id},
+                now,
+            )
+            for t in tasks
+        ],
     )
 
 
@@ -161,17 +209,28 @@ async def load_withdrawal(conn: Connection, withdrawal_id: str) -> WithdrawalRec
     if row is None:
         return None
     return WithdrawalRecord(
-        withdrawal_id=row["withdrawal_id"], merchant_id=row["merchant_id"],
-        amount=row["amount"], currency=row["currency"], destination=row["destination"],
-        metadata=row["metadata"].encode(), cascade=row["cascade"],
-        idempotency_key=row["idempotency_key"], request_sha256=row["request_sha256"],
-        cohort=row["cohort"], routing_reason=row["routing_reason"],
-        flag_state=row["flag_state"], trace_id=row["trace_id"], created_at=row["created_at"],
+        withdrawal_id=row["withdrawal_id"],
+        merchant_id=row["merchant_id"],
+        amount=row["amount"],
+        currency=row["currency"],
+        destination=row["destination"],
+        metadata=row["metadata"].encode(),
+        cascade=row["cascade"],
+        idempotency_key=row["idempotency_key"],
+        request_sha256=row["request_sha256"],
+        cohort=row["cohort"],
+        routing_reason=row["routing_reason"],
+        flag_state=row["flag_state"],
+        trace_id=row["trace_id"],
+        created_at=row["created_at"],
     )
 
 
 async def load_queue(
-    conn: Connection, *, queue_id: uuid.UUID | None = None, withdrawal_id: str | None = None,
+    conn: Connection,
+    *,
+    queue_id: uuid.UUID | None = None,
+    withdrawal_id: str | None = None,
     lock: bool = False,
 ) -> QueueRecord | None:
     """Load a queue and its tasks; ``lock`` takes the queue row lock for the transaction."""
@@ -186,13 +245,21 @@ async def load_queue(
         q["queue_id"],
     )
     queue = OrderQueue(
-        queue_id=q["queue_id"], withdrawal_id=q["withdrawal_id"], state=QueueState(q["state"]),
-        version=q["version"], tasks=tuple(_task(r) for r in rows),
-        cancel_requested=q["cancel_requested"], stop_requested=q["stop_requested"],
+        queue_id=q["queue_id"],
+        withdrawal_id=q["withdrawal_id"],
+        state=QueueState(q["state"]),
+        version=q["version"],
+        tasks=tuple(_task(r) for r in rows),
+        cancel_requested=q["cancel_requested"],
+        stop_requested=q["stop_requested"],
         failure_code=q["failure_code"],
     )
-    return QueueRecord(queue=queue, created_at=q["created_at"], updated_at=q["updated_at"],
-                       finished_at=q["finished_at"])
+    return QueueRecord(
+        queue=queue,
+        created_at=q["created_at"],
+        updated_at=q["updated_at"],
+        finished_at=q["finished_at"],
+    )
 
 
 async def find_task_for_provider_order(
@@ -202,7 +269,9 @@ async def find_task_for_provider_order(
     row = await conn.fetchrow(
         "SELECT queue_id, task_id FROM order_tasks WHERE provider_id = $1"
         " AND (provider_order_id = $2 OR provider_reference = $3) LIMIT 1",
-        provider_id, order_id, reference,
+        provider_id,
+        order_id,
+        reference,
     )
     return None if row is None else (row["queue_id"], row["task_id"])
 
@@ -224,9 +293,17 @@ async def save_task(
     """Write one task transition: version-checked update and its audit row, one transaction."""
     timer_sql = ""
     args: list[object] = [
-        after.state.value, after.provider_reference, after.freeze_state, after.outcome,
-        after.provider_code, after.recheck_attempts, after.status_polls, after.cancel_requested,
-        now, before.task_id, before.version,
+        after.state.value,
+        after.provider_reference,
+        after.freeze_state,
+        after.outcome,
+        after.provider_code,
+        after.recheck_attempts,
+        after.status_polls,
+        after.cancel_requested,
+        now,
+        before.task_id,
+        before.version,
     ]
     if timer is not None:
         timer_sql = ", timer_kind = $12, timer_attempt = $13, timer_due_at = $14"
@@ -234,41 +311,74 @@ async def save_task(
     elif clear_timer or after.state != before.state:
         timer_sql = ", timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
     entered = ", state_entered_at = $9" if after.state != before.state else ""
-    status = await conn.execute(
-        "UPDATE order_tasks SET state = $1, provider_reference = $2, freeze_state = $3,"
+    # Only fixed fragments are interpolated; every value is a bind parameter.
+    sql = (
+        "UPDATE order_tasks SET state = $1, provider_reference = $2, freeze_state = $3,"  # noqa: S608
         " outcome = $4, provider_code = $5, recheck_attempts = $6, status_polls = $7,"
-        f" cancel_requested = $8, updated_at = $9, version = version + 1{entered}{timer_sql}"  # noqa: S608
-        " WHERE task_id = $10 AND version = $11",
-        *args,
+        f" cancel_requested = $8, updated_at = $9, version = version + 1{entered}{timer_sql}"
+        " WHERE task_id = $10 AND version = $11"
     )
+    status = await conn.execute(sql, *args)
     if status != "UPDATE 1":
         raise StaleVersion(f"task {before.task_id} is no longer at version {before.version}")
     await audit(
-        conn, queue_id=before.queue_id, task_id=before.task_id, withdrawal_id=withdrawal_id,
+        conn,
+        queue_id=before.queue_id,
+        task_id=before.task_id,
+        withdrawal_id=withdrawal_id,
         from_state=before.state.value,
         to_state=after.state.value if after.state != before.state else None,
-        event=event, actor=actor, trace_id=trace_id, details=details, now=now,
+        event=event,
+        actor=actor,
+        trace_id=trace_id,
+        details=details,
+        now=now,
     )
 
 
 async def audit(
-    conn: Connection, *, queue_id: uuid.UUID, task_id: uuid.UUID | None, withdrawal_id: str,
-    from_state: str | None, to_state: str | None, event: str, actor: str,
-    trace_id: str | None, details: Mapping[str, object], now: datetime,
+    conn: Connection,
+    *,
+    queue_id: uuid.UUID,
+    task_id: uuid.UUID | None,
+    withdrawal_id: str,
+    from_state: str | None,
+    to_state: str | None,
+    event: str,
+    actor: str,
+    trace_id: str | None,
+    details: Mapping[str, object],
+    now: datetime,
 ) -> None:
     await conn.execute(
         "INSERT INTO order_task_events (queue_id, task_id, withdrawal_id, from_state, to_state,"
         " event, actor, trace_id, details, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-        queue_id, task_id, withdrawal_id, from_state, to_state, event, actor, trace_id,
-        dict(details), now,
+        queue_id,
+        task_id,
+        withdrawal_id,
+        from_state,
+        to_state,
+        event,
+        actor,
+        trace_id,
+        dict(details),
+        now,
     )
 
 
 async def save_queue(
-    conn: Connection, before: OrderQueue, *, state: QueueState | None = None,
-    cancel_requested: bool | None = None, cancel_reason: str | None = None,
-    stop_requested: bool | None = None, failure_code: Outcome | None = None,
-    event: str, actor: str, trace_id: str | None, now: datetime,
+    conn: Connection,
+    before: OrderQueue,
+    *,
+    state: QueueState | None = None,
+    cancel_requested: bool | None = None,
+    cancel_reason: str | None = None,
+    stop_requested: bool | None = None,
+    failure_code: Outcome | None = None,
+    event: str,
+    actor: str,
+    trace_id: str | None,
+    now: datetime,
 ) -> None:
     """Write a queue change with its audit row (version-checked)."""
     new_state = state or before.state
@@ -281,17 +391,29 @@ async def save_queue(
         " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
         " version = version + 1"
         " WHERE queue_id = $7 AND version = $8",
-        new_state.value, bool(cancel_requested), cancel_reason, bool(stop_requested),
-        failure_code, now, before.queue_id, before.version,
+        new_state.value,
+        bool(cancel_requested),
+        cancel_reason,
+        bool(stop_requested),
+        failure_code,
+        now,
+        before.queue_id,
+        before.version,
     )
     if status != "UPDATE 1":
         raise StaleVersion(f"queue {before.queue_id} is no longer at version {before.version}")
     await audit(
-        conn, queue_id=before.queue_id, task_id=None, withdrawal_id=before.withdrawal_id,
+        conn,
+        queue_id=before.queue_id,
+        task_id=None,
+        withdrawal_id=before.withdrawal_id,
         from_state=before.state.value,
         to_state=new_state.value if new_state != before.state else None,
-        event=event, actor=actor, trace_id=trace_id,
-        details={"failure_code": failure_code} if failure_code else {}, now=now,
+        event=event,
+        actor=actor,
+        trace_id=trace_id,
+        details={"failure_code": failure_code} if failure_code else {},
+        now=now,
     )
 
 
@@ -306,7 +428,9 @@ async def enqueue(
     """Add a message to the outbox, in the caller's transaction."""
     ident: int = await conn.fetchval(
         "INSERT INTO outbox (subject, payload, headers) VALUES ($1, $2, $3) RETURNING id",
-        subject, payload, dict(headers or {}),
+        subject,
+        payload,
+        dict(headers or {}),
     )
     return ident
 
@@ -317,6 +441,8 @@ async def add_notification(
     await conn.execute(
         "INSERT INTO notifications (withdrawal_id, status, body, next_attempt_at)"
         " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        withdrawal_id, status, body, first_attempt_at,
+        withdrawal_id,
+        status,
+        body,
+        first_attempt_at,
     )
-

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
-from orchestrator import bus, store
+from orchestrator import bus
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore
 from orchestrator.engine import Engine
@@ -41,9 +41,17 @@ def fault_point(name: str) -> None:
 
 
 class Worker:
-    def __init__(self, *, engine: Engine, js: JetStreamContext, core: CascadeCore,
-                 concurrency: int = 16, sweep_interval: float = 2.0,
-                 stranded_after: float = 10.0, timer_grace: float = 3.0) -> None:
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        js: JetStreamContext,
+        core: CascadeCore,
+        concurrency: int = 16,
+        sweep_interval: float = 2.0,
+        stranded_after: float = 10.0,
+        timer_grace: float = 3.0,
+    ) -> None:
         self.engine = engine
         self.js = js
         self.names = engine.names
@@ -56,8 +64,9 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        sub = await self.js.pull_subscribe_bind(durable=self.names.consumer,
-                                                stream=self.names.stream)
+        sub = await self.js.pull_subscribe_bind(
+            durable=self.names.consumer, stream=self.names.stream
+        )
         self._tasks = [
             asyncio.create_task(self._consume(sub), name="consume"),
             asyncio.create_task(self.engine.relay.run(), name="outbox-relay"),
@@ -122,9 +131,15 @@ class Worker:
                 await msg.ack()
                 return
             delay = bus.BACKOFF[min(deliveries - 1, len(bus.BACKOFF) - 1)]
-            log.warning("handler failed, will retry", extra={
-                "subject": subject, "error": repr(exc), "deliveries": deliveries,
-                "retry_in": delay})
+            log.warning(
+                "handler failed, will retry",
+                extra={
+                    "subject": subject,
+                    "error": repr(exc),
+                    "deliveries": deliveries,
+                    "retry_in": delay,
+                },
+            )
             await msg.nak(delay=delay)
             return
         await msg.ack()
@@ -133,27 +148,34 @@ class Worker:
         """Route one event to its handler (also used by ``dlq replay`` tests)."""
         if subject == bus.TASK_START:
             task_msg = msgspec.json.decode(data, type=bus.TaskMessage)
-            await self.engine.start_task(task_msg.queue_id, task_msg.task_id, actor="worker",
-                                         trace_id=trace_id)
+            await self.engine.start_task(
+                task_msg.queue_id, task_msg.task_id, actor="worker", trace_id=trace_id
+            )
         elif subject in (bus.RECHECK_TICK, bus.WEBHOOK_TIMEOUT, bus.STATUS_TICK):
-            kind = {bus.RECHECK_TICK: "recheck", bus.WEBHOOK_TIMEOUT: "webhook_timeout",
-                    bus.STATUS_TICK: "status_tick"}[subject]
-            await self.engine.timer_fired(msgspec.json.decode(data, type=bus.TaskMessage), kind,
-                                          trace_id)
+            kind = {
+                bus.RECHECK_TICK: "recheck",
+                bus.WEBHOOK_TIMEOUT: "webhook_timeout",
+                bus.STATUS_TICK: "status_tick",
+            }[subject]
+            await self.engine.timer_fired(
+                msgspec.json.decode(data, type=bus.TaskMessage), kind, trace_id
+            )
         elif subject == bus.WEBHOOK_RECEIVED:
-            await self.engine.webhook(msgspec.json.decode(data, type=bus.WebhookMessage),
-                                      trace_id)
+            await self.engine.webhook(msgspec.json.decode(data, type=bus.WebhookMessage), trace_id)
         elif subject == bus.QUEUE_CANCEL:
             cancel = msgspec.json.decode(data, type=bus.QueueCancelMessage)
-            await self.engine.cancel_queue(cancel.queue_id, reason=cancel.reason,
-                                           actor="worker", trace_id=trace_id)
+            await self.engine.cancel_queue(
+                cancel.queue_id, reason=cancel.reason, actor="worker", trace_id=trace_id
+            )
         else:
             log.warning("no handler for subject", extra={"subject": subject})
 
     async def _dead_letter(self, msg: Msg, subject: str, exc: Exception, deliveries: int) -> None:
         letter = bus.DeadLetter(
-            subject=subject, payload=msg.data.decode(errors="replace"),
-            error=f"{type(exc).__name__}: {exc}"[:2000], deliveries=deliveries,
+            subject=subject,
+            payload=msg.data.decode(errors="replace"),
+            error=f"{type(exc).__name__}: {exc}"[:2000],
+            deliveries=deliveries,
             failed_at=datetime.now(UTC).isoformat(),
         )
         await self.js.publish(self.names.subject(bus.DLQ), msgspec.json.encode(letter))
@@ -170,7 +192,8 @@ class Worker:
             overdue = await conn.fetch(
                 "SELECT task_id, queue_id, timer_kind, timer_attempt, timer_due_at"
                 " FROM order_tasks WHERE timer_due_at < $1 ORDER BY timer_due_at LIMIT 500",
-                now - timedelta(seconds=self.timer_grace))
+                now - timedelta(seconds=self.timer_grace),
+            )
             stranded = await conn.fetch(
                 "SELECT t.task_id, t.queue_id FROM order_tasks t"
                 " JOIN order_queues q ON q.queue_id = t.queue_id"
@@ -179,25 +202,35 @@ class Worker:
                 "  WHERE e.queue_id = t.queue_id AND e.position < t.position"
                 "  AND e.state NOT IN ('SUCCEEDED', 'SKIPPED', 'FAILED', 'CANCELLED'))"
                 " LIMIT 500",
-                now - timedelta(seconds=self.stranded_after))
+                now - timedelta(seconds=self.stranded_after),
+            )
         for row in overdue:
             target = bus.TIMER_TARGETS[row["timer_kind"]]
-            payload = msgspec.json.encode(bus.TaskMessage(
-                task_id=row["task_id"], queue_id=row["queue_id"], attempt=row["timer_attempt"]))
+            payload = msgspec.json.encode(
+                bus.TaskMessage(
+                    task_id=row["task_id"], queue_id=row["queue_id"], attempt=row["timer_attempt"]
+                )
+            )
             msg_id = f"sweep-{row['task_id'].hex}-{row['timer_kind']}-{row['timer_attempt']}"
-            await self.js.publish(self.names.subject(target), payload,
-                                  headers={"Nats-Msg-Id": msg_id})
+            await self.js.publish(
+                self.names.subject(target), payload, headers={"Nats-Msg-Id": msg_id}
+            )
             fired += 1
         for row in stranded:
-            payload = msgspec.json.encode(bus.TaskMessage(task_id=row["task_id"],
-                                                          queue_id=row["queue_id"]))
+            payload = msgspec.json.encode(
+                bus.TaskMessage(task_id=row["task_id"], queue_id=row["queue_id"])
+            )
             minute = now.strftime("%Y%m%d%H%M")
-            await self.js.publish(self.names.subject(bus.TASK_START), payload,
-                                  headers={"Nats-Msg-Id": f"restart-{row['task_id'].hex}-{minute}"})
+            await self.js.publish(
+                self.names.subject(bus.TASK_START),
+                payload,
+                headers={"Nats-Msg-Id": f"restart-{row['task_id'].hex}-{minute}"},
+            )
             fired += 1
         if fired:
-            log.info("sweeper re-armed work", extra={"timers": len(overdue),
-                                                     "stranded": len(stranded)})
+            log.info(
+                "sweeper re-armed work", extra={"timers": len(overdue), "stranded": len(stranded)}
+            )
         return fired
 
     async def notify_once(self) -> int:
@@ -207,7 +240,8 @@ class Worker:
             rows = await conn.fetch(
                 "SELECT withdrawal_id, status, body, attempts FROM notifications"
                 " WHERE acked_at IS NULL AND next_attempt_at <= now()"
-                " ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED")
+                " ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED"
+            )
             for row in rows:
                 try:
                     await self.core.notify(row["withdrawal_id"], row["status"], bytes(row["body"]))
@@ -218,13 +252,19 @@ class Worker:
                         "UPDATE notifications SET attempts = attempts + 1, last_error = $3,"
                         " next_attempt_at = now() + make_interval(secs => $4)"
                         " WHERE withdrawal_id = $1 AND status = $2",
-                        row["withdrawal_id"], row["status"], repr(exc)[:500], delay)
+                        row["withdrawal_id"],
+                        row["status"],
+                        repr(exc)[:500],
+                        delay,
+                    )
                     continue
                 m.core_notifications.labels(result="acked").inc()
                 await conn.execute(
                     "UPDATE notifications SET attempts = attempts + 1, acked_at = now()"
                     " WHERE withdrawal_id = $1 AND status = $2",
-                    row["withdrawal_id"], row["status"])
+                    row["withdrawal_id"],
+                    row["status"],
+                )
                 sent += 1
         return sent
 

@@ -351,7 +351,7 @@ class Ledger:
     def snapshot(self) -> dict[str, Any]:
         """The ledger as ``GET /sandbox/core/ledger`` shows it (open freezes checked first)."""
         self.check_open_freezes()
-        providers = sorted(set(self._floats) | {op.provider_id for op in self.operations.values()})
+        providers = sorted(self._floats)  # every provider a freeze touched is in here
         return {
             "operations": {op_id: op.state for op_id, op in self.operations.items()},
             "operation_details": {

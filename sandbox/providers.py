@@ -53,6 +53,7 @@ from contracts.provider import (
 )
 from contracts.webhooks import sign
 from sandbox.core import error_response, json_response
+from sandbox.scenarios import Scenario, draw_attempt
 
 log = logging.getLogger("sandbox.providers")
 
@@ -64,6 +65,7 @@ Behaviour = Literal[
     "sbx_silent",
     "sbx_flaky",
     "sbx_no_funds",
+    "sbx_scn",
 ]
 BEHAVIOURS: tuple[Behaviour, ...] = (
     "sbx_ok",
@@ -280,8 +282,12 @@ class ProviderSimulator:
         flaky_timeout_seconds: float = 5.0,
         flaky_success_delay_seconds: float = 2.0,
         seed: int = 0,
+        scenario: Scenario | None = None,
     ) -> None:
         self.sender = sender
+        self.scenario = scenario
+        # Fresh creates per scenario order: a retry after an absent order is a new draw.
+        self._scenario_draws: dict[tuple[str, str], int] = {}
         self.webhook_delay_seconds = webhook_delay_seconds
         self.fail_delay_seconds = fail_delay_seconds
         self.flaky_created_ratio = flaky_created_ratio
@@ -292,6 +298,12 @@ class ProviderSimulator:
         self._flaky: dict[str, _FlakyState] = {}
         self.orders: dict[tuple[str, str], SandboxOrder] = {}
         self.by_reference: dict[str, SandboxOrder] = {}
+
+    def behaviour(self, provider_id: str) -> Behaviour | None:
+        """The behaviour behind a provider id, scenario providers included."""
+        if self.scenario is not None and self.scenario.provider(provider_id) is not None:
+            return "sbx_scn"
+        return behaviour_of(provider_id)
 
     # -- order book ------------------------------------------------------------------------
 
@@ -374,8 +386,10 @@ class ProviderSimulator:
                 return json_response(422, decline)
             case "sbx_sync_ok":
                 order = self._open(provider_id, request, "succeeded")
-                # Real synchronous providers still send the webhook; the gateway must absorb it.
-                self._settle_later(order, "succeeded", None, 0.0)
+                # Real synchronous providers still send the webhook, and the gateway must absorb
+                # the duplicate. Sent after the usual delay rather than at once, so it does not
+                # race the create response in every run (that race is sbx_ok's to exercise).
+                self._settle_later(order, "succeeded", None, self.webhook_delay_seconds)
                 return _order_response(201, order)
             case "sbx_ok" | "sbx_no_funds":
                 order = self._open(provider_id, request, "pending")
@@ -399,6 +413,47 @@ class ProviderSimulator:
                 if error == "timeout":
                     await asyncio.sleep(self.flaky_timeout_seconds)
                     return error_response(504, "gateway_timeout", "sandbox provider timed out")
+                return error_response(503, "unavailable", "sandbox provider unavailable")
+            case "sbx_scn":
+                return await self._scenario_create(provider_id, request)
+
+    async def _scenario_create(self, provider_id: str, request: CreateOrder) -> Response[bytes]:
+        """A create on an ``sbx_scn_<name>`` provider, decided by :func:`draw_attempt`.
+
+        The draw is seeded by (scenario seed, provider, order id, fresh-create count): the same
+        order ids give the same outcomes run after run, whatever the interleaving.
+        """
+        assert self.scenario is not None
+        profile = self.scenario.provider(provider_id)
+        assert profile is not None
+        key = (provider_id, request.order_id)
+        draw = self._scenario_draws.get(key, 0)
+        self._scenario_draws[key] = draw + 1
+        rng = random.Random(  # noqa: S311 - seeded on purpose: reproducible runs
+            f"{self.scenario.seed}:{provider_id}:{request.order_id}:{draw}"
+        )
+        attempt = draw_attempt(provider_id, profile, rng)
+        delay = attempt.webhook_delay_ms / 1000
+        order: SandboxOrder | None = None
+        if attempt.order_exists:
+            # Opened before the latency: a concurrent retry finds it, as at a real provider.
+            order = self._open(provider_id, request, "pending")
+            if attempt.outcome == "succeeded":
+                self._settle_later(order, "succeeded", None, delay)
+            elif attempt.outcome == "failed":
+                self._settle_later(order, "failed", attempt.code, delay)
+        await asyncio.sleep(attempt.latency_ms / 1000)
+        match attempt.answer:
+            case "declined":
+                decline = ProviderDecline(code=attempt.code or "declined", message="scenario")
+                return json_response(422, decline)
+            case "accepted":
+                assert order is not None
+                return _order_response(201, order)
+            case "timeout":
+                await asyncio.sleep(attempt.timeout_ms / 1000)
+                return error_response(504, "gateway_timeout", "sandbox provider timed out")
+            case "503":
                 return error_response(503, "unavailable", "sandbox provider unavailable")
 
     async def set_status(
@@ -424,7 +479,7 @@ class ProviderSimulator:
         async def create_order(
             request: Request[Any, Any, Any], provider_id: FromPath[str]
         ) -> Response[bytes]:
-            behaviour = behaviour_of(provider_id)
+            behaviour = sim.behaviour(provider_id)
             if behaviour is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
             key = request.headers.get("idempotency-key")
@@ -457,7 +512,7 @@ class ProviderSimulator:
 
         @get("/{provider_id:str}/orders/{order_id:str}")
         async def get_order(provider_id: FromPath[str], order_id: FromPath[str]) -> Response[bytes]:
-            if behaviour_of(provider_id) is None:
+            if sim.behaviour(provider_id) is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
             order = sim.order(provider_id, order_id)
             if order is None:
@@ -468,7 +523,7 @@ class ProviderSimulator:
         async def cancel_order(
             provider_id: FromPath[str], order_id: FromPath[str]
         ) -> Response[bytes]:
-            behaviour = behaviour_of(provider_id)
+            behaviour = sim.behaviour(provider_id)
             if behaviour is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
             if behaviour not in CANCELLABLE:
@@ -488,7 +543,7 @@ class ProviderSimulator:
         async def set_status(
             request: Request[Any, Any, Any], provider_id: FromPath[str], reference: FromPath[str]
         ) -> Response[bytes]:
-            if behaviour_of(provider_id) is None:
+            if sim.behaviour(provider_id) is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
             order = sim.by_reference.get(reference)
             if order is None or order.provider_id != provider_id:
@@ -513,7 +568,7 @@ class ProviderSimulator:
         async def script(
             request: Request[Any, Any, Any], provider_id: FromPath[str]
         ) -> Response[bytes]:
-            if behaviour_of(provider_id) != "sbx_flaky":
+            if sim.behaviour(provider_id) != "sbx_flaky":
                 return error_response(404, "not_scriptable", f"{provider_id} takes no script")
             try:
                 body = msgspec.json.decode(await request.body(), type=_ScriptBody)
