@@ -17,6 +17,7 @@ from litestar import Router
 from contracts.providers_file import ProviderConfig
 from sandbox.core import CoreFaults, CoreSimulator, Ledger
 from sandbox.providers import BEHAVIOURS, ProviderSimulator, WebhookSender, behaviour_of
+from sandbox.scenarios import Scenario
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +45,8 @@ class SandboxConfig:
     webhook_backoff_seconds: float = 0.5
     webhook_timeout_seconds: float = 5.0
     seed: int = 0
+    scenario: Scenario | None = None
+    """Serve its providers as ``sbx_scn_<name>`` (see :mod:`sandbox.scenarios`)."""
 
     def __post_init__(self) -> None:
         ratios = {
@@ -127,6 +130,7 @@ class Sandbox:
             flaky_timeout_seconds=config.flaky_timeout_seconds,
             flaky_success_delay_seconds=config.flaky_success_delay_seconds,
             seed=config.seed,
+            scenario=config.scenario,
         )
         self.router = Router(
             path="/sandbox",

@@ -2,8 +2,9 @@
 
 A provider's behaviour is chosen by its id: one of :data:`BEHAVIOURS` exactly, or
 ``<behaviour>-<suffix>`` (``sbx_ok-eur``, ``sbx_decline-2``) so a cascade can hold several
-providers that behave alike. A suffixed id needs its own entry in the providers file for its
-webhook secret.
+providers that behave alike, or ``sbx_scn_<name>`` for a provider of the sandbox's scenario
+(:mod:`sandbox.scenarios`). Ids other than the exact :data:`BEHAVIOURS` need their own entry in
+the providers file for their webhook secret.
 
 Webhooks are signed with the provider's first configured secret and delivered to
 ``{gateway_url}/webhooks/{provider_id}`` by :class:`WebhookSender`, which retries like a real

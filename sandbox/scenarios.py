@@ -181,14 +181,43 @@ class ScenarioError(Exception):
 # -- loading ---------------------------------------------------------------------------------
 
 
+class _ScenarioFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Providers stay raw at first: msgspec reports errors inside a dict value as
+    # ``$.providers[...]``, so each is decoded on its own to name it in the message.
+    providers: dict[str, msgspec.Raw]
+    withdrawals: WithdrawalMix
+    name: str = "scenario"
+    seed: int = 0
+
+
+def _at(path: str, exc: msgspec.ValidationError) -> str:
+    """msgspec's message with its ``$`` path rooted at ``path``."""
+    message = str(exc)
+    if " - at `$" in message:
+        return message.replace(" - at `$", f" - at `{path}", 1)
+    return f"{message} - at `{path}`"
+
+
 def load_scenario(raw: bytes, source: str = "scenario") -> Scenario:
     """Parse and validate a scenario; every problem is a one-line :class:`ScenarioError`."""
     try:
-        scenario = msgspec.json.decode(raw, type=Scenario)
+        parsed = msgspec.json.decode(raw, type=_ScenarioFile)
+        providers: dict[str, ScenarioProvider] = {}
+        for name, body in parsed.providers.items():
+            try:
+                providers[name] = msgspec.json.decode(body, type=ScenarioProvider)
+            except msgspec.ValidationError as exc:
+                raise ScenarioError(f"{source}: {_at(f'$.providers.{name}', exc)}") from exc
     except msgspec.ValidationError as exc:
         raise ScenarioError(f"{source}: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise ScenarioError(f"{source}: not valid JSON ({exc})") from exc
+    scenario = Scenario(
+        providers=providers,
+        withdrawals=parsed.withdrawals,
+        name=parsed.name,
+        seed=parsed.seed,
+    )
     validate(scenario, source)
     return scenario
 
