@@ -1,29 +1,58 @@
 """Cohort routing: the ``withdrawals.cascade`` Unleash toggle decides legacy or cascade.
 
-The Unleash client evaluates (``UnleashClient`` 6.x, local Rust engine). Offline, its cache is
-bootstrapped from ``FLAGS_FILE`` (Unleash's ``/api/client/features`` format, so a file exported
-from a server works as is) and it never fetches. With ``UNLEASH_URL`` + ``UNLEASH_API_TOKEN``
-it polls a live server, keeping its backup file in a per-process directory; when the server is
-unreachable the last known state keeps serving, else the bootstrap file, else everything goes
-legacy (reason ``fallback``).
+The Unleash client evaluates (``UnleashClient`` 6.x, local Rust engine); the router adds the
+reason (allow-list, rollout, disabled, not targeted, fallback) and a summary of the flag
+definition the decision came from, both stored on the withdrawal.
 
-The client's initialisation is synchronous: call :meth:`CohortRouter.start` in a thread.
+Sources, in order of preference:
+
+* **server** — ``UNLEASH_URL`` + ``UNLEASH_API_TOKEN``: the client polls every
+  ``refresh_interval`` seconds in its own scheduler thread;
+* **backup** — the server stopped answering: the client keeps serving the last state it
+  fetched (its backup file lives in a per-process directory, never shared between processes);
+* **bootstrap** — ``FLAGS_FILE`` (Unleash's ``/api/client/features`` format, so a file exported
+  from a server works as is): the only source offline, and the start state when live;
+* **fallback** — nothing loaded: every new withdrawal goes legacy.
+
+The reason is derived from the definition the client *currently* holds: every state the engine
+loads passes through the client's cache (:class:`_ObservedCache`), which is where the router
+reads it, never from the bootstrap file once the server has answered.
+
+The client's initialisation is synchronous (registration and the first fetch are blocking HTTP
+calls): call :meth:`CohortRouter.start` in a thread. It waits at most ``first_fetch_wait``
+seconds for the first answer; later polls never touch the event loop or a request.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import socket
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from UnleashClient.clients.unleash_client import UnleashClient
 
 log = logging.getLogger("cascade.flags")
 
 TOGGLE = "withdrawals.cascade"
 Cohort = Literal["legacy", "cascade"]
+Reason = Literal["allow_list", "rollout", "disabled", "not_targeted", "fallback"]
+Source = Literal["server", "backup", "bootstrap", "fallback"]
+
+# UnleashClient.constants, repeated so that importing this module stays cheap.
+_FEATURES_KEY = "/client/features"
+_ETAG_KEY = "etag"
+_SCHEDULER_LOGGER = "cascade.flags.scheduler"
+_EXECUTOR = "cascade-unleash"
 
 
 class FlagsError(Exception):
@@ -34,8 +63,14 @@ class RoutingDecision(msgspec.Struct, frozen=True, kw_only=True):
     """Stored on the withdrawal at creation and never re-evaluated."""
 
     cohort: Cohort
-    reason: Literal["allow_list", "rollout", "disabled", "not_targeted", "fallback"]
+    reason: Reason
     flag_state: dict[str, Any]
+
+
+FALLBACK_STATE: dict[str, Any] = {"source": "fallback", "toggle": TOGGLE}
+
+
+# --- the Unleash features document ---------------------------------------------------------
 
 
 class _Constraint(msgspec.Struct):
@@ -50,6 +85,7 @@ class _Strategy(msgspec.Struct):
     parameters: dict[str, Any] = {}
     constraints: list[_Constraint] = []
     segments: list[int] = []
+    disabled: bool = False
 
 
 class _Feature(msgspec.Struct):
@@ -85,22 +121,182 @@ def load_flags_file(path: Path) -> dict[str, Any]:
     return parsed
 
 
-def _allow_listed(feature: _Feature, segments: dict[int, _Segment], merchant_id: str) -> bool:
-    """Whether an enabled strategy names this merchant in a ``merchantId IN`` constraint."""
-    for strategy in feature.strategies:
-        constraints = list(strategy.constraints)
-        for seg in strategy.segments:
-            if seg in segments:
-                constraints += segments[seg].constraints
-        for c in constraints:
-            if (
-                c.contextName == "merchantId"
-                and c.operator == "IN"
-                and not c.inverted
-                and merchant_id in c.values
-            ):
-                return True
-    return False
+@dataclass(frozen=True)
+class _Definition:
+    """The toggle as the client holds it, digested once per change for :meth:`decide`."""
+
+    found: bool
+    enabled: bool
+    # One set per strategy that enables exactly a list of merchants (``merchantId IN``).
+    allow_lists: tuple[frozenset[str], ...]
+    # The part of flag_state that depends on the definition (source is added per view).
+    state: dict[str, Any]
+
+
+def _rollout_percent(strategy: _Strategy) -> int | None:
+    if strategy.name == "default":
+        return 100
+    if strategy.name != "flexibleRollout":
+        return None
+    try:
+        return int(str(strategy.parameters.get("rollout", "100")))
+    except ValueError:
+        return None
+
+
+def _allow_list(strategy: _Strategy, segments: dict[int, _Segment]) -> frozenset[str] | None:
+    """The merchants a strategy enables when it is a plain allow-list, else None.
+
+    A plain allow-list enables everyone who passes its constraints (``default``, or a
+    ``flexibleRollout`` at 100 %) and every constraint, its own or a segment's, is a
+    non-inverted ``merchantId IN``. Constraints are ANDed, so the lists intersect.
+    """
+    if _rollout_percent(strategy) != 100:
+        return None
+    constraints = list(strategy.constraints)
+    for segment_id in strategy.segments:
+        segment = segments.get(segment_id)
+        if segment is None:
+            return None
+        constraints += segment.constraints
+    allowed: frozenset[str] | None = None
+    for c in constraints:
+        if c.contextName != "merchantId" or c.operator != "IN" or c.inverted:
+            return None
+        allowed = frozenset(c.values) if allowed is None else allowed & frozenset(c.values)
+    return allowed
+
+
+def _strategy_summary(strategy: _Strategy, allowed: frozenset[str] | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {"name": strategy.name}
+    if allowed is not None:
+        summary["kind"] = "allow_list"
+        summary["merchants"] = len(allowed)
+        return summary
+    percent = _rollout_percent(strategy)
+    plain = not strategy.constraints and not strategy.segments
+    if strategy.name == "flexibleRollout" and plain and percent is not None:
+        summary["kind"] = "rollout"
+        summary["rollout"] = percent
+        summary["stickiness"] = str(strategy.parameters.get("stickiness", "default"))
+    elif strategy.name == "default" and plain:
+        summary["kind"] = "everyone"
+    else:
+        summary["kind"] = "other"
+        summary["rollout"] = percent
+        summary["constraints"] = len(strategy.constraints)
+        summary["segments"] = list(strategy.segments)
+    return summary
+
+
+def _digest(raw: str) -> _Definition:
+    """Digest a features document (bootstrap file or server answer) for the toggle."""
+    document = msgspec.json.decode(raw, type=_FeaturesFile)
+    feature = next((f for f in document.features if f.name == TOGGLE), None)
+    if feature is None:
+        return _Definition(
+            found=False,
+            enabled=False,
+            allow_lists=(),
+            state={"toggle": TOGGLE, "found": False},
+        )
+    segments = {s.id: s for s in document.segments}
+    strategies = [s for s in feature.strategies if not s.disabled]
+    lists = [_allow_list(s, segments) for s in strategies]
+    used = sorted({i for s in strategies for i in s.segments})
+    canonical = msgspec.json.encode(
+        {"feature": feature, "segments": [segments[i] for i in used if i in segments]},
+        order="sorted",
+    )
+    return _Definition(
+        found=True,
+        enabled=feature.enabled,
+        allow_lists=tuple(a for a in lists if a is not None),
+        state={
+            "toggle": TOGGLE,
+            "found": True,
+            "enabled": feature.enabled,
+            "revision": hashlib.sha256(canonical).hexdigest()[:12],
+            "strategies": [_strategy_summary(s, a) for s, a in zip(strategies, lists, strict=True)],
+        },
+    )
+
+
+# --- the client's logs: one line per outage, not a traceback per poll ----------------------
+
+_poll_error = threading.local()
+
+
+def _short(message: str) -> str:
+    first = message.splitlines()[0] if message else "no answer"
+    if "Connection refused" in first:
+        return "connection refused"
+    if "timed out" in first or "Timeout" in first:
+        return "timed out"
+    if "status code" in first:
+        return "HTTP " + first.rsplit(" ", 1)[-1]
+    return first[:160]
+
+
+class _UnleashLogFilter(logging.Filter):
+    """Turns the client's per-poll failure logs into state the router reports once.
+
+    A failed fetch is noted in a thread-local (the poll thread then loads the cache, where
+    :class:`_ObservedCache` picks it up) and dropped; chatter below WARNING is dropped; any
+    other warning passes without its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "fetch failed" in message:
+            if getattr(_poll_error, "message", None) is None:
+                _poll_error.message = _short(message)
+            return False
+        if record.levelno < logging.WARNING:
+            return False
+        if (
+            "registration failed" in message
+            or "metrics submission" in message
+            or "does not have cached features" in message
+        ):
+            return False
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+class _BelowErrorFilter(logging.Filter):
+    """APScheduler warns on every skipped or late poll; the router reports outages itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_UNLEASH_FILTER = _UnleashLogFilter()
+_SCHEDULER_FILTER = _BelowErrorFilter()
+
+
+def _install_log_filters() -> None:
+    for name, flt in (
+        ("UnleashClient", _UNLEASH_FILTER),
+        (_SCHEDULER_LOGGER, _SCHEDULER_FILTER),
+        (f"apscheduler.executors.{_EXECUTOR}", _SCHEDULER_FILTER),
+    ):
+        logger = logging.getLogger(name)
+        if flt not in logger.filters:
+            logger.addFilter(flt)
+
+
+# --- the router -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _View:
+    """What :meth:`CohortRouter.decide` reads: replaced whole, so one read is consistent."""
+
+    definition: _Definition
+    source: Source
+    state: dict[str, Any]
 
 
 class CohortRouter:
@@ -114,81 +310,249 @@ class CohortRouter:
         unleash_token: str | None = None,
         refresh_interval: int = 5,
         app_name: str = "cascade-gateway",
+        request_timeout: int = 3,
+        first_fetch_wait: float = 5.0,
     ) -> None:
-        self._flags_file = flags_file
         self._bootstrap = load_flags_file(flags_file) if flags_file else None
-        self._url = unleash_url
+        self._url = unleash_url.rstrip("/") if unleash_url else None
         self._token = unleash_token
         self._refresh = refresh_interval
         self._app_name = app_name
-        self._client: Any = None
+        self._request_timeout = request_timeout
+        self._first_fetch_wait = first_fetch_wait
+        self._client: UnleashClient | None = None
         self._ready = threading.Event()
-        self._cache_dir = tempfile.mkdtemp(prefix="cascade-unleash-")
-        self._feature, self._segments = self._definition()
+        self._lock = threading.Lock()
+        self._cache_dir: str | None = None
+        self._view: _View | None = None
+        self._last_raw: str | None = None
+        self._definition: _Definition | None = None
+        self._polling = False
+        self._fetched_once = False
+        self._reachable: bool | None = None
+        self._last_error: str | None = None
+
+    # -- state, for readiness and operators --
 
     @property
     def ready(self) -> bool:
+        """True once the flags are settled: loaded, or known to be unavailable (fallback)."""
         return self._ready.is_set()
 
     @property
-    def source(self) -> str:
-        if self._client is None:
-            return "fallback"
-        return "server" if self._url else "bootstrap"
+    def source(self) -> Source:
+        view = self._view
+        return "fallback" if view is None else view.source
+
+    @property
+    def live(self) -> bool:
+        return self._url is not None
+
+    def describe(self) -> dict[str, Any]:
+        """The current flag state and where it came from (for ops and logs)."""
+        view = self._view
+        state = dict(FALLBACK_STATE) if view is None else dict(view.state)
+        state["ready"] = self.ready
+        state["live"] = self.live
+        if self.live:
+            state["server_reachable"] = self._reachable
+            state["last_error"] = self._last_error
+        return state
+
+    # -- lifecycle --
 
     def start(self) -> None:
-        """Initialise the Unleash client (synchronous: run it in a thread)."""
-        from UnleashClient import UnleashClient  # type: ignore[attr-defined]  # noqa: PLC0415
-        from UnleashClient.cache import FileCache  # noqa: PLC0415
+        """Initialise the Unleash client (synchronous: run it in a thread, not on the loop)."""
+        from apscheduler.executors.pool import (  # type: ignore[import-untyped]  # noqa: PLC0415 — untyped upstream; lazy like the client
+            ThreadPoolExecutor,
+        )
+        from apscheduler.schedulers.background import (  # type: ignore[import-untyped]  # noqa: PLC0415
+            BackgroundScheduler,
+        )
+        from UnleashClient.clients.unleash_client import (  # noqa: PLC0415 — heavy, only when used
+            UnleashClient,
+        )
+        from UnleashClient.utils import InstanceAllowType  # noqa: PLC0415
 
-        cache = FileCache(self._app_name, directory=self._cache_dir)
+        _install_log_filters()
+        self._cache_dir = tempfile.mkdtemp(prefix=f"cascade-unleash-{os.getpid()}-")
+        cache = _make_cache(self, self._app_name, self._cache_dir)
         if self._bootstrap is not None:
             cache.bootstrap_from_dict(self._bootstrap)
-        live = bool(self._url)
+        scheduler = BackgroundScheduler(
+            executors={_EXECUTOR: ThreadPoolExecutor(max_workers=2)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            logger=logging.getLogger(_SCHEDULER_LOGGER),
+        )
+        live = self._url is not None
+        # The constructor loads the bootstrap into the engine (through the cache's ``get``).
         client = UnleashClient(
             url=self._url or "http://127.0.0.1:1/offline",
             app_name=self._app_name,
+            instance_id=f"{self._app_name}-{socket.gethostname()}-{os.getpid()}-{id(self):x}",
             refresh_interval=self._refresh,
+            request_timeout=self._request_timeout,
+            # Retries inside one poll only delay the next one and log a line each.
+            request_retries=0,
             disable_metrics=not live,
             disable_registration=not live,
             custom_headers={"Authorization": self._token} if self._token else None,
             cache=cache,
-            verbose_log_level=40,
+            scheduler=scheduler,
+            scheduler_executor=_EXECUTOR,
+            multiple_instance_mode=InstanceAllowType.SILENTLY_ALLOW,
+            verbose_log_level=logging.DEBUG,
         )
-        client.initialize_client(fetch_toggles=live)
         self._client = client
-        self._ready.set()
+        if not live:
+            client.initialize_client(fetch_toggles=False)
+            if self._view is None:
+                log.warning(
+                    "no FLAGS_FILE and no UNLEASH_URL: every new withdrawal goes legacy "
+                    "(reason fallback)"
+                )
+            self._ready.set()
+            return
+        self._polling = True
+        finished = threading.Event()
+
+        def initialise() -> None:
+            try:
+                client.initialize_client(fetch_toggles=True)
+            except Exception as exc:  # noqa: BLE001 — reported in one line; bootstrap serves
+                self._poll_failed(_short(str(exc)))
+                self._ready.set()
+            finally:
+                finished.set()
+
+        threading.Thread(target=initialise, name="unleash-init", daemon=True).start()
+        if not finished.wait(self._first_fetch_wait) and not self._ready.is_set():
+            self._poll_failed(f"no answer within {self._first_fetch_wait:g} s")
+            self._ready.set()
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.destroy()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            client.destroy()
+        if self._cache_dir is not None:
+            shutil.rmtree(self._cache_dir, ignore_errors=True)
+            self._cache_dir = None
 
-    def _definition(self) -> tuple[_Feature | None, dict[int, _Segment]]:
-        if self._bootstrap is None:
-            return None, {}
-        parsed = msgspec.convert(self._bootstrap, _FeaturesFile)
-        feature = next((f for f in parsed.features if f.name == TOGGLE), None)
-        return feature, {s.id: s for s in parsed.segments}
+    # -- the cache reports every state the engine loads --
+
+    def _loaded(self, raw: str | None, fetched: bool) -> None:
+        """Called in the client's thread each time the engine (re)loads its state."""
+        with self._lock:
+            if raw and raw != self._last_raw:
+                try:
+                    self._definition = _digest(raw)
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    log.warning("unreadable Unleash features document: %s", exc)
+                    self._definition = _Definition(
+                        found=True,
+                        enabled=True,
+                        allow_lists=(),
+                        state={"toggle": TOGGLE, "found": True, "revision": "unreadable"},
+                    )
+                self._last_raw = raw
+            if not self._polling:
+                self._publish("bootstrap")
+                return
+            error = getattr(_poll_error, "message", None)
+            _poll_error.message = None
+        if fetched:
+            self._poll_succeeded()
+        else:
+            self._poll_failed(error or "no answer")
+        self._ready.set()
+
+    def _publish(self, source: Source) -> None:
+        definition = self._definition
+        if definition is None:
+            self._view = None
+            return
+        self._view = _View(
+            definition=definition, source=source, state={**definition.state, "source": source}
+        )
+
+    def _poll_succeeded(self) -> None:
+        with self._lock:
+            recovered = self._reachable is False
+            self._reachable = True
+            self._fetched_once = True
+            self._last_error = None
+            self._publish("server")
+        if recovered:
+            log.warning("Unleash at %s answers again; routing from the server's flags", self._url)
+
+    def _poll_failed(self, error: str) -> None:
+        with self._lock:
+            first = self._reachable is not False
+            self._reachable = False
+            self._last_error = error
+            source: Source = "backup" if self._fetched_once else "bootstrap"
+            self._publish(source)
+            current = self.source
+        if first:
+            serving = {
+                "backup": "the last flags it sent (client backup)",
+                "bootstrap": "FLAGS_FILE (bootstrap)",
+                "fallback": "nothing: every new withdrawal goes legacy (reason fallback)",
+            }[current]
+            log.warning(
+                "Unleash at %s unreachable (%s); routing from %s until it answers",
+                self._url,
+                error,
+                serving,
+            )
+
+    # -- per request --
 
     def decide(self, merchant_id: str) -> RoutingDecision:
         """Cohort for a new withdrawal of ``merchant_id`` (fast, never blocks on Unleash)."""
-        if self._client is None:
+        client, view = self._client, self._view
+        if client is None or view is None:
             return RoutingDecision(
-                cohort="legacy", reason="fallback", flag_state={"source": "fallback"}
+                cohort="legacy", reason="fallback", flag_state=dict(FALLBACK_STATE)
             )
-        context = {"properties": {"merchantId": merchant_id}}
-        enabled = bool(self._client.is_enabled(TOGGLE, context))
-        feature, segments = self._feature, self._segments
-        state: dict[str, Any] = {"source": self.source, "toggle": TOGGLE}
-        if feature is not None:
-            state["enabled"] = feature.enabled
-            state["strategies"] = [s.name for s in feature.strategies]
+        # A copy per decision: the stored state must not change if a caller mutates it.
+        state = dict(view.state)
+        enabled = client.is_enabled(TOGGLE, {"properties": {"merchantId": merchant_id}})
+        definition = view.definition
         if enabled:
-            listed = feature is not None and _allow_listed(feature, segments, merchant_id)
+            listed = any(merchant_id in allowed for allowed in definition.allow_lists)
             return RoutingDecision(
-                cohort="cascade", reason="allow_list" if listed else "rollout", flag_state=state
+                cohort="cascade",
+                reason="allow_list" if listed else "rollout",
+                flag_state=state,
             )
-        if feature is not None and not feature.enabled:
+        if definition.found and not definition.enabled:
             return RoutingDecision(cohort="legacy", reason="disabled", flag_state=state)
         return RoutingDecision(cohort="legacy", reason="not_targeted", flag_state=state)
+
+
+def _make_cache(router: CohortRouter, name: str, directory: str) -> Any:
+    """The client's FileCache (its backup file), observed by the router."""
+    from UnleashClient.cache import FileCache  # noqa: PLC0415
+
+    class _ObservedCache(FileCache):
+        """Every state the engine loads is read through ``get``; a poll that reached the
+        server writes the document (200) or its ETag (304) first."""
+
+        def __init__(self) -> None:
+            super().__init__(name, directory=directory)
+            self._fetched = False
+
+        def set(self, key: str, value: Any) -> None:
+            super().set(key, value)
+            if key == _FEATURES_KEY or (key == _ETAG_KEY and value):
+                self._fetched = True
+
+        def get(self, key: str, default: Any = None) -> Any:
+            value = super().get(key, default)
+            if key == _FEATURES_KEY:
+                fetched, self._fetched = self._fetched, False
+                router._loaded(value if isinstance(value, str) else None, fetched)
+            return value
+
+    return _ObservedCache()

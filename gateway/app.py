@@ -21,7 +21,7 @@ from gateway.http import (
     on_http_exception,
     on_problem,
     on_unexpected,
-    request_id_middleware,
+    stamp_request_id,
 )
 from gateway.runtime import Runtime, open_runtime
 from gateway.settings import Settings
@@ -119,7 +119,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
     return Litestar(
         route_handlers=handlers,  # type: ignore[arg-type]
         lifespan=[lifespan],
-        middleware=[request_id_middleware],
+        before_send=[stamp_request_id],
         exception_handlers={
             ApiProblem: on_problem,
             HTTPException: on_http_exception,

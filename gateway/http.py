@@ -13,7 +13,7 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import Message, Scope
 
 from contracts.legacy import ApiError, check_request_id, encode_api_error
 
@@ -45,25 +45,18 @@ def request_id_of(scope: Scope) -> str:
     return str(rid)
 
 
-def request_id_middleware(app: ASGIApp) -> ASGIApp:
-    """Adds ``X-Request-Id`` to every HTTP response (echoed when valid, else generated)."""
+async def stamp_request_id(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: every HTTP response carries ``X-Request-Id``.
 
-    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # type: ignore[comparison-overlap]  # ScopeType is a str enum
-            await app(scope, receive, send)
-            return
-        rid = request_id_of(scope).encode()
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", ()) if k != b"x-request-id"]
-                headers.append((b"x-request-id", rid))
-                message["headers"] = headers
-            await send(message)
-
-        await app(scope, receive, send_with_id)
-
-    return middleware
+    An app-level hook rather than a middleware because route middleware never sees the
+    404/405 answers the router gives before any route matched.
+    """
+    if message["type"] != "http.response.start":
+        return
+    rid = request_id_of(scope).encode()
+    headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+    headers.append((b"x-request-id", rid))
+    message["headers"] = headers
 
 
 def json_response(

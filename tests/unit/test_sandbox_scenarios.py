@@ -286,7 +286,8 @@ async def open_sandbox(scn: Scenario | None, port: int) -> tuple[Sandbox, httpx.
             scenario=scn,
         )
     )
-    app = Litestar(route_handlers=[sandbox.router], logging_config=None)
+    # Any: Litestar's precise ASGI signature does not match httpx's looser ASGIApp alias.
+    app: Any = Litestar(route_handlers=[sandbox.router], logging_config=None)
     # ASGITransport runs the real app in this event loop, where the sandbox's tasks live.
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sbx")
     return sandbox, client
