@@ -201,8 +201,9 @@ async def _create(
                         )
                     )
         except asyncpg.UniqueViolationError as exc:
-            # A concurrent request won the insert; answer as if we had come second.
-            if key is not None and exc.constraint_name == "withdrawals_idempotency_key_key":
+            # A concurrent request won the insert; answer as if we had come second. Which
+            # constraint fired first is up to Postgres, so the key decides, not the name.
+            if key is not None:
                 replay = await _replay_or_conflict(conn, key, digest)
                 if replay is not None:
                     return replay

@@ -798,15 +798,26 @@ def test_promql_reader_finds_metrics_and_labels() -> None:
         promql.read('{__name__="x"}')
 
 
-def rule_and_dashboard_queries() -> list[tuple[str, promql.Query]]:
+def rule_and_dashboard_queries() -> list[tuple[str, promql.Query, set[str]]]:
+    """(where, query, labels its recorded inputs carry) of every rule and dashboard query."""
     rules = rules_of("production")
-    recorded = {r["record"] for r in rules if "record" in r}
-    queries = [(f"rule {r.get('alert') or r.get('record')}", promql.read(r["expr"])) for r in rules]
-    queries += [(f"dashboard {e[:60]}", promql.read(e)) for e in dashboard_exprs()]
-    for _, query in queries:
-        for name in recorded & query.metrics.keys():
+    recorded: dict[str, set[str]] = {}
+    for r in rules:  # recording rules come before their users, as Prometheus needs too
+        if "record" in r:
+            query = promql.read(r["expr"])
+            inherited = set().union(*(recorded.get(m, set()) for m in query.metrics))
+            recorded[r["record"]] = query.grouping_labels | inherited
+    found = []
+    for where, expr in [(f"rule {r.get('alert') or r['record']}", r["expr"]) for r in rules] + [
+        (f"dashboard {e[:60]}", e) for e in dashboard_exprs()
+    ]:
+        query = promql.read(expr)
+        inherited = set()
+        for name in recorded.keys() & query.metrics.keys():
+            inherited |= recorded[name]
             del query.metrics[name]
-    return queries
+        found.append((where, query, inherited))
+    return found
 
 
 def exported(metrics_text: str) -> dict[str, dict[str, set[str]]]:
@@ -824,7 +835,7 @@ async def test_dashboard_and_alerts_use_only_metrics_the_app_exports(
     make_stack: StackFactory,
 ) -> None:
     queries = rule_and_dashboard_queries()
-    needed = set().union(*(q.metrics.keys() for _, q in queries))
+    needed = set().union(*(q.metrics.keys() for _, q, _ in queries))
     stack = await make_stack(flags=flags_document(enabled=True))
     wid = new_id()
     created = await stack.client.post(
@@ -846,8 +857,8 @@ async def test_dashboard_and_alerts_use_only_metrics_the_app_exports(
         await asyncio.sleep(0.1)
     assert missing == set(), "used by the chart but not exported by the app"
 
-    for where, query in queries:
-        known = TARGET_LABELS | {"le"}
+    for where, query, inherited in queries:
+        known = TARGET_LABELS | {"le"} | inherited
         for metric, matchers in query.metrics.items():
             labels = samples[metric].keys()
             known |= labels

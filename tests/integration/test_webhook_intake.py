@@ -211,8 +211,10 @@ class InFlight:
     async def post(
         self, body: bytes, headers: Headers, provider_id: str | None = None
     ) -> httpx.Response:
+        # As bytes: some cases send header values that are not ASCII.
+        raw = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in headers.items()}
         return await self.stack.client.post(
-            f"/webhooks/{provider_id or self.provider_id}", content=body, headers=headers
+            f"/webhooks/{provider_id or self.provider_id}", content=body, headers=raw
         )
 
     async def deliver(self, status: str, **signing: Any) -> httpx.Response:
