@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.providers_file import ProviderConfig, ProvidersFileError, load_providers
+from flags.router import FlagsError, load_flags_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FLAGS_FILE = REPO_ROOT / "config" / "flags.json"
@@ -130,6 +131,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     flags_raw = env.get("FLAGS_FILE")
     flags_file = Path(flags_raw) if flags_raw else DEFAULT_FLAGS_FILE
+    try:
+        load_flags_file(flags_file)  # fail fast, before any connection is attempted
+    except FlagsError as exc:
+        raise SettingsError(str(exc)) from exc
     unleash_url = _url(env, "UNLEASH_URL", ("http://", "https://"))
     unleash_token = env.get("UNLEASH_API_TOKEN") or None
     if unleash_url and not unleash_token:

@@ -1,0 +1,198 @@
+"""The commands people run: bad configuration fails fast; the dev stack stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sandbox.embedded import free_port
+from tests.conftest import API_TOKEN, ROOT, flags_document, new_id, withdrawal_body
+
+CLI = [sys.executable, "-m", "gateway.cli"]
+
+
+def _run(
+    args: list[str], env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        CLI + args,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    result = _run(
+        ["serve"],
+        {
+            "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+            "NATS_URL": "nats://127.0.0.1:1",
+            "SANDBOX_ENABLED": "true",
+            "HTTP_PORT": str(free_port()),
+        },
+    )
+    _one_line_error(result, "DATABASE_URL")
+
+
+def test_malformed_flags_file_is_one_line(tmp_path: Path) -> None:
+    flags = tmp_path / "flags.json"
+    flags.write_text('{"features": [{"name": 1}]')
+    result = _run(
+        ["serve"],
+        {
+            "FLAGS_FILE": str(flags),
+            "SANDBOX_ENABLED": "true",
+            "DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none",
+            "NATS_URL": "nats://127.0.0.1:1",
+            "HTTP_PORT": str(free_port()),
+        },
+    )
+    _one_line_error(result, "FLAGS_FILE")
+
+
+def test_port_in_use_is_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _run(["dev"], {"HTTP_PORT": str(port)})
+    _one_line_error(result, "HTTP_PORT", str(port))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "word"),
+    [
+        ("HTTP_PORT", "eighty", "HTTP_PORT"),
+        ("SANDBOX_ENABLED", "maybe", "SANDBOX_ENABLED"),
+        ("DATABASE_URL", "mysql://x", "DATABASE_URL"),
+        ("PROVIDERS_FILE", "/nonexistent/providers.json", "PROVIDERS_FILE"),
+    ],
+)
+def test_bad_settings_are_one_line(name: str, value: str, word: str) -> None:
+    result = _run(["migrate"], {"SANDBOX_ENABLED": "true", name: value})
+    _one_line_error(result, word)
+
+
+def test_sandbox_refused_in_production() -> None:
+    result = _run(["serve"], {"SANDBOX_ENABLED": "true", "DEPLOYMENT_ENV": "production"})
+    _one_line_error(result, "SANDBOX_ENABLED", "production")
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.e2e
+def test_dev_stack_serves_and_stops_without_orphans() -> None:
+    """`make run`'s supervisor on embedded NATS + Postgres; Ctrl-C leaves nothing behind."""
+    data = Path(tempfile.mkdtemp(prefix="cascade-dev-", dir="/tmp"))
+    data.chmod(0o755)
+    flags = data / "flags.json"
+    flags.write_text(json.dumps(flags_document(enabled=True)))
+    port = free_port()
+    env = {
+        **os.environ,
+        "HTTP_PORT": str(port),
+        "DATA_DIR": str(data),
+        "FLAGS_FILE": str(flags),
+        "GATEWAY_API_TOKENS": API_TOKEN,
+        "SANDBOX_WEBHOOK_DELAY_SECONDS": "0.1",
+    }
+    env.pop("DATABASE_URL", None)
+    env.pop("NATS_URL", None)
+    proc = subprocess.Popen(
+        [*CLI, "dev"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 90
+        lines: list[str] = []
+        while not any("press Ctrl-C" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(lines)
+            lines.append(line)
+        family = _descendants(proc.pid)
+        assert len(family) >= 4, family  # nats-server, postgres, gateway, worker
+        wid = new_id()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/withdrawals",
+            method="POST",
+            data=json.dumps(withdrawal_body(wid, ["sbx_decline", "sbx_ok"])).encode(),
+            headers={"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 201
+        status = "processing"
+        while status == "processing":
+            assert time.monotonic() < deadline
+            get = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/withdrawals/{wid}",
+                headers={"Authorization": f"Bearer {API_TOKEN}"},
+            )
+            with urllib.request.urlopen(get, timeout=10) as response:
+                status = json.loads(response.read())["status"]
+            time.sleep(0.1)
+        assert status == "succeeded"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        stop_deadline = time.monotonic() + 10
+        while [pid for pid in family if _alive(pid)]:
+            assert time.monotonic() < stop_deadline, [p for p in family if _alive(p)]
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
