@@ -52,7 +52,8 @@ def verify(  # noqa: PLR0917 — the scheme's own inputs, in the order the spec 
         raise SignatureError(
             "missing_headers", "webhook-id, webhook-timestamp and webhook-signature are required"
         )
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    # isascii(): str.isdigit() also accepts digits like "²" that int() refuses.
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         raise SignatureError("bad_timestamp", "webhook-timestamp must be integer Unix seconds")
     ts = int(timestamp)
     if abs(now - ts) > TOLERANCE_SECONDS:
@@ -63,8 +64,8 @@ def verify(  # noqa: PLR0917 — the scheme's own inputs, in the order the spec 
         if version != "v1" or not value:
             continue
         try:
-            offered.append(base64.b64decode(value, validate=True))
-        except binascii.Error:
+            offered.append(base64.b64decode(value.encode("ascii"), validate=True))
+        except (binascii.Error, UnicodeEncodeError):
             raise SignatureError("bad_signature", "webhook-signature is not valid base64") from None
     if not offered:
         raise SignatureError("bad_signature", "webhook-signature has no v1 signature")

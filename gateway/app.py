@@ -14,7 +14,7 @@ from litestar.exceptions import HTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway import api, ops, webhooks
+from gateway import api, cohorts, ops, webhooks
 from gateway.http import (
     ApiProblem,
     json_response,
@@ -110,6 +110,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
         ops.manual_checks,
         ops.resolve_task,
         ops.withdrawal_detail,
+        cohorts.cohorts,
         readyz,
         metrics,
         openapi_document,

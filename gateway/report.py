@@ -1,21 +1,63 @@
-"""``cascade-gateway report``: compare the cohorts from the record (Postgres).
+"""``cascade-gateway report`` and ``GET /ops/cohorts``: compare the cohorts from the record.
 
-Per cohort: created, succeeded, failed, cancelled, processing, success rate (of final
-withdrawals) with a Wilson 95 % interval, attempts per final withdrawal, manual-check rate.
+Per cohort (from Postgres, the system of record): created, succeeded, failed, cancelled,
+still processing; the success rate of finished withdrawals with a Wilson 95 % interval;
+provider attempts per finished withdrawal; time to final (p50/p95, from ``created_at`` to the
+queue's ``finished_at``); the manual-check rate. Then:
+
+* the difference cascade − legacy with Newcombe's 95 % interval (built from the two Wilson
+  intervals) and a pooled two-proportion z-test;
+* a power check: the finished withdrawals per cohort needed to detect a 5-point difference with
+  80 % power at α = 0.05, given the pooled rate; below that the verdict is "insufficient
+  evidence", whatever the p-value says;
+* a sample-ratio-mismatch chi-square of the observed split against the configured rollout
+  percentage, read from the flag state stored with each withdrawal, when the toggle was a pure
+  ``flexibleRollout`` (flagged at p < 0.001). The unit is the unit of randomisation: merchants
+  for ``stickiness: merchantId``, withdrawals otherwise;
+* honest labelling, from the stored ``routing_reason``: an allow-list cohort is observational
+  (release managers chose the merchants), a sticky percentage is an experiment.
+
+The statistics are plain functions over counts, computed with :mod:`math` only.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from gateway.settings import Settings
+from orchestrator import store
 
-Z95 = 1.959963984540054
+Z95 = 1.959963984540054  # Φ⁻¹(0.975): two-sided 95 %
+Z80 = 0.8416212335729143  # Φ⁻¹(0.80): 80 % power
+ALPHA = 0.05
+SRM_ALPHA = 0.001
+MIN_DETECTABLE = 0.05  # five percentage points
+COHORTS = ("legacy", "cascade")
+TABLE_MERCHANTS = 20
+
+
+class ReportError(ValueError):
+    """A report parameter is unusable; the message is one line for the caller."""
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def normal_two_sided_p(z: float) -> float:
+    """P(|Z| ≥ |z|) for a standard normal Z."""
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def chi_square_1df_p(statistic: float) -> float:
+    """Upper tail of the chi-square distribution with one degree of freedom."""
+    return math.erfc(math.sqrt(statistic / 2))
 
 
 def wilson(successes: int, total: int, z: float = Z95) -> tuple[float, float] | None:
@@ -29,68 +71,547 @@ def wilson(successes: int, total: int, z: float = Z95) -> tuple[float, float] | 
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-QUERY = """
-SELECT w.cohort,
+def newcombe_difference(
+    x1: int, n1: int, x2: int, n2: int, z: float = Z95
+) -> tuple[float, float, float] | None:
+    """p1 − p2 and its hybrid score interval (Newcombe 1998, method 10); None without data."""
+    first, second = wilson(x1, n1, z), wilson(x2, n2, z)
+    if first is None or second is None:
+        return None
+    p1, p2 = x1 / n1, x2 / n2
+    (l1, u1), (l2, u2) = first, second
+    difference = p1 - p2
+    lower = difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    upper = difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return difference, lower, upper
+
+
+@dataclass(frozen=True)
+class ZTest:
+    z: float
+    p_value: float
+    pooled_rate: float
+
+
+def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> ZTest | None:
+    """Pooled two-proportion z-test of p1 = p2 (two-sided); None without data."""
+    if n1 == 0 or n2 == 0:
+        return None
+    pooled = (x1 + x2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        # Both rates are 0 or both are 1: no evidence of a difference.
+        return ZTest(z=0.0, p_value=1.0, pooled_rate=pooled)
+    z = (x1 / n1 - x2 / n2) / se
+    return ZTest(z=z, p_value=normal_two_sided_p(z), pooled_rate=pooled)
+
+
+def required_per_arm(
+    pooled_rate: float, delta: float = MIN_DETECTABLE, z_alpha: float = Z95, z_beta: float = Z80
+) -> int:
+    """Units per arm to detect a difference ``delta`` (two-sided α = 0.05, 80 % power).
+
+    n = 2·p̄(1 − p̄)·(z_α/2 + z_β)² / δ². A rate of exactly 0 or 1 in a small sample is no
+    evidence that the variance is zero, so p̄ is kept within [δ/2, 1 − δ/2].
+    """
+    p = min(max(pooled_rate, delta / 2), 1 - delta / 2)
+    return math.ceil(2 * p * (1 - p) * (z_alpha + z_beta) ** 2 / delta**2)
+
+
+@dataclass(frozen=True)
+class ChiSquare:
+    statistic: float
+    p_value: float
+    expected_legacy: float
+    expected_cascade: float
+
+
+def sample_ratio_chi_square(legacy: int, cascade: int, cascade_share: float) -> ChiSquare:
+    """Chi-square (1 df) of the observed legacy/cascade split against the expected share."""
+    total = legacy + cascade
+    expected_cascade = total * cascade_share
+    expected_legacy = total - expected_cascade
+    statistic = (cascade - expected_cascade) ** 2 / expected_cascade + (
+        legacy - expected_legacy
+    ) ** 2 / expected_legacy
+    return ChiSquare(
+        statistic=statistic,
+        p_value=chi_square_1df_p(statistic),
+        expected_legacy=expected_legacy,
+        expected_cascade=expected_cascade,
+    )
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+BY_REASON = """
+WITH base AS (
+    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
+           q.queue_id, q.state, q.finished_at
+    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
+    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
+      AND ($2::timestamptz IS NULL OR w.created_at < $2)
+      AND ($3::text IS NULL OR w.merchant_id = $3)
+)
+SELECT cohort, routing_reason AS reason,
        count(*) AS created,
-       count(*) FILTER (WHERE q.state = 'COMPLETED') AS succeeded,
-       count(*) FILTER (WHERE q.state = 'FAILED') AS failed,
-       count(*) FILTER (WHERE q.state = 'CANCELLED') AS cancelled,
-       count(*) FILTER (WHERE q.state = 'ACTIVE') AS processing,
+       count(*) FILTER (WHERE state = 'COMPLETED') AS succeeded,
+       count(*) FILTER (WHERE state = 'FAILED') AS failed,
+       count(*) FILTER (WHERE state = 'CANCELLED') AS cancelled,
+       count(*) FILTER (WHERE state = 'ACTIVE') AS processing,
        count(*) FILTER (WHERE EXISTS (SELECT 1 FROM order_task_events e
-            WHERE e.queue_id = q.queue_id AND e.to_state = 'MANUAL_CHECK')) AS manual_checked,
-       avg((SELECT count(*) FROM order_tasks t WHERE t.queue_id = q.queue_id
+            WHERE e.queue_id = base.queue_id AND e.to_state = 'MANUAL_CHECK')) AS manual_checked,
+       coalesce(sum((SELECT count(*) FROM order_tasks t WHERE t.queue_id = base.queue_id
             AND t.state NOT IN ('PENDING', 'CANCELLED')
             AND NOT (t.state = 'SKIPPED' AND t.provider_reference IS NULL
                      AND t.outcome IS NULL)))
-           FILTER (WHERE q.state <> 'ACTIVE') AS attempts
-FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
-WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
-  AND ($2::timestamptz IS NULL OR w.created_at < $2)
-  AND ($3::text IS NULL OR w.merchant_id = $3)
-GROUP BY w.cohort
+           FILTER (WHERE state <> 'ACTIVE'), 0) AS attempts
+FROM base
+GROUP BY cohort, routing_reason
+"""
+
+TIME_TO_FINAL = """
+WITH base AS (
+    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
+           q.queue_id, q.state, q.finished_at
+    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
+    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
+      AND ($2::timestamptz IS NULL OR w.created_at < $2)
+      AND ($3::text IS NULL OR w.merchant_id = $3)
+)
+SELECT cohort,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+           AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+           AS p95
+FROM base
+WHERE state <> 'ACTIVE' AND finished_at IS NOT NULL
+GROUP BY cohort
+"""
+
+BY_MERCHANT = """
+WITH base AS (
+    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
+           q.queue_id, q.state, q.finished_at
+    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
+    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
+      AND ($2::timestamptz IS NULL OR w.created_at < $2)
+      AND ($3::text IS NULL OR w.merchant_id = $3)
+)
+SELECT merchant_id, cohort,
+       count(*) AS created,
+       count(*) FILTER (WHERE state = 'COMPLETED') AS succeeded,
+       count(*) FILTER (WHERE state = 'FAILED') AS failed,
+       count(*) FILTER (WHERE state = 'CANCELLED') AS cancelled,
+       count(*) FILTER (WHERE state = 'ACTIVE') AS processing
+FROM base
+GROUP BY merchant_id, cohort
+ORDER BY count(*) DESC, merchant_id, cohort
+"""
+
+# Withdrawals decided while the toggle was a pure flexibleRollout (one strategy, no
+# constraints), with the percentage and stickiness the router stored with each decision.
+ROLLOUT_SPLIT = """
+WITH base AS (
+    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
+           q.queue_id, q.state, q.finished_at
+    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
+    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
+      AND ($2::timestamptz IS NULL OR w.created_at < $2)
+      AND ($3::text IS NULL OR w.merchant_id = $3)
+)
+SELECT cohort,
+       (flag_state -> 'strategies' -> 0 ->> 'rollout')::int AS rollout,
+       flag_state -> 'strategies' -> 0 ->> 'stickiness' AS stickiness,
+       count(*) AS withdrawals,
+       count(DISTINCT merchant_id) AS merchants
+FROM base
+WHERE routing_reason IN ('rollout', 'not_targeted')
+  AND flag_state ->> 'enabled' = 'true'
+  AND CASE WHEN jsonb_typeof(flag_state -> 'strategies') = 'array'
+           THEN jsonb_array_length(flag_state -> 'strategies') END = 1
+  AND flag_state -> 'strategies' -> 0 ->> 'kind' = 'rollout'
+GROUP BY 1, 2, 3
 """
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    if value is None:
+def _parse_time(name: str, value: str | None) -> datetime | None:
+    if value is None or value == "":
         return None
-    moment = datetime.fromisoformat(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ReportError(
+            f"{name} {value!r} is not an ISO date/time (e.g. 2026-11-01T00:00:00Z)"
+        ) from None
     if moment.tzinfo is None:
-        raise ValueError(f"{value!r} needs a time zone (e.g. 2026-11-01T00:00:00Z)")
+        raise ReportError(f"{name} {value!r} needs a time zone (e.g. 2026-11-01T00:00:00Z)")
     return moment
 
 
+# --- the report ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Counts:
+    created: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    processing: int = 0
+    manual_checked: int = 0
+    attempts: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.created += row["created"]
+        self.succeeded += row["succeeded"]
+        self.failed += row["failed"]
+        self.cancelled += row["cancelled"]
+        self.processing += row["processing"]
+        self.manual_checked += row.get("manual_checked", 0) or 0
+        self.attempts += row.get("attempts", 0) or 0
+
+
+def _rate(counts: _Counts) -> dict[str, Any]:
+    interval = wilson(counts.succeeded, counts.finished)
+    return {
+        "created": counts.created,
+        "succeeded": counts.succeeded,
+        "failed": counts.failed,
+        "cancelled": counts.cancelled,
+        "processing": counts.processing,
+        "finished": counts.finished,
+        "success_rate": counts.succeeded / counts.finished if counts.finished else None,
+        "success_rate_ci95": list(interval) if interval else None,
+    }
+
+
+def _design(reasons: dict[str, dict[str, int]]) -> tuple[str, str]:
+    allow_listed = reasons["cascade"].get("allow_list", 0)
+    rolled_out = reasons["cascade"].get("rollout", 0)
+    if allow_listed and rolled_out:
+        return (
+            "mixed",
+            f"{allow_listed} cascade withdrawals come from allow-listed merchants (chosen, not "
+            f"randomised) and {rolled_out} from the sticky percentage rollout: the overall "
+            "difference is observational; the 'experiment' block compares only rollout with "
+            "not-targeted withdrawals.",
+        )
+    if allow_listed:
+        return (
+            "observational",
+            "allow-list: release managers chose the cascade merchants, so a difference may come "
+            "from the merchants rather than the execution path.",
+        )
+    if rolled_out:
+        return (
+            "experiment",
+            "sticky percentage rollout: merchants were assigned by hash, so the cohorts are "
+            "comparable. The unit of randomisation is the merchant; the z-test treats "
+            "withdrawals as independent and is optimistic when a few merchants dominate.",
+        )
+    return ("none", "no cascade withdrawals in the window: nothing to compare.")
+
+
+def _comparison(legacy: _Counts, cascade: _Counts, *, srm_mismatch: bool) -> dict[str, Any]:
+    n_l, n_c = legacy.finished, cascade.finished
+    x_l, x_c = legacy.succeeded, cascade.succeeded
+    diff = newcombe_difference(x_c, n_c, x_l, n_l)
+    test = two_proportion_z_test(x_c, n_c, x_l, n_l)
+    result: dict[str, Any] = {
+        "legacy_finished": n_l,
+        "cascade_finished": n_c,
+        "difference": None,
+        "difference_ci95": None,
+        "ci_method": "Newcombe hybrid score (from the Wilson intervals)",
+        "z": None,
+        "p_value": None,
+        "pooled_rate": None,
+        "required_per_cohort": None,
+        "min_detectable_difference": MIN_DETECTABLE,
+    }
+    if diff is None or test is None:
+        result["verdict"] = "insufficient evidence"
+        result["verdict_note"] = "a cohort has no finished withdrawals"
+        return result
+    needed = required_per_arm(test.pooled_rate)
+    result.update(
+        difference=diff[0],
+        difference_ci95=[diff[1], diff[2]],
+        z=test.z,
+        p_value=test.p_value,
+        pooled_rate=test.pooled_rate,
+        required_per_cohort=needed,
+    )
+    if srm_mismatch:
+        result["verdict"] = "sample ratio mismatch"
+        result["verdict_note"] = (
+            "the observed split does not match the configured rollout: the assignment is "
+            "broken, so the difference cannot be trusted"
+        )
+    elif min(n_l, n_c) < needed:
+        result["verdict"] = "insufficient evidence"
+        result["verdict_note"] = (
+            f"detecting a {MIN_DETECTABLE:.0%} difference (80 % power, α = {ALPHA}) needs "
+            f"{needed} finished withdrawals per cohort; have legacy {n_l}, cascade {n_c}"
+        )
+    elif test.p_value < ALPHA:
+        better = "better" if diff[0] > 0 else "worse"
+        result["verdict"] = f"cascade {better}"
+        result["verdict_note"] = (
+            f"difference {diff[0]:+.1%} (95 % CI {diff[1]:+.1%} to {diff[2]:+.1%}), "
+            f"p = {test.p_value:.2g}"
+        )
+    else:
+        result["verdict"] = "no difference detected"
+        result["verdict_note"] = (
+            f"p = {test.p_value:.2g}; the sample was large enough to detect "
+            f"{MIN_DETECTABLE:.0%}, and the 95 % CI is {diff[1]:+.1%} to {diff[2]:+.1%}"
+        )
+    return result
+
+
+def _sample_ratio(
+    rows: list[asyncpg.Record], reasons: dict[str, dict[str, int]], merchant: str | None
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "applicable": False,
+        "reason": None,
+        "unit": None,
+        "rollout_percent": None,
+        "expected_cascade_share": None,
+        "observed": None,
+        "expected": None,
+        "chi_square": None,
+        "p_value": None,
+        "mismatch": False,
+        "threshold": SRM_ALPHA,
+    }
+    if merchant is not None:
+        result["reason"] = "not applicable: one merchant is one unit, not a sample"
+        return result
+    if not rows:
+        if reasons["cascade"].get("allow_list", 0):
+            result["reason"] = (
+                "not applicable: allow-list — merchants were chosen, so there is no expected split"
+            )
+        else:
+            result["reason"] = (
+                "not applicable: no withdrawals were routed by a pure percentage rollout"
+            )
+        return result
+    configurations = sorted({(r["rollout"], r["stickiness"]) for r in rows})
+    if len(configurations) > 1:
+        listed = ", ".join(f"{p} % by {s}" for p, s in configurations)
+        result["reason"] = (
+            f"not applicable: the rollout changed within the window ({listed}); "
+            "narrow --since/--until to one configuration"
+        )
+        return result
+    percent, stickiness = configurations[0]
+    result["rollout_percent"] = percent
+    if not 0 < percent < 100:
+        result["reason"] = f"not applicable: a {percent} % rollout has only one cohort"
+        return result
+    unit = "merchant" if stickiness == "merchantId" else "withdrawal"
+    key = "merchants" if unit == "merchant" else "withdrawals"
+    observed = {c: sum(r[key] for r in rows if r["cohort"] == c) for c in COHORTS}
+    share = percent / 100
+    chi = sample_ratio_chi_square(observed["legacy"], observed["cascade"], share)
+    enough = min(chi.expected_legacy, chi.expected_cascade) >= 5
+    result.update(
+        applicable=True,
+        unit=unit,
+        expected_cascade_share=share,
+        observed=observed,
+        expected={"legacy": chi.expected_legacy, "cascade": chi.expected_cascade},
+        chi_square=chi.statistic,
+        p_value=chi.p_value,
+        mismatch=enough and chi.p_value < SRM_ALPHA,
+        reason=(
+            f"{percent} % rollout sticky on {stickiness}: split of {unit}s checked"
+            if enough
+            else "too few units for the chi-square approximation (an expected count below 5)"
+        ),
+    )
+    return result
+
+
 async def cohort_report(
-    conn: asyncpg.Connection[asyncpg.Record],
+    conn: store.Connection,
     *,
     since: str | None = None,
     until: str | None = None,
     merchant: str | None = None,
 ) -> dict[str, Any]:
-    rows = await conn.fetch(QUERY, _parse_time(since), _parse_time(until), merchant)
+    """The cohort comparison as a JSON-ready dict (the fixed keys are under ``cohorts``)."""
+    args = (_parse_time("since", since), _parse_time("until", until), merchant or None)
+    by_reason = await conn.fetch(BY_REASON, *args)
+    times = {r["cohort"]: r for r in await conn.fetch(TIME_TO_FINAL, *args)}
+    by_merchant = await conn.fetch(BY_MERCHANT, *args)
+    split = await conn.fetch(ROLLOUT_SPLIT, *args)
+
+    totals = {c: _Counts() for c in COHORTS}
+    reasons: dict[str, dict[str, int]] = {c: {} for c in COHORTS}
+    experiment = {c: _Counts() for c in COHORTS}
+    for row in by_reason:
+        cohort = row["cohort"]
+        totals[cohort].add(dict(row))
+        reasons[cohort][row["reason"]] = row["created"]
+        if row["reason"] in ("rollout", "not_targeted"):
+            experiment[cohort].add(dict(row))
+
     cohorts: dict[str, Any] = {}
-    for name in ("legacy", "cascade"):
-        row = next((r for r in rows if r["cohort"] == name), None)
-        created = row["created"] if row else 0
-        succeeded = row["succeeded"] if row else 0
-        failed = row["failed"] if row else 0
-        cancelled = row["cancelled"] if row else 0
-        final = succeeded + failed + cancelled
-        interval = wilson(succeeded, final)
+    for name in COHORTS:
+        counts = totals[name]
+        timing = times.get(name)
         cohorts[name] = {
-            "created": created,
-            "succeeded": succeeded,
-            "failed": failed,
-            "cancelled": cancelled,
-            "processing": row["processing"] if row else 0,
-            "success_rate": succeeded / final if final else None,
-            "success_rate_ci95": list(interval) if interval else None,
-            "attempts_per_withdrawal": float(row["attempts"])
-            if row and row["attempts"] is not None
+            **_rate(counts),
+            "attempts_per_withdrawal": counts.attempts / counts.finished
+            if counts.finished
             else None,
-            "manual_check_rate": (row["manual_checked"] / created) if row and created else None,
+            "time_to_final_seconds": {
+                "p50": timing["p50"] if timing else None,
+                "p95": timing["p95"] if timing else None,
+            },
+            "manual_checked": counts.manual_checked,
+            "manual_check_rate": counts.manual_checked / counts.created if counts.created else None,
+            "routing_reasons": dict(sorted(reasons[name].items())),
         }
-    return {"cohorts": cohorts, "filters": {"since": since, "until": until, "merchant": merchant}}
+
+    sample_ratio = _sample_ratio(list(split), reasons, merchant or None)
+    design, design_note = _design(reasons)
+    comparison = {
+        "design": design,
+        "design_note": design_note,
+        **_comparison(totals["legacy"], totals["cascade"], srm_mismatch=sample_ratio["mismatch"]),
+    }
+    if design == "mixed":
+        comparison["experiment"] = _comparison(
+            experiment["legacy"], experiment["cascade"], srm_mismatch=sample_ratio["mismatch"]
+        )
+
+    merchants = [
+        {"merchant_id": r["merchant_id"], "cohort": r["cohort"], **_rate(_counts_of(r))}
+        for r in by_merchant
+    ]
+    return {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "filters": {"since": since, "until": until, "merchant": merchant},
+        "cohorts": cohorts,
+        "comparison": comparison,
+        "sample_ratio": sample_ratio,
+        "merchants": merchants,
+    }
+
+
+def _counts_of(row: asyncpg.Record) -> _Counts:
+    counts = _Counts()
+    counts.add(dict(row))
+    return counts
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}s"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The report as text for a terminal."""
+    filters = report["filters"]
+    scope = ", ".join(f"{k} {v}" for k, v in filters.items() if v) or "all withdrawals"
+    lines = [f"Cohort comparison ({scope})", ""]
+    lines.append(
+        f"{'cohort':<8} {'created':>7} {'succ':>6} {'fail':>6} {'canc':>6} {'proc':>6} "
+        f"{'success rate (95% CI)':>24} {'attempts':>8} {'final p50/p95':>15} {'manual':>7}"
+    )
+    for name, c in report["cohorts"].items():
+        rate = _pct(c["success_rate"])
+        if c["success_rate_ci95"]:
+            low, high = c["success_rate_ci95"]
+            rate += f" ({low:.1%}–{high:.1%})"
+        attempts = (
+            "n/a"
+            if c["attempts_per_withdrawal"] is None
+            else (f"{c['attempts_per_withdrawal']:.2f}")
+        )
+        timing = c["time_to_final_seconds"]
+        final = f"{_secs(timing['p50'])} / {_secs(timing['p95'])}"
+        lines.append(
+            f"{name:<8} {c['created']:>7} {c['succeeded']:>6} {c['failed']:>6} "
+            f"{c['cancelled']:>6} {c['processing']:>6} {rate:>24} {attempts:>8} {final:>15} "
+            f"{_pct(c['manual_check_rate']):>7}"
+        )
+    for name, c in report["cohorts"].items():
+        reasons = ", ".join(f"{k} {v}" for k, v in c["routing_reasons"].items()) or "none"
+        lines.append(f"  {name} routing reasons: {reasons}")
+    comparison = report["comparison"]
+    lines += ["", f"Design: {comparison['design']} — {comparison['design_note']}"]
+    lines += _comparison_lines(comparison, "")
+    if "experiment" in comparison:
+        lines += ["", "Experiment only (rollout vs not targeted):"]
+        lines += _comparison_lines(comparison["experiment"], "  ")
+    srm = report["sample_ratio"]
+    lines.append("")
+    if srm["applicable"]:
+        flag = "MISMATCH" if srm["mismatch"] else "ok"
+        lines.append(
+            f"Sample ratio ({srm['unit']}s): observed legacy {srm['observed']['legacy']} / "
+            f"cascade {srm['observed']['cascade']}, expected "
+            f"{srm['expected']['legacy']:.1f} / {srm['expected']['cascade']:.1f} "
+            f"({srm['rollout_percent']} % rollout): chi² = {srm['chi_square']:.2f}, "
+            f"p = {srm['p_value']:.3g} → {flag} (flag at p < {srm['threshold']})"
+        )
+        lines.append(f"  {srm['reason']}")
+    else:
+        lines.append(f"Sample ratio: {srm['reason']}")
+    merchants = report["merchants"]
+    if merchants:
+        lines += ["", f"Per merchant (top {min(len(merchants), TABLE_MERCHANTS)} by volume):"]
+        lines.append(
+            f"{'merchant':<20} {'cohort':<8} {'created':>7} {'succ':>6} {'fail':>6} "
+            f"{'canc':>6} {'proc':>6} {'success rate':>12}"
+        )
+        for m in merchants[:TABLE_MERCHANTS]:
+            lines.append(
+                f"{m['merchant_id'][:20]:<20} {m['cohort']:<8} {m['created']:>7} "
+                f"{m['succeeded']:>6} {m['failed']:>6} {m['cancelled']:>6} {m['processing']:>6} "
+                f"{_pct(m['success_rate']):>12}"
+            )
+        if len(merchants) > TABLE_MERCHANTS:
+            lines.append(f"… {len(merchants) - TABLE_MERCHANTS} more rows: use --json")
+    return "\n".join(lines)
+
+
+def _comparison_lines(comparison: dict[str, Any], indent: str) -> list[str]:
+    lines = []
+    if comparison["difference"] is not None:
+        low, high = comparison["difference_ci95"]
+        lines.append(
+            f"{indent}Difference cascade − legacy: {comparison['difference'] * 100:+.1f} points, "
+            f"95 % CI [{low * 100:+.1f}, {high * 100:+.1f}] (Newcombe)"
+        )
+        lines.append(
+            f"{indent}Two-proportion z-test: z = {comparison['z']:.2f}, "
+            f"p = {comparison['p_value']:.3g}"
+        )
+        lines.append(
+            f"{indent}Power: {comparison['required_per_cohort']} finished withdrawals per cohort "
+            f"detect 5 points (80 % power, α = 0.05); have legacy "
+            f"{comparison['legacy_finished']}, cascade {comparison['cascade_finished']}"
+        )
+    lines.append(f"{indent}Verdict: {comparison['verdict']} — {comparison['verdict_note']}")
+    return lines
 
 
 async def run_report(
@@ -99,28 +620,13 @@ async def run_report(
     conn = await asyncpg.connect(settings.asyncpg_dsn)
     try:
         report = await cohort_report(conn, since=since, until=until, merchant=merchant)
+    except ReportError as exc:
+        print(f"cascade-gateway: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     finally:
         await conn.close()
     if as_json:
         print(msgspec.json.encode(report).decode())  # noqa: T201
-        return 0
-    header = (
-        f"{'cohort':<8} {'created':>8} {'succ':>6} {'failed':>6} {'canc':>6} "
-        f"{'proc':>6} {'success rate (95% CI)':>28}"
-    )
-    print(header)  # noqa: T201
-    for name, c in report["cohorts"].items():
-        rate = (
-            "n/a"
-            if c["success_rate"] is None
-            else (
-                f"{c['success_rate']:.1%} ({c['success_rate_ci95'][0]:.1%}–"
-                f"{c['success_rate_ci95'][1]:.1%})"
-            )
-        )
-        line = (
-            f"{name:<8} {c['created']:>8} {c['succeeded']:>6} {c['failed']:>6} "
-            f"{c['cancelled']:>6} {c['processing']:>6} {rate:>28}"
-        )
-        print(line)  # noqa: T201
+    else:
+        print(render_table(report))  # noqa: T201
     return 0

@@ -67,8 +67,8 @@ async def receive_webhook(
         event = msgspec.json.decode(body, type=ProviderWebhook)
     except msgspec.ValidationError as exc:
         return _answer(provider_id, "invalid_body", 422, f"body does not match the schema: {exc}")
-    except msgspec.DecodeError:
-        return _answer(provider_id, "invalid_body", 400, "body is not valid JSON")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return _answer(provider_id, "invalid_body", 400, "body is not valid UTF-8 JSON")
     if event.status not in FINAL_PROVIDER_STATUSES:
         return _answer(provider_id, "progress", 200, "not an outcome; timers keep running")
     if not rt.nats_up:

@@ -26,6 +26,7 @@ from orchestrator import bus, store
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore, CoreRefused
 from orchestrator.domain import (
+    FINAL_TASK_STATES,
     Ambiguous,
     CancelRequested,
     Event,
@@ -128,21 +129,21 @@ class Engine:
             found = await store.find_task_for_provider_order(
                 conn, msg.provider_id, msg.order_id, msg.reference
             )
-            if found is None:
-                await conn.execute(
-                    "INSERT INTO unmatched_webhooks (provider_id, order_id, reference, status,"
-                    " reason) VALUES ($1, $2, $3, $4, 'unknown_order')",
-                    msg.provider_id,
-                    msg.order_id,
-                    msg.reference,
-                    msg.status,
+            if found is None or found[2] in FINAL_TASK_STATES:
+                reason = "unknown_order" if found is None else "task_final"
+                await store.record_unapplied_webhook(
+                    conn, msg.provider_id, msg.order_id, msg.reference, msg.status, reason=reason
                 )
                 log.warning(
-                    "webhook for unknown order",
-                    extra={"provider_id": msg.provider_id, "reference": msg.reference},
+                    "webhook changed nothing",
+                    extra={
+                        "provider_id": msg.provider_id,
+                        "reference": msg.reference,
+                        "reason": reason,
+                    },
                 )
                 return False
-        queue_id, task_id = found
+        queue_id, task_id, _state = found
         answer = ProviderAnswer(
             status=msg.status,
             reference=msg.reference,

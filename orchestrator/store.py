@@ -264,16 +264,37 @@ async def load_queue(
 
 async def find_task_for_provider_order(
     conn: Connection, provider_id: str, order_id: str, reference: str
-) -> tuple[uuid.UUID, uuid.UUID] | None:
-    """(queue_id, task_id) of the task that owns a provider order, by our id or theirs."""
+) -> tuple[uuid.UUID, uuid.UUID, TaskState] | None:
+    """(queue_id, task_id, state) of the task owning a provider order, by our id or theirs."""
     row = await conn.fetchrow(
-        "SELECT queue_id, task_id FROM order_tasks WHERE provider_id = $1"
+        "SELECT queue_id, task_id, state FROM order_tasks WHERE provider_id = $1"
         " AND (provider_order_id = $2 OR provider_reference = $3) LIMIT 1",
         provider_id,
         order_id,
         reference,
     )
-    return None if row is None else (row["queue_id"], row["task_id"])
+    return None if row is None else (row["queue_id"], row["task_id"], TaskState(row["state"]))
+
+
+async def record_unapplied_webhook(
+    conn: Connection,
+    provider_id: str,
+    order_id: str,
+    reference: str,
+    status: str,
+    *,
+    reason: str,
+) -> None:
+    """Keep a webhook that changed nothing (unknown order, task already final) for support."""
+    await conn.execute(
+        "INSERT INTO unmatched_webhooks (provider_id, order_id, reference, status, reason)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        provider_id,
+        order_id,
+        reference,
+        status,
+        reason,
+    )
 
 
 async def save_task(

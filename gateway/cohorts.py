@@ -1,0 +1,33 @@
+"""``GET /ops/cohorts``: the cohort comparison of ``cascade-gateway report --json`` (ops token).
+
+Query parameters ``since`` and ``until`` (ISO date/time with a zone, on ``created_at``) and
+``merchant``, as the CLI's options.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from litestar import Response, get
+
+from gateway.http import json_response
+from gateway.ops import AnyRequest, _authorized, _error
+from gateway.report import ReportError, cohort_report
+
+
+@get("/ops/cohorts")
+async def cohorts(request: AnyRequest) -> Response[bytes]:
+    rt, denied = _authorized(request)
+    if denied:
+        return denied
+    params = request.query_params
+    try:
+        async with rt.pool.acquire() as conn:
+            report = await cohort_report(
+                conn,
+                since=params.get("since"),
+                until=params.get("until"),
+                merchant=params.get("merchant"),
+            )
+    except ReportError as exc:
+        return _error(400, "invalid_parameter", str(exc))
+    return json_response(msgspec.json.encode(report))
