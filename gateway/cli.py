@@ -84,6 +84,12 @@ def _worker(settings: Settings) -> int:
             runtime = await open_runtime(settings, name="worker", with_router=False)
         except DependencyError as exc:
             return fail(str(exc))
+        if settings.worker_metrics_port:
+            from prometheus_client import start_http_server  # noqa: PLC0415
+
+            # Every path of this tiny server answers the metrics: /metrics for Prometheus,
+            # and any path works as a liveness probe.
+            start_http_server(settings.worker_metrics_port, addr=settings.http_host)
         worker = Worker(
             engine=runtime.engine,
             js=runtime.js,

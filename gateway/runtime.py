@@ -96,7 +96,12 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
     js = nc.jetstream()
     names = bus.Names(settings.nats_namespace)
     try:
-        await bus.ensure_streams(js, names, ack_wait_seconds=settings.ack_wait_seconds)
+        await bus.ensure_streams(
+            js,
+            names,
+            ack_wait_seconds=settings.ack_wait_seconds,
+            replicas=settings.jetstream_replicas,
+        )
     except Exception as exc:
         await nc.close()
         await pool.close()

@@ -60,7 +60,7 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
+    if not raw.isdigit() or not 0 <= int(raw) < 65536:
         raise SettingsError(f"{name} must be a TCP port (1-65535), not {raw!r}")
     return int(raw)
 
@@ -95,6 +95,8 @@ class Settings:
     providers_file: Path
     providers: Mapping[str, ProviderConfig]
     worker_concurrency: int
+    worker_metrics_port: int | None
+    jetstream_replicas: int
     ack_wait_seconds: float
     sandbox_webhook_delay: float
     sandbox_fail_delay: float
@@ -186,6 +188,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         providers_file=providers_file,
         providers=providers.providers,
         worker_concurrency=int(_number(env, "WORKER_CONCURRENCY", 32, minimum=1)),
+        worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 0) or None,
+        jetstream_replicas=int(_number(env, "JETSTREAM_REPLICAS", 1, minimum=1)),
         ack_wait_seconds=_number(env, "JETSTREAM_ACK_WAIT_SECONDS", 60, minimum=1),
         sandbox_webhook_delay=_number(env, "SANDBOX_WEBHOOK_DELAY_SECONDS", 1.0),
         sandbox_fail_delay=_number(env, "SANDBOX_FAIL_DELAY_SECONDS", 2.0),

@@ -46,6 +46,7 @@ from orchestrator.domain import (
     decide,
     public_state,
 )
+from orchestrator.faults import fault_point
 from orchestrator.outbox import OutboxRelay
 from orchestrator.providers import ProviderAdapter
 
@@ -261,7 +262,9 @@ class Engine:
                     pending = await self._apply(
                         tx, task_id, pending, actor=actor, trace_id=trace_id
                     )
+                fault_point("after_state_write")
                 await self._after_commit(tx)
+                fault_point("after_publish")
 
     async def _apply(
         self, tx: _Tx, task_id: uuid.UUID, event: Event, *, actor: str, trace_id: str | None
@@ -291,6 +294,7 @@ class Engine:
                 return None
             if step.balance is not None:
                 await self._balance(step.balance, task)
+                fault_point("after_balance_call")
             task = await self._persist(
                 tx, task, step, actor=actor, trace_id=trace_id, details=_details(event)
             )
@@ -523,6 +527,7 @@ class Engine:
                 if exc.code == "insufficient_balance":
                     return FreezeRefused(exc.code)
                 raise
+            fault_point("after_freeze")
             destination = msgspec.convert(record.destination, ProviderDestination)
             order = CreateOrder(
                 order_id=task.provider_order_id,
@@ -530,7 +535,9 @@ class Engine:
                 currency=record.currency,
                 destination=destination,
             )
-            return await self.providers.create(config, order)
+            created = await self.providers.create(config, order)
+            fault_point("after_provider_create")
+            return created
         if call == "poll":
             return await self.providers.status(config, task.provider_order_id)
         if call == "cancel_at_provider":

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -30,14 +28,6 @@ from orchestrator.core_client import CascadeCore
 from orchestrator.engine import Engine
 
 log = logging.getLogger("cascade.worker")
-
-FAULT_ENV = "CASCADE_FAULT_POINT"
-
-
-def fault_point(name: str) -> None:
-    """Crash-test hook: SIGKILL this process at a named point when the env var says so."""
-    if os.environ.get(FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Worker:
