@@ -1,0 +1,431 @@
+"""The pure state machine: its tables, and properties over random event sequences.
+
+The simulation below drives ``decide``/``apply_changes``/``advance_queue`` the way the engine
+does (balance call before the state change, NEGATIVE_EVAL → SKIPPED, calls answered by the
+provider), with a model ledger, and checks the money-safety invariants after every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.providers_file import ProviderConfig, StatusPolling
+from orchestrator.domain import (
+    FINAL_QUEUE_STATES,
+    FINAL_TASK_STATES,
+    QUEUE_TRANSITIONS,
+    TASK_TRANSITIONS,
+    Ambiguous,
+    CancelRequested,
+    Declined,
+    Event,
+    FreezeRefused,
+    IllegalTransition,
+    OrderQueue,
+    OrderTask,
+    ProviderAnswer,
+    QueueState,
+    Resolve,
+    Start,
+    Step,
+    TaskState,
+    TimerFired,
+    advance_queue,
+    after_poll_pending,
+    apply_changes,
+    decide,
+    public_state,
+    transition_table,
+)
+
+T = TaskState
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+CONFIG = ProviderConfig(
+    base_url="http://provider.invalid",
+    webhook_sla_seconds=60,
+    status_polling=StatusPolling(interval_seconds=5, max_polls=2),
+    errors={"closed": "stop_cascade", "slow": "recheck", "review": "manual_check"},
+)
+NO_SLA = msgspec.structs.replace(CONFIG, webhook_sla_seconds=None, status_polling=None)
+
+DESIGN_EDGES = {
+    (T.PENDING, T.CREATING),
+    (T.CREATING, T.EXECUTING),
+    (T.EXECUTING, T.SUCCEEDED),
+    (T.CREATING, T.NEGATIVE_EVAL),
+    (T.NEGATIVE_EVAL, T.SKIPPED),
+    (T.CREATING, T.RECHECKING),
+    (T.RECHECKING, T.EXECUTING),
+    (T.RECHECKING, T.FAILED),
+    (T.EXECUTING, T.MANUAL_CHECK),
+    (T.MANUAL_CHECK, T.SUCCEEDED),
+    (T.MANUAL_CHECK, T.FAILED),
+}
+
+
+def task(state: TaskState = T.PENDING, **changes: object) -> OrderTask:
+    base = OrderTask(
+        task_id=uuid.uuid4(),
+        queue_id=uuid.uuid4(),
+        position=0,
+        provider_id="p",
+        state=state,
+        version=1,
+        provider_order_id="cg-x",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_tables_cover_every_state_and_finals_have_no_exit() -> None:
+    assert set(TASK_TRANSITIONS) == set(TaskState)
+    assert set(QUEUE_TRANSITIONS) == set(QueueState)
+    assert {T.SUCCEEDED, T.SKIPPED, T.FAILED, T.CANCELLED} == FINAL_TASK_STATES
+    assert {QueueState.COMPLETED, QueueState.FAILED, QueueState.CANCELLED} == FINAL_QUEUE_STATES
+
+
+def test_every_edge_of_the_design_is_allowed() -> None:
+    allowed = {(a, b) for a, targets in TASK_TRANSITIONS.items() for b in targets}
+    assert allowed >= DESIGN_EDGES
+    # "any non-final → CANCELLED" except where a provider may not be asked yet to stop.
+    for state in (T.PENDING, T.EXECUTING, T.RECHECKING, T.MANUAL_CHECK):
+        assert T.CANCELLED in TASK_TRANSITIONS[state]
+
+
+def test_transition_table_prints_every_state() -> None:
+    text = transition_table()
+    assert all(state.value in text for state in TaskState)
+    assert "OrderQueue:" in text
+
+
+def test_final_tasks_ignore_everything() -> None:
+    events: list[Event] = [
+        Start(),
+        ProviderAnswer("succeeded", "r"),
+        TimerFired("recheck", 0),
+        Resolve(positive=True, reason="x", actor="a"),
+        CancelRequested(),
+        Declined("declined"),
+        Ambiguous("x"),
+        FreezeRefused("x"),
+    ]
+    for state in FINAL_TASK_STATES:
+        for event in events:
+            assert decide(task(state), event, CONFIG, NOW).ignored
+
+
+def test_ambiguous_create_rechecks_and_never_fails() -> None:
+    step = decide(task(T.CREATING, freeze_state="frozen"), Ambiguous("timeout"), CONFIG, NOW)
+    assert step.to == T.RECHECKING
+    assert step.balance is None
+    assert step.timer is not None
+    assert step.timer.kind == "recheck"
+    exhausted = after_poll_pending(task(T.RECHECKING, recheck_attempts=9), CONFIG, NOW)
+    assert exhausted.to == T.MANUAL_CHECK
+
+
+def test_error_table_decides_declines() -> None:
+    creating = task(T.CREATING, freeze_state="frozen")
+    assert decide(creating, Declined("declined"), CONFIG, NOW).to == T.NEGATIVE_EVAL
+    stop = decide(creating, Declined("closed"), CONFIG, NOW)
+    assert (stop.to, stop.stop_cascade, stop.balance) == (T.NEGATIVE_EVAL, True, "rollback")
+    assert decide(creating, Declined("slow"), CONFIG, NOW).to == T.RECHECKING
+    assert decide(creating, Declined("review"), CONFIG, NOW).to == T.MANUAL_CHECK
+
+
+def test_no_sla_and_no_polling_means_manual_check() -> None:
+    step = decide(
+        task(T.CREATING, freeze_state="frozen"), ProviderAnswer("pending", "r"), NO_SLA, NOW
+    )
+    assert step.to == T.MANUAL_CHECK
+
+
+def test_stale_timers_are_ignored() -> None:
+    executing = task(T.EXECUTING, status_polls=1)
+    assert decide(executing, TimerFired("webhook_timeout", 0), CONFIG, NOW).ignored
+    assert decide(executing, TimerFired("status_tick", 0), CONFIG, NOW).ignored
+    assert decide(
+        task(T.RECHECKING, recheck_attempts=2), TimerFired("recheck", 1), CONFIG, NOW
+    ).ignored
+
+
+def test_success_that_wins_a_cancel_race_is_committed() -> None:
+    step = decide(
+        task(T.EXECUTING, freeze_state="frozen", cancel_requested=True),
+        ProviderAnswer("succeeded", "r", source="webhook"),
+        CONFIG,
+        NOW,
+    )
+    assert (step.to, step.balance) == (T.SUCCEEDED, "commit")
+
+
+def test_accepted_order_is_not_declared_absent_by_a_404() -> None:
+    assert decide(task(T.EXECUTING), ProviderAnswer("absent", source="poll"), CONFIG, NOW).ignored
+
+
+def test_apply_changes_refuses_illegal_transitions() -> None:
+    with pytest.raises(IllegalTransition):
+        apply_changes(task(T.SUCCEEDED), Step(event="x", to=T.FAILED))
+
+
+# --- simulation -------------------------------------------------------------------------
+
+provider_outcome = st.sampled_from(
+    [
+        "refused",
+        "declined",
+        "closed",
+        "slow",
+        "review",
+        "ambiguous",
+        "pending",
+        "succeeded",
+        "failed",
+    ]
+)
+poll_outcome = st.sampled_from(["pending", "succeeded", "failed", "absent", "ambiguous"])
+external = st.sampled_from(
+    [
+        "webhook_ok",
+        "webhook_fail",
+        "webhook_pending",
+        "timer",
+        "resolve+",
+        "resolve-",
+        "cancel",
+        "start_dup",
+    ]
+)
+
+
+@dataclasses.dataclass
+class Ledger:
+    states: dict[uuid.UUID, str] = dataclasses.field(default_factory=dict)
+    commits: int = 0
+
+    def apply(self, operation: str, task_id: uuid.UUID) -> None:
+        current = self.states.get(task_id)
+        assert current == "frozen", f"{operation} of a {current} freeze"
+        self.states[task_id] = "committed" if operation == "commit" else "rolled_back"
+        self.commits += operation == "commit"
+
+
+class Sim:
+    def __init__(self, providers: int, config: ProviderConfig, data: st.DataObject) -> None:
+        queue_id = uuid.uuid4()
+        tasks = tuple(
+            OrderTask(
+                task_id=uuid.uuid4(),
+                queue_id=queue_id,
+                position=i,
+                provider_id=f"p{i}",
+                state=T.PENDING,
+                version=1,
+                provider_order_id=f"cg-{i}",
+            )
+            for i in range(providers)
+        )
+        self.queue = OrderQueue(
+            queue_id=queue_id, withdrawal_id="w", state=QueueState.ACTIVE, version=1, tasks=tasks
+        )
+        self.ledger = Ledger()
+        self.config = config
+        self.data = data
+        self.now = NOW
+        self.seen_final: dict[uuid.UUID, TaskState] = {}
+
+    def put(self, new: OrderTask) -> None:
+        old = self.queue.task(new.task_id)
+        if old.task_id in self.seen_final:
+            raise AssertionError(f"final task changed: {old.state} → {new.state}")
+        if new.final:
+            self.seen_final[new.task_id] = new.state
+        self.queue = dataclasses.replace(
+            self.queue,
+            tasks=tuple(new if t.task_id == new.task_id else t for t in self.queue.tasks),
+        )
+
+    def answer(self, call: str, current: OrderTask) -> Event:
+        if call == "freeze_and_create":
+            outcome = self.data.draw(provider_outcome)
+            if outcome == "refused":
+                return FreezeRefused("insufficient_balance")
+            self.ledger.states.setdefault(current.task_id, "frozen")
+            self.put(dataclasses.replace(current, freeze_state="frozen"))
+            if outcome in ("declined", "closed", "slow", "review"):
+                return Declined(outcome)
+            if outcome == "ambiguous":
+                return Ambiguous("timeout")
+            return ProviderAnswer(outcome, "ref", source="create")  # type: ignore[arg-type]
+        if call == "cancel_at_provider":
+            return ProviderAnswer(
+                self.data.draw(st.sampled_from(["cancelled", "succeeded"])), "ref", source="cancel"
+            )  # type: ignore[arg-type]
+        outcome = self.data.draw(poll_outcome)
+        if outcome == "ambiguous":
+            return Ambiguous("timeout")
+        return ProviderAnswer(outcome, "ref", source="poll")  # type: ignore[arg-type]
+
+    def apply(self, task_id: uuid.UUID, event: Event) -> None:
+        while True:
+            current = self.queue.task(task_id)
+            step = decide(current, event, self.config, self.now)
+            if step.ignored:
+                return
+            if step.balance is not None:
+                self.ledger.apply(step.balance, task_id)
+            after = apply_changes(current, step)
+            if after.state == T.NEGATIVE_EVAL:
+                after = dataclasses.replace(after, state=T.SKIPPED)
+            self.put(after)
+            if step.stop_cascade:
+                self.queue = dataclasses.replace(self.queue, stop_requested=True)
+            if after.final:
+                self.advance()
+            if step.to == T.CREATING:
+                event = Start()
+                continue
+            if step.call is None:
+                return
+            event = self.answer(step.call, after)
+            if step.call == "poll" and (
+                isinstance(event, Ambiguous)
+                or (
+                    isinstance(event, ProviderAnswer)
+                    and (
+                        event.status == "pending"
+                        or (event.status == "absent" and after.state != T.RECHECKING)
+                    )
+                )
+            ):
+                self.put(apply_changes(after, after_poll_pending(after, self.config, self.now)))
+                return
+
+    def advance(self) -> None:
+        qstep = advance_queue(self.queue)
+        for tid in qstep.skip_tasks:
+            self.put(dataclasses.replace(self.queue.task(tid), state=T.SKIPPED))
+        for tid in qstep.cancel_tasks:
+            self.put(dataclasses.replace(self.queue.task(tid), state=T.CANCELLED))
+        if qstep.to is not None:
+            self.queue = dataclasses.replace(
+                self.queue, state=qstep.to, failure_code=qstep.failure_code
+            )
+        if qstep.start_task is not None:
+            self.apply(qstep.start_task, Start())
+
+    def external(self, kind: str) -> None:
+        active = self.queue.active_task()
+        target = active or self.queue.tasks[0]
+        self.now += timedelta(seconds=30)
+        if kind == "cancel":
+            self.queue = dataclasses.replace(self.queue, cancel_requested=True)
+            for t in self.queue.tasks:
+                if t.state == T.PENDING:
+                    self.put(dataclasses.replace(t, state=T.CANCELLED, outcome="cancelled"))
+            if active is not None:
+                self.apply(active.task_id, CancelRequested())
+            self.advance()
+            return
+        events: dict[str, Event] = {
+            "webhook_ok": ProviderAnswer("succeeded", "ref", source="webhook"),
+            "webhook_fail": ProviderAnswer("failed", "ref", source="webhook"),
+            "webhook_pending": ProviderAnswer("pending", "ref", source="webhook"),
+            "timer": TimerFired(
+                self.data.draw(st.sampled_from(["recheck", "webhook_timeout", "status_tick"])),
+                target.recheck_attempts if target.state == T.RECHECKING else target.status_polls,
+            ),
+            "resolve+": Resolve(positive=True, reason="r", actor="a"),
+            "resolve-": Resolve(positive=False, reason="r", actor="a"),
+            "start_dup": Start(),
+        }
+        self.apply(target.task_id, events[kind])
+
+    def check(self) -> None:
+        assert self.ledger.commits <= 1, "two commits for one withdrawal"
+        public = public_state(self.queue)
+        assert public.status in ("processing", "succeeded", "failed", "cancelled")
+        if self.queue.final:
+            assert "frozen" not in self.ledger.states.values(), "freeze left open"
+            assert (self.queue.state == QueueState.COMPLETED) == (self.ledger.commits == 1)
+            assert all(t.final for t in self.queue.tasks)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.data(),
+    providers=st.integers(1, 4),
+    no_sla=st.booleans(),
+    events=st.lists(external, max_size=25),
+)
+def test_no_sequence_breaks_money_safety(
+    data: st.DataObject, providers: int, no_sla: bool, events: list[str]
+) -> None:
+    sim = Sim(providers, NO_SLA if no_sla else CONFIG, data)
+    sim.apply(sim.queue.tasks[0].task_id, Start())
+    sim.check()
+    for kind in events:
+        if sim.queue.final:
+            break
+        sim.external(kind)
+        sim.check()
+
+
+# --- the public view --------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    queue_state=st.sampled_from(list(QueueState)),
+    states=st.lists(st.sampled_from(list(TaskState)), min_size=1, max_size=5),
+    refs=st.lists(st.one_of(st.none(), st.just("ref")), min_size=5, max_size=5),
+    failure=st.sampled_from(
+        [None, "declined", "provider_error", "timeout", "manual_rejected", "cancelled"]
+    ),
+)
+def test_public_state_is_total(
+    queue_state: QueueState, states: list[TaskState], refs: list[str | None], failure: str | None
+) -> None:
+    queue_id = uuid.uuid4()
+    tasks = tuple(
+        OrderTask(
+            task_id=uuid.uuid4(),
+            queue_id=queue_id,
+            position=i,
+            provider_id=f"p{i}",
+            state=s,
+            version=1,
+            provider_order_id="x",
+            provider_reference=refs[i],
+        )
+        for i, s in enumerate(states)
+    )
+    queue = OrderQueue(
+        queue_id=queue_id,
+        withdrawal_id="w",
+        state=queue_state,
+        version=1,
+        tasks=tasks,
+        failure_code=failure,
+    )  # type: ignore[arg-type]
+    public = public_state(queue)
+    assert public.status in ("processing", "succeeded", "failed", "cancelled")
+    assert public.provider_id in {t.provider_id for t in tasks}
+    if public.status in ("processing", "succeeded"):
+        assert public.failure_code is None
+    else:
+        assert public.failure_code in (
+            "declined",
+            "provider_error",
+            "timeout",
+            "manual_rejected",
+            "cancelled",
+        )
+    if public.status == "cancelled":
+        assert public.failure_code == "cancelled"
