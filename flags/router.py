@@ -331,6 +331,7 @@ class CohortRouter:
         self._fetched_once = False
         self._reachable: bool | None = None
         self._last_error: str | None = None
+        self._failed_polls = 0
 
     # -- state, for readiness and operators --
 
@@ -357,6 +358,7 @@ class CohortRouter:
         if self.live:
             state["server_reachable"] = self._reachable
             state["last_error"] = self._last_error
+            state["failed_polls"] = self._failed_polls
         return state
 
     # -- lifecycle --
@@ -481,6 +483,7 @@ class CohortRouter:
             self._reachable = True
             self._fetched_once = True
             self._last_error = None
+            self._failed_polls = 0
             self._publish("server")
         if recovered:
             log.warning("Unleash at %s answers again; routing from the server's flags", self._url)
@@ -490,6 +493,7 @@ class CohortRouter:
             first = self._reachable is not False
             self._reachable = False
             self._last_error = error
+            self._failed_polls += 1
             source: Source = "backup" if self._fetched_once else "bootstrap"
             self._publish(source)
             current = self.source

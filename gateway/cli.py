@@ -194,16 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     logs.configure(settings.log_level, args.command)
     with contextlib.suppress(KeyboardInterrupt):
+        if args.command in ("dlq", "report"):
+            try:
+                return _dlq(settings, args) if args.command == "dlq" else _report(settings, args)
+            except (OSError, TimeoutError) as exc:
+                return fail(f"cannot reach a dependency ({type(exc).__name__}: {exc})")
+            except ValueError as exc:
+                return fail(str(exc))
         if args.command == "serve":
             return _serve(settings)
         if args.command == "worker":
             return _worker(settings)
         if args.command == "migrate":
             return _migrate(settings)
-        if args.command == "dlq":
-            return _dlq(settings, args)
-        if args.command == "report":
-            return _report(settings, args)
     return 0
 
 

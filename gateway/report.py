@@ -165,7 +165,7 @@ SELECT cohort, routing_reason AS reason,
             AND t.state NOT IN ('PENDING', 'CANCELLED')
             AND NOT (t.state = 'SKIPPED' AND t.provider_reference IS NULL
                      AND t.outcome IS NULL)))
-           FILTER (WHERE state <> 'ACTIVE'), 0) AS attempts
+           FILTER (WHERE state <> 'ACTIVE'), 0)::bigint AS attempts
 FROM base
 GROUP BY cohort, routing_reason
 """

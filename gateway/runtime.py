@@ -72,6 +72,8 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
         raise DependencyError("DATABASE_URL is not set")
     if settings.nats_url is None:
         raise DependencyError("NATS_URL is not set")
+    if settings.core_url is None:
+        raise DependencyError("CORE_URL is required when SANDBOX_ENABLED is false")
     try:
         async with asyncio.timeout(10):
             pool = await store.create_pool(settings.asyncpg_dsn)

@@ -85,7 +85,7 @@ class Settings:
     unleash_refresh_seconds: int
     api_tokens: tuple[str, ...]
     ops_tokens: tuple[str, ...]
-    core_url: str
+    core_url: str | None
     core_token: str
     http_host: str
     http_port: int
@@ -144,9 +144,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     sandbox_url = env.get("SANDBOX_URL") or f"{public_url}/sandbox"
     core_url = _url(env, "CORE_URL", ("http://", "https://"))
-    if core_url is None:
-        if not sandbox_enabled:
-            raise SettingsError("CORE_URL is required when SANDBOX_ENABLED is false")
+    if core_url is None and sandbox_enabled:
         core_url = f"{sandbox_url}/core"
 
     providers_raw = env.get("PROVIDERS_FILE")
@@ -178,7 +176,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         unleash_refresh_seconds=int(_number(env, "UNLEASH_REFRESH_SECONDS", 5, minimum=1)),
         api_tokens=_tokens(env, "GATEWAY_API_TOKENS", "dev-token"),
         ops_tokens=_tokens(env, "OPS_API_TOKENS", "ops-token"),
-        core_url=core_url.rstrip("/"),
+        core_url=core_url.rstrip("/") if core_url else None,
         core_token=env.get("CORE_TOKEN", "core-token"),
         http_host=http_host,
         http_port=http_port,

@@ -1,0 +1,213 @@
+"""Cohort routing offline (FLAGS_FILE bootstrap), checked against the Unleash client itself."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from UnleashClient.cache import FileCache
+from UnleashClient.clients.unleash_client import UnleashClient
+from UnleashClient.utils import InstanceAllowType
+
+from flags.router import TOGGLE, CohortRouter, FlagsError, load_flags_file
+from tests.conftest import flags_document
+
+
+def _write(tmp_path: Path, document: dict[str, Any] | str) -> Path:
+    path = tmp_path / "flags.json"
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    return path
+
+
+@pytest.fixture
+def routers() -> Iterator[list[CohortRouter]]:
+    started: list[CohortRouter] = []
+    yield started
+    for router in started:
+        router.close()
+
+
+def _router(routers: list[CohortRouter], tmp_path: Path, document: dict[str, Any]) -> CohortRouter:
+    router = CohortRouter(flags_file=_write(tmp_path, document))
+    router.start()
+    routers.append(router)
+    return router
+
+
+@pytest.fixture
+def reference_client(tmp_path: Path) -> Iterator[Any]:
+    """A plain UnleashClient on a document: the evaluation the router must agree with."""
+    clients: list[UnleashClient] = []
+
+    def build(document: dict[str, Any]) -> UnleashClient:
+        cache = FileCache("reference", directory=tempfile.mkdtemp(dir=tmp_path))
+        cache.bootstrap_from_dict(document)
+        client = UnleashClient(
+            url="http://127.0.0.1:1/unused",
+            app_name="reference",
+            disable_metrics=True,
+            disable_registration=True,
+            cache=cache,
+            multiple_instance_mode=InstanceAllowType.SILENTLY_ALLOW,
+        )
+        client.initialize_client(fetch_toggles=False)
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.destroy()
+
+
+def test_allow_listed_merchants_go_cascade_and_others_legacy(
+    routers: list[CohortRouter], tmp_path: Path
+) -> None:
+    router = _router(routers, tmp_path, flags_document(enabled=True, merchants=["m_a", "m_b"]))
+    assert router.ready
+    assert router.source == "bootstrap"
+    listed = router.decide("m_a")
+    assert (listed.cohort, listed.reason) == ("cascade", "allow_list")
+    other = router.decide("m_z")
+    assert (other.cohort, other.reason) == ("legacy", "not_targeted")
+    state = listed.flag_state
+    assert state["source"] == "bootstrap"
+    assert state["toggle"] == TOGGLE
+    assert state["enabled"] is True
+    assert state["strategies"] == [{"name": "default", "kind": "allow_list", "merchants": 2}]
+    assert len(state["revision"]) == 12
+    # The stored state is a copy: mutating one decision's state does not touch the next.
+    state["source"] = "tampered"
+    assert router.decide("m_a").flag_state["source"] == "bootstrap"
+
+
+def test_allow_list_through_a_segment(routers: list[CohortRouter], tmp_path: Path) -> None:
+    document = flags_document(enabled=True)
+    document["segments"] = [
+        {
+            "id": 7,
+            "name": "cascade-merchants",
+            "constraints": [
+                {"contextName": "merchantId", "operator": "IN", "values": ["m_seg"]},
+            ],
+        }
+    ]
+    document["features"][0]["strategies"] = [
+        {
+            "name": "flexibleRollout",
+            "parameters": {"rollout": "100", "stickiness": "default", "groupId": TOGGLE},
+            "constraints": [],
+            "segments": [7],
+        }
+    ]
+    router = _router(routers, tmp_path, document)
+    listed = router.decide("m_seg")
+    assert (listed.cohort, listed.reason) == ("cascade", "allow_list")
+    assert router.decide("m_other").cohort == "legacy"
+
+
+def test_sticky_rollout_equals_the_clients_own_evaluation(
+    routers: list[CohortRouter], tmp_path: Path, reference_client: Any
+) -> None:
+    document = flags_document(enabled=True, merchants=["m_00007"], rollout=30)
+    router = _router(routers, tmp_path, document)
+    client = reference_client(document)
+    merchants = [f"m_{i:05d}" for i in range(1000)]
+    decisions = {m: router.decide(m) for m in merchants}
+    for merchant, decision in decisions.items():
+        expected = client.is_enabled(TOGGLE, {"properties": {"merchantId": merchant}})
+        assert (decision.cohort == "cascade") == expected, merchant
+        # Sticky: the same merchant always gets the same cohort.
+        assert router.decide(merchant).cohort == decision.cohort
+    cascade = [m for m, d in decisions.items() if d.cohort == "cascade"]
+    share = len(cascade) / len(merchants)
+    # 1,000 Bernoulli(0.3) draws: sd = √(0.3·0.7/1000) = 1.45 points; ±5 points is 3.4 sd.
+    assert abs(share - 0.30) < 0.05, share
+    assert decisions["m_00007"].reason == "allow_list"
+    assert {decisions[m].reason for m in cascade if m != "m_00007"} == {"rollout"}
+    assert {d.reason for d in decisions.values() if d.cohort == "legacy"} == {"not_targeted"}
+    rollout = decisions[cascade[0]].flag_state["strategies"][1]
+    assert rollout == {
+        "name": "flexibleRollout",
+        "kind": "rollout",
+        "rollout": 30,
+        "stickiness": "merchantId",
+    }
+
+
+def test_disabled_toggle_routes_everyone_legacy(
+    routers: list[CohortRouter], tmp_path: Path
+) -> None:
+    router = _router(routers, tmp_path, flags_document(enabled=False, merchants=["m_a"]))
+    for merchant in ("m_a", "m_b"):
+        decision = router.decide(merchant)
+        assert (decision.cohort, decision.reason) == ("legacy", "disabled")
+        assert decision.flag_state["enabled"] is False
+
+
+def test_a_missing_toggle_targets_nobody(routers: list[CohortRouter], tmp_path: Path) -> None:
+    router = _router(routers, tmp_path, {"version": 1, "features": []})
+    decision = router.decide("m_a")
+    assert (decision.cohort, decision.reason) == ("legacy", "not_targeted")
+    assert decision.flag_state["found"] is False
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"features": [{"name": "withdrawals.cascade"}]}', "not an Unleash features file"),
+        ('{"features": "none"}', "not an Unleash features file"),
+        ("[]", "not an Unleash features file"),
+    ],
+)
+def test_malformed_flags_file_is_one_clear_line(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    path = _write(tmp_path, content)
+    with pytest.raises(FlagsError) as caught:
+        CohortRouter(flags_file=path)
+    message = str(caught.value)
+    assert message.startswith(f"FLAGS_FILE {path}: {expected}")
+    assert "\n" not in message
+
+
+def test_missing_flags_file_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(FlagsError, match=r"FLAGS_FILE .*absent\.json: cannot read"):
+        load_flags_file(tmp_path / "absent.json")
+
+
+def test_no_client_means_legacy_fallback(routers: list[CohortRouter], tmp_path: Path) -> None:
+    not_started = CohortRouter(flags_file=_write(tmp_path, flags_document(enabled=True)))
+    decision = not_started.decide("m_a")
+    assert (decision.cohort, decision.reason) == ("legacy", "fallback")
+    assert decision.flag_state["source"] == "fallback"
+    assert not not_started.ready
+    nothing = CohortRouter(flags_file=None)
+    nothing.start()
+    routers.append(nothing)
+    assert nothing.ready
+    assert nothing.source == "fallback"
+    assert nothing.decide("m_a").reason == "fallback"
+
+
+def test_decide_cost(routers: list[CohortRouter], tmp_path: Path) -> None:
+    """Per-request routing cost: printed for the record, bounded loosely against regressions."""
+    router = _router(
+        routers, tmp_path, flags_document(enabled=True, merchants=["m_a", "m_b"], rollout=30)
+    )
+    merchants = [f"m_{i}" for i in range(2000)]
+    samples = []
+    for merchant in merchants:
+        start = time.perf_counter_ns()
+        router.decide(merchant)
+        samples.append((time.perf_counter_ns() - start) / 1000)
+    median = statistics.median(samples)
+    p99 = statistics.quantiles(samples, n=100)[98]
+    print(f"decide(): median {median:.1f} µs, p99 {p99:.1f} µs over {len(samples)} calls")
+    assert median < 1000
