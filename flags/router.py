@@ -462,7 +462,9 @@ class CohortRouter:
                 return
             error = getattr(_poll_error, "message", None)
             _poll_error.message = None
-        if fetched:
+        # Every failed fetch logs (and our filter notes it); a 200 writes the document. A 304
+        # is the quiet case: unleash-server strips every header from it, ETag included.
+        if fetched or error is None:
             self._poll_succeeded()
         else:
             self._poll_failed(error or "no answer")
@@ -540,8 +542,8 @@ def _make_cache(router: CohortRouter, name: str, directory: str) -> Any:
     from UnleashClient.cache import FileCache  # noqa: PLC0415
 
     class _ObservedCache(FileCache):
-        """Every state the engine loads is read through ``get``; a poll that reached the
-        server writes the document (200) or its ETag (304) first."""
+        """Every state the engine loads is read through ``get``; a poll that got a 200
+        writes the document first."""
 
         def __init__(self) -> None:
             super().__init__(name, directory=directory)

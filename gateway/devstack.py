@@ -76,17 +76,17 @@ def run_dev() -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        migrate = subprocess.run(
+        # Migrations run while the gateway and worker import and connect: they wait for the
+        # schema (WAIT_FOR_SCHEMA_SECONDS) instead of starting after it. Saves seconds.
+        env["WAIT_FOR_SCHEMA_SECONDS"] = "60"
+        migrate = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "migrate"],
             env=env,
-            check=False,
-            capture_output=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 — no threads yet; prctl only
         )
-        if migrate.returncode != 0:
-            return _fail(
-                migrate.stderr.strip().splitlines()[-1] if migrate.stderr else "migrations failed"
-            )
         for role in ("serve", "worker"):
             children.append(
                 subprocess.Popen(  # noqa: S603
@@ -95,6 +95,10 @@ def run_dev() -> int:
                     preexec_fn=_die_with_parent,  # noqa: PLW1509 — no threads yet; prctl only
                 )
             )
+        _, migrate_errors = migrate.communicate()
+        if migrate.returncode != 0:
+            lines = [line for line in migrate_errors.splitlines() if line.startswith("cascade")]
+            return _fail(lines[-1] if lines else "migrations failed")
         url = f"http://127.0.0.1:{settings.http_port}"
         if not _wait_healthy(url, children, lambda: stopping):
             if not stopping:

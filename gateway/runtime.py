@@ -66,6 +66,22 @@ class Runtime:
             self.pool.terminate()
 
 
+async def _wait_for_schema(pool: store.Pool, seconds: float) -> bool:
+    """True if the schema is still missing after waiting up to ``seconds`` for migrations."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        async with asyncio.timeout(10):
+            missing = bool(
+                await pool.fetchval(
+                    "SELECT to_regclass('order_tasks') IS NULL OR to_regclass('outbox') IS NULL"
+                )
+            )
+        if not missing or loop.time() >= deadline:
+            return missing
+        await asyncio.sleep(0.1)
+
+
 async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> Runtime:
     """Connect to Postgres and NATS, ensure the streams, load flags (in a thread)."""
     if settings.database_url is None:
@@ -82,8 +98,7 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
             f"cannot connect to DATABASE_URL ({type(exc).__name__}: {exc})".replace("\n", " ")
         ) from exc
     try:
-        async with asyncio.timeout(10):
-            missing = await pool.fetchval("SELECT to_regclass('order_tasks') IS NULL")
+        missing = await _wait_for_schema(pool, settings.wait_for_schema_seconds)
     except (asyncpg.PostgresError, TimeoutError) as exc:
         await pool.close()
         raise DependencyError(f"database check failed: {exc}") from exc

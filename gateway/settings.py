@@ -102,6 +102,7 @@ class Settings:
     sandbox_fail_delay: float
     sandbox_flaky_timeout: float
     log_level: str
+    wait_for_schema_seconds: float
 
     @property
     def asyncpg_dsn(self) -> str:
@@ -193,4 +194,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sandbox_fail_delay=_number(env, "SANDBOX_FAIL_DELAY_SECONDS", 2.0),
         sandbox_flaky_timeout=_number(env, "SANDBOX_FLAKY_TIMEOUT_SECONDS", 5.0),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        wait_for_schema_seconds=_number(env, "WAIT_FOR_SCHEMA_SECONDS", 0),
     )

@@ -59,8 +59,8 @@ class _StubUnleash:
                 body = json.dumps(stub.document).encode()
                 etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
                 if self.headers.get("If-None-Match") == etag:
+                    # As unleash-server does: a 304 carries no headers at all, not even ETag.
                     self.send_response(304)
-                    self.send_header("ETag", etag)
                     self.end_headers()
                     return
                 self.send_response(200)
