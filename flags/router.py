@@ -6,8 +6,9 @@ definition the decision came from, both stored on the withdrawal.
 
 Sources, in order of preference:
 
-* **server** — ``UNLEASH_URL`` + ``UNLEASH_API_TOKEN``: the client polls every
-  ``refresh_interval`` seconds in its own scheduler thread;
+* **server** — ``UNLEASH_URL`` (the API root, e.g. ``http://unleash:4242/api``) +
+  ``UNLEASH_API_TOKEN`` (a backend token): the client polls every ``refresh_interval`` seconds
+  in its own scheduler thread;
 * **backup** — the server stopped answering: the client keeps serving the last state it
   fetched (its backup file lives in a per-process directory, never shared between processes);
 * **bootstrap** — ``FLAGS_FILE`` (Unleash's ``/api/client/features`` format, so a file exported

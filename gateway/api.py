@@ -129,13 +129,19 @@ async def _create(
     request: AnyRequest, rt: Runtime, parsed: CreateWithdrawal, key: str | None, digest: bytes
 ) -> Response[bytes]:
     async with rt.pool.acquire() as conn:
-        if key is not None:
+        # One read for both questions: asked separately, a concurrent winner committing in
+        # between would turn this request's replay into a duplicate_withdrawal.
+        rows = await conn.fetch(
+            "SELECT withdrawal_id, idempotency_key FROM withdrawals"
+            " WHERE withdrawal_id = $1 OR idempotency_key = $2",
+            parsed.withdrawal_id,
+            key,
+        )
+        if key is not None and any(r["idempotency_key"] == key for r in rows):
             replay = await _replay_or_conflict(conn, key, digest)
             if replay is not None:
                 return replay
-        if await conn.fetchval(
-            "SELECT 1 FROM withdrawals WHERE withdrawal_id = $1", parsed.withdrawal_id
-        ):
+        if rows:
             raise ApiProblem(ApiError.DUPLICATE_WITHDRAWAL)
     # Accepting needs the broker (to drive the withdrawal) as much as the database.
     if not rt.nats_up:

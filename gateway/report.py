@@ -607,7 +607,7 @@ def _comparison_lines(comparison: dict[str, Any], indent: str) -> list[str]:
         )
         lines.append(
             f"{indent}Power: {comparison['required_per_cohort']} finished withdrawals per cohort "
-            f"detect 5 points (80 % power, α = 0.05); have legacy "
+            f"are needed to detect 5 points (80 % power, α = 0.05); have legacy "
             f"{comparison['legacy_finished']}, cascade {comparison['cascade_finished']}"
         )
     lines.append(f"{indent}Verdict: {comparison['verdict']} — {comparison['verdict_note']}")

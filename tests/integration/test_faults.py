@@ -1,0 +1,580 @@
+"""Faults on the real stack: the broker, cascade-core, repeated and late messages, races, DLQ.
+
+What must hold whatever happens (DESIGN.md, "Money safety"): a task never advances on a
+balance call that failed; a duplicate, late or stale message changes nothing; one event wins
+a race and the other is ignored; a timer the broker lost is fired by the sweeper; a message
+that keeps failing ends on the DLQ with its error and can be replayed after a fix.
+
+Messages are published here exactly as the system publishes them, minus ``Nats-Msg-Id``, so
+that JetStream's duplicate window does not hide the duplicates from the handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from gateway.runtime import open_runtime
+from orchestrator import bus
+from orchestrator.worker import Worker
+from tests.conftest import Services, Stack, StackFactory, providers_document
+from tests.faultkit import (
+    assert_settled,
+    create_withdrawal,
+    metric_sum,
+    publish,
+    run_cli,
+    set_core_faults,
+    task_events,
+    task_message,
+    tasks_of,
+    transitions,
+    wait_connected,
+    wait_task_state,
+    wait_until,
+    webhook_message,
+)
+from tests.integration.test_webhook_intake import wait_consumed
+
+SILENT = "sbx_silent"
+SYNC_OK = "sbx_sync_ok"
+DECLINE = "sbx_decline"
+FLAKY = "sbx_flaky"
+
+
+def providers(
+    *, sla: float | None, polling: dict[str, float] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Test-speed providers; ``sbx_silent`` (and ``sbx_flaky``) wait as told."""
+    doc = providers_document()
+    for provider_id in (SILENT, FLAKY):
+        doc["providers"][provider_id]["webhook_sla_seconds"] = sla
+        doc["providers"][provider_id]["status_polling"] = polling
+    for provider_id, changes in overrides.items():
+        doc["providers"][provider_id].update(changes)
+    return doc
+
+
+async def event_names(stack: Stack, task_id: uuid.UUID) -> Counter[str]:
+    return Counter(e["event"] for e in await task_events(stack, task_id))
+
+
+async def burst(stack: Stack, *messages: tuple[str, bytes]) -> None:
+    """Publish all at once (the worker takes them in one fetch), then wait until handled."""
+    await asyncio.gather(*(publish(stack, subject, payload) for subject, payload in messages))
+    await wait_consumed(stack, timeout=15)
+
+
+async def schedules(stack: Stack, task_id: uuid.UUID, kind: str) -> int:
+    """Pending schedule messages (timers) of one task and kind in the stack's stream."""
+    names = stack.runtime.relay.names
+    subject = names.schedule_subject(task_id, kind)  # type: ignore[arg-type]
+    info = await stack.runtime.js.stream_info(names.stream, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def clock_past(moment: datetime) -> bool:
+    return datetime.now(UTC) > moment
+
+
+async def unmatched(stack: Stack, reference: str) -> list[str]:
+    async with stack.runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT reason FROM unmatched_webhooks WHERE reference = $1 ORDER BY id", reference
+        )
+    return [r["reason"] for r in rows]
+
+
+# --- broker faults -----------------------------------------------------------------------------
+
+
+async def test_pending_timers_fire_after_a_nats_restart(
+    make_stack: StackFactory, services: Services
+) -> None:
+    """The server is down when the webhook SLA expires; the schedules fire once it is back.
+
+    The sweeper is off (its grace is ten minutes), so only JetStream can deliver the timers.
+    """
+    stack = await make_stack(providers=providers(sla=3), with_worker=False)
+    worker = Worker(
+        engine=stack.runtime.engine,
+        js=stack.runtime.js,
+        core=stack.runtime.core,
+        sweep_interval=0.5,
+        stranded_after=600.0,
+        timer_grace=600.0,
+    )
+    await worker.start()
+    try:
+        wids = [await create_withdrawal(stack, [SILENT]) for _ in range(3)]
+        tasks = [await wait_task_state(stack, wid, 0, "EXECUTING") for wid in wids]
+        await wait_consumed(stack)  # the outbox is empty: every timer is a schedule in NATS
+        for task in tasks:
+            assert await schedules(stack, task["task_id"], "webhook_timeout") == 1
+        due = max(t["timer_due_at"] for t in tasks)
+        before = services.nats.pid
+        await asyncio.to_thread(services.nats.stop)
+        try:
+            # Down until after the due time (schedules have whole-second resolution).
+            await wait_until(lambda: clock_past(due + timedelta(seconds=1.5)), "the due time")
+        finally:
+            await asyncio.to_thread(services.nats.start)
+        assert services.nats.pid != before
+        await wait_connected(stack)
+        for wid, task in zip(wids, tasks, strict=True):
+            await wait_task_state(stack, wid, 0, "MANUAL_CHECK", timeout=20)
+            names = await event_names(stack, task["task_id"])
+            assert names["webhook.sla_expired"] == 1, names
+    finally:
+        await worker.stop()
+
+
+async def test_a_lost_timer_is_fired_by_the_sweeper(make_stack: StackFactory) -> None:
+    """The webhook-SLA schedule is purged before it is due: the Postgres sweeper fires it."""
+    stack = await make_stack(providers=providers(sla=3))
+    wid = await create_withdrawal(stack, [SILENT])
+    task = await wait_task_state(stack, wid, 0, "EXECUTING")
+    await wait_consumed(stack)
+    names = stack.runtime.relay.names
+    assert await schedules(stack, task["task_id"], "webhook_timeout") == 1
+    await stack.runtime.js.purge_stream(
+        names.stream, subject=names.schedule_subject(task["task_id"], "webhook_timeout")
+    )
+    assert await schedules(stack, task["task_id"], "webhook_timeout") == 0
+    lost = (await tasks_of(stack, wid))[0]
+    # Lost while still pending: whatever fires it now is not the broker.
+    assert lost["state"] == "EXECUTING"
+    assert lost["timer_due_at"] > datetime.now(UTC), "the timer fired before it was purged"
+
+    await wait_task_state(stack, wid, 0, "MANUAL_CHECK", timeout=15)
+    events = await task_events(stack, task["task_id"])
+    expired = [e for e in events if e["event"] == "webhook.sla_expired"]
+    assert len(expired) == 1, events
+    assert expired[0]["created_at"] >= lost["timer_due_at"]
+
+
+# --- cascade-core faults -----------------------------------------------------------------------
+
+
+async def _ahead_of_ledger(stack: Stack, wids: list[str]) -> list[str]:
+    """Tasks whose record claims a balance outcome cascade-core does not hold (read in order).
+
+    The record is read first: a balance call happens before the transaction that records it,
+    so a ledger read afterwards can only be ahead of the record, never behind.
+    """
+    async with stack.runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT t.task_id, t.state, t.freeze_state FROM order_tasks t"
+            " JOIN order_queues q ON q.queue_id = t.queue_id"
+            " WHERE q.withdrawal_id = ANY($1::text[])",
+            wids,
+        )
+    ledger = (await stack.ledger())["operations"]
+    problems = []
+    for row in rows:
+        held = ledger.get(str(row["task_id"]))
+        claimed = row["freeze_state"]
+        if claimed in ("committed", "rolled_back") and held != claimed:
+            problems.append(f"{row['task_id']}: record {claimed}, ledger {held}")
+        if claimed == "frozen" and held is None:
+            problems.append(f"{row['task_id']}: record frozen, ledger has nothing")
+        if row["state"] == "SUCCEEDED" and held != "committed":
+            problems.append(f"{row['task_id']}: SUCCEEDED, ledger {held}")
+    return problems
+
+
+async def _set_status(stack: Stack, task: dict[str, Any], status: str) -> None:
+    """The provider settles the order and sends its signed webhook through the real intake."""
+    response = await stack.client.post(
+        f"/sandbox/providers/{task['provider_id']}/orders/{task['provider_reference']}/status",
+        json={"status": status},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["webhook_status"] == 200, response.text
+
+
+@pytest.mark.parametrize("mode", ["500", "timeout"])
+async def test_core_faults_hold_tasks_until_balance_calls_succeed(
+    make_stack: StackFactory, mode: str
+) -> None:
+    stack = await make_stack(providers=providers(sla=600))
+    if mode == "500":
+        outage: dict[str, float] = {"fault_500_ratio": 1.0}
+        flaky: dict[str, float] = {"fault_500_ratio": 0.5}
+    else:
+        outage = {"timeout_ratio": 1.0, "timeout_seconds": 0.2}
+        flaky = {"timeout_ratio": 0.5, "timeout_seconds": 0.2}
+    # Two orders accepted by the provider, frozen at cascade-core, waiting for the webhook.
+    accepted = [await create_withdrawal(stack, [SILENT]) for _ in range(2)]
+    waiting = [await wait_task_state(stack, wid, 0, "EXECUTING") for wid in accepted]
+    await wait_consumed(stack)
+    expected = {accepted[0]: "succeeded", accepted[1]: "failed"}
+    samples: list[list[str]] = []
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            samples.append(await _ahead_of_ledger(stack, list(expected)))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        # 1. cascade-core fails every balance call: nothing may move.
+        errors = await metric_sum(
+            stack, "orchestrator_handler_errors_total", error="CoreUnavailable"
+        )
+        await set_core_faults(stack, **outage)
+        fresh = []
+        for cascade, status in [
+            ([DECLINE, SYNC_OK], "succeeded"),
+            ([SYNC_OK], "succeeded"),
+            ([DECLINE], "failed"),
+        ]:
+            wid = await create_withdrawal(stack, cascade)
+            expected[wid] = status
+            fresh.append(wid)
+        await _set_status(stack, waiting[0], "succeeded")
+        await _set_status(stack, waiting[1], "failed")
+
+        async def retried() -> bool:
+            seen = await metric_sum(
+                stack, "orchestrator_handler_errors_total", error="CoreUnavailable"
+            )
+            started = all((await tasks_of(stack, w))[0]["state"] == "CREATING" for w in fresh)
+            return started and seen >= errors + 2 * 5  # five messages, each failed twice
+
+        await wait_until(retried, "every message to fail twice", timeout=20)
+        ledger = (await stack.ledger())["operations"]
+        for wid in expected:
+            assert (await stack.withdrawal(wid))["status"] == "processing"
+        for wid in accepted:
+            task = (await tasks_of(stack, wid))[0]
+            assert (task["state"], task["freeze_state"]) == ("EXECUTING", "frozen"), task
+            assert ledger[str(task["task_id"])] == "frozen"
+        for wid in fresh:
+            first, *rest = await tasks_of(stack, wid)
+            # CREATING is committed before the freeze; the freeze failed, so no provider call.
+            assert (first["state"], first["freeze_state"]) == ("CREATING", "none"), first
+            assert str(first["task_id"]) not in ledger
+            order = await stack.client.get(
+                f"/sandbox/providers/{first['provider_id']}/orders/{first['provider_order_id']}"
+            )
+            assert order.status_code == 404, order.text
+            assert all(t["state"] == "PENDING" for t in rest)
+
+        # 2. Half the balance calls fail: new withdrawals go through, retried as needed.
+        await set_core_faults(stack, **flaky)
+        more = [await create_withdrawal(stack, [DECLINE, SYNC_OK]) for _ in range(3)]
+        expected.update(dict.fromkeys(more, "succeeded"))
+        for wid in more:
+            await stack.wait_final(wid, timeout=30)
+
+        # 3. cascade-core healthy again: everything that waited completes.
+        await set_core_faults(stack)
+        for wid in expected:
+            await stack.wait_final(wid, timeout=30)
+    finally:
+        stop.set()
+        await sampler
+    await wait_consumed(stack)
+    assert len(samples) > 10
+    assert [s for s in samples if s] == [], "the record ran ahead of cascade-core"
+    await assert_settled(stack, expected)
+
+
+# --- duplicates, out of order, late ------------------------------------------------------------
+
+
+async def test_duplicate_and_late_starts_change_nothing(make_stack: StackFactory) -> None:
+    """Each first start is delivered three times at once, and every start again afterwards."""
+    stack = await make_stack(with_worker=False)
+    expected = {}
+    for cascade, status in [
+        ([DECLINE, SYNC_OK], "succeeded"),
+        ([SYNC_OK], "succeeded"),
+        (["sbx_accept_fail", "sbx_ok"], "succeeded"),
+        ([DECLINE], "failed"),
+    ]:
+        expected[await create_withdrawal(stack, cascade)] = status
+    for wid in expected:
+        first = (await tasks_of(stack, wid))[0]
+        await publish(stack, bus.TASK_START, task_message(first))
+        await publish(stack, bus.TASK_START, task_message(first))
+    await stack.worker.start()
+    for wid in expected:
+        await stack.wait_final(wid)
+    await wait_consumed(stack)
+    before = await transitions(stack, list(expected))
+
+    late = [
+        (bus.TASK_START, task_message(task))
+        for wid in expected
+        for task in await tasks_of(stack, wid)
+        for _ in range(2)
+    ]
+    await burst(stack, *late)
+    assert await transitions(stack, list(expected)) == before
+    await assert_settled(stack, expected)
+
+
+async def test_timer_duplicates_and_stale_generations_change_nothing(
+    make_stack: StackFactory,
+) -> None:
+    """Webhook SLA then status polling on one task, every timer delivered twice and late."""
+    stack = await make_stack(
+        providers=providers(sla=600, polling={"interval_seconds": 600, "max_polls": 3})
+    )
+    wid = await create_withdrawal(stack, [SILENT])
+    task = await wait_task_state(stack, wid, 0, "EXECUTING")
+    await wait_consumed(stack)
+    task_id = task["task_id"]
+    sla = (bus.WEBHOOK_TIMEOUT, task_message(task, 0))
+
+    def tick(attempt: int) -> tuple[str, bytes]:
+        return bus.STATUS_TICK, task_message(task, attempt)
+
+    await burst(stack, sla, sla)
+    names = await event_names(stack, task_id)
+    assert (names["timer.webhook_timeout"], names["status.pending"]) == (1, 1), names
+    polled = (await tasks_of(stack, wid))[0]
+    assert (polled["status_polls"], polled["timer_kind"], polled["timer_attempt"]) == (
+        1,
+        "status_tick",
+        1,
+    )
+
+    # Late: the SLA timer again, the status tick of a generation that never was, a recheck.
+    await burst(stack, sla, tick(0), (bus.RECHECK_TICK, task_message(task, 0)))
+    assert await event_names(stack, task_id) == names
+
+    await burst(stack, tick(1), tick(1))
+    names = await event_names(stack, task_id)
+    assert (names["timer.status_tick"], names["status.pending"]) == (1, 2), names
+
+    # The outcome twice at once, then everything again after it.
+    success = (bus.WEBHOOK_RECEIVED, webhook_message(task, "succeeded"))
+    await burst(stack, success, success)
+    assert (await tasks_of(stack, wid))[0]["state"] == "SUCCEEDED"
+    names = await event_names(stack, task_id)
+    await burst(
+        stack,
+        success,
+        (bus.WEBHOOK_RECEIVED, webhook_message(task, "failed", "declined")),
+        sla,
+        tick(1),
+        tick(2),
+        (bus.RECHECK_TICK, task_message(task, 0)),
+        (bus.TASK_START, task_message(task)),
+    )
+    assert await event_names(stack, task_id) == names
+    assert await unmatched(stack, task["provider_reference"]) == ["task_final"] * 3
+    await assert_settled(stack, {wid: "succeeded"})
+
+
+@pytest.mark.parametrize(("outcome", "provider"), [("created", FLAKY), ("absent", SYNC_OK)])
+async def test_duplicate_recheck_ticks_poll_once(
+    make_stack: StackFactory, outcome: str, provider: str
+) -> None:
+    """An ambiguous create (503) leaves RECHECKING; two ticks at once make one transition."""
+    slow_recheck = {
+        "recheck": {
+            "initial_delay_seconds": 600,
+            "multiplier": 2,
+            "max_delay_seconds": 600,
+            "max_attempts": 5,
+        }
+    }
+    stack = await make_stack(providers=providers(sla=600, **{FLAKY: slow_recheck}))
+    script = await stack.client.post(
+        f"/sandbox/providers/{FLAKY}/script", json={"outcomes": [outcome], "errors": ["503"]}
+    )
+    assert script.status_code == 200, script.text
+    wid = await create_withdrawal(stack, [FLAKY, SYNC_OK])
+    task = await wait_task_state(stack, wid, 0, "RECHECKING")
+    await wait_consumed(stack)
+    recheck = (bus.RECHECK_TICK, task_message(task, 0))
+
+    await burst(stack, recheck, recheck)
+    events = await task_events(stack, task["task_id"])
+    assert [e["event"] for e in events].count("timer.recheck") == 1, events
+    left = [e for e in events if e["from_state"] == "RECHECKING" and e["to_state"]]
+    assert len(left) == 1, events
+    # created: found pending (EXECUTING) or already paid; absent: proven absent, next provider.
+    assert left[0]["to_state"] in (
+        ("EXECUTING", "SUCCEEDED") if outcome == "created" else ("FAILED",)
+    )
+
+    final = await stack.wait_final(wid, timeout=15)
+    assert final["provider_id"] == provider
+    count = len(await task_events(stack, task["task_id"]))
+    await burst(stack, recheck)
+    assert len(await task_events(stack, task["task_id"])) == count
+    await wait_consumed(stack)
+    await assert_settled(stack, {wid: "succeeded"})
+
+
+async def test_start_of_a_task_out_of_turn_is_ignored(make_stack: StackFactory) -> None:
+    """A start for the second task while the first still waits on its provider."""
+    stack = await make_stack(providers=providers(sla=600))
+    wid = await create_withdrawal(stack, [SILENT, SYNC_OK])
+    first = await wait_task_state(stack, wid, 0, "EXECUTING")
+    await wait_consumed(stack)
+    second = (await tasks_of(stack, wid))[1]
+
+    await burst(stack, (bus.TASK_START, task_message(second)))
+    assert (await tasks_of(stack, wid))[1]["state"] == "PENDING"
+
+    await burst(stack, (bus.WEBHOOK_RECEIVED, webhook_message(first, "succeeded")))
+    assert (await stack.wait_final(wid))["provider_id"] == SILENT
+    await assert_settled(stack, {wid: "succeeded"})
+
+
+# --- concurrency -------------------------------------------------------------------------------
+
+
+async def test_webhook_and_sla_timeout_at_the_same_moment(make_stack: StackFactory) -> None:
+    """Outcome webhook and SLA timer race on each task: one wins, the other is ignored."""
+    stack = await make_stack(providers=providers(sla=600))
+    wids = [await create_withdrawal(stack, [SILENT]) for _ in range(8)]
+    tasks = [await wait_task_state(stack, wid, 0, "EXECUTING") for wid in wids]
+    await wait_consumed(stack)
+    expected = {}
+    race = []
+    for i, (wid, task) in enumerate(zip(wids, tasks, strict=True)):
+        status = "succeeded" if i % 2 == 0 else "failed"
+        expected[wid] = status
+        race.append((bus.WEBHOOK_RECEIVED, webhook_message(task, status, None)))
+        race.append((bus.WEBHOOK_TIMEOUT, task_message(task, 0)))
+    await burst(stack, *race)
+    for wid in wids:
+        await stack.wait_final(wid)
+    await assert_settled(stack, expected)
+    for task in tasks:
+        names = await event_names(stack, task["task_id"])
+        # Either the webhook came first (the timer was stale) or the timer did (a manual check
+        # the webhook then settled); never both outcomes.
+        assert names["webhook.sla_expired"] <= 1, names
+
+
+class RecordingWorker(Worker):
+    """A worker that remembers which task each message it handled was about."""
+
+    def __init__(self, label: str, handled: list[tuple[str, str, str]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.label = label
+        self.handled = handled
+
+    async def dispatch(self, subject: str, data: bytes, trace_id: str | None) -> None:
+        about = json.loads(data).get("task_id") or json.loads(data).get("order_id", "")
+        self.handled.append((self.label, subject, about))
+        await super().dispatch(subject, data, trace_id)
+
+
+async def test_two_workers_on_the_same_messages_one_winner(make_stack: StackFactory) -> None:
+    """Two workers (own connections and pools) share the consumer; every start comes thrice."""
+    stack = await make_stack(with_worker=False)
+    other = await open_runtime(stack.settings, name="worker-2", with_router=False)
+    handled: list[tuple[str, str, str]] = []
+    workers = [
+        RecordingWorker(
+            label,
+            handled,
+            engine=runtime.engine,
+            js=runtime.js,
+            core=runtime.core,
+            concurrency=4,
+            sweep_interval=0.5,
+            stranded_after=3.0,
+            timer_grace=1.0,
+        )
+        for label, runtime in (("one", stack.runtime), ("two", other))
+    ]
+    try:
+        expected = {}
+        for cascade, status in [
+            ([DECLINE, SYNC_OK], "succeeded"),
+            ([SYNC_OK], "succeeded"),
+            (["sbx_ok"], "succeeded"),
+            ([DECLINE], "failed"),
+        ] * 2:
+            expected[await create_withdrawal(stack, cascade)] = status
+        for wid in expected:
+            first = (await tasks_of(stack, wid))[0]
+            for _ in range(2):
+                await publish(stack, bus.TASK_START, task_message(first))
+        await asyncio.gather(*(w.start() for w in workers))
+        for wid in expected:
+            await stack.wait_final(wid)
+        await wait_consumed(stack)
+        await assert_settled(stack, expected)
+    finally:
+        for worker in workers:
+            await worker.stop()
+        await other.close()
+    by_worker = Counter(label for label, _, _ in handled)
+    assert by_worker["one"] > 0 and by_worker["two"] > 0, by_worker
+    starts: dict[str, set[str]] = {}
+    for label, subject, about in handled:
+        if subject == bus.TASK_START:
+            starts.setdefault(about, set()).add(label)
+    assert any(len(labels) == 2 for labels in starts.values()), "no start reached both workers"
+
+
+# --- dead letters ------------------------------------------------------------------------------
+
+
+async def test_a_failing_message_is_dead_lettered_and_replayed_after_the_fix(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Test-speed redelivery: eight deliveries in about a second instead of two minutes.
+    monkeypatch.setattr(bus, "BACKOFF", (0.05,) * 7)
+    stack = await make_stack(providers=providers(sla=600))
+    names = stack.runtime.relay.names
+    wid = await create_withdrawal(stack, [SILENT])
+    task = await wait_task_state(stack, wid, 0, "EXECUTING")
+    await wait_consumed(stack)
+
+    # A webhook whose commit cascade-core refuses to take (down), and bytes that are no event.
+    await set_core_faults(stack, fault_500_ratio=1.0)
+    await publish(stack, bus.WEBHOOK_RECEIVED, webhook_message(task, "succeeded"))
+    await publish(stack, bus.TASK_START, b"{not json")
+
+    async def dead(n: int) -> bool:
+        return await bus.dlq_size(stack.runtime.js, names) == n
+
+    await wait_until(lambda: dead(2), "two dead letters", timeout=30)
+    await wait_consumed(stack)
+    held = (await tasks_of(stack, wid))[0]
+    assert (held["state"], held["freeze_state"]) == ("EXECUTING", "frozen")
+    assert (await stack.ledger())["operations"][str(task["task_id"])] == "frozen"
+
+    async def gauge(n: float) -> bool:
+        return await metric_sum(stack, "dlq_size") == n
+
+    await wait_until(lambda: gauge(2.0), "dlq_size to show 2", timeout=15)
+
+    status, out, err = await run_cli(stack, "dlq", "list")
+    assert status == 0, err
+    letters = {d["subject"]: d for d in map(json.loads, out.splitlines())}
+    assert set(letters) == {bus.WEBHOOK_RECEIVED, bus.TASK_START}, out
+    assert all(d["deliveries"] == bus.MAX_DELIVER for d in letters.values()), out
+    assert letters[bus.WEBHOOK_RECEIVED]["error"].startswith("CoreUnavailable"), out
+    assert "commit" in letters[bus.WEBHOOK_RECEIVED]["error"], out
+    assert letters[bus.TASK_START]["payload"] == "{not json", out
+
+    # The fix: cascade-core is back. Replay: the webhook goes through, the garbage fails again.
+    await set_core_faults(stack)
+    status, out, err = await run_cli(stack, "dlq", "replay")
+    assert status == 0, err
+    assert "replayed 2 message(s)" in out
+    final = await stack.wait_final(wid)
+    assert final["status"] == "succeeded"
+    await wait_until(lambda: dead(1), "the garbage back on the DLQ", timeout=30)
+    await wait_consumed(stack)
+    await assert_settled(stack, {wid: "succeeded"})
