@@ -84,12 +84,13 @@ def _worker(settings: Settings) -> int:
             runtime = await open_runtime(settings, name="worker", with_router=False)
         except DependencyError as exc:
             return fail(str(exc))
+        health: asyncio.Task[None] | None = None
         if settings.worker_metrics_port:
-            from prometheus_client import start_http_server  # noqa: PLC0415
+            from orchestrator.health import serve_health  # noqa: PLC0415
 
-            # Every path of this tiny server answers the metrics: /metrics for Prometheus,
-            # and any path works as a liveness probe.
-            start_http_server(settings.worker_metrics_port, addr=settings.http_host)
+            health = serve_health(
+                runtime.pool, runtime.nc, settings.http_host, settings.worker_metrics_port
+            )
         worker = Worker(
             engine=runtime.engine,
             js=runtime.js,
@@ -107,6 +108,8 @@ def _worker(settings: Settings) -> int:
             try:
                 await asyncio.wait_for(worker.stop(), 10)
             finally:
+                if health is not None:
+                    health.cancel()
                 await runtime.close()
         return 0
 

@@ -43,6 +43,18 @@ task_time_in_state = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600, 21600),
 )
 dlq_size = Gauge("dlq_size", "Messages waiting in the dead-letter stream.", multiprocess_mode="max")
+tasks_in_state = Gauge(
+    "tasks_in_state",
+    "Tasks currently in each non-final state (from Postgres).",
+    ["state"],
+    multiprocess_mode="max",
+)
+task_oldest_in_state = Gauge(
+    "task_oldest_in_state_seconds",
+    "Age of the oldest task in each non-final state: a stuck task shows here before it moves.",
+    ["state"],
+    multiprocess_mode="max",
+)
 core_notifications = Counter(
     "core_notifications", "Final-status notifications sent to cascade-core.", ["result"]
 )

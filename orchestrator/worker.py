@@ -172,7 +172,20 @@ class Worker:
         log.error("message dead-lettered", extra={"subject": subject, "error": letter.error})
 
     async def measure_dlq(self) -> None:
+        """Gauges read from the record and the broker: DLQ size, tasks waiting per state."""
         m.dlq_size.set(await bus.dlq_size(self.js, self.names))
+        async with self.engine.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT state, count(*) AS n,"
+                " extract(epoch FROM now() - min(state_entered_at)) AS oldest"
+                " FROM order_tasks WHERE state NOT IN ('SUCCEEDED', 'SKIPPED', 'FAILED',"
+                " 'CANCELLED') GROUP BY state"
+            )
+        seen = {row["state"]: row for row in rows}
+        for state in ("PENDING", "CREATING", "EXECUTING", "RECHECKING", "MANUAL_CHECK"):
+            row = seen.get(state)
+            m.tasks_in_state.labels(state=state).set(row["n"] if row else 0)
+            m.task_oldest_in_state.labels(state=state).set(float(row["oldest"]) if row else 0)
 
     async def sweep_once(self) -> int:
         """Fire overdue timers and restart stranded tasks; returns how many were re-armed."""
