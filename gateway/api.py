@@ -202,7 +202,7 @@ async def _create(
                             payload,
                             {
                                 "Nats-Msg-Id": f"start-{tasks[0].task_id.hex}",
-                                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+                                **bus.trace_headers(trace_id),
                             },
                         )
                     )

@@ -17,6 +17,7 @@ from litestar.params import FromPath
 
 from contracts.provider import FINAL_PROVIDER_STATUSES, ProviderWebhook
 from contracts.webhooks import SignatureError, verify
+from gateway.api import trace_id_of
 from gateway.http import ApiProblem, json_response, read_body
 from gateway.runtime import Runtime
 from orchestrator import bus
@@ -86,7 +87,7 @@ async def receive_webhook(
         ack = await rt.js.publish(
             rt.relay.names.subject(bus.WEBHOOK_RECEIVED),
             msgspec.json.encode(message),
-            headers={"Nats-Msg-Id": msg_id},
+            headers={"Nats-Msg-Id": msg_id, **bus.trace_headers(trace_id_of(request))},
             timeout=5,
         )
     except Exception:  # noqa: BLE001 — any broker failure: the provider retries later

@@ -13,6 +13,7 @@ subjects or streams.
 from __future__ import annotations
 
 import logging
+import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -131,6 +132,13 @@ def schedule_headers(target: str, due_at: datetime) -> dict[str, str]:
 
 
 _ONE_SECOND = timedelta(seconds=1)
+
+
+def trace_headers(trace_id: str | None) -> dict[str, str]:
+    """W3C ``traceparent`` carrying ``trace_id`` onward (a fresh span id per message)."""
+    if not trace_id:
+        return {}
+    return {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
 
 
 async def connect(url: str, *, name: str) -> NatsClient:

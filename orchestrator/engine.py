@@ -412,7 +412,7 @@ class Engine:
                     tx.conn,
                     self.names.schedule_subject(task.task_id, step.timer.kind),
                     payload,
-                    headers,
+                    {**headers, **bus.trace_headers(trace_id)},
                 )
             )
         tx.queue = dataclasses.replace(
@@ -455,7 +455,7 @@ class Engine:
                     tx.conn,
                     self.names.subject(bus.TASK_START),
                     payload,
-                    {"Nats-Msg-Id": f"start-{qstep.start_task.hex}"},
+                    {"Nats-Msg-Id": f"start-{qstep.start_task.hex}", **bus.trace_headers(trace_id)},
                 )
             )
         if qstep.to is None:

@@ -117,3 +117,26 @@ async def test_metrics_and_health(make_stack: StackFactory) -> None:
     ):
         assert f"\n{name}{{" in text, name
     assert 'withdrawals_created_total{cohort="cascade"}' in text
+
+
+@pytest.mark.e2e
+async def test_trace_id_follows_the_withdrawal_through_nats(make_stack: StackFactory) -> None:
+    """W3C trace context from the API request reaches every audited transition."""
+    stack = await make_stack()
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    wid = new_id()
+    response = await stack.client.post(
+        "/v1/withdrawals",
+        headers={**stack.headers, "traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+        json=withdrawal_body(wid, ["sbx_decline", "sbx_ok"]),
+    )
+    assert response.status_code == 201
+    await stack.wait_final(wid)
+    async with stack.runtime.pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT event, actor, trace_id FROM order_task_events WHERE withdrawal_id = $1"
+            " AND actor NOT LIKE 'provider:%'",
+            wid,
+        )
+    assert len(rows) >= 6
+    assert {r["trace_id"] for r in rows} == {trace}, [dict(r) for r in rows]
