@@ -279,6 +279,55 @@ def test_prometheus_rule_shape() -> None:
                 assert promql.Matcher("namespace", "=", NAMESPACE) in matchers, (metric, r)
 
 
+def test_stuck_task_alerts_read_the_oldest_task_gauge_with_any_positive_bound() -> None:
+    """One alert per bounded state, on the gauge, max over pods; bounds need no bucket."""
+    values = {
+        "metrics": {
+            "prometheusRule": {
+                "enabled": True,
+                "stuckTasks": {
+                    "for": "2m",
+                    "bounds": {
+                        "PENDING": 86400,
+                        "CREATING": 120,
+                        "RECHECKING": 90.5,
+                        "MANUAL_CHECK": 1000000,
+                    },
+                },
+            }
+        }
+    }
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    rule = yaml.safe_load(rendered[f"{CHART.name}/templates/prometheusrule.yaml"])
+    stuck = {
+        r["labels"]["state"]: r
+        for group in rule["spec"]["groups"]
+        for r in group["rules"]
+        if r.get("alert") == "CascadeGatewayTasksStuckInState"
+    }
+    bounds = {state: r["expr"].rsplit(">", 1)[1].strip() for state, r in stuck.items()}
+    assert bounds == {  # the default EXECUTING bound merges in; no 1e+06 for big numbers
+        "PENDING": "86400",
+        "CREATING": "120",
+        "EXECUTING": "3600",
+        "RECHECKING": "90.5",
+        "MANUAL_CHECK": "1000000",
+    }
+    for state, r in stuck.items():
+        assert r["for"] == "2m"
+        assert r["expr"].startswith("max by (namespace, state) (task_oldest_in_state_seconds{")
+        query = promql.read(r["expr"])
+        assert query.metrics == {
+            "task_oldest_in_state_seconds": [
+                promql.Matcher("namespace", "=", NAMESPACE),
+                promql.Matcher("state", "=", state),
+            ]
+        }
+        assert query.grouping_labels == {"namespace", "state"}
+        assert f"more than {bounds[state]}s" in r["annotations"]["summary"]
+
+
 def dashboard() -> dict[str, Any]:
     config_map: dict[str, Any] | None = None
     for obj in of_kind("default", "ConfigMap"):
@@ -330,6 +379,8 @@ def test_dashboard_compares_the_cohorts() -> None:
         "withdrawal_attempts_sum",
         "withdrawal_duration_seconds_bucket",
         "task_time_in_state_seconds_count",
+        "tasks_in_state",
+        "task_oldest_in_state_seconds",
         "dlq_size",
         "webhooks_total",
         "routing_decisions_total",
@@ -682,14 +733,39 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("NATS URL scheme", {"nats": {"url": "http://nats:4222"}}, ["/nats/url"]),
     ("privileged port", {"gateway": {"port": 80}}, ["/gateway/port", "minimum"]),
     (
-        "stuck bound that is no histogram bucket",
-        {"metrics": {"prometheusRule": {"stuckTasks": {"bounds": {"CREATING": 120}}}}},
-        ["/metrics/prometheusRule/stuckTasks/bounds/CREATING"],
+        "stuck bound of zero",
+        {"metrics": {"prometheusRule": {"stuckTasks": {"bounds": {"CREATING": 0}}}}},
+        ["/metrics/prometheusRule/stuckTasks/bounds/CREATING", "exclusiveMinimum"],
+    ),
+    (
+        "negative stuck bound",
+        {"metrics": {"prometheusRule": {"stuckTasks": {"bounds": {"EXECUTING": -60}}}}},
+        ["/metrics/prometheusRule/stuckTasks/bounds/EXECUTING", "exclusiveMinimum"],
+    ),
+    (
+        "stuck bound as text",
+        {"metrics": {"prometheusRule": {"stuckTasks": {"bounds": {"CREATING": "5m"}}}}},
+        ["/metrics/prometheusRule/stuckTasks/bounds/CREATING", "want number"],
     ),
     (
         "stuck bound on a final state",
         {"metrics": {"prometheusRule": {"stuckTasks": {"bounds": {"SUCCEEDED": 60}}}}},
-        ["/metrics/prometheusRule/stuckTasks/bounds"],
+        ["/metrics/prometheusRule/stuckTasks/bounds", "'SUCCEEDED'"],
+    ),
+    (
+        "stuck bound on a state the workers do not measure",
+        {"metrics": {"prometheusRule": {"stuckTasks": {"bounds": {"NEGATIVE_EVAL": 60}}}}},
+        ["/metrics/prometheusRule/stuckTasks/bounds", "'NEGATIVE_EVAL'"],
+    ),
+    (
+        "stuck-task window of the histogram alert",
+        {"metrics": {"prometheusRule": {"stuckTasks": {"window": "30m"}}}},
+        ["/metrics/prometheusRule/stuckTasks", "'window'"],
+    ),
+    (
+        "stuck-task for that is no duration",
+        {"metrics": {"prometheusRule": {"stuckTasks": {"for": "5 minutes"}}}},
+        ["/metrics/prometheusRule/stuckTasks/for"],
     ),
     (
         "provider file key misspelled",
@@ -840,6 +916,10 @@ async def test_dashboard_and_alerts_use_only_metrics_the_app_exports(
     )
     assert created.status_code == 201, created.text
     assert (await stack.wait_final(wid))["status"] == "succeeded"
+    # The worker (in this process, so on the gateway's /metrics) sets the task gauges every
+    # 5 s; one pass now rather than waiting for the next.
+    await stack.worker.measure_dlq()
+    assert {"tasks_in_state", "task_oldest_in_state_seconds"} <= needed
     # Wait (with a deadline) until the notification and webhook counters have series.
     deadline = asyncio.get_running_loop().time() + 15
     while True:
@@ -851,6 +931,14 @@ async def test_dashboard_and_alerts_use_only_metrics_the_app_exports(
             break
         await asyncio.sleep(0.1)
     assert missing == set(), "used by the chart but not exported by the app"
+    # A series for every state the chart may bound, even with no task in it (then 0).
+    states = set(
+        json.loads((CHART / "values.schema.json").read_text())["properties"]["metrics"][
+            "properties"
+        ]["prometheusRule"]["properties"]["stuckTasks"]["properties"]["bounds"]["properties"]
+    )
+    for gauge in ("tasks_in_state", "task_oldest_in_state_seconds"):
+        assert samples[gauge]["state"] == states, gauge
 
     for where, query, inherited in queries:
         known = TARGET_LABELS | {"le"} | inherited
@@ -930,9 +1018,86 @@ def cohort_series(
 ZSCORE = "cascade_gateway:withdrawal_success_cascade_vs_legacy:zscore6h"
 
 
+STUCK = "CascadeGatewayTasksStuckInState"
+
+
+def oldest(pod: str, state: str, values: str, namespace: str = NAMESPACE) -> dict[str, str]:
+    """task_oldest_in_state_seconds of one worker pod, sampled every minute."""
+    labels = f'namespace="{namespace}",pod="{pod}",state="{state}"'
+    return series(f"task_oldest_in_state_seconds{{{labels}}}", values)
+
+
+def stuck_task_tests() -> list[dict[str, Any]]:
+    """Production bounds: CREATING 300 s, EXECUTING and RECHECKING 3600 s, for 5m."""
+    stuck_creating = {"namespace": NAMESPACE, "state": "CREATING", "severity": "warning"}
+    return [
+        {  # a task enters CREATING at 0 and stays; two worker pods report the same age
+            "interval": "1m",
+            "input_series": [
+                oldest("w-1", "CREATING", "0+60x40"),
+                oldest("w-2", "CREATING", "0+60x40"),
+                oldest("w-1", "EXECUTING", "3000x40"),  # below its bound all along
+                oldest("w-1", "RECHECKING", "0+600x8 0x32"),  # over it 2 minutes, then moves on
+                oldest("w-1", "PENDING", "0+600x40"),  # no bound for PENDING
+                oldest("w-1", "MANUAL_CHECK", "0x40"),
+                oldest("w-9", "MANUAL_CHECK", "100000x40", namespace="other"),  # not ours
+            ],
+            "promql_expr_test": [  # the gauge grows while the task waits: no histogram needed
+                {
+                    "expr": 'task_oldest_in_state_seconds{pod="w-1",state="CREATING"}',
+                    "eval_time": "12m",
+                    "exp_samples": [
+                        {
+                            "labels": 'task_oldest_in_state_seconds{namespace="payments",'
+                            'pod="w-1",state="CREATING"}',
+                            "value": 720,
+                        }
+                    ],
+                }
+            ],
+            "alert_rule_test": [
+                {"eval_time": "5m", "alertname": STUCK, "exp_alerts": []},  # 300 s: not above
+                {"eval_time": "10m", "alertname": STUCK, "exp_alerts": []},  # above, pending
+                {
+                    "eval_time": "12m",
+                    "alertname": STUCK,
+                    "exp_alerts": [{"exp_labels": stuck_creating}],  # one alert for both pods
+                },
+                {
+                    "eval_time": "40m",
+                    "alertname": STUCK,
+                    "exp_alerts": [{"exp_labels": stuck_creating}],  # still stuck: still firing
+                },
+            ],
+        },
+        {  # three worker pods each report 200 s: max is below the 300 s bound (sum is not)
+            "interval": "1m",
+            "input_series": [
+                oldest("w-1", "CREATING", "200x40"),
+                oldest("w-2", "CREATING", "200x40"),
+                oldest("w-3", "CREATING", "200x40"),
+            ],
+            "alert_rule_test": [{"eval_time": "30m", "alertname": STUCK, "exp_alerts": []}],
+        },
+        {  # the task leaves CREATING at 20m: the gauge drops to 0 and the alert resolves
+            "interval": "1m",
+            "input_series": [oldest("w-1", "CREATING", "0+60x20 0x20")],
+            "alert_rule_test": [
+                {
+                    "eval_time": "15m",
+                    "alertname": STUCK,
+                    "exp_alerts": [{"exp_labels": stuck_creating}],
+                },
+                {"eval_time": "25m", "alertname": STUCK, "exp_alerts": []},
+            ],
+        },
+    ]
+
+
 def alert_tests() -> list[dict[str, Any]]:
     at = "90m"
     return [
+        *stuck_task_tests(),
         {  # cascade 1/3 vs legacy 2/3 over ~270 withdrawals each: z ≈ -7.7, fires
             "interval": "1m",
             "input_series": cohort_series((1, 2), (2, 1)),
@@ -988,22 +1153,6 @@ def alert_tests() -> list[dict[str, Any]]:
             "interval": "1m",
             "input_series": [
                 series(f"dlq_size{{{NS}}}", "0x5 2x20"),
-                series(
-                    f'task_time_in_state_seconds_count{{{NS},state="CREATING",provider="psp_a"}}',
-                    "0+5x40",
-                ),
-                series(
-                    f'task_time_in_state_seconds_bucket{{{NS},state="CREATING",provider="psp_a",le="300.0"}}',
-                    "0+3x40",
-                ),
-                series(
-                    f'task_time_in_state_seconds_count{{{NS},state="EXECUTING",provider="psp_a"}}',
-                    "0+5x40",
-                ),
-                series(
-                    f'task_time_in_state_seconds_bucket{{{NS},state="EXECUTING",provider="psp_a",le="3600.0"}}',
-                    "0+5x40",
-                ),
                 series(f'core_notifications_total{{{NS},result="error"}}', "0+1x40"),
                 series(f'core_notifications_total{{{NS},result="acked"}}', "0+1x40"),
                 series(
@@ -1019,20 +1168,6 @@ def alert_tests() -> list[dict[str, Any]]:
                     "alertname": "CascadeGatewayDeadLetters",
                     "exp_alerts": [
                         {"exp_labels": {"namespace": NAMESPACE, "severity": "critical"}}
-                    ],
-                },
-                {
-                    "eval_time": "30m",
-                    "alertname": "CascadeGatewayTasksStuckInState",
-                    "exp_alerts": [
-                        {
-                            "exp_labels": {
-                                "namespace": NAMESPACE,
-                                "state": "CREATING",
-                                "provider": "psp_a",
-                                "severity": "warning",
-                            }
-                        }
                     ],
                 },
                 {
