@@ -269,9 +269,16 @@ def recheck_delay(config: ProviderConfig, attempt: int) -> float:
 def _executing(
     task: OrderTask, config: ProviderConfig, now: datetime, event: str, **changes: object
 ) -> Step:
-    """Enter EXECUTING with the webhook SLA timer, or go to manual check when there is none."""
+    """Enter EXECUTING with the webhook SLA timer, or go to manual check when there is none.
+
+    A cancel requested while the order was being created or rechecked is sent to the
+    provider now that the order is known to exist (the SLA timer still guards the wait).
+    """
     if config.webhook_sla_seconds is None and config.status_polling is None:
         return Step(event=event, to=T.MANUAL_CHECK, changes=changes, clear_timer=True)
+    call: Call | None = (
+        "cancel_at_provider" if task.cancel_requested and config.supports_cancel else None
+    )
     if config.webhook_sla_seconds is None:
         assert config.status_polling is not None
         due = now + timedelta(seconds=config.status_polling.interval_seconds)
@@ -279,6 +286,7 @@ def _executing(
             event=event,
             to=T.EXECUTING,
             changes=changes,
+            call=call,
             timer=Timer(kind="status_tick", due_at=due, attempt=0),
         )
     due = now + timedelta(seconds=config.webhook_sla_seconds)
@@ -286,6 +294,7 @@ def _executing(
         event=event,
         to=T.EXECUTING,
         changes=changes,
+        call=call,
         timer=Timer(kind="webhook_timeout", due_at=due, attempt=0),
     )
 

@@ -429,3 +429,13 @@ def test_public_state_is_total(
         )
     if public.status == "cancelled":
         assert public.failure_code == "cancelled"
+
+
+def test_cancel_requested_during_create_reaches_the_provider_once_the_order_exists() -> None:
+    creating = task(T.CREATING, freeze_state="frozen", cancel_requested=True)
+    cancellable = msgspec.structs.replace(CONFIG, supports_cancel=True)
+    step = decide(creating, ProviderAnswer("pending", "r"), cancellable, NOW)
+    assert (step.to, step.call) == (T.EXECUTING, "cancel_at_provider")
+    assert step.timer is not None  # the SLA still guards an unanswered cancel
+    plain = decide(creating, ProviderAnswer("pending", "r"), CONFIG, NOW)
+    assert (plain.to, plain.call) == (T.EXECUTING, None)
