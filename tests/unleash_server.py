@@ -1,4 +1,4 @@
-"""A real Unleash server for the tests: npm ``unleash-server`` 8.x on its own Postgres database.
+"""A real Unleash server for the tests: npm ``unleash-server`` 8.2 on its own Postgres database.
 
 The package is installed once into a cache directory (``~/.cache/cascade-gateway/unleash-server``
 or ``$XDG_CACHE_HOME``; ``CASCADE_UNLEASH_DIR`` overrides) and reused; a failed install is an
@@ -27,7 +27,8 @@ import httpx
 
 from sandbox.embedded import free_port
 
-PACKAGE = "unleash-server@8"
+# 8.2 is what runs on this project's Node 20 (npm warns that 8.x wants Node 22): patch updates only.
+PACKAGE = "unleash-server@~8.2.0"
 ENVIRONMENT = "development"
 PROJECT = "default"
 INSTALL_TIMEOUT = 600.0
@@ -58,7 +59,7 @@ def _installed_version(directory: Path) -> str | None:
 
 
 def ensure_installed() -> Path:
-    """Install ``unleash-server`` 8.x into the cache directory unless it is there; return it."""
+    """Install ``unleash-server`` 8.2 into the cache directory unless it is there; return it."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         raise UnleashUnavailable("node and npm are needed to run a real Unleash server")
@@ -68,7 +69,7 @@ def ensure_installed() -> Path:
     with (directory / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         version = _installed_version(directory)
-        if version is not None and version.startswith("8."):
+        if version is not None and version.startswith("8.2."):
             return directory
         (directory / "package.json").write_text('{"private": true}\n')
         command = [
