@@ -55,6 +55,9 @@ TIMER_TARGETS: dict[TimerKind, str] = {
     "status_tick": STATUS_TICK,
 }
 MAX_DELIVER = 8
+# The consumer's own bound sits above ours: a message past MAX_DELIVER whose dead-lettering
+# failed (broker trouble) is nak'ed and comes back to be dead-lettered, never silently dropped.
+CONSUMER_MAX_DELIVER = 50
 # Redelivery delay after the n-th failed attempt (explicit nak delay), seconds.
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -214,7 +217,7 @@ async def ensure_streams(
             filter_subjects=[names.subject(s) for s in EVENT_SUBJECTS],
             ack_policy=js_api.AckPolicy.EXPLICIT,
             deliver_policy=js_api.DeliverPolicy.ALL,
-            max_deliver=MAX_DELIVER,
+            max_deliver=CONSUMER_MAX_DELIVER,
             # A crashed worker's message comes back after ack_wait; handlers that fail nak
             # with an explicit delay from BACKOFF instead.
             ack_wait=ack_wait_seconds,

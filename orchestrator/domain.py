@@ -496,7 +496,7 @@ def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -
         )
     polls = task.status_polls + 1
     polling = config.status_polling
-    if polling is None or polls > polling.max_polls:
+    if polling is None or polls >= polling.max_polls:
         return Step(
             event="status.exhausted",
             to=T.MANUAL_CHECK,
@@ -543,6 +543,17 @@ class QueueStep:
     skip_tasks: tuple[uuid.UUID, ...] = ()
     cancel_tasks: tuple[uuid.UUID, ...] = ()
     failure_code: Outcome | None = None
+
+
+def may_start(queue: OrderQueue, task: OrderTask) -> bool:
+    """Whether ``task`` is the queue's next attempt: active queue, every earlier task final.
+
+    A start message for any other task (replayed from the DLQ, published by hand) must not
+    create a second live order at another provider: that is how withdrawals get paid twice.
+    """
+    if queue.final or queue.cancel_requested or queue.stop_requested:
+        return False
+    return all(t.final for t in queue.tasks if t.position < task.position)
 
 
 def advance_queue(queue: OrderQueue) -> QueueStep:

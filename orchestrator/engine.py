@@ -44,6 +44,7 @@ from orchestrator.domain import (
     after_poll_pending,
     apply_changes,
     decide,
+    may_start,
     public_state,
 )
 from orchestrator.faults import fault_point
@@ -89,6 +90,7 @@ class _Tx:
     queue_created_at: datetime
     outbox_ids: list[int] = field(default_factory=list)
     purge: list[str] = field(default_factory=list)
+    armed: set[str] = field(default_factory=set)
     finished: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -278,7 +280,13 @@ class Engine:
         while True:
             config = self.configs.get(task.provider_id)
             now = self.clock()
-            if config is None:
+            if (
+                isinstance(event, Start)
+                and task.state == TaskState.PENDING
+                and not may_start(tx.queue, task)
+            ):
+                step = Step(event="start", ignored_because="not this queue's next attempt")
+            elif config is None:
                 step = self._unknown_provider(task, event)
             else:
                 step = decide(task, event, config, now)
@@ -407,10 +415,12 @@ class Engine:
                     task_id=task.task_id, queue_id=task.queue_id, attempt=step.timer.attempt
                 )
             )
+            armed = self.names.schedule_subject(task.task_id, step.timer.kind)
+            tx.armed.add(armed)
             tx.outbox_ids.append(
                 await store.enqueue(
                     tx.conn,
-                    self.names.schedule_subject(task.task_id, step.timer.kind),
+                    armed,
                     payload,
                     {**headers, **bus.trace_headers(trace_id)},
                 )
@@ -545,9 +555,12 @@ class Engine:
         raise AssertionError(call)
 
     async def _after_commit(self, tx: _Tx) -> None:
+        # Purge before publishing, and never a subject this transaction re-armed: the new
+        # timer on that subject must survive.
+        for subject in dict.fromkeys(tx.purge):
+            if subject not in tx.armed:
+                await self.relay.purge(subject)
         await self.relay.publish_now(tx.outbox_ids)
-        for subject in tx.purge:
-            await self.relay.purge(subject)
         for status, body in tx.finished:
             await self.notify_now(tx.record.withdrawal_id, status, body)
 
@@ -578,7 +591,8 @@ def _still_waiting(task: OrderTask, event: Event) -> bool:
         return True
     if isinstance(event, ProviderAnswer):
         if event.status == "pending":
-            return True
+            # While rechecking, "pending" is the proof the order exists: not a wait.
+            return task.state != TaskState.RECHECKING
         return event.status == "absent" and task.state != TaskState.RECHECKING
     return False
 

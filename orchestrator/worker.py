@@ -117,7 +117,15 @@ class Worker:
             deliveries = msg.metadata.num_delivered
             m.handler_errors.labels(subject=subject, error=type(exc).__name__).inc()
             if deliveries >= bus.MAX_DELIVER:
-                await self._dead_letter(msg, subject, exc, deliveries)
+                try:
+                    await self._dead_letter(msg, subject, exc, deliveries)
+                except Exception as dlq_exc:  # keep it: nak, dead-letter it later
+                    log.exception(
+                        "dead-lettering failed; will retry",
+                        extra={"subject": subject, "error": repr(dlq_exc)},
+                    )
+                    await msg.nak(delay=bus.BACKOFF[-1])
+                    return
                 await msg.ack()
                 return
             delay = bus.BACKOFF[min(deliveries - 1, len(bus.BACKOFF) - 1)]

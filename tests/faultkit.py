@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from contracts.provider import ProviderStatus
 from orchestrator import bus
 from tests.conftest import ROOT, Stack, new_id, withdrawal_body
 
@@ -36,7 +37,10 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("cascade-gateway")
 
 
 async def wait_until(
-    probe: Callable[[], Awaitable[_T]], what: str, timeout: float = 15.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[_T | None]],
+    what: str,
+    timeout: float = 15.0,
+    interval: float = 0.05,
 ) -> _T:
     """Await ``probe()`` until it returns something truthy; fail naming ``what`` at the deadline."""
     loop = asyncio.get_running_loop()
@@ -207,14 +211,16 @@ def task_message(task: Mapping[str, Any], attempt: int = 0) -> bytes:
     )
 
 
-def webhook_message(task: Mapping[str, Any], status: str, code: str | None = None) -> bytes:
+def webhook_message(
+    task: Mapping[str, Any], status: ProviderStatus, code: str | None = None
+) -> bytes:
     """What the intake publishes for a verified webhook about ``task``'s provider order."""
     return msgspec.json.encode(
         bus.WebhookMessage(
             provider_id=task["provider_id"],
             order_id=task["provider_order_id"],
             reference=task["provider_reference"],
-            status=status,  # type: ignore[arg-type]
+            status=status,
             code=code,
             webhook_id=f"msg_{uuid.uuid4().hex}",
         )

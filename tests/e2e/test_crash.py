@@ -115,3 +115,33 @@ async def test_worker_killed_at_a_fault_point_recovers(
         await wait_consumed(stack, timeout=20)
         await assert_settled(stack, expected)
         assert await healthy.stop() == 0, healthy.log_tail()
+
+
+@pytest.mark.parametrize(("point", "after"), [("after_balance_call", 3), ("after_state_write", 5)])
+async def test_worker_killed_with_many_withdrawals_in_flight(
+    make_stack: StackFactory, tmp_path: Path, point: str, after: int
+) -> None:
+    """Default concurrency: the kill takes down every handler that was mid-transaction."""
+    stack = await make_stack(env={"JETSTREAM_ACK_WAIT_SECONDS": "2"}, with_worker=False)
+    expected = {}
+    for providers, status in CASCADES * 3:
+        expected[await create_withdrawal(stack, providers)] = status
+
+    async with worker_process(
+        stack,
+        tmp_path / "worker-faulty.log",
+        CASCADE_FAULT_POINT=point,
+        CASCADE_FAULT_AFTER=str(after),
+    ) as faulty:
+        code = await faulty.wait_exit(timeout=30)
+    assert code == -9, f"worker exited with {code}, not SIGKILL; log:\n{faulty.log_tail()}"
+    async with stack.runtime.pool.acquire() as conn:
+        unfinished = await conn.fetchval("SELECT count(*) FROM order_queues WHERE state = 'ACTIVE'")
+    assert unfinished > 0, "everything finished before the kill: nothing was tested"
+
+    async with worker_process(stack, tmp_path / "worker-healthy.log") as healthy:
+        for wid in expected:
+            await stack.wait_final(wid, timeout=30)
+        await wait_consumed(stack, timeout=20)
+        await assert_settled(stack, expected)
+        assert await healthy.stop() == 0, healthy.log_tail()
