@@ -15,6 +15,11 @@ same embedded servers a moment earlier, so a ratio survives a slower or busier m
   library costs on top).
 * **JetStream pull-consume + ack** — what the worker's consumer loop does per message, with
   no handler work: ``fetch`` in batches, ``ack`` each.
+* **HTTP client** — the orchestrator's balance, provider and notification calls go through
+  ``httpx.AsyncClient`` configured as ``gateway/runtime.py`` does (200 connections, 100 kept
+  alive). ``HTTP_CALLS`` JSON POSTs to the bare Litestar app (``bench/bare_app.py``) over
+  ``HTTP_CONCURRENCY`` concurrent calls: requests/s and the client's own CPU per request,
+  next to ``bench/load.py``'s raw asyncio client on the same server.
 
 The ``baselines`` benchmark prints the three on a fresh stack; ``bench.cascade`` and
 ``bench.timers`` measure them again on their own stacks, next to their figures.
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+import httpx
 import msgspec
 import nats
 import uvloop
@@ -40,10 +46,13 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
+from bench.load import http_post, run_load
 from bench.registry import Report, benchmark
-from bench.stack import BenchStack
+from bench.stack import HOST, BenchStack
 
 BASELINE_CONNECTIONS = 16
+HTTP_CALLS = 2000
+HTTP_CONCURRENCY = 16
 PG_TRANSACTIONS = 4000
 JS_MESSAGES = 40000
 JS_CONSUME = 20000
@@ -53,19 +62,32 @@ SUBJECT = "bench.baseline.msg"
 
 
 @dataclass(frozen=True)
+class HttpClientCost:
+    rate: float  # requests/s
+    cpu_us: float  # client CPU per request, µs
+
+
+@dataclass(frozen=True)
 class Baselines:
     pg_tx_rate: float
     js_publish_rate: float
     js_publish_async_rate: float
     js_consume_rate: float
+    httpx: HttpClientCost | None = None
+    raw_http: HttpClientCost | None = None
 
     def as_json(self) -> dict[str, float]:
-        return {
+        out = {
             "pg_tx_rate": round(self.pg_tx_rate, 1),
             "js_publish_rate": round(self.js_publish_rate, 1),
             "js_publish_async_rate": round(self.js_publish_async_rate, 1),
             "js_consume_rate": round(self.js_consume_rate, 1),
         }
+        for name, cost in (("httpx", self.httpx), ("raw_http", self.raw_http)):
+            if cost is not None:
+                out[f"{name}_rate"] = round(cost.rate, 1)
+                out[f"{name}_cpu_us"] = round(cost.cpu_us, 1)
+        return out
 
 
 def _admin_dsn(database_url: str) -> str:
@@ -276,13 +298,54 @@ async def js_consume_rate(nats_url: str, *, messages: int = JS_CONSUME) -> float
         await nc.close()
 
 
+_ECHO_BODY = b'{"operation_id":"x","withdrawal_id":"y","amount":"10.00","currency":"EUR"}'
+
+
+async def httpx_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientCost:
+    """JSON POSTs through httpx.AsyncClient with the runtime's limits (gateway/runtime.py)."""
+    url = f"http://{HOST}:{port}/echo"
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+    async with httpx.AsyncClient(limits=limits, timeout=10) as client:
+        slots = asyncio.Semaphore(HTTP_CONCURRENCY)
+
+        async def call() -> None:
+            async with slots:
+                response = await client.post(url, content=_ECHO_BODY, headers=headers)
+                if response.status_code != 200:
+                    raise RuntimeError(f"bare app answered {response.status_code}")
+
+        await asyncio.gather(*(call() for _ in range(200)))  # warm the pool
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(call() for _ in range(calls)))
+        seconds = time.perf_counter() - started
+        return HttpClientCost(calls / seconds, (time.process_time() - cpu) / calls * 1e6)
+
+
+async def raw_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientCost:
+    """The same POSTs through bench/load.py's raw asyncio client."""
+    request = http_post(HOST, port, "/echo", _ECHO_BODY, {"Content-Type": "application/json"})
+    await run_load(HOST, port, [request] * 200, concurrency=HTTP_CONCURRENCY, timeout=60)
+    cpu = time.process_time()
+    result = await run_load(HOST, port, [request] * calls, concurrency=HTTP_CONCURRENCY, timeout=60)
+    if result.statuses != {200: calls}:
+        raise RuntimeError(f"bare app answered {dict(result.statuses)}")
+    return HttpClientCost(result.rate, (time.process_time() - cpu) / calls * 1e6)
+
+
 async def measure(
-    database_url: str, nats_url: str, *, rounds: int = 2, scale: float = 1.0
+    database_url: str,
+    nats_url: str,
+    *,
+    bare_port: int | None = None,
+    rounds: int = 2,
+    scale: float = 1.0,
 ) -> Baselines:
     """Best of ``rounds`` of each baseline (the machine is shared and noisy).
 
     ``scale`` shrinks the counts when a benchmark measures its baselines beside its own
-    figures and the time budget is tight.
+    figures and the time budget is tight. ``bare_port``: a running ``bench/bare_app.py``,
+    for the HTTP client baseline.
     """
 
     def n(count: int) -> int:
@@ -297,11 +360,23 @@ async def measure(
         await js_publish_async_rate(nats_url, messages=n(JS_MESSAGES // 2)) for _ in range(rounds)
     ]
     con = [await js_consume_rate(nats_url, messages=n(JS_CONSUME)) for _ in range(rounds)]
+    httpx_cost = raw_cost = None
+    if bare_port is not None:
+        httpx_cost = min(
+            [await httpx_post_cost(bare_port, calls=n(HTTP_CALLS)) for _ in range(rounds)],
+            key=lambda c: c.cpu_us,
+        )
+        raw_cost = min(
+            [await raw_post_cost(bare_port, calls=n(HTTP_CALLS)) for _ in range(rounds)],
+            key=lambda c: c.cpu_us,
+        )
     return Baselines(
         pg_tx_rate=max(pg),
         js_publish_rate=max(pub),
         js_publish_async_rate=max(pub_async),
         js_consume_rate=max(con),
+        httpx=httpx_cost,
+        raw_http=raw_cost,
     )
 
 
@@ -327,6 +402,17 @@ def add_figures(report: Report, base: Baselines, *, prefix: str = "baseline_") -
         base.js_consume_rate,
         "msg/s",
     )
+    if base.httpx is not None and base.raw_http is not None:
+        report.add(
+            f"{prefix}httpx_rate", "httpx POST to bare Litestar (baseline)", base.httpx.rate, "/s"
+        )
+        report.add(f"{prefix}httpx_cpu_us", "  httpx client CPU per call", base.httpx.cpu_us, "µs")
+        report.add(
+            f"{prefix}raw_http_rate", "raw asyncio POST, same server", base.raw_http.rate, "/s"
+        )
+        report.add(
+            f"{prefix}raw_http_cpu_us", "  raw client CPU per call", base.raw_http.cpu_us, "µs"
+        )
 
 
 NOISE_NOTE = (
@@ -335,12 +421,15 @@ NOISE_NOTE = (
 )
 
 
-@benchmark("baselines", "asyncpg 4-round-trip tx/s and JetStream publish/consume msg/s")
+@benchmark(
+    "baselines", "asyncpg 4-round-trip tx/s, JetStream publish/consume msg/s, HTTP client cost"
+)
 def baselines() -> Report:
     stack = BenchStack()
     try:
         stack.start()
-        base = uvloop.run(measure(stack.database_url, stack.nats_url))
+        bare = stack.bare_litestar()
+        base = uvloop.run(measure(stack.database_url, stack.nats_url, bare_port=bare.port))
     finally:
         stack.close()
     report = Report()
@@ -354,6 +443,10 @@ def baselines() -> Report:
         f"JetStream: {JS_MESSAGES} publishes pipelined ({JS_PENDING} in flight) to a file "
         f"stream, lean ({JS_MESSAGES // 2} via js.publish_async); {JS_CONSUME} messages "
         "fetched in batches of 100 and acked one by one"
+    )
+    report.notes.append(
+        f"HTTP client: {HTTP_CALLS} JSON POSTs, {HTTP_CONCURRENCY} concurrent, to a bare "
+        "Litestar app (uvicorn + uvloop + httptools); CPU is this client process's own"
     )
     report.notes.append(NOISE_NOTE)
     report.details = base.as_json()

@@ -2,24 +2,45 @@
 
 Everything co-located on this machine, as child processes: ``cascade-gateway serve`` (sandbox
 on: it is also cascade-core's ledger and the sandbox providers), ``BENCH_WORKERS``
-``cascade-gateway worker`` processes, embedded nats-server and Postgres. Postgres runs with
+``cascade-gateway worker`` processes (``WORKER_CONCURRENCY=BENCH_WORKER_CONCURRENCY``, 16 by
+default: see below), embedded nats-server and Postgres. Postgres runs with
 ``durable=False`` (fsync, synchronous_commit and full_page_writes off): a bench stack, not a
 production one; JetStream keeps its default (page cache, fsync every 2 minutes). The flags file
 routes every merchant to the cascade.
 
-Per round, ``BENCH_CASCADE_WITHDRAWALS`` withdrawals are created over HTTP
+Per round, up to ``BENCH_CASCADE_WITHDRAWALS`` withdrawals are created over HTTP
 (``POST /v1/withdrawals``, every answer must be 201) on ``BENCH_CONCURRENCY`` keep-alive
 connections, and the clock runs from the first create to the moment the database counts all of
 them final (``SELECT count(*) FROM order_queues WHERE state <> 'ACTIVE'``, polled every
 50 ms). Scenarios: (a) every withdrawal on ``[sbx_sync_ok]``, (b) a mixed cascade
 ``[sbx_decline, sbx_sync_ok]`` (one declined attempt, one success: twice the task work).
 Each scenario runs ``BENCH_ROUNDS`` times and the best round is reported; the baselines
-(asyncpg transactions, JetStream publish) are measured on the same servers first.
+(asyncpg transactions, JetStream publish, the HTTP client) are measured on the same servers
+first. So that the benchmark stays under two minutes on a slow or busy machine, a round is
+sized from the warm-up's rate to last about ``ROUND_BUDGET`` seconds (never fewer than 300
+withdrawals); the count actually used is printed.
 
 ``sbx_sync_ok`` also sends its success webhook after ``SANDBOX_WEBHOOK_DELAY_SECONDS`` (1 s),
 which the intake verifies and the worker absorbs as a duplicate: part of the load, as with a
 real synchronous provider. Afterwards every withdrawal must be ``COMPLETED`` and the sandbox
-ledger must report no invariant violation.
+ledger must report no invariant violation. A round that makes no progress for
+``STALL_SECONDS`` fails at once, saying so.
+
+Where the time goes, per round: CPU seconds of every process (``/proc/<pid>/stat``: gateway,
+each worker, Postgres with its backends, nats-server, this client) divided by the withdrawals,
+and the work done per withdrawal: Postgres transactions (``pg_stat_database.xact_commit``:
+every autocommit statement counts, including the reset query asyncpg's pool runs on each
+release; backends report within about a second, so these are close, not exact), rows
+inserted and updated, and JetStream messages stored.
+
+Why 16 handlers per worker and not the default 32: ``Engine._drive`` runs the after-commit work
+(``OutboxRelay.publish_now``, ``Engine.notify_now``, which each take a second pool connection)
+while still holding its own connection, and the pool has 20. With more concurrent handlers
+than connections every connection ends up held by a handler waiting for a second one: the
+worker stops (measured: 32 handlers, 300 withdrawals, stuck at 46 final for minutes).
+
+``BENCH_PROFILE=worker|gateway|all`` runs those processes under cProfile and prints the top
+functions (profiling slows them several-fold: the rates of such a run mean nothing).
 """
 
 from __future__ import annotations
@@ -50,12 +71,18 @@ from bench.workers import (
     profile_summary,
     profiled,
     start_worker,
+    stop_process,
+    work_counters,
 )
 from sandbox.embedded import free_port
 
 TARGET = 300.0  # final withdrawals/s, issue 5
 NAME = "cascade"
-FINAL_TIMEOUT = 90.0
+FINAL_TIMEOUT = 110.0
+STALL_SECONDS = 20.0
+COUNTER_SETTLE = 2.0
+WARMUP = 300
+ROUND_BUDGET = 15.0  # seconds per measured round, to keep the benchmark under 2 minutes
 SCENARIOS: dict[str, list[str]] = {
     "sync_ok": ["sbx_sync_ok"],
     "mixed": ["sbx_decline", "sbx_sync_ok"],
@@ -101,6 +128,7 @@ class Round:
     final_p50_s: float
     final_p99_s: float
     outcomes: dict[str, int] = field(default_factory=dict)
+    work: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -122,6 +150,7 @@ class Round:
                 k: round(v * 1000 / self.count, 3) for k, v in self.cpu.items() if k != "wall"
             },
             "outcomes": self.outcomes,
+            "per_withdrawal": self.work,
         }
 
 
@@ -146,6 +175,7 @@ async def run_round(
     requests = withdrawal_requests(gateway.port, count, SCENARIOS[scenario], run)
     conn = await asyncpg.connect(stack.database_url)
     try:
+        work_before = await work_counters(conn, stack.nats_url)
         meter.start()
         started = time.perf_counter()
         load = asyncio.create_task(
@@ -160,16 +190,22 @@ async def run_round(
         )
         deadline = started + FINAL_TIMEOUT
         final = 0
+        progressed = started
         while final < count:
-            if time.perf_counter() > deadline:
+            now = time.perf_counter()
+            if now > deadline or now - progressed > STALL_SECONDS:
+                why = "no progress for" if now <= deadline else "timeout after"
                 raise RuntimeError(
-                    f"{scenario}: only {final} of {count} withdrawals final after "
-                    f"{FINAL_TIMEOUT:.0f} s; worker log:\n{stack.servers[-1].log_tail()}"
+                    f"{scenario}: {final} of {count} withdrawals final, {why} "
+                    f"{min(now - progressed, FINAL_TIMEOUT):.0f} s; last log lines:\n"
+                    f"{stack.servers[-1].log_tail()}"
                 )
             if load.done() and load.exception() is not None:
                 raise RuntimeError(f"{scenario}: load failed") from load.exception()
             await asyncio.sleep(0.05)
-            final = await _final_count(conn, prefix)
+            latest = await _final_count(conn, prefix)
+            if latest > final:
+                final, progressed = latest, time.perf_counter()
         seconds = time.perf_counter() - started
         cpu = meter.stop()
         created = await load
@@ -190,6 +226,10 @@ async def run_round(
                 prefix + "%",
             )
         ]
+        # The duplicate webhooks of the last withdrawals arrive ~1 s after they are final, and
+        # backends report their statistics within a second or so of going idle.
+        await asyncio.sleep(COUNTER_SETTLE)
+        work_after = await work_counters(conn, stack.nats_url)
     finally:
         await conn.close()
     if outcomes != {"COMPLETED": count}:
@@ -203,6 +243,7 @@ async def run_round(
         final_p50_s=durations[len(durations) // 2],
         final_p99_s=durations[min(len(durations) - 1, int(0.99 * len(durations)))],
         outcomes=outcomes,
+        work={k: round((work_after[k] - work_before[k]) / count, 2) for k in work_after},
     )
 
 
@@ -228,13 +269,18 @@ def cascade() -> Report:
     count = _setting("BENCH_CASCADE_WITHDRAWALS", 3000)
     concurrency = _setting("BENCH_CONCURRENCY", 32)
     workers = _setting("BENCH_WORKERS", 2)
+    handlers = _setting("BENCH_WORKER_CONCURRENCY", 16)
     rounds = _setting("BENCH_ROUNDS", 2)
     stack = BenchStack()
     profiles = []
     try:
         stack.start()
-        env = {"FLAGS_FILE": str(flags_everyone(stack.workdir / "flags.json"))}
+        env = {
+            "FLAGS_FILE": str(flags_everyone(stack.workdir / "flags.json")),
+            "WORKER_CONCURRENCY": str(handlers),
+        }
         gateway = start_gateway(stack, env)
+        bare = stack.bare_litestar()
         worker_servers = []
         for i in range(workers):
             profile = profile_path(NAME, f"worker{i}") if profiled("worker") else None
@@ -259,19 +305,26 @@ def cascade() -> Report:
         )
 
         async def measure() -> tuple[baselines.Baselines, list[Round]]:
-            base = await baselines.measure(stack.database_url, stack.nats_url, scale=0.5)
-            # Warm-up: connections, pools, JIT-less Python's first-call costs.
-            await run_round(stack, gateway, meter, "sync_ok", 300, concurrency)
+            base = await baselines.measure(
+                stack.database_url, stack.nats_url, bare_port=bare.port, scale=0.3
+            )
+            # Warm-up: connections, pools, first-call costs; and the rate that sizes the rounds.
+            warm = await run_round(stack, gateway, meter, "sync_ok", WARMUP, concurrency)
             results = []
-            for scenario in SCENARIOS:
+            for scenario, providers in SCENARIOS.items():
+                # The mixed cascade does about twice the work per withdrawal.
+                budget = warm.rate * ROUND_BUDGET / len(providers)
+                size = max(WARMUP, min(count, int(budget)))
                 for _ in range(rounds):
                     results.append(
-                        await run_round(stack, gateway, meter, scenario, count, concurrency)
+                        await run_round(stack, gateway, meter, scenario, size, concurrency)
                     )
             return base, results
 
         base, results = uvloop.run(measure())
         violations = _ledger_violations(gateway)
+        if profiled("gateway"):
+            stop_process(gateway)
     finally:
         stack.close()
     if violations:
@@ -294,15 +347,24 @@ def cascade() -> Report:
         report.add(
             f"{scenario}_vs_pg",
             "  / asyncpg tx/s baseline",
-            r.rate / base.pg_tx_rate,
-            "x",
+            100 * r.rate / base.pg_tx_rate,
+            "%",
         )
         report.add(
             f"{scenario}_vs_js",
             "  / JetStream publish baseline",
-            r.rate / base.js_publish_rate,
-            "x",
+            100 * r.rate / base.js_publish_rate,
+            "%",
         )
+        for key, label in (
+            ("pg_xact_commit", "Postgres transactions"),
+            ("pg_tup_inserted", "rows inserted"),
+            ("pg_tup_updated", "rows updated"),
+            ("jetstream_messages", "JetStream messages stored"),
+        ):
+            report.add(
+                f"{scenario}_per_withdrawal_{key}", f"    {label} per withdrawal", r.work[key], ""
+            )
         busy = sum(v for k, v in r.cpu.items() if k != "wall")
         report.add(f"{scenario}_cpu_busy", "  CPU busy (of 2 cores)", busy / r.cpu["wall"] / 2, "x")
         for group, seconds in r.cpu.items():
@@ -320,8 +382,11 @@ def cascade() -> Report:
         f"({', '.join(f'{s} {r.rate:.0f}/s' for s, r in best.items())})"
     )
     report.notes.append(
-        f"{count} withdrawals per round, {concurrency} HTTP connections, {workers} worker "
-        f"process(es), best of {rounds} rounds per scenario after a 300-withdrawal warm-up; "
+        f"{', '.join(f'{s} {r.count}' for s, r in best.items())} withdrawals per round "
+        f"(at most {count}, sized to ~{ROUND_BUDGET:.0f} s), {concurrency} HTTP connections, "
+        f"{workers} worker "
+        f"process(es) × {handlers} handlers, best of {rounds} rounds per scenario after a "
+        "300-withdrawal warm-up; "
         "clock from first create to last final (DB poll every 50 ms); every withdrawal "
         "COMPLETED, ledger without violations"
     )
@@ -336,6 +401,7 @@ def cascade() -> Report:
         "rounds": [r.as_json() for r in results],
         "baselines": base.as_json(),
         "workers": workers,
+        "worker_concurrency": handlers,
         "concurrency": concurrency,
     }
     return report

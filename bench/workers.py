@@ -3,8 +3,8 @@
 Shared by the cascade, memory and timer benchmarks. Workers are ``cascade-gateway worker``
 child processes (``python -m gateway.cli worker``), as in production; each one serves its
 Prometheus port (``WORKER_METRICS_PORT``), which doubles as the readiness probe.
-``BENCH_PROFILE=worker`` (or ``gateway``, or ``all``) runs them under ``cProfile`` and keeps the
-stats in ``bench/results/<benchmark>-<process>.prof``.
+``BENCH_PROFILE=worker`` (or ``gateway``, or ``all``) runs them under ``cProfile`` with a CPU
+clock (``bench/cpuprofile.py``) and keeps the stats in ``bench/results/<benchmark>-<process>.prof``.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pstats
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -19,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import nats
+
 from bench.stack import HOST, NAMESPACE, ROOT, BenchStack, Server
+from orchestrator import bus
 from sandbox.embedded import free_port
 
 RESULTS = ROOT / "bench" / "results"
@@ -77,10 +83,10 @@ def profiled(role: str) -> bool:
 
 
 def process_argv(role: str, profile: Path | None) -> list[str]:
-    """``python -m gateway.cli ROLE``, under cProfile when ``profile`` is given."""
+    """``python -m gateway.cli ROLE``, under cProfile (CPU clock) when ``profile`` is given."""
     if profile is None:
         return [sys.executable, "-m", "gateway.cli", role]
-    return [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "gateway.cli", role]
+    return [sys.executable, "-m", "bench.cpuprofile", str(profile), "gateway.cli", role]
 
 
 def orchestrator_env(
@@ -117,6 +123,21 @@ def start_worker(
     stack.servers.append(server)
     server.wait_ready("/metrics")
     return server
+
+
+def stop_process(server: Server) -> None:
+    """Stop a process so that a cProfile dump gets written.
+
+    ``cascade-gateway serve`` re-raises SIGTERM after uvicorn's graceful shutdown (uvicorn's
+    signal capture), which kills the interpreter before cProfile writes; SIGINT ends in a
+    KeyboardInterrupt the CLI absorbs. Workers handle SIGTERM themselves.
+    """
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.stop()
 
 
 def rss_kib(pid: int) -> int:
@@ -189,23 +210,73 @@ class CpuMeter:
         return used
 
 
+async def work_counters(conn: asyncpg.Connection, nats_url: str) -> dict[str, float]:
+    """Database-wide Postgres counters and the JetStream message count, for per-withdrawal work."""
+    row = await conn.fetchrow(
+        "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted,"
+        " tup_updated, tup_deleted FROM pg_stat_database WHERE datname = current_database()"
+    )
+    counters = {f"pg_{k}": float(v) for k, v in dict(row).items()}
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(bus.Names(NAMESPACE).stream)
+        counters["jetstream_messages"] = float(info.state.last_seq)
+    finally:
+        await nc.close()
+    return counters
+
+
 def profile_path(benchmark: str, process: str) -> Path:
     RESULTS.mkdir(exist_ok=True)
     return RESULTS / f"{benchmark}-{process}.prof"
 
 
-def profile_summary(path: Path, limit: int = 25) -> list[str]:
-    """The top functions of a cProfile dump by own time, as lines for the notes."""
+_PACKAGES = (
+    # (label, path fragments) — first match wins; own time of each function is summed.
+    ("HTTP client (httpx/httpcore/anyio/h11)", ("/httpx/", "/httpcore/", "/anyio/", "/h11/")),
+    ("HTTP server (litestar/uvicorn)", ("/litestar/", "/uvicorn/", "/httptools/")),
+    ("Postgres client (asyncpg)", ("/asyncpg/",)),
+    ("NATS client (nats-py)", ("/nats/",)),
+    ("metrics (prometheus_client)", ("/prometheus_client/",)),
+    ("logging", ("/logging/", "gateway/logs.py")),
+    ("flags (Unleash)", ("/UnleashClient/", "/yggdrasil", "flags/")),
+    ("orchestrator (engine, store, domain...)", ("orchestrator/",)),
+    ("gateway (api, webhooks...)", ("gateway/",)),
+    ("sandbox (core ledger, providers)", ("sandbox/",)),
+    ("contracts (codecs)", ("contracts/",)),
+    ("asyncio / event loop", ("/asyncio/", "uvloop")),
+)
+
+
+def _package(file: str) -> str:
+    for label, fragments in _PACKAGES:
+        if any(f in file for f in fragments):
+            return label
+    if file == "~":
+        return "builtins / C extensions called directly"
+    return "other Python"
+
+
+def profile_summary(path: Path, limit: int = 15) -> list[str]:
+    """A cProfile dump summarised: own time by package, then the top functions."""
     if not path.exists():
         return [f"{path.name}: no profile written (process did not exit cleanly)"]
     stats = pstats.Stats(str(path))
-    total = stats.total_tt  # type: ignore[attr-defined]
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, object]]
+    raw = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for (_cc, _nc, tt, _ct, _callers) in raw.values()) or 1.0
+    by_package: dict[str, float] = {}
     rows = []
-    for func, (_cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append((tt, ct, nc, func))
+    for (file, line, name), (_cc, nc, tt, ct, _callers) in raw.items():
+        by_package[_package(file)] = by_package.get(_package(file), 0.0) + tt
+        rows.append((tt, ct, nc, file, line, name))
+    lines = [f"{path.name}: {total:.1f} CPU s profiled (main thread), own time by package:"]
+    for label, seconds in sorted(by_package.items(), key=lambda kv: -kv[1]):
+        if seconds / total >= 0.01:
+            lines.append(f"  {100 * seconds / total:5.1f} %  {label}")
     rows.sort(reverse=True)
-    lines = [f"{path.name}: {total:.1f} s profiled; top by own time (own s, cumulative s, calls)"]
-    for tt, ct, nc, (file, line, name) in rows[:limit]:
+    lines.append(f"{path.name}: top {limit} functions by own time (own s, cumulative s, calls)")
+    for tt, ct, nc, file, line, name in rows[:limit]:
         short = file.replace(str(ROOT) + "/", "").replace(sys.prefix + "/", "")
         lines.append(f"  {tt:7.2f} {ct:7.2f} {nc:8d}  {name}  {short}:{line}")
     return lines

@@ -92,7 +92,9 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
         raise DependencyError("CORE_URL is required when SANDBOX_ENABLED is false")
     try:
         async with asyncio.timeout(10):
-            pool = await store.create_pool(settings.asyncpg_dsn)
+            pool = await store.create_pool(
+                settings.asyncpg_dsn, max_size=settings.database_pool_size
+            )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         raise DependencyError(
             f"cannot connect to DATABASE_URL ({type(exc).__name__}: {exc})".replace("\n", " ")

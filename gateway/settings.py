@@ -95,6 +95,7 @@ class Settings:
     providers_file: Path
     providers: Mapping[str, ProviderConfig]
     worker_concurrency: int
+    database_pool_size: int
     worker_metrics_port: int | None
     jetstream_replicas: int
     ack_wait_seconds: float
@@ -187,6 +188,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         providers_file=providers_file,
         providers=providers.providers,
         worker_concurrency=int(_number(env, "WORKER_CONCURRENCY", 32, minimum=1)),
+        database_pool_size=int(_number(env, "DATABASE_POOL_SIZE", 20, minimum=2)),
         worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 0) or None,
         jetstream_replicas=int(_number(env, "JETSTREAM_REPLICAS", 1, minimum=1)),
         ack_wait_seconds=_number(env, "JETSTREAM_ACK_WAIT_SECONDS", 60, minimum=1),

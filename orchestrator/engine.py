@@ -10,6 +10,7 @@ the relay, should this process die in between).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
@@ -40,6 +41,7 @@ from orchestrator.domain import (
     Step,
     TaskState,
     TimerFired,
+    TimerKind,
     advance_queue,
     after_poll_pending,
     apply_changes,
@@ -137,7 +139,8 @@ class Engine:
                 await store.record_unapplied_webhook(
                     conn, msg.provider_id, msg.order_id, msg.reference, msg.status, reason=reason
                 )
-                log.warning(
+                # An unknown order deserves attention; a late duplicate for a final task not.
+                (log.warning if reason == "unknown_order" else log.info)(
                     "webhook changed nothing",
                     extra={
                         "provider_id": msg.provider_id,
@@ -191,45 +194,46 @@ class Engine:
     ) -> None:
         """Queue-level cancel: pending tasks stop now; an active one finishes when it can."""
         active: uuid.UUID | None = None
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                tx = await self._open(conn, queue_id)
-                if tx is None or tx.queue.final:
-                    return
-                if not tx.queue.cancel_requested:
-                    now = self.clock()
-                    await store.save_queue(
-                        conn,
-                        tx.queue,
-                        cancel_requested=True,
-                        cancel_reason=reason,
-                        event="queue.cancel_requested",
-                        actor=actor,
-                        trace_id=trace_id,
-                        now=now,
-                    )
-                    tx.queue = dataclasses.replace(
-                        tx.queue, cancel_requested=True, version=tx.queue.version + 1
-                    )
-                    for task in tx.queue.tasks:
-                        if task.state == TaskState.PENDING:
-                            await self._persist(
-                                tx,
-                                task,
-                                Step(
-                                    event="cancel",
-                                    to=TaskState.CANCELLED,
-                                    changes={"outcome": "cancelled"},
-                                ),
-                                actor=actor,
-                                trace_id=trace_id,
-                                details={},
-                            )
-                    active_task = tx.queue.active_task()
-                    active = active_task.task_id if active_task else None
-                    if active is None:
-                        await self._advance(tx, actor=actor, trace_id=trace_id)
-            await self._after_commit(tx)
+        async with self.pool.acquire() as conn, conn.transaction():
+            tx = await self._open(conn, queue_id)
+            if tx is None or tx.queue.final:
+                return
+            if not tx.queue.cancel_requested:
+                now = self.clock()
+                await store.save_queue(
+                    conn,
+                    tx.queue,
+                    cancel_requested=True,
+                    cancel_reason=reason,
+                    event="queue.cancel_requested",
+                    actor=actor,
+                    trace_id=trace_id,
+                    now=now,
+                )
+                tx.queue = dataclasses.replace(
+                    tx.queue, cancel_requested=True, version=tx.queue.version + 1
+                )
+                for task in tx.queue.tasks:
+                    if task.state == TaskState.PENDING:
+                        await self._persist(
+                            tx,
+                            task,
+                            Step(
+                                event="cancel",
+                                to=TaskState.CANCELLED,
+                                changes={"outcome": "cancelled"},
+                            ),
+                            actor=actor,
+                            trace_id=trace_id,
+                            details={},
+                        )
+                active_task = tx.queue.active_task()
+                active = active_task.task_id if active_task else None
+                if active is None:
+                    await self._advance(tx, actor=actor, trace_id=trace_id)
+        # After releasing the connection: publishing and notifying take their own, and a
+        # handler holding two at once deadlocks a busy pool.
+        await self._after_commit(tx)
         if active is not None:
             await self._drive(
                 queue_id, active, CancelRequested(reason), actor=actor, trace_id=trace_id
@@ -256,17 +260,15 @@ class Engine:
     ) -> None:
         pending: Event | None = event
         while pending is not None:
-            async with self.pool.acquire() as conn:
-                async with conn.transaction():
-                    tx = await self._open(conn, queue_id)
-                    if tx is None:
-                        return
-                    pending = await self._apply(
-                        tx, task_id, pending, actor=actor, trace_id=trace_id
-                    )
-                fault_point("after_state_write")
-                await self._after_commit(tx)
-                fault_point("after_publish")
+            async with self.pool.acquire() as conn, conn.transaction():
+                tx = await self._open(conn, queue_id)
+                if tx is None:
+                    return
+                pending = await self._apply(tx, task_id, pending, actor=actor, trace_id=trace_id)
+            fault_point("after_state_write")
+            # The connection is back in the pool first: one connection per handler at a time.
+            await self._after_commit(tx)
+            fault_point("after_publish")
 
     async def _apply(
         self, tx: _Tx, task_id: uuid.UUID, event: Event, *, actor: str, trace_id: str | None
@@ -403,9 +405,8 @@ class Engine:
                 ).observe((now - task.state_entered_at).total_seconds())
             after = dataclasses.replace(after, state_entered_at=now)
             await store.touch_queue(tx.conn, tx.queue.queue_id, now)
-            if task.state in (TaskState.RECHECKING, TaskState.EXECUTING):
-                for kind in bus.TIMER_TARGETS:
-                    tx.purge.append(self.names.schedule_subject(task.task_id, kind))
+            kinds = _TIMERS_OF_STATE.get(task.state, ())
+            tx.purge.extend(self.names.schedule_subject(task.task_id, kind) for kind in kinds)
         if step.timer is not None:
             headers = bus.schedule_headers(
                 self.names.subject(bus.TIMER_TARGETS[step.timer.kind]), step.timer.due_at
@@ -557,9 +558,9 @@ class Engine:
     async def _after_commit(self, tx: _Tx) -> None:
         # Purge before publishing, and never a subject this transaction re-armed: the new
         # timer on that subject must survive.
-        for subject in dict.fromkeys(tx.purge):
-            if subject not in tx.armed:
-                await self.relay.purge(subject)
+        purges = [s for s in dict.fromkeys(tx.purge) if s not in tx.armed]
+        if purges:
+            await asyncio.gather(*(self.relay.purge(subject) for subject in purges))
         await self.relay.publish_now(tx.outbox_ids)
         for status, body in tx.finished:
             await self.notify_now(tx.record.withdrawal_id, status, body)
@@ -583,6 +584,13 @@ class Engine:
                 withdrawal_id,
                 status,
             )
+
+
+# The timers a task can have pending in a state: the ones to cancel when it leaves.
+_TIMERS_OF_STATE: dict[TaskState, tuple[TimerKind, ...]] = {
+    TaskState.RECHECKING: ("recheck",),
+    TaskState.EXECUTING: ("webhook_timeout", "status_tick"),
+}
 
 
 def _still_waiting(task: OrderTask, event: Event) -> bool:

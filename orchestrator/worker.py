@@ -40,7 +40,7 @@ class Worker:
         concurrency: int = 16,
         sweep_interval: float = 2.0,
         stranded_after: float = 10.0,
-        timer_grace: float = 3.0,
+        timer_grace: float = 15.0,
     ) -> None:
         self.engine = engine
         self.js = js
