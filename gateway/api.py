@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import uuid
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, get, post, route
 from litestar.params import FromPath
 
 from contracts.legacy import (
@@ -70,6 +71,16 @@ def trace_id_of(request: AnyRequest) -> str:
     if len(parts) == 4 and len(parts[1]) == 32:
         return parts[1]
     return secrets.token_hex(16)
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _known_shape(withdrawal_id: str) -> str:
+    """A path id no create could have accepted is unknown: 404 before any query."""
+    if not _ID.fullmatch(withdrawal_id):
+        raise ApiProblem(ApiError.NOT_FOUND)
+    return withdrawal_id
 
 
 def _authenticate(request: AnyRequest, rt: Runtime) -> None:
@@ -248,6 +259,7 @@ async def _create(
 async def get_withdrawal(request: AnyRequest, withdrawal_id: FromPath[str]) -> Response[bytes]:
     rt = runtime_of(request)
     _authenticate(request, rt)
+    _known_shape(withdrawal_id)
     try:
         async with rt.pool.acquire() as conn:
             view = await _view_bytes(conn, withdrawal_id)
@@ -275,6 +287,7 @@ async def cancel_withdrawal(request: AnyRequest, withdrawal_id: FromPath[str]) -
             return json_response(encode_validation_error(parsed, request_id_of(request.scope)), 422)
         reason = parsed.reason
     try:
+        _known_shape(withdrawal_id)
         async with rt.pool.acquire() as conn:
             queue = await store.load_queue(conn, withdrawal_id=withdrawal_id)
         if queue is None:
@@ -299,6 +312,20 @@ async def cancel_withdrawal(request: AnyRequest, withdrawal_id: FromPath[str]) -
 
 def withdrawal_status(queue: store.QueueRecord) -> str:
     return public_state(queue.queue).status
+
+
+@route(
+    [
+        "/v1/withdrawals",
+        "/v1/withdrawals/{withdrawal_id:str}",
+        "/v1/withdrawals/{withdrawal_id:str}/cancel",
+        "/healthz",
+    ],
+    http_method=["OPTIONS"],
+)
+async def options_not_allowed() -> Response[bytes]:
+    """The contract knows no OPTIONS: 405 like any other method (Litestar would answer 204)."""
+    raise ApiProblem(ApiError.METHOD_NOT_ALLOWED)
 
 
 @get("/healthz")

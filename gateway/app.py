@@ -102,6 +102,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
                 await rt.close()
 
     handlers: list[object] = [
+        # First: a path's first handler decides whether Litestar adds its own OPTIONS (204).
+        api.options_not_allowed,
         api.create_withdrawal,
         api.get_withdrawal,
         api.cancel_withdrawal,

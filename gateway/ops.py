@@ -126,6 +126,8 @@ async def withdrawal_detail(request: AnyRequest, withdrawal_id: FromPath[str]) -
     rt, denied = _authorized(request)
     if denied:
         return denied
+    if "\x00" in withdrawal_id:
+        return _error(404, "not_found", "Withdrawal not found.")
     async with rt.pool.acquire() as conn:
         record = await store.load_withdrawal(conn, withdrawal_id)
         queue = await store.load_queue(conn, withdrawal_id=withdrawal_id)

@@ -56,7 +56,8 @@ class Runtime:
     async def close(self) -> None:
         """Release everything within a few seconds, whatever state the peers are in."""
         if self.router is not None:
-            await asyncio.to_thread(self.router.close)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(self.router.close), 5)
         await self.http.aclose()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.close(), 3)

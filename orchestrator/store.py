@@ -48,7 +48,19 @@ async def _init_connection(conn: Connection) -> None:
 
 
 def _json_text(value: object) -> str:
-    return msgspec.json.encode(value).decode()
+    return msgspec.json.encode(_no_nul(value)).decode()
+
+
+def _no_nul(value: object) -> object:
+    """Postgres text and jsonb cannot hold U+0000: free text (reasons, audit details) gets
+    U+FFFD in its place. Request data that must round-trip exactly is stored as JSON text."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {k: _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nul(v) for v in value]
+    return value
 
 
 async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
@@ -149,7 +161,8 @@ async def insert_withdrawal(
         record.merchant_id,
         record.amount,
         record.currency,
-        record.destination,
+        # Exact JSON text, not jsonb: jsonb refuses U+0000, which the contract allows here.
+        msgspec.json.encode(record.destination).decode(),
         record.metadata.decode(),
         record.cascade,
         record.idempotency_key,
@@ -227,7 +240,7 @@ async def load_withdrawal(conn: Connection, withdrawal_id: str) -> WithdrawalRec
         merchant_id=row["merchant_id"],
         amount=row["amount"],
         currency=row["currency"],
-        destination=row["destination"],
+        destination=msgspec.json.decode(row["destination"]),
         metadata=row["metadata"].encode(),
         cascade=row["cascade"],
         idempotency_key=row["idempotency_key"],
@@ -428,7 +441,7 @@ async def save_queue(
         " WHERE queue_id = $7 AND version = $8",
         new_state.value,
         bool(cancel_requested),
-        cancel_reason,
+        _no_nul(cancel_reason),
         bool(stop_requested),
         failure_code,
         now,

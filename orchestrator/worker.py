@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -69,9 +68,10 @@ class Worker:
         """Stop fetching, let in-flight handlers finish (unacked ones are redelivered)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Bounded: a loop stuck in a client call that ignores cancellation must not hold up
+        # the shutdown (unacked messages are redelivered anyway).
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self._running:
             await asyncio.wait(self._running, timeout=grace)
 

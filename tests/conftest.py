@@ -285,12 +285,16 @@ async def make_stack(services: Services, tmp_path: Path) -> AsyncIterator[StackF
 
     yield factory
     for stack, server, task in reversed(started):
-        await stack.client.aclose()
-        await stack.worker.stop()
+        # Every step bounded: a teardown that hangs would stall the whole suite.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(stack.client.aclose(), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(stack.worker.stop(grace=3), 15)
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
-        await stack.runtime.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(stack.runtime.close(), 15)
 
 
 def new_id(prefix: str = "wd") -> str:

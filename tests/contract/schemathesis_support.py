@@ -26,7 +26,6 @@ import re
 import secrets
 from decimal import Decimal
 from typing import Any, Final
-from urllib.parse import quote, unquote
 
 import jsonschema
 import schemathesis
@@ -205,28 +204,6 @@ def use_sandbox_provider(case: Case, provider: str) -> None:
         cascade = body.get("cascade")
         if isinstance(cascade, list) and cascade and isinstance(cascade[0], dict):
             cascade[0]["provider_id"] = provider
-
-
-def dodge_known_bugs(case: Case) -> None:
-    """Keep the generated run off the bugs pinned by the strict xfail tests of
-    ``test_openapi_conformance.py`` (each a 500 on a NUL character), so that it keeps looking for
-    other problems. Remove a branch when its xfail starts passing."""
-    if "withdrawal_id" in case.path_parameters:  # test_nul_in_path_id_is_not_found
-        wid = case.path_parameters["withdrawal_id"]
-        if isinstance(wid, str) and "\x00" in unquote(wid):
-            case.path_parameters["withdrawal_id"] = quote(
-                unquote(wid).replace("\x00", "0"), safe=""
-            )
-    body = case.body
-    if not isinstance(body, dict):
-        return
-    if isinstance(body.get("destination"), dict):  # test_nul_in_destination_is_accepted
-        destination = body["destination"]
-        for key in ("account", "holder"):
-            if isinstance(destination.get(key), str):
-                destination[key] = destination[key].replace("\x00", "0")
-    if isinstance(body.get("reason"), str):  # test_nul_in_cancel_reason_is_accepted
-        body["reason"] = body["reason"].replace("\x00", "0")
 
 
 # --- what the README says about every response -----------------------------------------------

@@ -19,8 +19,8 @@ The app runs in the test's event loop, so the synchronous schemathesis calls run
 thread (``asyncio.to_thread``). Problems are collected rather than raised, so one run reports
 all of them, each with a curl command to reproduce it. ``CONFORMANCE_EXAMPLES`` scales the run.
 
-Bugs the run found are pinned by the strict xfail tests at the end of this file; the generated
-run steers around them (``schemathesis_support.dodge_known_bugs``).
+Bugs the run found (NUL characters reaching Postgres, Litestar's automatic OPTIONS) are fixed;
+the focused tests at the end of this file pin them.
 """
 
 from __future__ import annotations
@@ -169,7 +169,6 @@ def _exercise(run: Run, case: Case, data: st.DataObject, mode: GenerationMode) -
     if case.path.startswith("/v1/"):
         choice = data.draw(st.sampled_from(sts.AUTH_CHOICES), label="auth")
         forced["Authorization"] = sts.auth_header(choice)
-    sts.dodge_known_bugs(case)
     if label == CREATE:
         sts.make_unique(case)
         if mode.is_positive and data.draw(st.booleans(), label="sandbox provider"):
@@ -383,14 +382,6 @@ async def _call(stack: Stack, label: str, **kwargs: Any) -> tuple[Case, Response
     return case, Response.from_any(raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="orchestrator/store.py:129 (via gateway/api.py:191) — POST /v1/withdrawals with a"
-    " NUL (U+0000) in destination.account or destination.holder — answers 500 internal_error"
-    " (asyncpg UntranslatableCharacterError: the jsonb column `destination` cannot hold"
-    " \\u0000) vs must: 201 with the Withdrawal, the contract allows any 1..64 / ≤128 characters",
-)
 @pytest.mark.parametrize("where", ["account", "holder"])
 async def test_nul_in_destination_is_accepted(make_stack: StackFactory, where: str) -> None:
     stack = await make_stack(flags=COHORTS["legacy"])
@@ -401,15 +392,6 @@ async def test_nul_in_destination_is_accepted(make_stack: StackFactory, where: s
     assert _problems(case, response, Expect(201)) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="orchestrator/store.py:208 (via gateway/api.py:253) and orchestrator/store.py:240"
-    " (via gateway/api.py:279) — GET /v1/withdrawals/%00 and POST /v1/withdrawals/%00/cancel"
-    " (a NUL in the path id) — answer 500 internal_error (asyncpg"
-    " CharacterNotInRepertoireError: Postgres text cannot hold 0x00) vs must: 404 not_found"
-    " 'Withdrawal not found.' (no withdrawal has that id)",
-)
 @pytest.mark.parametrize("label", [READ, CANCEL])
 async def test_nul_in_path_id_is_not_found(make_stack: StackFactory, label: str) -> None:
     stack = await make_stack(flags=COHORTS["legacy"])
@@ -419,14 +401,6 @@ async def test_nul_in_path_id_is_not_found(make_stack: StackFactory, label: str)
     assert _problems(case, response, Expect(404, "not_found")) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="orchestrator/store.py:406 (via orchestrator/engine.py:199, gateway/api.py:286) —"
-    ' POST /v1/withdrawals/{id}/cancel with {"reason":"\\u0000"} on a processing withdrawal —'
-    " answers 500 internal_error (asyncpg CharacterNotInRepertoireError) vs must: 200 with the"
-    " Withdrawal (reason is any string of at most 200 characters)",
-)
 @pytest.mark.parametrize("cohort", COHORTS)
 async def test_nul_in_cancel_reason_is_accepted(make_stack: StackFactory, cohort: str) -> None:
     stack = await make_stack(flags=COHORTS[cohort])
@@ -446,15 +420,6 @@ async def test_nul_in_cancel_reason_is_accepted(make_stack: StackFactory, cohort
     assert _problems(case, response, Expect(200)) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="gateway/app.py:120 (Litestar's automatic OPTIONS handler, registered for every"
-    " route) — OPTIONS on /v1/withdrawals, /v1/withdrawals/{id}, .../cancel, /healthz — answers"
-    " 204 with an empty body, an `Allow` header and no Content-Type vs must: 405"
-    " method_not_allowed in the JSON envelope (x-unrouted-responses; the README: a known path"
-    " with another method is 405, and every response is JSON with Content-Type application/json)",
-)
 @pytest.mark.parametrize("template", sorted(ROUTES))
 async def test_options_is_method_not_allowed(make_stack: StackFactory, template: str) -> None:
     stack = await make_stack(flags=COHORTS["legacy"])

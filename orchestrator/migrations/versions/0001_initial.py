@@ -17,7 +17,7 @@ CREATE TABLE withdrawals (
     merchant_id      text NOT NULL,
     amount           numeric(14, 2) NOT NULL CHECK (amount > 0),
     currency         char(3) NOT NULL,
-    destination      jsonb NOT NULL,
+    destination      text NOT NULL,          -- exact JSON of the request's destination
     metadata         text NOT NULL,          -- exact JSON of the request's metadata, key order kept
     cascade          jsonb NOT NULL,         -- the cascade as requested: [{provider_id, fee}]
     idempotency_key  text UNIQUE,
