@@ -144,7 +144,9 @@ def sample_ratio_chi_square(legacy: int, cascade: int, cascade_share: float) -> 
 
 # --- queries ---------------------------------------------------------------------------------
 
-BY_REASON = """
+# Every query reads the same filtered set: withdrawals with their queue, by $1 since,
+# $2 until, $3 merchant (each NULL for "no filter").
+_BASE = """
 WITH base AS (
     SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
            q.queue_id, q.state, q.finished_at
@@ -153,6 +155,11 @@ WITH base AS (
       AND ($2::timestamptz IS NULL OR w.created_at < $2)
       AND ($3::text IS NULL OR w.merchant_id = $3)
 )
+"""
+
+BY_REASON = (
+    _BASE  # noqa: S608 — constant fragments, every value is a bind parameter
+    + """
 SELECT cohort, routing_reason AS reason,
        count(*) AS created,
        count(*) FILTER (WHERE state = 'COMPLETED') AS succeeded,
@@ -169,16 +176,11 @@ SELECT cohort, routing_reason AS reason,
 FROM base
 GROUP BY cohort, routing_reason
 """
-
-TIME_TO_FINAL = """
-WITH base AS (
-    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
-           q.queue_id, q.state, q.finished_at
-    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
-    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
-      AND ($2::timestamptz IS NULL OR w.created_at < $2)
-      AND ($3::text IS NULL OR w.merchant_id = $3)
 )
+
+TIME_TO_FINAL = (
+    _BASE
+    + """
 SELECT cohort,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
            AS p50,
@@ -188,16 +190,11 @@ FROM base
 WHERE state <> 'ACTIVE' AND finished_at IS NOT NULL
 GROUP BY cohort
 """
-
-BY_MERCHANT = """
-WITH base AS (
-    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
-           q.queue_id, q.state, q.finished_at
-    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
-    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
-      AND ($2::timestamptz IS NULL OR w.created_at < $2)
-      AND ($3::text IS NULL OR w.merchant_id = $3)
 )
+
+BY_MERCHANT = (
+    _BASE
+    + """
 SELECT merchant_id, cohort,
        count(*) AS created,
        count(*) FILTER (WHERE state = 'COMPLETED') AS succeeded,
@@ -208,18 +205,13 @@ FROM base
 GROUP BY merchant_id, cohort
 ORDER BY count(*) DESC, merchant_id, cohort
 """
+)
 
 # Withdrawals decided while the toggle was a pure flexibleRollout (one strategy, no
 # constraints), with the percentage and stickiness the router stored with each decision.
-ROLLOUT_SPLIT = """
-WITH base AS (
-    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
-           q.queue_id, q.state, q.finished_at
-    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
-    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
-      AND ($2::timestamptz IS NULL OR w.created_at < $2)
-      AND ($3::text IS NULL OR w.merchant_id = $3)
-)
+ROLLOUT_SPLIT = (
+    _BASE
+    + """
 SELECT cohort,
        (flag_state -> 'strategies' -> 0 ->> 'rollout')::int AS rollout,
        flag_state -> 'strategies' -> 0 ->> 'stickiness' AS stickiness,
@@ -233,6 +225,7 @@ WHERE routing_reason IN ('rollout', 'not_targeted')
   AND flag_state -> 'strategies' -> 0 ->> 'kind' = 'rollout'
 GROUP BY 1, 2, 3
 """
+)
 
 
 def _parse_time(name: str, value: str | None) -> datetime | None:

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from contracts.legacy import WithdrawalView, encode_withdrawal
+from contracts.legacy import WithdrawalView, decode_metadata, encode_withdrawal
 from contracts.provider import CreateOrder, ProviderDestination
 from contracts.providers_file import ProviderConfig
 from orchestrator import bus, store
@@ -64,8 +64,6 @@ def utcnow() -> datetime:
 
 def withdrawal_view(record: store.WithdrawalRecord, queue: store.QueueRecord) -> WithdrawalView:
     """The legacy API's Withdrawal object for a stored withdrawal (the one place it is built)."""
-    from contracts.legacy import decode_metadata  # noqa: PLC0415  (keeps import graph flat)
-
     public = public_state(queue.queue)
     return WithdrawalView(
         withdrawal_id=record.withdrawal_id,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -75,8 +76,7 @@ class Worker:
         if self._running:
             await asyncio.wait(self._running, timeout=grace)
 
-    async def _loop(self, fn: object, interval: float) -> None:
-        assert callable(fn)
+    async def _loop(self, fn: Callable[[], Awaitable[object]], interval: float) -> None:
         while True:
             try:
                 await fn()
