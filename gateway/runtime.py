@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 
 import asyncpg
-import httpx
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
@@ -17,6 +16,7 @@ from gateway.settings import Settings
 from orchestrator import bus, store
 from orchestrator.core_client import HttpCascadeCore
 from orchestrator.engine import Engine
+from orchestrator.http import HttpClient, Timeouts
 from orchestrator.outbox import OutboxRelay
 from orchestrator.providers import HttpProviderAdapter
 
@@ -37,7 +37,7 @@ class Runtime:
     engine: Engine
     core: HttpCascadeCore
     provider_adapter: HttpProviderAdapter
-    http: httpx.AsyncClient
+    http: HttpClient
     router: CohortRouter | None = None
 
     @property
@@ -129,9 +129,7 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
             f"JetStream setup failed on {settings.nats_url} (needs nats-server >= 2.12 with "
             f"JetStream enabled): {exc!r}"
         ) from exc
-    http = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=100)
-    )
+    http = HttpClient(timeouts=Timeouts(connect=2.0, read=5.0), max_connections=200)
     core = HttpCascadeCore(settings.core_url, settings.core_token, client=http)
     adapter = HttpProviderAdapter(client=http)
     relay = OutboxRelay(pool, js, names)

@@ -12,8 +12,9 @@ import asyncio
 from decimal import Decimal
 from typing import Protocol
 
-import httpx
 import msgspec
+
+from orchestrator.http import HttpClient, Timeouts, TransportFailure
 
 
 class CoreUnavailable(Exception):
@@ -51,8 +52,15 @@ class _ErrorEnvelope(msgspec.Struct):
     error: _Error = msgspec.field(default_factory=_Error)
 
 
+def _error_code(body: bytes) -> str:
+    try:
+        return msgspec.json.decode(body, type=_ErrorEnvelope).error.code
+    except msgspec.MsgspecError:
+        return "unknown"
+
+
 class HttpCascadeCore:
-    """The real client (httpx, bounded timeouts, a few quick retries per call)."""
+    """The real client (bounded timeouts, a few quick retries per call)."""
 
     def __init__(
         self,
@@ -61,12 +69,13 @@ class HttpCascadeCore:
         *,
         timeout: float = 5.0,
         attempts: int = 3,
-        client: httpx.AsyncClient | None = None,
+        client: HttpClient | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._attempts = attempts
-        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=2.0))
+        self._timeouts = Timeouts(connect=min(2.0, timeout), read=timeout)
+        self._client = client or HttpClient(timeouts=self._timeouts)
         self._owns_client = client is None
 
     async def aclose(self) -> None:
@@ -78,20 +87,17 @@ class HttpCascadeCore:
         last = "no attempt"
         for attempt in range(self._attempts):
             try:
-                response = await self._client.post(self._base + path, content=body, headers=headers)
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                answer = await self._client.request(
+                    "POST", self._base + path, body=body, headers=headers, timeouts=self._timeouts
+                )
+            except TransportFailure as exc:
+                last = str(exc)
             else:
-                if 200 <= response.status_code < 300:
+                if 200 <= answer.status < 300:
                     return
-                if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-                    code = (
-                        msgspec.json.decode(response.content, type=_ErrorEnvelope).error.code
-                        if response.content.startswith(b"{")
-                        else "unknown"
-                    )
-                    raise CoreRefused(code, response.status_code)
-                last = f"HTTP {response.status_code}"
+                if 400 <= answer.status < 500 and answer.status not in (408, 429):
+                    raise CoreRefused(_error_code(answer.body), answer.status)
+                last = f"HTTP {answer.status}"
             if attempt + 1 < self._attempts:
                 await asyncio.sleep(0.05 * 2**attempt)
         raise CoreUnavailable(f"cascade-core {path}: {last}")

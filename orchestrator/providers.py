@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import httpx
 import msgspec
 
 from contracts.provider import CreateOrder, ProviderDecline, ProviderOrder
 from contracts.providers_file import ProviderConfig
 from orchestrator.domain import Ambiguous, AnswerSource, Declined, ProviderAnswer
+from orchestrator.http import HttpClient, Timeouts, TransportFailure
 
 CreateResult = ProviderAnswer | Declined | Ambiguous
 StatusResult = ProviderAnswer | Ambiguous
@@ -39,8 +39,8 @@ def _answer(body: bytes, source: AnswerSource) -> ProviderAnswer | Ambiguous:
 class HttpProviderAdapter:
     """Speaks the protocol documented in :mod:`contracts.provider`."""
 
-    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
-        self._client = client or httpx.AsyncClient()
+    def __init__(self, client: HttpClient | None = None) -> None:
+        self._client = client or HttpClient(timeouts=Timeouts(connect=2.0, read=10.0))
         self._owns_client = client is None
 
     async def aclose(self) -> None:
@@ -48,53 +48,55 @@ class HttpProviderAdapter:
             await self._client.aclose()
 
     @staticmethod
-    def _timeout(config: ProviderConfig) -> httpx.Timeout:
+    def _timeouts(config: ProviderConfig) -> Timeouts:
         t = config.timeouts
-        return httpx.Timeout(t.read_seconds, connect=t.connect_seconds)
+        return Timeouts(connect=t.connect_seconds, read=t.read_seconds)
 
     async def create(self, config: ProviderConfig, order: CreateOrder) -> CreateResult:
         try:
-            response = await self._client.post(
+            answer = await self._client.request(
+                "POST",
                 f"{config.base_url}/orders",
-                content=msgspec.json.encode(order),
+                body=msgspec.json.encode(order),
                 headers={"Idempotency-Key": order.order_id, "Content-Type": "application/json"},
-                timeout=self._timeout(config),
+                timeouts=self._timeouts(config),
             )
-        except httpx.ConnectError as exc:
-            # Nothing was sent: still classified ambiguous, the recheck will prove absence fast.
-            return Ambiguous(f"connect failed: {exc}")
-        except httpx.TransportError as exc:
-            return Ambiguous(f"{type(exc).__name__} after sending")
-        if response.status_code in (200, 201):
-            return _answer(response.content, "create")
-        if response.status_code == 422:
+        except TransportFailure as exc:
+            # Even when nothing was sent the answer stays ambiguous: the recheck proves
+            # absence fast, and a retried create is safe on the idempotency key.
+            return Ambiguous(str(exc) if not exc.sent else f"{exc} after sending")
+        if answer.status in (200, 201):
+            return _answer(answer.body, "create")
+        if answer.status == 422:
             try:
-                decline = msgspec.json.decode(response.content, type=ProviderDecline)
+                decline = msgspec.json.decode(answer.body, type=ProviderDecline)
             except msgspec.MsgspecError:
                 return Ambiguous("422 without a readable decline code")
             return Declined(decline.code)
-        return Ambiguous(f"HTTP {response.status_code} at create")
+        return Ambiguous(f"HTTP {answer.status} at create")
 
     async def status(self, config: ProviderConfig, order_id: str) -> StatusResult:
         try:
-            response = await self._client.get(
-                f"{config.base_url}/orders/{order_id}", timeout=self._timeout(config)
+            answer = await self._client.request(
+                "GET", f"{config.base_url}/orders/{order_id}", timeouts=self._timeouts(config)
             )
-        except httpx.TransportError as exc:
-            return Ambiguous(f"{type(exc).__name__} at status")
-        if response.status_code == 404:
+        except TransportFailure as exc:
+            return Ambiguous(f"{exc} at status")
+        if answer.status == 404:
             return ProviderAnswer(status="absent", source="poll")
-        if response.status_code == 200:
-            return _answer(response.content, "poll")
-        return Ambiguous(f"HTTP {response.status_code} at status")
+        if answer.status == 200:
+            return _answer(answer.body, "poll")
+        return Ambiguous(f"HTTP {answer.status} at status")
 
     async def cancel(self, config: ProviderConfig, order_id: str) -> StatusResult:
         try:
-            response = await self._client.post(
-                f"{config.base_url}/orders/{order_id}/cancel", timeout=self._timeout(config)
+            answer = await self._client.request(
+                "POST",
+                f"{config.base_url}/orders/{order_id}/cancel",
+                timeouts=self._timeouts(config),
             )
-        except httpx.TransportError as exc:
-            return Ambiguous(f"{type(exc).__name__} at cancel")
-        if response.status_code in (200, 409):
-            return _answer(response.content, "cancel")
-        return Ambiguous(f"HTTP {response.status_code} at cancel")
+        except TransportFailure as exc:
+            return Ambiguous(f"{exc} at cancel")
+        if answer.status in (200, 409):
+            return _answer(answer.body, "cancel")
+        return Ambiguous(f"HTTP {answer.status} at cancel")

@@ -27,11 +27,9 @@ create is a fresh, again flaky, attempt.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import secrets
-import ssl
 import time
 import uuid
 from collections import deque
@@ -40,7 +38,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-import httpx
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.params import FromPath
@@ -53,6 +50,7 @@ from contracts.provider import (
     ProviderWebhook,
 )
 from contracts.webhooks import sign
+from orchestrator.http import HttpClient, Timeouts, TransportFailure
 from sandbox.core import error_response, json_response
 from sandbox.scenarios import Scenario, draw_attempt
 
@@ -97,12 +95,6 @@ def _order_response(status: int, order: SandboxOrder) -> Response[bytes]:
         status_code=status,
         media_type="application/json",
     )
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """Loaded once per process: reading the CA bundle costs ~50 ms per client otherwise."""
-    return httpx.create_ssl_context()
 
 
 @dataclass
@@ -154,7 +146,7 @@ class WebhookSender:
         self._attempts = max(1, attempts)
         self._backoff = backoff_seconds
         self._timeout = timeout_seconds
-        self._client: httpx.AsyncClient | None = None
+        self._client: HttpClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -166,9 +158,11 @@ class WebhookSender:
         self._closed = False
         self._ensure_client()
 
-    def _ensure_client(self) -> httpx.AsyncClient:
+    def _ensure_client(self) -> HttpClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout, verify=_tls_context())
+            self._client = HttpClient(
+                timeouts=Timeouts(connect=min(2.0, self._timeout), read=self._timeout)
+            )
         return self._client
 
     async def close(self) -> None:
@@ -223,11 +217,11 @@ class WebhookSender:
                 "webhook-signature": sign(secret, webhook_id, timestamp, body),
             }
             try:
-                response = await client.post(url, content=body, headers=headers)
-            except httpx.HTTPError as exc:
-                status, error = None, f"{type(exc).__name__}: {exc}"
+                answer = await client.request("POST", url, body=body, headers=headers)
+            except TransportFailure as exc:
+                status, error = None, str(exc)
             else:
-                status, error = response.status_code, None
+                status, error = answer.status, None
                 if status < 500 and status != 429:
                     if status >= 400:
                         log.warning(
