@@ -43,7 +43,7 @@ from gateway.http import (
 from gateway.runtime import Runtime
 from orchestrator import bus, store
 from orchestrator import metrics as m
-from orchestrator.domain import OrderTask, TaskState, public_state
+from orchestrator.domain import OrderQueue, OrderTask, QueueState, TaskState, public_state
 from orchestrator.engine import withdrawal_view
 
 log = logging.getLogger("cascade.api")
@@ -139,23 +139,13 @@ async def _replay_or_conflict(
 async def _create(
     request: AnyRequest, rt: Runtime, parsed: CreateWithdrawal, key: str | None, digest: bytes
 ) -> Response[bytes]:
-    async with rt.pool.acquire() as conn:
-        # One read for both questions: asked separately, a concurrent winner committing in
-        # between would turn this request's replay into a duplicate_withdrawal.
-        rows = await conn.fetch(
-            "SELECT withdrawal_id, idempotency_key FROM withdrawals"
-            " WHERE withdrawal_id = $1 OR idempotency_key = $2",
-            parsed.withdrawal_id,
-            key,
-        )
-        if key is not None and any(r["idempotency_key"] == key for r in rows):
-            replay = await _replay_or_conflict(conn, key, digest)
-            if replay is not None:
-                return replay
-        if rows:
-            raise ApiProblem(ApiError.DUPLICATE_WITHDRAWAL)
-    # Accepting needs the broker (to drive the withdrawal) as much as the database.
+    # Accepting needs the broker (to drive the withdrawal) as much as the database; a replay
+    # or a duplicate is still answered without it.
     if not rt.nats_up:
+        async with rt.pool.acquire() as conn:
+            answer = await _existing(conn, parsed.withdrawal_id, key, digest)
+        if answer is not None:
+            return answer
         raise ApiProblem(ApiError.UNAVAILABLE)
     assert rt.router is not None
     decision = rt.router.decide(parsed.merchant_id)
@@ -195,36 +185,26 @@ async def _create(
         trace_id=trace_id,
         created_at=datetime.now(UTC),
     )
-    outbox_ids: list[int] = []
+    start = None
+    if decision.cohort == "cascade":
+        start = store.NewMessage(
+            subject=rt.relay.names.subject(bus.TASK_START),
+            payload=msgspec.json.encode(
+                bus.TaskMessage(task_id=tasks[0].task_id, queue_id=queue_id)
+            ),
+            headers={"Nats-Msg-Id": f"start-{tasks[0].task_id.hex}", **bus.trace_headers(trace_id)},
+        )
     async with rt.pool.acquire() as conn:
-        try:
-            async with conn.transaction():
-                await store.insert_withdrawal(
-                    conn, record, queue_id, tasks, [e.fee for e in entries]
-                )
-                if decision.cohort == "cascade":
-                    payload = msgspec.json.encode(
-                        bus.TaskMessage(task_id=tasks[0].task_id, queue_id=queue_id)
-                    )
-                    outbox_ids.append(
-                        await store.enqueue(
-                            conn,
-                            rt.relay.names.subject(bus.TASK_START),
-                            payload,
-                            {
-                                "Nats-Msg-Id": f"start-{tasks[0].task_id.hex}",
-                                **bus.trace_headers(trace_id),
-                            },
-                        )
-                    )
-        except asyncpg.UniqueViolationError as exc:
-            # A concurrent request won the insert; answer as if we had come second. Which
-            # constraint fired first is up to Postgres, so the key decides, not the name.
-            if key is not None:
-                replay = await _replay_or_conflict(conn, key, digest)
-                if replay is not None:
-                    return replay
-            raise ApiProblem(ApiError.DUPLICATE_WITHDRAWAL) from exc
+        written = await store.insert_withdrawal(
+            conn, record, queue_id, tasks, [e.fee for e in entries], start=start
+        )
+        if written is False:
+            # The id or the key exists (perhaps a concurrent request's, which was waited for).
+            answer = await _existing(conn, parsed.withdrawal_id, key, digest)
+            if answer is not None:
+                return answer
+            log.error("insert refused, yet neither the id nor the key exists")
+            raise ApiProblem(ApiError.UNAVAILABLE)
     m.withdrawals_created.labels(cohort=decision.cohort).inc()
     log.info(
         "withdrawal accepted",
@@ -237,22 +217,60 @@ async def _create(
         },
     )
     if decision.cohort == "cascade":
-        await rt.relay.publish_now(outbox_ids)
-    else:
-        # Legacy single-shot: one create inside the request; its answer decides the response.
-        try:
-            await rt.engine.start_task(
-                queue_id, tasks[0].task_id, actor="api:legacy", trace_id=trace_id
-            )
-        except Exception as exc:  # noqa: BLE001 — the task stays CREATING; the sweeper resumes it
-            log.warning(
-                "legacy create did not finish in the request",
-                extra={"withdrawal_id": parsed.withdrawal_id, "error": repr(exc)},
-            )
+        assert isinstance(written, store.OutboxMessage)
+        await rt.relay.publish_now([written])
+        # The answer describes the withdrawal as accepted, built from what was just written
+        # (whatever a fast worker did since is for GET to show).
+        queue = OrderQueue(
+            queue_id=queue_id,
+            withdrawal_id=record.withdrawal_id,
+            state=QueueState.ACTIVE,
+            version=1,
+            tasks=tuple(tasks),
+        )
+        accepted = store.QueueRecord(
+            queue=queue,
+            created_at=record.created_at,
+            updated_at=record.created_at,
+            finished_at=None,
+        )
+        return json_response(encode_withdrawal(withdrawal_view(record, accepted)), 201)
+    # Legacy single-shot: one create inside the request; its answer decides the response.
+    try:
+        await rt.engine.start_task(
+            queue_id, tasks[0].task_id, actor="api:legacy", trace_id=trace_id
+        )
+    except Exception as exc:  # noqa: BLE001 — the task stays CREATING; the sweeper resumes it
+        log.warning(
+            "legacy create did not finish in the request",
+            extra={"withdrawal_id": parsed.withdrawal_id, "error": repr(exc)},
+        )
     async with rt.pool.acquire() as conn:
         view = await _view_bytes(conn, parsed.withdrawal_id)
     assert view is not None
     return json_response(view, 201)
+
+
+async def _existing(
+    conn: store.Connection, withdrawal_id: str, key: str | None, digest: bytes
+) -> Response[bytes] | None:
+    """The answer to a request whose id or key is taken: the replay (200), or raises the
+    conflict or duplicate (409); None when neither exists."""
+    # One read for both questions: asked separately, a concurrent winner committing in
+    # between would turn this request's replay into a duplicate_withdrawal.
+    rows = await conn.fetch(
+        "SELECT withdrawal_id, idempotency_key FROM withdrawals"
+        " WHERE withdrawal_id = $1 OR idempotency_key = $2",
+        withdrawal_id,
+        key,
+    )
+    if key is not None and any(r["idempotency_key"] == key for r in rows):
+        replay = await _replay_or_conflict(conn, key, digest)
+        if replay is not None:
+            return replay
+    if rows:
+        raise ApiProblem(ApiError.DUPLICATE_WITHDRAWAL)
+    return None
 
 
 @get("/v1/withdrawals/{withdrawal_id:str}")

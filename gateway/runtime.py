@@ -59,6 +59,7 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.to_thread(self.router.close), 5)
         await self.http.aclose()
+        await self.relay.deferred.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.close(), 3)
         try:

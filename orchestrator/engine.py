@@ -88,7 +88,7 @@ class _Tx:
     queue: OrderQueue
     record: store.WithdrawalRecord
     queue_created_at: datetime
-    outbox_ids: list[int] = field(default_factory=list)
+    outbox: list[store.OutboxMessage] = field(default_factory=list)
     purge: list[str] = field(default_factory=list)
     armed: set[str] = field(default_factory=set)
     finished: list[tuple[str, bytes]] = field(default_factory=list)
@@ -240,11 +240,10 @@ class Engine:
     # --- the loop ----------------------------------------------------------------------
 
     async def _open(self, conn: store.Connection, queue_id: uuid.UUID) -> _Tx | None:
-        rec = await store.load_queue(conn, queue_id=queue_id, lock=True)
-        if rec is None:
+        loaded = await store.load_all(conn, queue_id=queue_id, lock=True)
+        if loaded is None:
             return None
-        record = await store.load_withdrawal(conn, rec.queue.withdrawal_id)
-        assert record is not None
+        record, rec = loaded
         return _Tx(conn=conn, queue=rec.queue, record=record, queue_created_at=rec.created_at)
 
     async def _drive(
@@ -402,7 +401,6 @@ class Engine:
                     state=task.state.value, provider=task.provider_id
                 ).observe((now - task.state_entered_at).total_seconds())
             after = dataclasses.replace(after, state_entered_at=now)
-            await store.touch_queue(tx.conn, tx.queue.queue_id, now)
             kinds = _TIMERS_OF_STATE.get(task.state, ())
             tx.purge.extend(self.names.schedule_subject(task.task_id, kind) for kind in kinds)
         if step.timer is not None:
@@ -416,7 +414,7 @@ class Engine:
             )
             armed = self.names.schedule_subject(task.task_id, step.timer.kind)
             tx.armed.add(armed)
-            tx.outbox_ids.append(
+            tx.outbox.append(
                 await store.enqueue(
                     tx.conn,
                     armed,
@@ -459,7 +457,7 @@ class Engine:
             payload = msgspec.json.encode(
                 bus.TaskMessage(task_id=qstep.start_task, queue_id=tx.queue.queue_id)
             )
-            tx.outbox_ids.append(
+            tx.outbox.append(
                 await store.enqueue(
                     tx.conn,
                     self.names.subject(bus.TASK_START),
@@ -559,7 +557,7 @@ class Engine:
         purges = [s for s in dict.fromkeys(tx.purge) if s not in tx.armed]
         if purges:
             await asyncio.gather(*(self.relay.purge(subject) for subject in purges))
-        await self.relay.publish_now(tx.outbox_ids)
+        await self.relay.publish_now(tx.outbox)
         for status, body in tx.finished:
             await self.notify_now(tx.record.withdrawal_id, status, body)
 
@@ -575,13 +573,7 @@ class Engine:
             )
             return
         m.core_notifications.labels(result="acked").inc()
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE notifications SET acked_at = now(), attempts = attempts + 1"
-                " WHERE withdrawal_id = $1 AND status = $2",
-                withdrawal_id,
-                status,
-            )
+        self.relay.deferred.notification_acked(withdrawal_id, status)
 
 
 # The timers a task can have pending in a state: the ones to cancel when it leaves.

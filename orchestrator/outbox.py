@@ -1,7 +1,9 @@
 """The transactional outbox: messages written with the state change, published after commit.
 
-``publish_now`` is the fast path right after a commit. ``run`` is the relay that publishes what
-a crashed or disconnected process left behind. Each row is published with
+``publish_now`` is the fast path right after a commit: it publishes the messages the
+transaction wrote (kept in memory, not read back) and leaves deleting the rows to
+:class:`~orchestrator.deferred.DeferredWrites`. ``run`` is the relay that publishes what a
+crashed or disconnected process left behind. Each row is published with
 ``Nats-Msg-Id: ob-<id>`` (unless it carries its own), so a row published twice (fast path and
 relay racing) is stored once by JetStream's duplicate window.
 """
@@ -10,52 +12,54 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-import asyncpg
 from nats.js import JetStreamContext
 
 from orchestrator import store
 from orchestrator.bus import Names
+from orchestrator.deferred import DeferredWrites
 
 log = logging.getLogger("cascade.outbox")
 
 
 class OutboxRelay:
-    def __init__(self, pool: store.Pool, js: JetStreamContext | None, names: Names) -> None:
+    def __init__(
+        self,
+        pool: store.Pool,
+        js: JetStreamContext | None,
+        names: Names,
+        deferred: DeferredWrites | None = None,
+    ) -> None:
         self.pool = pool
         self.js = js
         self.names = names
+        self.deferred = deferred or DeferredWrites(pool)
 
-    async def publish_now(self, ids: Sequence[int]) -> None:
-        """Publish these rows and delete them; failures are left for the relay."""
-        if not ids or self.js is None:
+    async def publish_now(self, messages: Sequence[store.OutboxMessage]) -> None:
+        """Publish what a transaction just committed; the rows are deleted a moment later.
+        Failures are left for the relay."""
+        if not messages or self.js is None:
             return
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT id, subject, payload, headers FROM outbox WHERE id = ANY($1::bigint[])"
-                " ORDER BY id",
-                list(ids),
-            )
-            done = await self._publish(rows)
-            if done:
-                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+        done = await self._publish(
+            [(m.id, m.subject, m.payload, m.headers) for m in sorted(messages, key=_by_id)]
+        )
+        if done:
+            self.deferred.outbox_published(done)
 
-    async def _publish(self, rows: Sequence[asyncpg.Record]) -> list[int]:
+    async def _publish(
+        self, rows: Sequence[tuple[int, str, bytes, Mapping[str, str]]]
+    ) -> list[int]:
         assert self.js is not None
         done: list[int] = []
-        for row in rows:
-            headers = {"Nats-Msg-Id": f"ob-{row['id']}", **row["headers"]}
+        for ident, subject, payload, stored_headers in rows:
+            headers = {"Nats-Msg-Id": f"ob-{ident}", **stored_headers}
             try:
-                await self.js.publish(
-                    row["subject"], bytes(row["payload"]), headers=headers, timeout=5
-                )
+                await self.js.publish(subject, bytes(payload), headers=headers, timeout=5)
             except Exception as exc:  # noqa: BLE001 — the relay retries every failure
-                log.warning(
-                    "outbox publish failed", extra={"subject": row["subject"], "error": repr(exc)}
-                )
+                log.warning("outbox publish failed", extra={"subject": subject, "error": repr(exc)})
                 break  # keep order: later rows wait for this one
-            done.append(row["id"])
+            done.append(ident)
         return done
 
     async def purge(self, subject: str) -> None:
@@ -79,7 +83,9 @@ class OutboxRelay:
                 older_than_seconds,
                 limit,
             )
-            done = await self._publish(rows)
+            done = await self._publish(
+                [(r["id"], r["subject"], r["payload"], r["headers"]) for r in rows]
+            )
             if done:
                 await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
         return len(done)
@@ -91,3 +97,7 @@ class OutboxRelay:
             except Exception:
                 log.exception("outbox relay pass failed")
             await asyncio.sleep(interval)
+
+
+def _by_id(message: store.OutboxMessage) -> int:
+    return message.id

@@ -143,20 +143,81 @@ def _task(row: asyncpg.Record | Mapping[str, Any]) -> OrderTask:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A message written to the outbox in a transaction, published after its commit."""
+
+    id: int
+    subject: str
+    payload: bytes
+    headers: Mapping[str, str]
+
+
+# One statement, so one round-trip and no BEGIN/COMMIT: the withdrawal, its queue, its tasks,
+# their audit rows and (cascade) the first task's start message. ON CONFLICT DO NOTHING covers
+# both unique keys (withdrawal_id, idempotency_key): on a conflict nothing at all is written and
+# the statement returns no row (a concurrent insert of the same key is waited for first).
+_INSERT_WITHDRAWAL = """
+WITH w AS (
+    INSERT INTO withdrawals (withdrawal_id, merchant_id, amount, currency, destination,
+        metadata, cascade, idempotency_key, request_sha256, cohort, routing_reason,
+        flag_state, trace_id, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+    ON CONFLICT DO NOTHING
+    RETURNING withdrawal_id
+), q AS (
+    INSERT INTO order_queues (queue_id, withdrawal_id, state, created_at, updated_at)
+    SELECT $15, withdrawal_id, 'ACTIVE', $14, $14 FROM w
+    RETURNING queue_id
+), t AS (
+    INSERT INTO order_tasks (task_id, queue_id, position, provider_id, fee, state,
+        provider_order_id, state_entered_at, created_at, updated_at)
+    SELECT u.task_id, q.queue_id, u.position, u.provider_id, u.fee, 'PENDING',
+        u.provider_order_id, $14, $14, $14
+    FROM q, unnest($16::uuid[], $17::int[], $18::text[], $19::numeric[], $20::text[])
+        AS u(task_id, position, provider_id, fee, provider_order_id)
+    RETURNING task_id, provider_id, position
+), e AS (
+    INSERT INTO order_task_events (queue_id, task_id, withdrawal_id, from_state, to_state,
+        event, actor, trace_id, details, created_at)
+    SELECT $15, NULL, $1, NULL, 'ACTIVE', 'queue.created', 'api', $13,
+        jsonb_build_object('cohort', $10::text, 'reason', $11::text), $14 FROM q
+    UNION ALL
+    SELECT $15, task_id, $1, NULL, 'PENDING', 'task.created', 'api', $13,
+        jsonb_build_object('provider_id', provider_id), $14 FROM t
+), o AS (
+    INSERT INTO outbox (subject, payload, headers)
+    SELECT $21::text, $22::bytea, $23::jsonb FROM q WHERE $21::text IS NOT NULL
+    RETURNING id
+)
+SELECT (SELECT id FROM o) AS outbox_id FROM q
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """An outbox message not written yet."""
+
+    subject: str
+    payload: bytes
+    headers: Mapping[str, str]
+
+
 async def insert_withdrawal(
     conn: Connection,
     record: WithdrawalRecord,
     queue_id: uuid.UUID,
     tasks: Sequence[OrderTask],
     fees: Sequence[Decimal],
-) -> None:
-    """Persist a new withdrawal with its queue and PENDING tasks (raises UniqueViolationError)."""
+    *,
+    start: NewMessage | None = None,
+) -> OutboxMessage | bool | None:
+    """Persist a new withdrawal with its queue, PENDING tasks and, optionally, the first task's
+    start message, atomically. Returns False when the withdrawal id or the idempotency key
+    already exists (nothing written), else the written start message (or None without one)."""
     now = record.created_at
-    await conn.execute(
-        "INSERT INTO withdrawals (withdrawal_id, merchant_id, amount, currency, destination,"
-        " metadata, cascade, idempotency_key, request_sha256, cohort, routing_reason,"
-        " flag_state, trace_id, created_at)"
-        " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)",
+    row = await conn.fetchrow(
+        _INSERT_WITHDRAWAL,
         record.withdrawal_id,
         record.merchant_id,
         record.amount,
@@ -172,56 +233,21 @@ async def insert_withdrawal(
         record.flag_state,
         record.trace_id,
         now,
-    )
-    await conn.execute(
-        "INSERT INTO order_queues (queue_id, withdrawal_id, state, created_at, updated_at)"
-        " VALUES ($1, $2, 'ACTIVE', $3, $3)",
         queue_id,
-        record.withdrawal_id,
-        now,
+        [t.task_id for t in tasks],
+        [t.position for t in tasks],
+        [t.provider_id for t in tasks],
+        list(fees),
+        [t.provider_order_id for t in tasks],
+        start.subject if start else None,
+        start.payload if start else None,
+        dict(start.headers) if start else None,
     )
-    await conn.executemany(
-        "INSERT INTO order_tasks (task_id, queue_id, position, provider_id, fee, state,"
-        " provider_order_id, state_entered_at, created_at, updated_at)"
-        " VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $7, $7)",
-        [
-            (t.task_id, queue_id, t.position, t.provider_id, fee, t.provider_order_id, now)
-            for t, fee in zip(tasks, fees, strict=True)
-        ],
-    )
-    await conn.executemany(
-        "INSERT INTO order_task_events (queue_id, task_id, withdrawal_id, from_state, to_state,"
-        " event, actor, trace_id, details, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-        [
-            (
-                queue_id,
-                None,
-                record.withdrawal_id,
-                None,
-                "ACTIVE",
-                "queue.created",
-                "api",
-                record.trace_id,
-                {"cohort": record.cohort, "reason": record.routing_reason},
-                now,
-            )
-        ]
-        + [
-            (
-                queue_id,
-                t.task_id,
-                record.withdrawal_id,
-                None,
-                "PENDING",
-                "task.created",
-                "api",
-                record.trace_id,
-                {"provider_id": t.provider_id},
-                now,
-            )
-            for t in tasks
-        ],
-    )
+    if row is None:
+        return False
+    if start is None:
+        return None
+    return OutboxMessage(row["outbox_id"], start.subject, start.payload, start.headers)
 
 
 async def find_by_idempotency_key(conn: Connection, key: str) -> asyncpg.Record | None:
@@ -231,10 +257,18 @@ async def find_by_idempotency_key(conn: Connection, key: str) -> asyncpg.Record 
     return row
 
 
-async def load_withdrawal(conn: Connection, withdrawal_id: str) -> WithdrawalRecord | None:
-    row = await conn.fetchrow("SELECT * FROM withdrawals WHERE withdrawal_id = $1", withdrawal_id)
-    if row is None:
-        return None
+_WITHDRAWAL_COLUMNS = (
+    "w.withdrawal_id, w.merchant_id, w.amount, w.currency, w.destination, w.metadata,"
+    " w.cascade, w.idempotency_key, w.request_sha256, w.cohort, w.routing_reason, w.flag_state,"
+    " w.trace_id, w.created_at"
+)
+_QUEUE_COLUMNS = (
+    "q.queue_id, q.state, q.version, q.cancel_requested, q.stop_requested, q.failure_code,"
+    " q.created_at AS q_created_at, q.updated_at AS q_updated_at, q.finished_at AS q_finished_at"
+)
+
+
+def _withdrawal(row: asyncpg.Record) -> WithdrawalRecord:
     return WithdrawalRecord(
         withdrawal_id=row["withdrawal_id"],
         merchant_id=row["merchant_id"],
@@ -253,6 +287,36 @@ async def load_withdrawal(conn: Connection, withdrawal_id: str) -> WithdrawalRec
     )
 
 
+async def load_withdrawal(conn: Connection, withdrawal_id: str) -> WithdrawalRecord | None:
+    row = await conn.fetchrow(
+        f"SELECT {_WITHDRAWAL_COLUMNS} FROM withdrawals w WHERE withdrawal_id = $1",  # noqa: S608
+        withdrawal_id,
+    )
+    return None if row is None else _withdrawal(row)
+
+
+async def load_all(
+    conn: Connection,
+    *,
+    queue_id: uuid.UUID | None = None,
+    withdrawal_id: str | None = None,
+    lock: bool = False,
+) -> tuple[WithdrawalRecord, QueueRecord] | None:
+    """A withdrawal with its queue and tasks in two round-trips; ``lock`` takes the queue row
+    lock for the transaction (``FOR UPDATE OF q``: the withdrawal row is never locked)."""
+    where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
+    key: object = queue_id if queue_id is not None else withdrawal_id
+    suffix = " FOR UPDATE OF q" if lock else ""
+    row = await conn.fetchrow(
+        f"SELECT {_WITHDRAWAL_COLUMNS}, {_QUEUE_COLUMNS} FROM order_queues q"  # noqa: S608
+        f" JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id WHERE {where}{suffix}",
+        key,
+    )
+    if row is None:
+        return None
+    return _withdrawal(row), await _queue_record(conn, row)
+
+
 async def load_queue(
     conn: Connection,
     *,
@@ -264,28 +328,34 @@ async def load_queue(
     where = "queue_id = $1" if queue_id is not None else "withdrawal_id = $1"
     key: object = queue_id if queue_id is not None else withdrawal_id
     suffix = " FOR UPDATE" if lock else ""
-    q = await conn.fetchrow(f"SELECT * FROM order_queues WHERE {where}{suffix}", key)  # noqa: S608
-    if q is None:
-        return None
-    rows = await conn.fetch(
+    row = await conn.fetchrow(
+        f"SELECT q.withdrawal_id, {_QUEUE_COLUMNS} FROM order_queues q WHERE {where}{suffix}",  # noqa: S608
+        key,
+    )
+    return None if row is None else await _queue_record(conn, row)
+
+
+async def _queue_record(conn: Connection, row: asyncpg.Record) -> QueueRecord:
+    """The queue of a row selected with ``_QUEUE_COLUMNS``, with its tasks (one round-trip)."""
+    tasks = await conn.fetch(
         f"SELECT {_TASK_COLUMNS} FROM order_tasks WHERE queue_id = $1 ORDER BY position",  # noqa: S608
-        q["queue_id"],
+        row["queue_id"],
     )
     queue = OrderQueue(
-        queue_id=q["queue_id"],
-        withdrawal_id=q["withdrawal_id"],
-        state=QueueState(q["state"]),
-        version=q["version"],
-        tasks=tuple(_task(r) for r in rows),
-        cancel_requested=q["cancel_requested"],
-        stop_requested=q["stop_requested"],
-        failure_code=q["failure_code"],
+        queue_id=row["queue_id"],
+        withdrawal_id=row["withdrawal_id"],
+        state=QueueState(row["state"]),
+        version=row["version"],
+        tasks=tuple(_task(r) for r in tasks),
+        cancel_requested=row["cancel_requested"],
+        stop_requested=row["stop_requested"],
+        failure_code=row["failure_code"],
     )
     return QueueRecord(
         queue=queue,
-        created_at=q["created_at"],
-        updated_at=q["updated_at"],
-        finished_at=q["finished_at"],
+        created_at=row["q_created_at"],
+        updated_at=row["q_updated_at"],
+        finished_at=row["q_finished_at"],
     )
 
 
@@ -324,6 +394,12 @@ async def record_unapplied_webhook(
     )
 
 
+_AUDIT_INSERT = (
+    "INSERT INTO order_task_events (queue_id, task_id, withdrawal_id, from_state, to_state,"
+    " event, actor, trace_id, details, created_at)"
+)
+
+
 async def save_task(
     conn: Connection,
     before: OrderTask,
@@ -338,8 +414,9 @@ async def save_task(
     timer: Timer | None,
     clear_timer: bool,
 ) -> None:
-    """Write one task transition: version-checked update and its audit row, one transaction."""
-    timer_sql = ""
+    """Write one task transition in one statement: the version-checked update, its audit row
+    and, on a state change, the queue's ``updated_at`` (the API's ``updated_at``)."""
+    changed = after.state != before.state
     args: list[object] = [
         after.state.value,
         after.provider_reference,
@@ -352,66 +429,38 @@ async def save_task(
         now,
         before.task_id,
         before.version,
-    ]
-    if timer is not None:
-        timer_sql = ", timer_kind = $12, timer_attempt = $13, timer_due_at = $14"
-        args += [timer.kind, timer.attempt, timer.due_at]
-    elif clear_timer or after.state != before.state:
-        timer_sql = ", timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
-    entered = ", state_entered_at = $9" if after.state != before.state else ""
-    # Only fixed fragments are interpolated; every value is a bind parameter.
-    sql = (
-        "UPDATE order_tasks SET state = $1, provider_reference = $2, freeze_state = $3,"  # noqa: S608
-        " outcome = $4, provider_code = $5, recheck_attempts = $6, status_polls = $7,"
-        f" cancel_requested = $8, updated_at = $9, version = version + 1{entered}{timer_sql}"
-        " WHERE task_id = $10 AND version = $11"
-    )
-    status = await conn.execute(sql, *args)
-    if status != "UPDATE 1":
-        raise StaleVersion(f"task {before.task_id} is no longer at version {before.version}")
-    await audit(
-        conn,
-        queue_id=before.queue_id,
-        task_id=before.task_id,
-        withdrawal_id=withdrawal_id,
-        from_state=before.state.value,
-        to_state=after.state.value if after.state != before.state else None,
-        event=event,
-        actor=actor,
-        trace_id=trace_id,
-        details=details,
-        now=now,
-    )
-
-
-async def audit(
-    conn: Connection,
-    *,
-    queue_id: uuid.UUID,
-    task_id: uuid.UUID | None,
-    withdrawal_id: str,
-    from_state: str | None,
-    to_state: str | None,
-    event: str,
-    actor: str,
-    trace_id: str | None,
-    details: Mapping[str, object],
-    now: datetime,
-) -> None:
-    await conn.execute(
-        "INSERT INTO order_task_events (queue_id, task_id, withdrawal_id, from_state, to_state,"
-        " event, actor, trace_id, details, created_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
-        queue_id,
-        task_id,
         withdrawal_id,
-        from_state,
-        to_state,
+        before.state.value,
+        after.state.value if changed else None,
         event,
         actor,
         trace_id,
         dict(details),
-        now,
+    ]
+    timer_sql = ""
+    if timer is not None:
+        timer_sql = ", timer_kind = $19, timer_attempt = $20, timer_due_at = $21"
+        args += [timer.kind, timer.attempt, timer.due_at]
+    elif clear_timer or changed:
+        timer_sql = ", timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
+    entered = ", state_entered_at = $9" if changed else ""
+    touch = (
+        ", q AS (UPDATE order_queues SET updated_at = $9 WHERE queue_id = (SELECT queue_id FROM t))"
+        if changed
+        else ""
     )
+    # Only fixed fragments are interpolated; every value is a bind parameter.
+    sql = (
+        "WITH t AS (UPDATE order_tasks SET state = $1, provider_reference = $2,"  # noqa: S608
+        " freeze_state = $3, outcome = $4, provider_code = $5, recheck_attempts = $6,"
+        " status_polls = $7, cancel_requested = $8, updated_at = $9, version = version + 1"
+        f"{entered}{timer_sql} WHERE task_id = $10 AND version = $11 RETURNING queue_id){touch}"
+        f" {_AUDIT_INSERT} SELECT queue_id, $10, $12::text, $13::text, $14::text, $15::text,"
+        " $16::text, $17::text, $18::jsonb, $9 FROM t"
+    )
+    status = await conn.execute(sql, *args)
+    if status != "INSERT 0 1":
+        raise StaleVersion(f"task {before.task_id} is no longer at version {before.version}")
 
 
 async def save_queue(
@@ -428,17 +477,19 @@ async def save_queue(
     trace_id: str | None,
     now: datetime,
 ) -> None:
-    """Write a queue change with its audit row (version-checked)."""
+    """Write a queue change with its audit row (version-checked), in one statement."""
     new_state = state or before.state
     status = await conn.execute(
-        "UPDATE order_queues SET state = $1::text,"
+        "WITH q AS (UPDATE order_queues SET state = $1::text,"  # noqa: S608 — fixed fragments only
         " cancel_requested = cancel_requested OR $2::boolean,"
         " cancel_reason = COALESCE($3::text, cancel_reason),"
         " stop_requested = stop_requested OR $4::boolean,"
         " failure_code = COALESCE($5::text, failure_code), updated_at = $6::timestamptz,"
         " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
         " version = version + 1"
-        " WHERE queue_id = $7 AND version = $8",
+        " WHERE queue_id = $7 AND version = $8 RETURNING queue_id)"
+        f" {_AUDIT_INSERT} SELECT queue_id, NULL, $9::text, $10::text, $11::text, $12::text,"
+        " $13::text, $14::text, $15::jsonb, $6 FROM q",
         new_state.value,
         bool(cancel_requested),
         _no_nul(cancel_reason),
@@ -447,32 +498,21 @@ async def save_queue(
         now,
         before.queue_id,
         before.version,
+        before.withdrawal_id,
+        before.state.value,
+        new_state.value if new_state != before.state else None,
+        event,
+        actor,
+        trace_id,
+        {"failure_code": failure_code} if failure_code else {},
     )
-    if status != "UPDATE 1":
+    if status != "INSERT 0 1":
         raise StaleVersion(f"queue {before.queue_id} is no longer at version {before.version}")
-    await audit(
-        conn,
-        queue_id=before.queue_id,
-        task_id=None,
-        withdrawal_id=before.withdrawal_id,
-        from_state=before.state.value,
-        to_state=new_state.value if new_state != before.state else None,
-        event=event,
-        actor=actor,
-        trace_id=trace_id,
-        details={"failure_code": failure_code} if failure_code else {},
-        now=now,
-    )
-
-
-async def touch_queue(conn: Connection, queue_id: uuid.UUID, now: datetime) -> None:
-    """Bump the queue's updated_at (the API's ``updated_at``) when one of its tasks changed."""
-    await conn.execute("UPDATE order_queues SET updated_at = $1 WHERE queue_id = $2", now, queue_id)
 
 
 async def enqueue(
     conn: Connection, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
-) -> int:
+) -> OutboxMessage:
     """Add a message to the outbox, in the caller's transaction."""
     ident: int = await conn.fetchval(
         "INSERT INTO outbox (subject, payload, headers) VALUES ($1, $2, $3) RETURNING id",
@@ -480,7 +520,7 @@ async def enqueue(
         payload,
         dict(headers or {}),
     )
-    return ident
+    return OutboxMessage(ident, subject, payload, dict(headers or {}))
 
 
 async def add_notification(
