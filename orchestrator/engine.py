@@ -91,6 +91,8 @@ class _Tx:
     outbox: list[store.OutboxMessage] = field(default_factory=list)
     purge: list[str] = field(default_factory=list)
     armed: set[str] = field(default_factory=set)
+    # The timer whose firing this transaction handles: its schedule is spent, no purge needed.
+    fired: TimerKind | None = None
     finished: list[tuple[str, bytes]] = field(default_factory=list)
 
 
@@ -129,25 +131,26 @@ class Engine:
     async def webhook(self, msg: bus.WebhookMessage, trace_id: str | None) -> bool:
         """Apply a verified webhook; False when no task owns the order (recorded, ignored)."""
         async with self.pool.acquire() as conn:
-            found = await store.find_task_for_provider_order(
-                conn, msg.provider_id, msg.order_id, msg.reference
+            found = await store.match_webhook(
+                conn,
+                msg.provider_id,
+                msg.order_id,
+                msg.reference,
+                msg.status,
+                final_states=FINAL_TASK_STATES,
             )
-            if found is None or found[2] in FINAL_TASK_STATES:
-                reason = "unknown_order" if found is None else "task_final"
-                await store.record_unapplied_webhook(
-                    conn, msg.provider_id, msg.order_id, msg.reference, msg.status, reason=reason
-                )
-                # An unknown order deserves attention; a late duplicate for a final task not.
-                (log.warning if reason == "unknown_order" else log.info)(
-                    "webhook changed nothing",
-                    extra={
-                        "provider_id": msg.provider_id,
-                        "reference": msg.reference,
-                        "reason": reason,
-                    },
-                )
-                return False
-        queue_id, task_id, _state = found
+        if isinstance(found, str):
+            # An unknown order deserves attention; a late duplicate for a final task not.
+            (log.warning if found == "unknown_order" else log.info)(
+                "webhook changed nothing",
+                extra={
+                    "provider_id": msg.provider_id,
+                    "reference": msg.reference,
+                    "reason": found,
+                },
+            )
+            return False
+        queue_id, task_id = found
         answer = ProviderAnswer(
             status=msg.status,
             reference=msg.reference,
@@ -276,6 +279,8 @@ class Engine:
         before freezing and creating, so a crash mid-call leaves a task the sweeper resumes.
         """
         task = tx.queue.task(task_id)
+        if isinstance(event, TimerFired):
+            tx.fired = event.kind
         while True:
             config = self.configs.get(task.provider_id)
             now = self.clock()
@@ -401,8 +406,11 @@ class Engine:
                     state=task.state.value, provider=task.provider_id
                 ).observe((now - task.state_entered_at).total_seconds())
             after = dataclasses.replace(after, state_entered_at=now)
-            kinds = _TIMERS_OF_STATE.get(task.state, ())
-            tx.purge.extend(self.names.schedule_subject(task.task_id, kind) for kind in kinds)
+            tx.purge.extend(
+                self.names.schedule_subject(task.task_id, kind)
+                for kind in _TIMERS_OF_STATE.get(task.state, ())
+                if kind != tx.fired and _may_be_armed(kind, self.configs.get(task.provider_id))
+            )
         if step.timer is not None:
             headers = bus.schedule_headers(
                 self.names.subject(bus.TIMER_TARGETS[step.timer.kind]), step.timer.due_at
@@ -581,6 +589,18 @@ _TIMERS_OF_STATE: dict[TaskState, tuple[TimerKind, ...]] = {
     TaskState.RECHECKING: ("recheck",),
     TaskState.EXECUTING: ("webhook_timeout", "status_tick"),
 }
+
+
+def _may_be_armed(kind: TimerKind, config: ProviderConfig | None) -> bool:
+    """Whether a task of this provider can have a ``kind`` timer pending. Purging is only
+    tidiness (a stale timer that fires is ignored), so skipping impossible ones is safe."""
+    if config is None:
+        return True
+    if kind == "webhook_timeout":
+        return config.webhook_sla_seconds is not None
+    if kind == "status_tick":
+        return config.status_polling is not None
+    return True
 
 
 def _still_waiting(task: OrderTask, event: Event) -> bool:
