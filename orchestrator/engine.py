@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -78,6 +78,15 @@ def withdrawal_view(record: store.WithdrawalRecord, queue: store.QueueRecord) ->
         created_at=record.created_at,
         updated_at=queue.updated_at,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class TimerDue:
+    """A timer message as :meth:`Engine.timers_fired` takes it."""
+
+    message: bus.TaskMessage
+    kind: TimerKind
+    trace_id: str | None
 
 
 @dataclass
@@ -240,6 +249,83 @@ class Engine:
                 queue_id, active, CancelRequested(reason), actor=actor, trace_id=trace_id
             )
 
+    async def timers_fired(self, due: Sequence[TimerDue]) -> list[TimerDue]:
+        """Apply many timer firings in one transaction, where each one is a plain state change.
+
+        A burst of timers (a provider outage lets thousands of webhook SLAs expire in the same
+        second) would otherwise cost a transaction each. Here the queues are locked and loaded
+        together, each firing goes through the same :func:`decide` as :meth:`timer_fired`,
+        and the state changes that need nothing else (no balance call, no provider call, no
+        new timer, no final state: e.g. EXECUTING → MANUAL_CHECK when an SLA expires) are
+        written with one statement, each with its audit row and version check. Stale firings
+        are ignored as they would be one by one.
+
+        Returns the firings this did not apply (they need I/O, a final state, or share a queue
+        with an earlier one): the caller hands each to :meth:`timer_fired`. Raises when the
+        transaction failed, having written nothing: then every firing goes that way.
+        """
+        rest: list[TimerDue] = []
+        moves: list[store.Transition] = []
+        spent: list[TimerKind] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            queues = await store.load_queues(conn, [d.message.queue_id for d in due], lock=True)
+            now = self.clock()
+            taken: set[uuid.UUID] = set()
+            for d in due:
+                rec = queues.get(d.message.queue_id)
+                if rec is None or d.message.queue_id in taken:
+                    rest.append(d)
+                    continue
+                taken.add(d.message.queue_id)
+                task = next((t for t in rec.queue.tasks if t.task_id == d.message.task_id), None)
+                config = self.configs.get(task.provider_id) if task else None
+                if task is None or config is None:
+                    rest.append(d)
+                    continue
+                event = TimerFired(kind=d.kind, attempt=d.message.attempt)
+                step = decide(task, event, config, now)
+                if step.ignored:
+                    log.info(
+                        "event ignored",
+                        extra={
+                            "task_id": str(task.task_id),
+                            "event": step.event,
+                            "because": step.ignored_because,
+                        },
+                    )
+                    continue
+                if not _plain_move(task, step):
+                    rest.append(d)
+                    continue
+                moves.append(
+                    store.Transition(
+                        before=task,
+                        after=apply_changes(task, step),
+                        withdrawal_id=rec.queue.withdrawal_id,
+                        event=step.event,
+                        actor="timer",
+                        trace_id=d.trace_id,
+                        details=_audit_details(step, _details(event)),
+                    )
+                )
+                spent.append(d.kind)
+            await store.save_transitions(conn, moves, now)
+        purges = []
+        for move, kind in zip(moves, spent, strict=True):
+            _observe_time_in_state(move.before, now)
+            purges.extend(self._purges(move.before, kind))
+        if purges:
+            await asyncio.gather(*(self.relay.purge(subject) for subject in purges))
+        return rest
+
+    def _purges(self, task: OrderTask, fired: TimerKind | None) -> list[str]:
+        """Schedule subjects to purge when ``task`` leaves its state (``fired``: spent)."""
+        return [
+            self.names.schedule_subject(task.task_id, kind)
+            for kind in _TIMERS_OF_STATE.get(task.state, ())
+            if kind != fired and _may_be_armed(kind, self.configs.get(task.provider_id))
+        ]
+
     # --- the loop ----------------------------------------------------------------------
 
     async def _open(self, conn: store.Connection, queue_id: uuid.UUID) -> _Tx | None:
@@ -364,12 +450,7 @@ class Engine:
     ) -> OrderTask:
         now = self.clock()
         after = apply_changes(task, step)
-        audit_details = {
-            **details,
-            **{k: v for k, v in step.changes.items() if isinstance(v, str | int | bool | None)},
-        }
-        if step.balance:
-            audit_details["balance"] = step.balance
+        audit_details = _audit_details(step, details)
         await store.save_task(
             tx.conn,
             task,
@@ -401,16 +482,9 @@ class Engine:
             )
             after = dataclasses.replace(skipped, version=after.version + 1)
         if after.state != task.state:
-            if task.state_entered_at is not None:
-                m.task_time_in_state.labels(
-                    state=task.state.value, provider=task.provider_id
-                ).observe((now - task.state_entered_at).total_seconds())
+            _observe_time_in_state(task, now)
             after = dataclasses.replace(after, state_entered_at=now)
-            tx.purge.extend(
-                self.names.schedule_subject(task.task_id, kind)
-                for kind in _TIMERS_OF_STATE.get(task.state, ())
-                if kind != tx.fired and _may_be_armed(kind, self.configs.get(task.provider_id))
-            )
+            tx.purge.extend(self._purges(task, tx.fired))
         if step.timer is not None:
             headers = bus.schedule_headers(
                 self.names.subject(bus.TIMER_TARGETS[step.timer.kind]), step.timer.due_at
@@ -589,6 +663,38 @@ _TIMERS_OF_STATE: dict[TaskState, tuple[TimerKind, ...]] = {
     TaskState.RECHECKING: ("recheck",),
     TaskState.EXECUTING: ("webhook_timeout", "status_tick"),
 }
+
+
+def _plain_move(task: OrderTask, step: Step) -> bool:
+    """A state change that needs nothing but its write: no call, no timer, not final."""
+    return (
+        step.to is not None
+        and step.to != task.state
+        and step.to not in FINAL_TASK_STATES
+        and step.to not in (TaskState.CREATING, TaskState.NEGATIVE_EVAL)
+        and step.balance is None
+        and step.call is None
+        and step.timer is None
+        and not step.stop_cascade
+    )
+
+
+def _audit_details(step: Step, details: Mapping[str, object]) -> dict[str, object]:
+    """An audit row's details: the event's, the step's scalar changes, the balance call."""
+    audit = {
+        **details,
+        **{k: v for k, v in step.changes.items() if isinstance(v, str | int | bool | None)},
+    }
+    if step.balance:
+        audit["balance"] = step.balance
+    return audit
+
+
+def _observe_time_in_state(task: OrderTask, now: datetime) -> None:
+    if task.state_entered_at is not None:
+        m.task_time_in_state.labels(state=task.state.value, provider=task.provider_id).observe(
+            (now - task.state_entered_at).total_seconds()
+        )
 
 
 def _may_be_armed(kind: TimerKind, config: ProviderConfig | None) -> bool:

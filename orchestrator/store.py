@@ -376,6 +376,84 @@ def _queue_record(row: asyncpg.Record) -> QueueRecord:
     )
 
 
+async def load_queues(
+    conn: Connection, queue_ids: Sequence[uuid.UUID], *, lock: bool = False
+) -> dict[uuid.UUID, QueueRecord]:
+    """Many queues with their tasks in one round-trip. ``lock`` takes their row locks in
+    queue_id order, so two batches never wait on each other in a cycle."""
+    suffix = " ORDER BY q.queue_id FOR UPDATE OF q" if lock else ""
+    rows = await conn.fetch(
+        f"SELECT q.withdrawal_id, {_QUEUE_COLUMNS} FROM order_queues q"  # noqa: S608
+        f" WHERE q.queue_id = ANY($1::uuid[]){suffix}",
+        list(dict.fromkeys(queue_ids)),
+    )
+    return {row["queue_id"]: _queue_record(row) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One task state change for :func:`save_transitions` (no timer armed, timer cleared)."""
+
+    before: OrderTask
+    after: OrderTask
+    withdrawal_id: str
+    event: str
+    actor: str
+    trace_id: str | None
+    details: Mapping[str, object]
+
+
+async def save_transitions(conn: Connection, moves: Sequence[Transition], now: datetime) -> None:
+    """Write many task state changes in one statement, each as :func:`save_task` would:
+    version-checked update (timer cleared), audit row, queue ``updated_at``. Raises
+    :class:`StaleVersion` if any task moved meanwhile (the caller's transaction then writes
+    nothing)."""
+    if not moves:
+        return
+    for move in moves:
+        if move.after.state == move.before.state:
+            raise ValueError(f"task {move.before.task_id}: not a state change")
+    status = await conn.execute(
+        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[],"  # noqa: S608
+        " $5::text[], $6::text[], $7::text[], $8::int[], $9::int[], $10::boolean[], $11::text[],"
+        " $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])"
+        " AS u(task_id, version, state, provider_reference, freeze_state, outcome,"
+        " provider_code, recheck_attempts, status_polls, cancel_requested, withdrawal_id,"
+        " from_state, event, actor, trace_id, details)),"
+        " t AS (UPDATE order_tasks o SET state = u.state,"
+        " provider_reference = u.provider_reference, freeze_state = u.freeze_state,"
+        " outcome = u.outcome, provider_code = u.provider_code,"
+        " recheck_attempts = u.recheck_attempts, status_polls = u.status_polls,"
+        " cancel_requested = u.cancel_requested, updated_at = $17, version = o.version + 1,"
+        " state_entered_at = $17, timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
+        " FROM u WHERE o.task_id = u.task_id AND o.version = u.version"
+        " RETURNING o.task_id, o.queue_id),"
+        " q AS (UPDATE order_queues SET updated_at = $17"
+        " WHERE queue_id IN (SELECT queue_id FROM t))"
+        f" {_AUDIT_INSERT} SELECT t.queue_id, t.task_id, u.withdrawal_id, u.from_state, u.state,"
+        " u.event, u.actor, u.trace_id, u.details::jsonb, $17 FROM t JOIN u USING (task_id)",
+        [m.before.task_id for m in moves],
+        [m.before.version for m in moves],
+        [m.after.state.value for m in moves],
+        [m.after.provider_reference for m in moves],
+        [m.after.freeze_state for m in moves],
+        [m.after.outcome for m in moves],
+        [m.after.provider_code for m in moves],
+        [m.after.recheck_attempts for m in moves],
+        [m.after.status_polls for m in moves],
+        [m.after.cancel_requested for m in moves],
+        [m.withdrawal_id for m in moves],
+        [m.before.state.value for m in moves],
+        [m.event for m in moves],
+        [m.actor for m in moves],
+        [m.trace_id for m in moves],
+        [_json_text(dict(m.details)) for m in moves],
+        now,
+    )
+    if status != f"INSERT 0 {len(moves)}":
+        raise StaleVersion(f"{len(moves)} task transitions, written: {status}")
+
+
 async def match_webhook(
     conn: Connection,
     provider_id: str,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
@@ -25,9 +26,18 @@ from nats.js import JetStreamContext
 from orchestrator import bus
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore
-from orchestrator.engine import Engine
+from orchestrator.domain import TimerKind
+from orchestrator.engine import Engine, TimerDue
 
 log = logging.getLogger("cascade.worker")
+
+FETCH_CHUNK = 64
+FETCH_MAX = 256
+_TIMER_KINDS: dict[str, TimerKind] = {
+    bus.RECHECK_TICK: "recheck",
+    bus.WEBHOOK_TIMEOUT: "webhook_timeout",
+    bus.STATUS_TICK: "status_tick",
+}
 
 
 class Worker:
@@ -93,6 +103,7 @@ class Worker:
             free = max(1, self.concurrency - len(running))
             try:
                 msgs = await sub.fetch(free, timeout=1.0)
+                msgs += await self._more_timers(sub, msgs, free)
             except (NatsTimeoutError, TimeoutError):
                 continue
             except asyncio.CancelledError:
@@ -101,12 +112,78 @@ class Worker:
                 log.warning("fetch failed", extra={"error": repr(exc)})
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
+            timers = [msg for msg in msgs if self.names.unprefixed(msg.subject) in _TIMER_KINDS]
+            work: list[Coroutine[Any, Any, None]] = []
+            if len(timers) > 1:
+                work.append(self._handle_timers(timers))
+                msgs = [
+                    msg for msg in msgs if self.names.unprefixed(msg.subject) not in _TIMER_KINDS
+                ]
+            work.extend(self._handle(msg) for msg in msgs)
+            for job in work:
                 await limit.acquire()
-                task = asyncio.create_task(self._handle(msg))
+                task = asyncio.create_task(job)
                 running.add(task)
                 task.add_done_callback(running.discard)
                 task.add_done_callback(lambda _t: limit.release())
+
+    async def _more_timers(
+        self, sub: JetStreamContext.PullSubscription, fetched: list[Msg], asked: int
+    ) -> list[Msg]:
+        """While fetches come back full of timers only (a burst of firings), fetch on, up to
+        ``FETCH_MAX``: they are applied as one batch taking one handler slot. Other messages
+        are fetched no faster than slots free up, so that every worker gets its share."""
+        more: list[Msg] = []
+        chunk = fetched
+        while (
+            len(chunk) == asked
+            and all(self._is_timer(msg) for msg in chunk)
+            and len(fetched) + len(more) < FETCH_MAX
+        ):
+            asked = min(FETCH_CHUNK, FETCH_MAX - len(fetched) - len(more))
+            try:
+                chunk = await sub.fetch(asked, timeout=0.05)
+            except (NatsTimeoutError, TimeoutError):
+                break
+            more += chunk
+        return more
+
+    def _is_timer(self, msg: Msg) -> bool:
+        return self.names.unprefixed(msg.subject) in _TIMER_KINDS
+
+    async def _handle_timers(self, msgs: list[Msg]) -> None:
+        """Timer messages fetched together: one transaction for the plain state changes
+        (:meth:`Engine.timers_fired`); each of the others, or all of them if that fails, goes
+        through :meth:`_handle` as if it had come alone."""
+        pairs: list[tuple[TimerDue, Msg]] = []
+        alone: list[Msg] = []
+        for msg in msgs:
+            try:
+                task_msg = msgspec.json.decode(msg.data, type=bus.TaskMessage)
+            except msgspec.MsgspecError:
+                alone.append(msg)  # _handle fails it the usual way: retries, then the DLQ
+                continue
+            kind = _TIMER_KINDS[self.names.unprefixed(msg.subject)]
+            pairs.append((TimerDue(message=task_msg, kind=kind, trace_id=_trace_id(msg)), msg))
+        try:
+            rest = await self.engine.timers_fired([d for d, _ in pairs])
+        except Exception as exc:  # noqa: BLE001 — nothing was written: one at a time instead
+            log.warning("timer batch failed, handling one by one", extra={"error": repr(exc)})
+            rest = [d for d, _ in pairs]
+        left = {id(d) for d in rest}
+        for d, msg in pairs:
+            if id(d) in left:
+                alone.append(msg)
+            else:
+                await msg.ack()
+        # Those need I/O (provider polls): concurrently, within the worker's concurrency.
+        limit = asyncio.Semaphore(self.concurrency)
+
+        async def one(msg: Msg) -> None:
+            async with limit:
+                await self._handle(msg)
+
+        await asyncio.gather(*(one(msg) for msg in alone))
 
     async def _handle(self, msg: Msg) -> None:
         subject = self.names.unprefixed(msg.subject)
@@ -149,14 +226,9 @@ class Worker:
             await self.engine.start_task(
                 task_msg.queue_id, task_msg.task_id, actor="worker", trace_id=trace_id
             )
-        elif subject in (bus.RECHECK_TICK, bus.WEBHOOK_TIMEOUT, bus.STATUS_TICK):
-            kind = {
-                bus.RECHECK_TICK: "recheck",
-                bus.WEBHOOK_TIMEOUT: "webhook_timeout",
-                bus.STATUS_TICK: "status_tick",
-            }[subject]
+        elif subject in _TIMER_KINDS:
             await self.engine.timer_fired(
-                msgspec.json.decode(data, type=bus.TaskMessage), kind, trace_id
+                msgspec.json.decode(data, type=bus.TaskMessage), _TIMER_KINDS[subject], trace_id
             )
         elif subject == bus.WEBHOOK_RECEIVED:
             await self.engine.webhook(msgspec.json.decode(data, type=bus.WebhookMessage), trace_id)
