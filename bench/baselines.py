@@ -16,10 +16,11 @@ same embedded servers a moment earlier, so a ratio survives a slower or busier m
 * **JetStream pull-consume + ack** — what the worker's consumer loop does per message, with
   no handler work: ``fetch`` in batches, ``ack`` each.
 * **HTTP client** — the orchestrator's balance, provider and notification calls go through
-  ``httpx.AsyncClient`` configured as ``gateway/runtime.py`` does (200 connections, 100 kept
-  alive). ``HTTP_CALLS`` JSON POSTs to the bare Litestar app (``bench/bare_app.py``) over
-  ``HTTP_CONCURRENCY`` concurrent calls: requests/s and the client's own CPU per request,
-  next to ``bench/load.py``'s raw asyncio client on the same server.
+  ``orchestrator.http.HttpClient`` (aiohttp) as ``gateway/runtime.py`` configures it (200
+  connections). ``HTTP_CALLS`` JSON POSTs to the bare Litestar app (``bench/bare_app.py``)
+  over ``HTTP_CONCURRENCY`` concurrent calls: requests/s and the client's own CPU per request,
+  next to httpx (what the client was before; kept to show why it changed) and
+  ``bench/load.py``'s raw asyncio client on the same server.
 
 The ``baselines`` benchmark prints the three on a fresh stack; ``bench.cascade`` and
 ``bench.timers`` measure them again on their own stacks, next to their figures.
@@ -49,6 +50,7 @@ from nats.js.errors import NotFoundError
 from bench.load import http_post, run_load
 from bench.registry import Report, benchmark
 from bench.stack import HOST, BenchStack
+from orchestrator.http import HttpClient, Timeouts
 
 BASELINE_CONNECTIONS = 16
 HTTP_CALLS = 2000
@@ -73,6 +75,7 @@ class Baselines:
     js_publish_rate: float
     js_publish_async_rate: float
     js_consume_rate: float
+    client: HttpClientCost | None = None
     httpx: HttpClientCost | None = None
     raw_http: HttpClientCost | None = None
 
@@ -83,7 +86,11 @@ class Baselines:
             "js_publish_async_rate": round(self.js_publish_async_rate, 1),
             "js_consume_rate": round(self.js_consume_rate, 1),
         }
-        for name, cost in (("httpx", self.httpx), ("raw_http", self.raw_http)):
+        for name, cost in (
+            ("client", self.client),
+            ("httpx", self.httpx),
+            ("raw_http", self.raw_http),
+        ):
             if cost is not None:
                 out[f"{name}_rate"] = round(cost.rate, 1)
                 out[f"{name}_cpu_us"] = round(cost.cpu_us, 1)
@@ -301,8 +308,31 @@ async def js_consume_rate(nats_url: str, *, messages: int = JS_CONSUME) -> float
 _ECHO_BODY = b'{"operation_id":"x","withdrawal_id":"y","amount":"10.00","currency":"EUR"}'
 
 
+async def client_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientCost:
+    """JSON POSTs through the orchestrator's own client, configured as gateway/runtime.py."""
+    url = f"http://{HOST}:{port}/echo"
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
+    client = HttpClient(timeouts=Timeouts(connect=2.0, read=10.0), max_connections=200)
+    try:
+        slots = asyncio.Semaphore(HTTP_CONCURRENCY)
+
+        async def call() -> None:
+            async with slots:
+                answer = await client.request("POST", url, body=_ECHO_BODY, headers=headers)
+                if answer.status != 200:
+                    raise RuntimeError(f"bare app answered {answer.status}")
+
+        await asyncio.gather(*(call() for _ in range(200)))  # warm the pool
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(call() for _ in range(calls)))
+        seconds = time.perf_counter() - started
+        return HttpClientCost(calls / seconds, (time.process_time() - cpu) / calls * 1e6)
+    finally:
+        await client.aclose()
+
+
 async def httpx_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientCost:
-    """JSON POSTs through httpx.AsyncClient with the runtime's limits (gateway/runtime.py)."""
+    """JSON POSTs through httpx.AsyncClient with the limits the runtime used to set."""
     url = f"http://{HOST}:{port}/echo"
     headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
@@ -360,8 +390,12 @@ async def measure(
         await js_publish_async_rate(nats_url, messages=n(JS_MESSAGES // 2)) for _ in range(rounds)
     ]
     con = [await js_consume_rate(nats_url, messages=n(JS_CONSUME)) for _ in range(rounds)]
-    httpx_cost = raw_cost = None
+    client_cost = httpx_cost = raw_cost = None
     if bare_port is not None:
+        client_cost = min(
+            [await client_post_cost(bare_port, calls=n(HTTP_CALLS)) for _ in range(rounds)],
+            key=lambda c: c.cpu_us,
+        )
         httpx_cost = min(
             [await httpx_post_cost(bare_port, calls=n(HTTP_CALLS)) for _ in range(rounds)],
             key=lambda c: c.cpu_us,
@@ -375,6 +409,7 @@ async def measure(
         js_publish_rate=max(pub),
         js_publish_async_rate=max(pub_async),
         js_consume_rate=max(con),
+        client=client_cost,
         httpx=httpx_cost,
         raw_http=raw_cost,
     )
@@ -402,10 +437,15 @@ def add_figures(report: Report, base: Baselines, *, prefix: str = "baseline_") -
         base.js_consume_rate,
         "msg/s",
     )
-    if base.httpx is not None and base.raw_http is not None:
+    if base.client is not None and base.httpx is not None and base.raw_http is not None:
         report.add(
-            f"{prefix}httpx_rate", "httpx POST to bare Litestar (baseline)", base.httpx.rate, "/s"
+            f"{prefix}client_rate",
+            "outbound client (aiohttp) POST to bare Litestar",
+            base.client.rate,
+            "/s",
         )
+        report.add(f"{prefix}client_cpu_us", "  client CPU per call", base.client.cpu_us, "µs")
+        report.add(f"{prefix}httpx_rate", "httpx POST, same server (before)", base.httpx.rate, "/s")
         report.add(f"{prefix}httpx_cpu_us", "  httpx client CPU per call", base.httpx.cpu_us, "µs")
         report.add(
             f"{prefix}raw_http_rate", "raw asyncio POST, same server", base.raw_http.rate, "/s"

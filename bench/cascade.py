@@ -2,11 +2,11 @@
 
 Everything co-located on this machine, as child processes: ``cascade-gateway serve`` (sandbox
 on: it is also cascade-core's ledger and the sandbox providers), ``BENCH_WORKERS``
-``cascade-gateway worker`` processes (``WORKER_CONCURRENCY=BENCH_WORKER_CONCURRENCY``, 16 by
-default: see below), embedded nats-server and Postgres. Postgres runs with
-``durable=False`` (fsync, synchronous_commit and full_page_writes off): a bench stack, not a
-production one; JetStream keeps its default (page cache, fsync every 2 minutes). The flags file
-routes every merchant to the cascade.
+``cascade-gateway worker`` processes (``WORKER_CONCURRENCY=BENCH_WORKER_CONCURRENCY``; one
+worker with 32 handlers by default: see below), embedded nats-server and Postgres. Postgres
+runs with ``durable=False`` (fsync, synchronous_commit and full_page_writes off): a bench
+stack, not a production one; JetStream keeps its default (page cache, fsync every 2 minutes).
+The flags file routes every merchant to the cascade.
 
 Per round, up to ``BENCH_CASCADE_WITHDRAWALS`` withdrawals are created over HTTP
 (``POST /v1/withdrawals``, every answer must be 201) on ``BENCH_CONCURRENCY`` keep-alive
@@ -29,15 +29,14 @@ ledger must report no invariant violation. A round that makes no progress for
 Where the time goes, per round: CPU seconds of every process (``/proc/<pid>/stat``: gateway,
 each worker, Postgres with its backends, nats-server, this client) divided by the withdrawals,
 and the work done per withdrawal: Postgres transactions (``pg_stat_database.xact_commit``:
-every autocommit statement counts, including the reset query asyncpg's pool runs on each
-release; backends report within about a second, so these are close, not exact), rows
-inserted and updated, and JetStream messages stored.
+every autocommit statement counts; backends report within about a second, so these are close,
+not exact), rows inserted and updated, and JetStream messages stored.
 
-Why 16 handlers per worker and not the default 32: ``Engine._drive`` runs the after-commit work
-(``OutboxRelay.publish_now``, ``Engine.notify_now``, which each take a second pool connection)
-while still holding its own connection, and the pool has 20. With more concurrent handlers
-than connections every connection ends up held by a handler waiting for a second one: the
-worker stops (measured: 32 handlers, 300 withdrawals, stuck at 46 final for minutes).
+Why one worker process with 32 handlers (``BENCH_WORKERS=1``, ``BENCH_WORKER_CONCURRENCY=32``):
+on two cores shared with the gateway, Postgres and nats-server, a second worker process adds
+no CPU, only another event loop, pool and set of connections; measured in the same session,
+one worker × 32 handlers finished ~15 % more withdrawals per second than two × 16. Set the
+two variables to compare layouts.
 
 ``BENCH_PROFILE=worker|gateway|all`` runs those processes under cProfile and prints the top
 functions (profiling slows them several-fold: the rates of such a run mean nothing).
@@ -268,8 +267,8 @@ def _ledger_violations(gateway: Server) -> int:
 def cascade() -> Report:
     count = _setting("BENCH_CASCADE_WITHDRAWALS", 3000)
     concurrency = _setting("BENCH_CONCURRENCY", 32)
-    workers = _setting("BENCH_WORKERS", 2)
-    handlers = _setting("BENCH_WORKER_CONCURRENCY", 16)
+    workers = _setting("BENCH_WORKERS", 1)
+    handlers = _setting("BENCH_WORKER_CONCURRENCY", 32)
     rounds = _setting("BENCH_ROUNDS", 2)
     stack = BenchStack()
     profiles = []
