@@ -519,16 +519,19 @@ def apply_changes(task: OrderTask, step: Step) -> OrderTask:
         and step.to not in TASK_TRANSITIONS[task.state]
     ):
         raise IllegalTransition(f"{task.state} → {step.to} ({step.event})")
-    known = {f.name for f in dataclasses.fields(OrderTask)}
-    changes = {k: v for k, v in step.changes.items() if k in known}
+    changes = {k: v for k, v in step.changes.items() if k in _TASK_FIELDS}
     if step.balance == "commit":
         changes["freeze_state"] = "committed"
     elif step.balance == "rollback":
         changes["freeze_state"] = "rolled_back"
-    new = dataclasses.replace(task, **changes)  # type: ignore[arg-type]
     if step.to is not None:
-        new = dataclasses.replace(new, state=step.to)
-    return new
+        changes["state"] = step.to
+    if not changes:
+        return task
+    return dataclasses.replace(task, **changes)  # type: ignore[arg-type]
+
+
+_TASK_FIELDS = frozenset(f.name for f in dataclasses.fields(OrderTask))
 
 
 # --- the queue --------------------------------------------------------------------------

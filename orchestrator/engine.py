@@ -550,29 +550,31 @@ class Engine:
         if qstep.to is None:
             return
         now = self.clock()
-        await store.save_queue(
-            tx.conn,
-            tx.queue,
-            state=qstep.to,
-            failure_code=qstep.failure_code,
-            event=f"queue.{qstep.to.value.lower()}",
-            actor=actor,
-            trace_id=trace_id,
-            now=now,
-        )
+        before = tx.queue
         tx.queue = dataclasses.replace(
-            tx.queue,
+            before,
             state=qstep.to,
-            version=tx.queue.version + 1,
-            failure_code=qstep.failure_code or tx.queue.failure_code,
+            version=before.version + 1,
+            failure_code=qstep.failure_code or before.failure_code,
         )
         queue_record = store.QueueRecord(
             queue=tx.queue, created_at=tx.queue_created_at, updated_at=now, finished_at=now
         )
         view = withdrawal_view(tx.record, queue_record)
         body = encode_withdrawal(view)
-        await store.add_notification(
-            tx.conn, tx.record.withdrawal_id, view.status, body, now + NOTIFY_RETRY_AFTER
+        # The final state, its audit row and the notification to send: one statement.
+        await store.save_queue(
+            tx.conn,
+            before,
+            state=qstep.to,
+            failure_code=qstep.failure_code,
+            event=f"queue.{qstep.to.value.lower()}",
+            actor=actor,
+            trace_id=trace_id,
+            now=now,
+            notification=store.Notification(
+                status=view.status, body=body, first_attempt_at=now + NOTIFY_RETRY_AFTER
+            ),
         )
         tx.finished.append((view.status, body))
         cohort = tx.record.cohort

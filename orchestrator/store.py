@@ -135,7 +135,11 @@ _TASK_FIELDS = (
 )
 _TASK_COLUMNS = ", ".join(_TASK_FIELDS)
 # A queue's tasks as one column of the queue's row (an array of anonymous records, decoded by
-# asyncpg as tuples in _TASK_FIELDS order): one round-trip per load instead of two.
+# asyncpg as tuples in _TASK_FIELDS order): one round-trip for a plain read. Never in a locking
+# read: a statement that waited for the queue row lock re-reads the locked row at its newest
+# version, but a subquery keeps the snapshot taken before the wait, so it would return the
+# tasks as they were before the lock holder's commit. Locking reads fetch the tasks with a
+# second statement, whose snapshot is taken after the lock is held.
 _TASKS_OF_QUEUE = (
     f"(SELECT array_agg(ROW({_TASK_COLUMNS}) ORDER BY position) FROM order_tasks t"  # noqa: S608
     " WHERE t.queue_id = q.queue_id) AS tasks"
@@ -282,9 +286,9 @@ _WITHDRAWAL_COLUMNS = (
     " w.trace_id, w.created_at"
 )
 _QUEUE_COLUMNS = (
-    "q.queue_id, q.state, q.version, q.cancel_requested, q.stop_requested, q.failure_code,"
-    " q.created_at AS q_created_at, q.updated_at AS q_updated_at, q.finished_at AS q_finished_at,"
-    f" {_TASKS_OF_QUEUE}"
+    "q.queue_id, q.withdrawal_id, q.state, q.version, q.cancel_requested, q.stop_requested,"
+    " q.failure_code, q.created_at AS q_created_at, q.updated_at AS q_updated_at,"
+    " q.finished_at AS q_finished_at"
 )
 
 
@@ -322,19 +326,21 @@ async def load_all(
     withdrawal_id: str | None = None,
     lock: bool = False,
 ) -> tuple[WithdrawalRecord, QueueRecord] | None:
-    """A withdrawal with its queue and tasks in one round-trip; ``lock`` takes the queue row
-    lock for the transaction (``FOR UPDATE OF q``: the withdrawal row is never locked)."""
+    """A withdrawal with its queue and tasks; ``lock`` takes the queue row lock for the
+    transaction (``FOR UPDATE OF q``: the withdrawal row is never locked)."""
     where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
     key: object = queue_id if queue_id is not None else withdrawal_id
-    suffix = " FOR UPDATE OF q" if lock else ""
-    row = await conn.fetchrow(
-        f"SELECT {_WITHDRAWAL_COLUMNS}, {_QUEUE_COLUMNS} FROM order_queues q"  # noqa: S608
-        f" JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id WHERE {where}{suffix}",
+    rows = await _load_queues(
+        conn,
+        f"SELECT {_WITHDRAWAL_COLUMNS}, {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q"  # noqa: S608
+        f" JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id WHERE {where}",
         key,
+        lock=lock,
     )
-    if row is None:
+    if not rows:
         return None
-    return _withdrawal(row), _queue_record(row)
+    row, record = rows[0]
+    return _withdrawal(row), record
 
 
 async def load_queue(
@@ -345,19 +351,62 @@ async def load_queue(
     lock: bool = False,
 ) -> QueueRecord | None:
     """Load a queue and its tasks; ``lock`` takes the queue row lock for the transaction."""
-    where = "queue_id = $1" if queue_id is not None else "withdrawal_id = $1"
+    where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
     key: object = queue_id if queue_id is not None else withdrawal_id
-    suffix = " FOR UPDATE" if lock else ""
-    row = await conn.fetchrow(
-        f"SELECT q.withdrawal_id, {_QUEUE_COLUMNS} FROM order_queues q WHERE {where}{suffix}",  # noqa: S608
+    rows = await _load_queues(
+        conn,
+        f"SELECT {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q WHERE {where}",  # noqa: S608
         key,
+        lock=lock,
     )
-    return None if row is None else _queue_record(row)
+    return rows[0][1] if rows else None
 
 
-def _queue_record(row: asyncpg.Record) -> QueueRecord:
+async def load_queues(
+    conn: Connection, queue_ids: Sequence[uuid.UUID], *, lock: bool = False
+) -> dict[uuid.UUID, QueueRecord]:
+    """Many queues with their tasks. ``lock`` takes their row locks in queue_id order, so two
+    batches never wait on each other in a cycle."""
+    rows = await _load_queues(
+        conn,
+        f"SELECT {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q"  # noqa: S608
+        " WHERE q.queue_id = ANY($1::uuid[])",
+        list(dict.fromkeys(queue_ids)),
+        lock=lock,
+        order=True,
+    )
+    return {record.queue.queue_id: record for _row, record in rows}
+
+
+async def _load_queues(
+    conn: Connection, select: str, key: object, *, lock: bool, order: bool = False
+) -> list[tuple[asyncpg.Record, QueueRecord]]:
+    """Run ``select`` (``{tasks}`` marks where the tasks column goes) and attach each queue's
+    tasks: in the same statement for a plain read (one round-trip), with a second statement
+    after the row locks are held for a locking read (see ``_TASKS_OF_QUEUE``)."""
+    suffix = (" ORDER BY q.queue_id" if order else "") + (" FOR UPDATE OF q" if lock else "")
+    if not lock:
+        rows = await conn.fetch(select.format(tasks=", " + _TASKS_OF_QUEUE) + suffix, key)
+        return [(row, _queue_record(row, _task_tuples(row["tasks"]))) for row in rows]
+    rows = await conn.fetch(select.format(tasks="") + suffix, key)
+    if not rows:
+        return []
+    tasks: dict[uuid.UUID, list[OrderTask]] = {row["queue_id"]: [] for row in rows}
+    for task_row in await conn.fetch(
+        f"SELECT {_TASK_COLUMNS} FROM order_tasks WHERE queue_id = ANY($1::uuid[])"  # noqa: S608
+        " ORDER BY queue_id, position",
+        list(tasks),
+    ):
+        tasks[task_row["queue_id"]].append(_task(task_row))
+    return [(row, _queue_record(row, tasks[row["queue_id"]])) for row in rows]
+
+
+def _task_tuples(values: Sequence[Sequence[object]] | None) -> list[OrderTask]:
+    return [_task(dict(zip(_TASK_FIELDS, v, strict=True))) for v in values or ()]
+
+
+def _queue_record(row: asyncpg.Record, tasks: Sequence[OrderTask]) -> QueueRecord:
     """The queue of a row selected with ``_QUEUE_COLUMNS``, with its tasks."""
-    tasks = [_task(dict(zip(_TASK_FIELDS, values, strict=True))) for values in row["tasks"] or ()]
     queue = OrderQueue(
         queue_id=row["queue_id"],
         withdrawal_id=row["withdrawal_id"],
@@ -374,20 +423,6 @@ def _queue_record(row: asyncpg.Record) -> QueueRecord:
         updated_at=row["q_updated_at"],
         finished_at=row["q_finished_at"],
     )
-
-
-async def load_queues(
-    conn: Connection, queue_ids: Sequence[uuid.UUID], *, lock: bool = False
-) -> dict[uuid.UUID, QueueRecord]:
-    """Many queues with their tasks in one round-trip. ``lock`` takes their row locks in
-    queue_id order, so two batches never wait on each other in a cycle."""
-    suffix = " ORDER BY q.queue_id FOR UPDATE OF q" if lock else ""
-    rows = await conn.fetch(
-        f"SELECT q.withdrawal_id, {_QUEUE_COLUMNS} FROM order_queues q"  # noqa: S608
-        f" WHERE q.queue_id = ANY($1::uuid[]){suffix}",
-        list(dict.fromkeys(queue_ids)),
-    )
-    return {row["queue_id"]: _queue_record(row) for row in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +591,15 @@ async def save_task(
         raise StaleVersion(f"task {before.task_id} is no longer at version {before.version}")
 
 
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """A final-status notification to cascade-core, kept until acknowledged."""
+
+    status: str
+    body: bytes
+    first_attempt_at: datetime
+
+
 async def save_queue(
     conn: Connection,
     before: OrderQueue,
@@ -569,20 +613,12 @@ async def save_queue(
     actor: str,
     trace_id: str | None,
     now: datetime,
+    notification: Notification | None = None,
 ) -> None:
-    """Write a queue change with its audit row (version-checked), in one statement."""
+    """Write a queue change with its audit row (version-checked), and the notification of a
+    final state if given, in one statement."""
     new_state = state or before.state
-    status = await conn.execute(
-        "WITH q AS (UPDATE order_queues SET state = $1::text,"  # noqa: S608 — fixed fragments only
-        " cancel_requested = cancel_requested OR $2::boolean,"
-        " cancel_reason = COALESCE($3::text, cancel_reason),"
-        " stop_requested = stop_requested OR $4::boolean,"
-        " failure_code = COALESCE($5::text, failure_code), updated_at = $6::timestamptz,"
-        " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
-        " version = version + 1"
-        " WHERE queue_id = $7 AND version = $8 RETURNING queue_id)"
-        f" {_AUDIT_INSERT} SELECT queue_id, NULL, $9::text, $10::text, $11::text, $12::text,"
-        " $13::text, $14::text, $15::jsonb, $6 FROM q",
+    args: list[object] = [
         new_state.value,
         bool(cancel_requested),
         _no_nul(cancel_reason),
@@ -598,6 +634,27 @@ async def save_queue(
         actor,
         trace_id,
         {"failure_code": failure_code} if failure_code else {},
+    ]
+    notify = ""
+    if notification is not None:
+        notify = (
+            ", n AS (INSERT INTO notifications (withdrawal_id, status, body, next_attempt_at)"
+            " SELECT $9::text, $16::text, $17::bytea, $18::timestamptz FROM q"
+            " ON CONFLICT DO NOTHING)"
+        )
+        args += [notification.status, notification.body, notification.first_attempt_at]
+    status = await conn.execute(
+        "WITH q AS (UPDATE order_queues SET state = $1::text,"  # noqa: S608 — fixed fragments only
+        " cancel_requested = cancel_requested OR $2::boolean,"
+        " cancel_reason = COALESCE($3::text, cancel_reason),"
+        " stop_requested = stop_requested OR $4::boolean,"
+        " failure_code = COALESCE($5::text, failure_code), updated_at = $6::timestamptz,"
+        " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
+        " version = version + 1"
+        f" WHERE queue_id = $7 AND version = $8 RETURNING queue_id){notify}"
+        f" {_AUDIT_INSERT} SELECT queue_id, NULL, $9::text, $10::text, $11::text, $12::text,"
+        " $13::text, $14::text, $15::jsonb, $6 FROM q",
+        *args,
     )
     if status != "INSERT 0 1":
         raise StaleVersion(f"queue {before.queue_id} is no longer at version {before.version}")
@@ -614,16 +671,3 @@ async def enqueue(
         dict(headers or {}),
     )
     return OutboxMessage(ident, subject, payload, dict(headers or {}))
-
-
-async def add_notification(
-    conn: Connection, withdrawal_id: str, status: str, body: bytes, first_attempt_at: datetime
-) -> None:
-    await conn.execute(
-        "INSERT INTO notifications (withdrawal_id, status, body, next_attempt_at)"
-        " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        withdrawal_id,
-        status,
-        body,
-        first_attempt_at,
-    )

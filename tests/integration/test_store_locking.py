@@ -1,0 +1,78 @@
+"""The queue row lock serialises a withdrawal's events: a handler that had to wait for it must
+see the tasks exactly as the lock holder committed them.
+
+In READ COMMITTED a ``SELECT … FOR UPDATE`` that waited re-reads the locked row at its newest
+version, but any subquery of that statement keeps the snapshot taken before the wait. Loading
+the tasks in the locking statement would hand the second of two racing webhooks the task as
+it was before the first one's commit, and it would roll back a freeze the first had just
+committed. Every loader is checked here with a real lock wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from orchestrator import store
+from tests.conftest import Stack, StackFactory
+from tests.faultkit import create_withdrawal, tasks_of, wait_until
+
+Loader = Callable[[store.Connection, uuid.UUID], Awaitable[tuple[str | None, ...]]]
+
+
+async def _via_load_all(conn: store.Connection, queue_id: uuid.UUID) -> tuple[str | None, ...]:
+    loaded = await store.load_all(conn, queue_id=queue_id, lock=True)
+    assert loaded is not None
+    return tuple(t.provider_code for t in loaded[1].queue.tasks)
+
+
+async def _via_load_queue(conn: store.Connection, queue_id: uuid.UUID) -> tuple[str | None, ...]:
+    loaded = await store.load_queue(conn, queue_id=queue_id, lock=True)
+    assert loaded is not None
+    return tuple(t.provider_code for t in loaded.queue.tasks)
+
+
+async def _via_load_queues(conn: store.Connection, queue_id: uuid.UUID) -> tuple[str | None, ...]:
+    loaded = await store.load_queues(conn, [queue_id], lock=True)
+    return tuple(t.provider_code for t in loaded[queue_id].queue.tasks)
+
+
+async def _waiting_on_a_lock(stack: Stack) -> bool:
+    async with stack.runtime.pool.acquire() as conn:
+        waiting: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+    return waiting > 0
+
+
+@pytest.mark.parametrize("load", [_via_load_all, _via_load_queue, _via_load_queues])
+async def test_a_locking_load_that_waited_sees_the_holders_commit(
+    make_stack: StackFactory, load: Loader
+) -> None:
+    stack = await make_stack(with_worker=False)
+    wid = await create_withdrawal(stack, ["sbx_silent", "sbx_ok"])
+    queue_id = (await tasks_of(stack, wid))[0]["queue_id"]
+    pool = stack.runtime.pool
+
+    async def waiter() -> tuple[str | None, ...]:
+        async with pool.acquire() as conn, conn.transaction():
+            return await load(conn, queue_id)
+
+    async with pool.acquire() as holder:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT 1 FROM order_queues WHERE queue_id = $1 FOR UPDATE", queue_id)
+        await holder.execute(
+            "UPDATE order_tasks SET provider_code = 'written_by_holder', version = version + 1"
+            " WHERE queue_id = $1",
+            queue_id,
+        )
+        waiting = asyncio.create_task(waiter())
+        await wait_until(lambda: _waiting_on_a_lock(stack), "the loader blocked on the lock")
+        assert not waiting.done()
+        await transaction.commit()
+    assert await waiting == ("written_by_holder", "written_by_holder")
