@@ -345,6 +345,12 @@ class Engine:
         trace_id: str | None,
     ) -> None:
         pending: Event | None = event
+        if isinstance(event, Start) and await self._start_unlocked(
+            queue_id, task_id, actor=actor, trace_id=trace_id
+        ):
+            fault_point("after_state_write")
+            fault_point("after_publish")  # nothing to publish; kept for the fault numbering
+            pending = Start()  # CREATING is committed: freeze and create, under the lock
         while pending is not None:
             async with self.pool.acquire() as conn, conn.transaction():
                 tx = await self._open(conn, queue_id)
@@ -355,6 +361,52 @@ class Engine:
             # The connection is back in the pool first: one connection per handler at a time.
             await self._after_commit(tx)
             fault_point("after_publish")
+
+    async def _start_unlocked(
+        self, queue_id: uuid.UUID, task_id: uuid.UUID, *, actor: str, trace_id: str | None
+    ) -> bool:
+        """The common first step of a start, PENDING → CREATING, in two round-trips (a read,
+        then one conditional write) instead of a locked transaction's five. The write only
+        lands if the queue and the task are as read (:func:`store.start_pending`); anything
+        else — another state, not the queue's next attempt, an unknown provider, a change in
+        between — returns False and the caller takes the locked path, which decides as usual.
+        """
+        async with self.pool.acquire() as conn:
+            rec = await store.load_queue(conn, queue_id=queue_id)
+            if rec is None:
+                return False
+            task = next((t for t in rec.queue.tasks if t.task_id == task_id), None)
+            config = self.configs.get(task.provider_id) if task else None
+            if (
+                task is None
+                or config is None
+                or task.state != TaskState.PENDING
+                or not may_start(rec.queue, task)
+            ):
+                return False
+            now = self.clock()
+            step = decide(task, Start(), config, now)
+            if (
+                step.to != TaskState.CREATING
+                or step.changes
+                or step.balance is not None
+                or step.timer is not None
+                or step.stop_cascade
+            ):
+                return False
+            moved = await store.start_pending(
+                conn,
+                rec.queue,
+                task,
+                event=step.event,
+                actor=actor,
+                trace_id=trace_id,
+                details=_audit_details(step, _details(Start())),
+                now=now,
+            )
+        if moved:
+            _observe_time_in_state(task, now)
+        return moved
 
     async def _apply(
         self, tx: _Tx, task_id: uuid.UUID, event: Event, *, actor: str, trace_id: str | None

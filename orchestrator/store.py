@@ -438,6 +438,48 @@ class Transition:
     details: Mapping[str, object]
 
 
+async def start_pending(
+    conn: Connection,
+    queue: OrderQueue,
+    task: OrderTask,
+    *,
+    event: str,
+    actor: str,
+    trace_id: str | None,
+    details: Mapping[str, object],
+    now: datetime,
+) -> bool:
+    """PENDING → CREATING as one autocommit statement, if nothing changed since ``queue`` and
+    ``task`` were read: the queue still ACTIVE at the same version (a cancel or stop request,
+    or a final state, bumps it) and the task still PENDING at the same version. The statement
+    takes the queue row lock itself, so it is ordered with every locked handler exactly as a
+    transaction holding the lock would be. False: something changed, nothing was written."""
+    status = await conn.execute(
+        "WITH q AS (SELECT queue_id FROM order_queues WHERE queue_id = $1 AND version = $2"  # noqa: S608
+        " AND state = 'ACTIVE' FOR UPDATE),"
+        " t AS (UPDATE order_tasks SET state = 'CREATING', updated_at = $5,"
+        " version = version + 1, state_entered_at = $5, timer_kind = NULL,"
+        " timer_attempt = NULL, timer_due_at = NULL"
+        " WHERE task_id = $3 AND version = $4 AND state = 'PENDING'"
+        " AND EXISTS (SELECT 1 FROM q) RETURNING queue_id),"
+        " u AS (UPDATE order_queues SET updated_at = $5"
+        " WHERE queue_id IN (SELECT queue_id FROM t))"
+        f" {_AUDIT_INSERT} SELECT queue_id, $3, $6::text, 'PENDING', 'CREATING', $7::text,"
+        " $8::text, $9::text, $10::jsonb, $5 FROM t",
+        queue.queue_id,
+        queue.version,
+        task.task_id,
+        task.version,
+        now,
+        queue.withdrawal_id,
+        event,
+        actor,
+        trace_id,
+        dict(details),
+    )
+    return bool(status == "INSERT 0 1")
+
+
 async def save_transitions(conn: Connection, moves: Sequence[Transition], now: datetime) -> None:
     """Write many task state changes in one statement, each as :func:`save_task` would:
     version-checked update (timer cleared), audit row, queue ``updated_at``. Raises

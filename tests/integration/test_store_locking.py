@@ -11,14 +11,17 @@ committed. Every loader is checked here with a real lock wait.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import pytest
 
 from orchestrator import store
+from orchestrator.domain import OrderTask
 from tests.conftest import Stack, StackFactory
-from tests.faultkit import create_withdrawal, tasks_of, wait_until
+from tests.faultkit import create_withdrawal, task_events, tasks_of, wait_until
 
 Loader = Callable[[store.Connection, uuid.UUID], Awaitable[tuple[str | None, ...]]]
 
@@ -76,3 +79,67 @@ async def test_a_locking_load_that_waited_sees_the_holders_commit(
         assert not waiting.done()
         await transaction.commit()
     assert await waiting == ("written_by_holder", "written_by_holder")
+
+
+async def _pending_start(stack: Stack) -> tuple[store.QueueRecord, OrderTask]:
+    """A cascade withdrawal nobody works on: its first task PENDING (no worker runs)."""
+    wid = await create_withdrawal(stack, ["sbx_silent", "sbx_ok"])
+    async with stack.runtime.pool.acquire() as conn:
+        rec = await store.load_queue(conn, withdrawal_id=wid)
+    assert rec is not None
+    first = rec.queue.tasks[0]
+    assert first.state == "PENDING"
+    return rec, first
+
+
+async def _start(stack: Stack, rec: store.QueueRecord, task: OrderTask) -> bool:
+    async with stack.runtime.pool.acquire() as conn:
+        return await store.start_pending(
+            conn,
+            rec.queue,
+            task,
+            event="start",
+            actor="test",
+            trace_id=None,
+            details={},
+            now=datetime.now(UTC),
+        )
+
+
+async def test_an_unlocked_start_lands_only_on_what_it_read(make_stack: StackFactory) -> None:
+    stack = await make_stack(with_worker=False)
+    rec, task = await _pending_start(stack)
+    stale_queue = dataclasses.replace(rec, queue=dataclasses.replace(rec.queue, version=0))
+    assert not await _start(stack, stale_queue, task)
+    assert not await _start(stack, rec, dataclasses.replace(task, version=task.version + 1))
+    assert (await tasks_of(stack, rec.queue.withdrawal_id))[0]["state"] == "PENDING"
+
+    assert await _start(stack, rec, task)
+    row = (await tasks_of(stack, rec.queue.withdrawal_id))[0]
+    assert (row["state"], row["version"]) == ("CREATING", task.version + 1)
+    events = await task_events(stack, task.task_id)
+    assert [(e["event"], e["from_state"], e["to_state"]) for e in events] == [
+        ("task.created", None, "PENDING"),
+        ("start", "PENDING", "CREATING"),
+    ]
+    assert not await _start(stack, rec, task), "a second start of the same read changes nothing"
+
+
+async def test_an_unlocked_start_waits_for_the_lock_and_yields_to_a_cancel(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(with_worker=False)
+    rec, task = await _pending_start(stack)
+    async with stack.runtime.pool.acquire() as holder:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute(
+            "UPDATE order_queues SET cancel_requested = true, version = version + 1"
+            " WHERE queue_id = $1",
+            rec.queue.queue_id,
+        )
+        starting = asyncio.create_task(_start(stack, rec, task))
+        await wait_until(lambda: _waiting_on_a_lock(stack), "the start blocked on the lock")
+        await transaction.commit()
+    assert await starting is False
+    assert (await tasks_of(stack, rec.queue.withdrawal_id))[0]["state"] == "PENDING"
