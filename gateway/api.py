@@ -149,7 +149,6 @@ async def _create(
         raise ApiProblem(ApiError.UNAVAILABLE)
     assert rt.router is not None
     decision = rt.router.decide(parsed.merchant_id)
-    m.routing_decisions.labels(cohort=decision.cohort, reason=decision.reason).inc()
     entries = parsed.cascade if decision.cohort == "cascade" else parsed.cascade[:1]
     queue_id = uuid.uuid4()
     tasks = []
@@ -205,6 +204,8 @@ async def _create(
                 return answer
             log.error("insert refused, yet neither the id nor the key exists")
             raise ApiProblem(ApiError.UNAVAILABLE)
+    # Counted only for a new withdrawal: a replay or a duplicate asked the router for nothing.
+    m.routing_decisions.labels(cohort=decision.cohort, reason=decision.reason).inc()
     m.withdrawals_created.labels(cohort=decision.cohort).inc()
     log.info(
         "withdrawal accepted",

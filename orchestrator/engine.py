@@ -260,15 +260,18 @@ class Engine:
         written with one statement, each with its audit row and version check. Stale firings
         are ignored as they would be one by one.
 
-        Returns the firings this did not apply (they need I/O, a final state, or share a queue
-        with an earlier one): the caller hands each to :meth:`timer_fired`. Raises when the
+        Returns the firings this did not apply (they need I/O, a final state, share a queue
+        with an earlier one, or their queue is locked by a handler right now: the batch does
+        not wait for it): the caller hands each to :meth:`timer_fired`. Raises when the
         transaction failed, having written nothing: then every firing goes that way.
         """
         rest: list[TimerDue] = []
         moves: list[store.Transition] = []
         spent: list[TimerKind] = []
         async with self.pool.acquire() as conn, conn.transaction():
-            queues = await store.load_queues(conn, [d.message.queue_id for d in due], lock=True)
+            queues = await store.load_queues(
+                conn, [d.message.queue_id for d in due], lock=True, skip_locked=True
+            )
             now = self.clock()
             taken: set[uuid.UUID] = set()
             for d in due:

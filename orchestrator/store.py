@@ -363,10 +363,15 @@ async def load_queue(
 
 
 async def load_queues(
-    conn: Connection, queue_ids: Sequence[uuid.UUID], *, lock: bool = False
+    conn: Connection,
+    queue_ids: Sequence[uuid.UUID],
+    *,
+    lock: bool = False,
+    skip_locked: bool = False,
 ) -> dict[uuid.UUID, QueueRecord]:
     """Many queues with their tasks. ``lock`` takes their row locks in queue_id order, so two
-    batches never wait on each other in a cycle."""
+    batches never wait on each other in a cycle; ``skip_locked`` leaves out the queues another
+    transaction holds (a batch must not wait on one slow handler holding all the others)."""
     rows = await _load_queues(
         conn,
         f"SELECT {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q"  # noqa: S608
@@ -374,17 +379,26 @@ async def load_queues(
         list(dict.fromkeys(queue_ids)),
         lock=lock,
         order=True,
+        skip_locked=skip_locked,
     )
     return {record.queue.queue_id: record for _row, record in rows}
 
 
 async def _load_queues(
-    conn: Connection, select: str, key: object, *, lock: bool, order: bool = False
+    conn: Connection,
+    select: str,
+    key: object,
+    *,
+    lock: bool,
+    order: bool = False,
+    skip_locked: bool = False,
 ) -> list[tuple[asyncpg.Record, QueueRecord]]:
     """Run ``select`` (``{tasks}`` marks where the tasks column goes) and attach each queue's
     tasks: in the same statement for a plain read (one round-trip), with a second statement
     after the row locks are held for a locking read (see ``_TASKS_OF_QUEUE``)."""
     suffix = (" ORDER BY q.queue_id" if order else "") + (" FOR UPDATE OF q" if lock else "")
+    if lock and skip_locked:
+        suffix += " SKIP LOCKED"
     if not lock:
         rows = await conn.fetch(select.format(tasks=", " + _TASKS_OF_QUEUE) + suffix, key)
         return [(row, _queue_record(row, _task_tuples(row["tasks"]))) for row in rows]

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -40,6 +41,19 @@ _TIMER_KINDS: dict[str, TimerKind] = {
 }
 
 
+class _Slot:
+    """One of the worker's handler slots, released once (early, or when its task ends)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
 class Worker:
     def __init__(
         self,
@@ -62,6 +76,7 @@ class Worker:
         self.timer_grace = timer_grace
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
 
     async def start(self) -> None:
         sub = await self.js.pull_subscribe_bind(
@@ -97,13 +112,10 @@ class Worker:
             await asyncio.sleep(interval)
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
-        limit = asyncio.Semaphore(self.concurrency)
-        running = self._running
         while True:
-            free = max(1, self.concurrency - len(running))
+            free = max(1, self.concurrency - len(self._running))
             try:
                 msgs = await sub.fetch(free, timeout=1.0)
-                msgs += await self._more_timers(sub, msgs, free)
             except (NatsTimeoutError, TimeoutError):
                 continue
             except asyncio.CancelledError:
@@ -112,20 +124,22 @@ class Worker:
                 log.warning("fetch failed", extra={"error": repr(exc)})
                 await asyncio.sleep(0.5)
                 continue
-            timers = [msg for msg in msgs if self.names.unprefixed(msg.subject) in _TIMER_KINDS]
-            work: list[Coroutine[Any, Any, None]] = []
+            msgs += await self._more_timers(sub, msgs, free)
+            timers = [msg for msg in msgs if self._is_timer(msg)]
             if len(timers) > 1:
-                work.append(self._handle_timers(timers))
-                msgs = [
-                    msg for msg in msgs if self.names.unprefixed(msg.subject) not in _TIMER_KINDS
-                ]
-            work.extend(self._handle(msg) for msg in msgs)
-            for job in work:
-                await limit.acquire()
-                task = asyncio.create_task(job)
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _t: limit.release())
+                await self._spawn(functools.partial(self._handle_timers, timers))
+                msgs = [msg for msg in msgs if not self._is_timer(msg)]
+            for msg in msgs:
+                await self._spawn(functools.partial(self._handle, msg))
+
+    async def _spawn(self, job: Callable[[_Slot], Coroutine[Any, Any, None]]) -> None:
+        """Run ``job`` as a handler once one of the worker's ``concurrency`` slots is free."""
+        await self._slots.acquire()
+        slot = _Slot(self._slots)
+        task = asyncio.create_task(job(slot))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda _t: slot.release())
 
     async def _more_timers(
         self, sub: JetStreamContext.PullSubscription, fetched: list[Msg], asked: int
@@ -145,16 +159,21 @@ class Worker:
                 chunk = await sub.fetch(asked, timeout=0.05)
             except (NatsTimeoutError, TimeoutError):
                 break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 — keep what was fetched; fetch again later
+                log.warning("fetch failed", extra={"error": repr(exc)})
+                break
             more += chunk
         return more
 
     def _is_timer(self, msg: Msg) -> bool:
         return self.names.unprefixed(msg.subject) in _TIMER_KINDS
 
-    async def _handle_timers(self, msgs: list[Msg]) -> None:
+    async def _handle_timers(self, msgs: list[Msg], slot: _Slot) -> None:
         """Timer messages fetched together: one transaction for the plain state changes
-        (:meth:`Engine.timers_fired`); each of the others, or all of them if that fails, goes
-        through :meth:`_handle` as if it had come alone."""
+        (:meth:`Engine.timers_fired`); each of the others, or all of them if that fails, is
+        then handled as if it had come alone, in a handler slot of its own."""
         pairs: list[tuple[TimerDue, Msg]] = []
         alone: list[Msg] = []
         for msg in msgs:
@@ -174,18 +193,18 @@ class Worker:
         for d, msg in pairs:
             if id(d) in left:
                 alone.append(msg)
-            else:
+                continue
+            try:
                 await msg.ack()
-        # Those need I/O (provider polls): concurrently, within the worker's concurrency.
-        limit = asyncio.Semaphore(self.concurrency)
+            except Exception as exc:  # noqa: BLE001 — redelivered later, then ignored as stale
+                log.warning("ack failed", extra={"error": repr(exc)})
+        # The batch's slot is free now: the rest (provider polls, mostly) queue for slots
+        # like any other message, so the worker's concurrency bound holds.
+        slot.release()
+        for msg in alone:
+            await self._spawn(functools.partial(self._handle, msg))
 
-        async def one(msg: Msg) -> None:
-            async with limit:
-                await self._handle(msg)
-
-        await asyncio.gather(*(one(msg) for msg in alone))
-
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Msg, _slot: _Slot | None = None) -> None:
         subject = self.names.unprefixed(msg.subject)
         trace_id = _trace_id(msg)
         try:

@@ -11,6 +11,7 @@ import pytest
 
 from flags.router import CohortRouter
 from tests.conftest import Services, StackFactory, flags_document, new_id, withdrawal_body
+from tests.faultkit import metric_sum
 
 
 @pytest.mark.parametrize("enabled", [False, True], ids=["legacy", "cascade"])
@@ -21,11 +22,14 @@ async def test_racing_identical_requests_execute_once(
     wid, key = new_id(), new_id("key")
     body = json.dumps(withdrawal_body(wid, ["sbx_silent", "sbx_ok"])).encode()
     headers = {**stack.headers, "Content-Type": "application/json", "Idempotency-Key": key}
+    routed = await metric_sum(stack, "routing_decisions_total")
     responses = await asyncio.gather(
         *[stack.client.post("/v1/withdrawals", content=body, headers=headers) for _ in range(20)]
     )
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 19 + [201]
+    # Replays are not routing decisions: one new withdrawal, one decision counted.
+    assert await metric_sum(stack, "routing_decisions_total") - routed == 1
     replays = [r for r in responses if r.status_code == 200]
     assert all(r.headers.get("Idempotent-Replayed") == "true" for r in replays)
     created = next(r for r in responses if r.status_code == 201)

@@ -180,3 +180,22 @@ async def test_the_worker_applies_a_burst_of_expired_slas_in_batches(
         stamps.add(moved[0]["created_at"])
     # A transaction per firing would give every transition its own timestamp.
     assert len(stamps) < len(executing), "no firing was applied in a batch"
+
+
+async def test_a_batch_does_not_wait_for_a_queue_a_handler_holds(make_stack: StackFactory) -> None:
+    """A slow handler holding one queue's lock must not hold up the other firings."""
+    stack = await make_stack(providers=_providers())
+    executing = await _executing(stack, SILENT, 3)
+    (held_wid, held), others = executing[0], executing[1:]
+    async with stack.runtime.pool.acquire() as holder, holder.transaction():
+        await holder.execute(
+            "SELECT 1 FROM order_queues WHERE queue_id = $1 FOR UPDATE", held["queue_id"]
+        )
+        # Bounded only so that a regression fails instead of hanging the suite.
+        rest = await asyncio.wait_for(
+            stack.runtime.engine.timers_fired([_due(task) for _wid, task in executing]), 30
+        )
+        assert [d.message.task_id for d in rest] == [held["task_id"]]
+        for wid, _task in others:
+            assert (await tasks_of(stack, wid))[0]["state"] == "MANUAL_CHECK"
+    assert (await tasks_of(stack, held_wid))[0]["state"] == "EXECUTING"
