@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -308,25 +308,38 @@ async def js_consume_rate(nats_url: str, *, messages: int = JS_CONSUME) -> float
 _ECHO_BODY = b'{"operation_id":"x","withdrawal_id":"y","amount":"10.00","currency":"EUR"}'
 
 
+_ECHO_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer x"}
+
+
+async def _post_cost(post: Callable[[], Awaitable[int]], calls: int) -> HttpClientCost:
+    """``calls`` POSTs through ``post`` (returns the status), ``HTTP_CONCURRENCY`` at a time,
+    after 200 that warm the pool: requests/s and this process's CPU per request."""
+    slots = asyncio.Semaphore(HTTP_CONCURRENCY)
+
+    async def call() -> None:
+        async with slots:
+            status = await post()
+            if status != 200:
+                raise RuntimeError(f"bare app answered {status}")
+
+    await asyncio.gather(*(call() for _ in range(200)))
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(call() for _ in range(calls)))
+    seconds = time.perf_counter() - started
+    return HttpClientCost(calls / seconds, (time.process_time() - cpu) / calls * 1e6)
+
+
 async def client_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientCost:
     """JSON POSTs through the orchestrator's own client, configured as gateway/runtime.py."""
     url = f"http://{HOST}:{port}/echo"
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
     client = HttpClient(timeouts=Timeouts(connect=2.0, read=10.0), max_connections=200)
+
+    async def post() -> int:
+        answer = await client.request("POST", url, body=_ECHO_BODY, headers=_ECHO_HEADERS)
+        return answer.status
+
     try:
-        slots = asyncio.Semaphore(HTTP_CONCURRENCY)
-
-        async def call() -> None:
-            async with slots:
-                answer = await client.request("POST", url, body=_ECHO_BODY, headers=headers)
-                if answer.status != 200:
-                    raise RuntimeError(f"bare app answered {answer.status}")
-
-        await asyncio.gather(*(call() for _ in range(200)))  # warm the pool
-        cpu, started = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(call() for _ in range(calls)))
-        seconds = time.perf_counter() - started
-        return HttpClientCost(calls / seconds, (time.process_time() - cpu) / calls * 1e6)
+        return await _post_cost(post, calls)
     finally:
         await client.aclose()
 
@@ -334,22 +347,14 @@ async def client_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientC
 async def httpx_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientCost:
     """JSON POSTs through httpx.AsyncClient with the limits the runtime used to set."""
     url = f"http://{HOST}:{port}/echo"
-    headers = {"Content-Type": "application/json", "Authorization": "Bearer x"}
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
     async with httpx.AsyncClient(limits=limits, timeout=10) as client:
-        slots = asyncio.Semaphore(HTTP_CONCURRENCY)
 
-        async def call() -> None:
-            async with slots:
-                response = await client.post(url, content=_ECHO_BODY, headers=headers)
-                if response.status_code != 200:
-                    raise RuntimeError(f"bare app answered {response.status_code}")
+        async def post() -> int:
+            response = await client.post(url, content=_ECHO_BODY, headers=_ECHO_HEADERS)
+            return response.status_code
 
-        await asyncio.gather(*(call() for _ in range(200)))  # warm the pool
-        cpu, started = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(call() for _ in range(calls)))
-        seconds = time.perf_counter() - started
-        return HttpClientCost(calls / seconds, (time.process_time() - cpu) / calls * 1e6)
+        return await _post_cost(post, calls)
 
 
 async def raw_post_cost(port: int, *, calls: int = HTTP_CALLS) -> HttpClientCost:

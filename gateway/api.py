@@ -89,12 +89,8 @@ def _authenticate(request: AnyRequest, rt: Runtime) -> None:
 
 
 async def _view_bytes(conn: store.Connection, withdrawal_id: str) -> bytes | None:
-    record = await store.load_withdrawal(conn, withdrawal_id)
-    if record is None:
-        return None
-    queue = await store.load_queue(conn, withdrawal_id=withdrawal_id)
-    assert queue is not None
-    return encode_withdrawal(withdrawal_view(record, queue))
+    loaded = await store.load_all(conn, withdrawal_id=withdrawal_id)
+    return None if loaded is None else encode_withdrawal(withdrawal_view(*loaded))
 
 
 @post("/v1/withdrawals", status_code=201)

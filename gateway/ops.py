@@ -129,10 +129,10 @@ async def withdrawal_detail(request: AnyRequest, withdrawal_id: FromPath[str]) -
     if "\x00" in withdrawal_id:
         return _error(404, "not_found", "Withdrawal not found.")
     async with rt.pool.acquire() as conn:
-        record = await store.load_withdrawal(conn, withdrawal_id)
-        queue = await store.load_queue(conn, withdrawal_id=withdrawal_id)
-        if record is None or queue is None:
+        loaded = await store.load_all(conn, withdrawal_id=withdrawal_id)
+        if loaded is None:
             return _error(404, "not_found", "Withdrawal not found.")
+        record, queue = loaded
         tasks = await conn.fetch(
             "SELECT * FROM order_tasks WHERE queue_id = $1 ORDER BY position", queue.queue.queue_id
         )

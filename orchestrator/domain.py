@@ -128,11 +128,14 @@ class OrderQueue:
     def final(self) -> bool:
         return self.state in FINAL_QUEUE_STATES
 
+    def find_task(self, task_id: uuid.UUID) -> OrderTask | None:
+        return next((task for task in self.tasks if task.task_id == task_id), None)
+
     def task(self, task_id: uuid.UUID) -> OrderTask:
-        for task in self.tasks:
-            if task.task_id == task_id:
-                return task
-        raise KeyError(task_id)
+        task = self.find_task(task_id)
+        if task is None:
+            raise KeyError(task_id)
+        return task
 
     def active_task(self) -> OrderTask | None:
         """The task that left PENDING last and is not final, if any."""

@@ -280,7 +280,7 @@ class Engine:
                     rest.append(d)
                     continue
                 taken.add(d.message.queue_id)
-                task = next((t for t in rec.queue.tasks if t.task_id == d.message.task_id), None)
+                task = rec.queue.find_task(d.message.task_id)
                 config = self.configs.get(task.provider_id) if task else None
                 if task is None or config is None:
                     rest.append(d)
@@ -378,7 +378,7 @@ class Engine:
             rec = await store.load_queue(conn, queue_id=queue_id)
             if rec is None:
                 return False
-            task = next((t for t in rec.queue.tasks if t.task_id == task_id), None)
+            task = rec.queue.find_task(task_id)
             config = self.configs.get(task.provider_id) if task else None
             if (
                 task is None

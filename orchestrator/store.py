@@ -311,14 +311,6 @@ def _withdrawal(row: asyncpg.Record) -> WithdrawalRecord:
     )
 
 
-async def load_withdrawal(conn: Connection, withdrawal_id: str) -> WithdrawalRecord | None:
-    row = await conn.fetchrow(
-        f"SELECT {_WITHDRAWAL_COLUMNS} FROM withdrawals w WHERE withdrawal_id = $1",  # noqa: S608
-        withdrawal_id,
-    )
-    return None if row is None else _withdrawal(row)
-
-
 async def load_all(
     conn: Connection,
     *,
