@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import sys
@@ -20,6 +21,8 @@ from gateway.runtime import DependencyError
 from gateway.settings import Settings, SettingsError, load_settings
 
 EXIT_CONFIG = 2
+# Young-generation threshold of the cyclic garbage collector in servers (default 700).
+GC_YOUNG_THRESHOLD = 20_000
 
 
 def fail(message: str) -> int:
@@ -54,6 +57,7 @@ def _serve(settings: Settings) -> int:
             return fail(str(exc))
         logs.configure(settings.log_level, "serve")  # the Unleash client installs its own
         app = create_app(settings, runtime=runtime)
+        _settle_heap()
         config = uvicorn.Config(
             app,
             host=settings.http_host,
@@ -97,6 +101,7 @@ def _worker(settings: Settings) -> int:
             core=runtime.core,
             concurrency=settings.worker_concurrency,
         )
+        _settle_heap()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -120,6 +125,17 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     import uvloop  # noqa: PLC0415
 
     return uvloop.run(coro)
+
+
+def _settle_heap() -> None:
+    """Once a server is set up: move what start-up allocated out of the collector's sight
+    and collect young objects less often. A request allocates thousands of short-lived
+    objects that reference counting frees; with the default threshold (700) the cyclic
+    collector ran several times per withdrawal and rescanned the start-up heap (about 6 %
+    of the gateway's CPU in the cascade bench)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
 def _migrate(settings: Settings) -> int:

@@ -103,6 +103,8 @@ class _Tx:
     # The timer whose firing this transaction handles: its schedule is spent, no purge needed.
     fired: TimerKind | None = None
     finished: list[tuple[str, bytes]] = field(default_factory=list)
+    # A task write not sent yet (see Engine._persist); Engine._flush sends it.
+    pending: store.TaskWrite | None = None
 
 
 class Engine:
@@ -241,6 +243,7 @@ class Engine:
                 active = active_task.task_id if active_task else None
                 if active is None:
                     await self._advance(tx, actor=actor, trace_id=trace_id)
+                await self._flush(tx)
         # After releasing the connection: publishing and notifying take their own, and a
         # handler holding two at once deadlocks a busy pool.
         await self._after_commit(tx)
@@ -360,6 +363,7 @@ class Engine:
                 if tx is None:
                     return
                 pending = await self._apply(tx, task_id, pending, actor=actor, trace_id=trace_id)
+                await self._flush(tx)
             fault_point("after_state_write")
             # The connection is back in the pool first: one connection per handler at a time.
             await self._after_commit(tx)
@@ -452,6 +456,7 @@ class Engine:
                 tx, task, step, actor=actor, trace_id=trace_id, details=_details(event)
             )
             if step.stop_cascade and not tx.queue.stop_requested:
+                await self._flush(tx)
                 await store.save_queue(
                     tx.conn,
                     tx.queue,
@@ -503,39 +508,43 @@ class Engine:
         trace_id: str | None,
         details: Mapping[str, object],
     ) -> OrderTask:
+        await self._flush(tx)
         now = self.clock()
         after = apply_changes(task, step)
-        audit_details = _audit_details(step, details)
-        await store.save_task(
-            tx.conn,
-            task,
-            after,
+        write = store.TaskWrite(
+            before=task,
+            after=after,
             withdrawal_id=tx.queue.withdrawal_id,
             event=step.event,
             actor=actor,
             trace_id=trace_id,
-            details=audit_details,
+            details=_audit_details(step, details),
             now=now,
             timer=step.timer,
             clear_timer=step.clear_timer,
         )
         after = dataclasses.replace(after, version=task.version + 1)
         if after.state == TaskState.NEGATIVE_EVAL:
+            await store.save_task(tx.conn, write)
             skipped = dataclasses.replace(after, state=TaskState.SKIPPED)
-            await store.save_task(
-                tx.conn,
-                after,
-                skipped,
+            write = store.TaskWrite(
+                before=after,
+                after=skipped,
                 withdrawal_id=tx.queue.withdrawal_id,
                 event="task.skipped",
                 actor=actor,
                 trace_id=trace_id,
                 details={},
                 now=now,
-                timer=None,
                 clear_timer=True,
             )
             after = dataclasses.replace(skipped, version=after.version + 1)
+        if after.final and step.timer is None:
+            # Held back until the next statement of this transaction, at the latest its end
+            # (_flush): when the queue becomes final too, both go in one statement (_advance).
+            tx.pending = write
+        else:
+            await store.save_task(tx.conn, write)
         if after.state != task.state:
             _observe_time_in_state(task, now)
             after = dataclasses.replace(after, state_entered_at=now)
@@ -591,6 +600,7 @@ class Engine:
                 details={},
             )
         if qstep.start_task is not None:
+            await self._flush(tx)
             payload = msgspec.json.encode(
                 bus.TaskMessage(task_id=qstep.start_task, queue_id=tx.queue.queue_id)
             )
@@ -617,7 +627,9 @@ class Engine:
         )
         view = withdrawal_view(tx.record, queue_record)
         body = encode_withdrawal(view)
-        # The final state, its audit row and the notification to send: one statement.
+        # The final state, its audit row, the notification to send and the write of the task
+        # that made it final (held back by _persist): one statement.
+        task_write, tx.pending = tx.pending, None
         await store.save_queue(
             tx.conn,
             before,
@@ -630,6 +642,7 @@ class Engine:
             notification=store.Notification(
                 status=view.status, body=body, first_attempt_at=now + NOTIFY_RETRY_AFTER
             ),
+            task=task_write,
         )
         tx.finished.append((view.status, body))
         cohort = tx.record.cohort
@@ -649,6 +662,13 @@ class Engine:
         m.withdrawal_duration.labels(cohort=cohort, outcome=outcome).observe(
             (now - tx.record.created_at).total_seconds()
         )
+
+    async def _flush(self, tx: _Tx) -> None:
+        """Send the task write :meth:`_persist` held back, if any: before any other statement
+        or call of the transaction, and before it commits."""
+        if tx.pending is not None:
+            write, tx.pending = tx.pending, None
+            await store.save_task(tx.conn, write)
 
     async def _balance(self, operation: str, task: OrderTask) -> None:
         # Raises CoreUnavailable/CoreRefused: the transaction rolls back and nothing moves.

@@ -318,21 +318,24 @@ async def load_all(
     withdrawal_id: str | None = None,
     lock: bool = False,
 ) -> tuple[WithdrawalRecord, QueueRecord] | None:
-    """A withdrawal with its queue and tasks; ``lock`` takes the queue row lock for the
-    transaction (``FOR UPDATE OF q``: the withdrawal row is never locked)."""
-    where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
-    key: object = queue_id if queue_id is not None else withdrawal_id
-    rows = await _load_queues(
-        conn,
-        f"SELECT {_WITHDRAWAL_COLUMNS}, {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q"  # noqa: S608
-        f" JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id WHERE {where}",
-        key,
-        lock=lock,
-    )
+    """A withdrawal with its queue and tasks; ``lock`` (by ``queue_id`` only) takes the queue
+    row lock for the transaction (the withdrawal row is never locked: it never changes)."""
+    join = " JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id"
+    if lock:
+        rows = await _lock_queues(
+            conn, [_queue_key(queue_id)], columns=_WITHDRAWAL_COLUMNS, join=join
+        )
+    else:
+        where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
+        key: object = queue_id if queue_id is not None else withdrawal_id
+        rows = await conn.fetch(
+            f"SELECT {_WITHDRAWAL_COLUMNS}, {_QUEUE_COLUMNS}, {_TASKS_OF_QUEUE}"  # noqa: S608
+            f" FROM order_queues q{join} WHERE {where}",
+            key,
+        )
     if not rows:
         return None
-    row, record = rows[0]
-    return _withdrawal(row), record
+    return _withdrawal(rows[0]), _queue_record(rows[0])
 
 
 async def load_queue(
@@ -342,16 +345,19 @@ async def load_queue(
     withdrawal_id: str | None = None,
     lock: bool = False,
 ) -> QueueRecord | None:
-    """Load a queue and its tasks; ``lock`` takes the queue row lock for the transaction."""
-    where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
-    key: object = queue_id if queue_id is not None else withdrawal_id
-    rows = await _load_queues(
-        conn,
-        f"SELECT {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q WHERE {where}",  # noqa: S608
-        key,
-        lock=lock,
-    )
-    return rows[0][1] if rows else None
+    """Load a queue and its tasks; ``lock`` (by ``queue_id`` only) takes the queue row lock
+    for the transaction."""
+    if lock:
+        rows = await _lock_queues(conn, [_queue_key(queue_id)])
+    else:
+        where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
+        key: object = queue_id if queue_id is not None else withdrawal_id
+        rows = await conn.fetch(
+            f"SELECT {_QUEUE_COLUMNS}, {_TASKS_OF_QUEUE} FROM order_queues q"  # noqa: S608
+            f" WHERE {where}",
+            key,
+        )
+    return _queue_record(rows[0]) if rows else None
 
 
 async def load_queues(
@@ -364,55 +370,55 @@ async def load_queues(
     """Many queues with their tasks. ``lock`` takes their row locks in queue_id order, so two
     batches never wait on each other in a cycle; ``skip_locked`` leaves out the queues another
     transaction holds (a batch must not wait on one slow handler holding all the others)."""
-    rows = await _load_queues(
-        conn,
-        f"SELECT {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q"  # noqa: S608
-        " WHERE q.queue_id = ANY($1::uuid[])",
-        list(dict.fromkeys(queue_ids)),
-        lock=lock,
-        order=True,
-        skip_locked=skip_locked,
-    )
-    return {record.queue.queue_id: record for _row, record in rows}
+    ids = list(dict.fromkeys(queue_ids))
+    if lock:
+        rows = await _lock_queues(conn, ids, skip_locked=skip_locked)
+    else:
+        rows = await conn.fetch(
+            f"SELECT {_QUEUE_COLUMNS}, {_TASKS_OF_QUEUE} FROM order_queues q"  # noqa: S608
+            " WHERE q.queue_id = ANY($1::uuid[])",
+            ids,
+        )
+    records = (_queue_record(row) for row in rows)
+    return {record.queue.queue_id: record for record in records}
 
 
-async def _load_queues(
+def _queue_key(queue_id: uuid.UUID | None) -> uuid.UUID:
+    if queue_id is None:
+        raise ValueError("a locking read takes the queue by queue_id")
+    return queue_id
+
+
+async def _lock_queues(
     conn: Connection,
-    select: str,
-    key: object,
+    queue_ids: Sequence[uuid.UUID],
     *,
-    lock: bool,
-    order: bool = False,
     skip_locked: bool = False,
-) -> list[tuple[asyncpg.Record, QueueRecord]]:
-    """Run ``select`` (``{tasks}`` marks where the tasks column goes) and attach each queue's
-    tasks: in the same statement for a plain read (one round-trip), with a second statement
-    after the row locks are held for a locking read (see ``_TASKS_OF_QUEUE``)."""
-    suffix = (" ORDER BY q.queue_id" if order else "") + (" FOR UPDATE OF q" if lock else "")
-    if lock and skip_locked:
-        suffix += " SKIP LOCKED"
-    if not lock:
-        rows = await conn.fetch(select.format(tasks=", " + _TASKS_OF_QUEUE) + suffix, key)
-        return [(row, _queue_record(row, _task_tuples(row["tasks"]))) for row in rows]
-    rows = await conn.fetch(select.format(tasks="") + suffix, key)
-    if not rows:
-        return []
-    tasks: dict[uuid.UUID, list[OrderTask]] = {row["queue_id"]: [] for row in rows}
-    for task_row in await conn.fetch(
-        f"SELECT {_TASK_COLUMNS} FROM order_tasks WHERE queue_id = ANY($1::uuid[])"  # noqa: S608
-        " ORDER BY queue_id, position",
-        list(tasks),
-    ):
-        tasks[task_row["queue_id"]].append(_task(task_row))
-    return [(row, _queue_record(row, tasks[row["queue_id"]])) for row in rows]
+    columns: str = "",
+    join: str = "",
+) -> list[asyncpg.Record]:
+    """Lock queue rows and read them with their tasks in one round-trip, through the
+    ``lock_queues`` function (migration 0002): its read runs after the locks are granted, in a
+    snapshot of its own, so it sees whatever the previous lock holder committed (see
+    ``_TASKS_OF_QUEUE`` for why a plain statement cannot)."""
+    select = f"{columns}, " if columns else ""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"SELECT {select}{_QUEUE_COLUMNS}, l.tasks FROM lock_queues($1::uuid[], $2) l"  # noqa: S608
+        f" CROSS JOIN LATERAL (SELECT (l.queue).*) q{join} ORDER BY q.queue_id",
+        list(queue_ids),
+        skip_locked,
+    )
+    return rows
 
 
-def _task_tuples(values: Sequence[Sequence[object]] | None) -> list[OrderTask]:
-    return [_task(dict(zip(_TASK_FIELDS, v, strict=True))) for v in values or ()]
-
-
-def _queue_record(row: asyncpg.Record, tasks: Sequence[OrderTask]) -> QueueRecord:
-    """The queue of a row selected with ``_QUEUE_COLUMNS``, with its tasks."""
+def _queue_record(row: asyncpg.Record) -> QueueRecord:
+    """The queue of a row selected with ``_QUEUE_COLUMNS`` and a ``tasks`` column (tuples in
+    ``_TASK_FIELDS`` order from ``_TASKS_OF_QUEUE``, or ``order_tasks`` records from
+    ``lock_queues``)."""
+    tasks = [
+        _task(v if isinstance(v, asyncpg.Record) else dict(zip(_TASK_FIELDS, v, strict=True)))
+        for v in row["tasks"] or ()
+    ]
     queue = OrderQueue(
         queue_id=row["queue_id"],
         withdrawal_id=row["withdrawal_id"],
@@ -576,23 +582,31 @@ _AUDIT_INSERT = (
 )
 
 
-async def save_task(
-    conn: Connection,
-    before: OrderTask,
-    after: OrderTask,
-    *,
-    withdrawal_id: str,
-    event: str,
-    actor: str,
-    trace_id: str | None,
-    details: Mapping[str, object],
-    now: datetime,
-    timer: Timer | None,
-    clear_timer: bool,
-) -> None:
-    """Write one task transition in one statement: the version-checked update, its audit row
-    and, on a state change, the queue's ``updated_at`` (the API's ``updated_at``)."""
-    changed = after.state != before.state
+@dataclass(frozen=True, slots=True)
+class TaskWrite:
+    """One task transition to write: the version-checked update and its audit row."""
+
+    before: OrderTask
+    after: OrderTask
+    withdrawal_id: str
+    event: str
+    actor: str
+    trace_id: str | None
+    details: Mapping[str, object]
+    now: datetime
+    timer: Timer | None = None
+    clear_timer: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return self.after.state != self.before.state
+
+
+def _task_write_sql(write: TaskWrite, first: int) -> tuple[str, str, list[object]]:
+    """The pieces of a task write whose bind parameters start at ``$first``: the ``UPDATE``
+    (for a CTE named ``t``, returning ``queue_id``), the ``SELECT`` of its audit row from
+    ``t``, and the arguments. Only fixed fragments are interpolated; values are parameters."""
+    before, after = write.before, write.after
     args: list[object] = [
         after.state.value,
         after.provider_reference,
@@ -602,41 +616,54 @@ async def save_task(
         after.recheck_attempts,
         after.status_polls,
         after.cancel_requested,
-        now,
+        write.now,
         before.task_id,
         before.version,
-        withdrawal_id,
+        write.withdrawal_id,
         before.state.value,
-        after.state.value if changed else None,
-        event,
-        actor,
-        trace_id,
-        dict(details),
+        after.state.value if write.changed else None,
+        write.event,
+        write.actor,
+        write.trace_id,
+        dict(write.details),
     ]
+    p = [f"${first + i}" for i in range(21)]
     timer_sql = ""
-    if timer is not None:
-        timer_sql = ", timer_kind = $19, timer_attempt = $20, timer_due_at = $21"
-        args += [timer.kind, timer.attempt, timer.due_at]
-    elif clear_timer or changed:
+    if write.timer is not None:
+        timer_sql = f", timer_kind = {p[18]}, timer_attempt = {p[19]}, timer_due_at = {p[20]}"
+        args += [write.timer.kind, write.timer.attempt, write.timer.due_at]
+    elif write.clear_timer or write.changed:
         timer_sql = ", timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
-    entered = ", state_entered_at = $9" if changed else ""
+    entered = f", state_entered_at = {p[8]}" if write.changed else ""
+    update = (
+        f"UPDATE order_tasks SET state = {p[0]}, provider_reference = {p[1]},"  # noqa: S608
+        f" freeze_state = {p[2]}, outcome = {p[3]}, provider_code = {p[4]},"
+        f" recheck_attempts = {p[5]}, status_polls = {p[6]}, cancel_requested = {p[7]},"
+        f" updated_at = {p[8]}, version = version + 1{entered}{timer_sql}"
+        f" WHERE task_id = {p[9]} AND version = {p[10]} RETURNING queue_id"
+    )
+    audit = (  # placeholders only, as above
+        f"SELECT queue_id, {p[9]}::uuid, {p[11]}::text, {p[12]}::text, {p[13]}::text,"  # noqa: S608
+        f" {p[14]}::text, {p[15]}::text, {p[16]}::text, {p[17]}::jsonb, {p[8]}::timestamptz"
+        " FROM t"
+    )
+    return update, audit, args
+
+
+async def save_task(conn: Connection, write: TaskWrite) -> None:
+    """Write one task transition in one statement: the version-checked update, its audit row
+    and, on a state change, the queue's ``updated_at`` (the API's ``updated_at``)."""
+    update, audit, args = _task_write_sql(write, 1)
     touch = (
         ", q AS (UPDATE order_queues SET updated_at = $9 WHERE queue_id = (SELECT queue_id FROM t))"
-        if changed
+        if write.changed
         else ""
     )
-    # Only fixed fragments are interpolated; every value is a bind parameter.
-    sql = (
-        "WITH t AS (UPDATE order_tasks SET state = $1, provider_reference = $2,"  # noqa: S608
-        " freeze_state = $3, outcome = $4, provider_code = $5, recheck_attempts = $6,"
-        " status_polls = $7, cancel_requested = $8, updated_at = $9, version = version + 1"
-        f"{entered}{timer_sql} WHERE task_id = $10 AND version = $11 RETURNING queue_id){touch}"
-        f" {_AUDIT_INSERT} SELECT queue_id, $10, $12::text, $13::text, $14::text, $15::text,"
-        " $16::text, $17::text, $18::jsonb, $9 FROM t"
-    )
-    status = await conn.execute(sql, *args)
+    status = await conn.execute(f"WITH t AS ({update}){touch} {_AUDIT_INSERT} {audit}", *args)
     if status != "INSERT 0 1":
-        raise StaleVersion(f"task {before.task_id} is no longer at version {before.version}")
+        raise StaleVersion(
+            f"task {write.before.task_id} is no longer at version {write.before.version}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,9 +689,11 @@ async def save_queue(
     trace_id: str | None,
     now: datetime,
     notification: Notification | None = None,
+    task: TaskWrite | None = None,
 ) -> None:
     """Write a queue change with its audit row (version-checked), and the notification of a
-    final state if given, in one statement."""
+    final state if given, in one statement; with ``task``, that task write too (the last task
+    of a queue becoming final: one round-trip instead of two)."""
     new_state = state or before.state
     args: list[object] = [
         new_state.value,
@@ -691,6 +720,13 @@ async def save_queue(
             " ON CONFLICT DO NOTHING)"
         )
         args += [notification.status, notification.body, notification.first_attempt_at]
+    # The task's own audit row joins the queue's; its queue touch is left out (a statement
+    # cannot update the queue row twice, and this one sets updated_at anyway).
+    task_cte, task_audit, rows = "", "", 1
+    if task is not None:
+        update, audit, task_args = _task_write_sql(task, len(args) + 1)
+        task_cte, task_audit, rows = f", t AS ({update})", f" UNION ALL {audit}", 2
+        args += task_args
     status = await conn.execute(
         "WITH q AS (UPDATE order_queues SET state = $1::text,"  # noqa: S608 — fixed fragments only
         " cancel_requested = cancel_requested OR $2::boolean,"
@@ -699,13 +735,16 @@ async def save_queue(
         " failure_code = COALESCE($5::text, failure_code), updated_at = $6::timestamptz,"
         " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
         " version = version + 1"
-        f" WHERE queue_id = $7 AND version = $8 RETURNING queue_id){notify}"
+        f" WHERE queue_id = $7 AND version = $8 RETURNING queue_id){notify}{task_cte}"
         f" {_AUDIT_INSERT} SELECT queue_id, NULL, $9::text, $10::text, $11::text, $12::text,"
-        " $13::text, $14::text, $15::jsonb, $6 FROM q",
+        f" $13::text, $14::text, $15::jsonb, $6 FROM q{task_audit}",
         *args,
     )
-    if status != "INSERT 0 1":
-        raise StaleVersion(f"queue {before.queue_id} is no longer at version {before.version}")
+    if status != f"INSERT 0 {rows}":
+        what = f"queue {before.queue_id} at version {before.version}"
+        if task is not None:
+            what += f" or task {task.before.task_id} at version {task.before.version}"
+        raise StaleVersion(f"{what} moved on: nothing written")
 
 
 async def enqueue(

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import pytest
 
 from orchestrator import store
-from orchestrator.domain import OrderTask
+from orchestrator.domain import OrderTask, QueueState, TaskState
 from tests.conftest import Stack, StackFactory
 from tests.faultkit import create_withdrawal, task_events, tasks_of, wait_until
 
@@ -143,3 +143,69 @@ async def test_an_unlocked_start_waits_for_the_lock_and_yields_to_a_cancel(
         await transaction.commit()
     assert await starting is False
     assert (await tasks_of(stack, rec.queue.withdrawal_id))[0]["state"] == "PENDING"
+
+
+def _final_write(rec: store.QueueRecord, task: OrderTask, version: int) -> store.TaskWrite:
+    """PENDING → CANCELLED for ``task`` as if read at ``version``."""
+    before = dataclasses.replace(task, version=version)
+    return store.TaskWrite(
+        before=before,
+        after=dataclasses.replace(before, state=TaskState.CANCELLED, outcome="cancelled"),
+        withdrawal_id=rec.queue.withdrawal_id,
+        event="cancel",
+        actor="test",
+        trace_id=None,
+        details={},
+        now=datetime.now(UTC),
+    )
+
+
+async def _finish_with(stack: Stack, rec: store.QueueRecord, write: store.TaskWrite) -> None:
+    async with stack.runtime.pool.acquire() as conn, conn.transaction():
+        await store.save_queue(
+            conn,
+            rec.queue,
+            state=QueueState.CANCELLED,
+            failure_code="cancelled",
+            event="queue.cancelled",
+            actor="test",
+            trace_id=None,
+            now=datetime.now(UTC),
+            task=write,
+        )
+
+
+async def test_a_queue_write_carrying_a_task_write_lands_both_or_neither(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(with_worker=False)
+    rec, task = await _pending_start(stack)
+    wid = rec.queue.withdrawal_id
+
+    with pytest.raises(store.StaleVersion):
+        await _finish_with(stack, rec, _final_write(rec, task, task.version + 1))
+    assert [t["state"] for t in await tasks_of(stack, wid)] == ["PENDING", "PENDING"]
+    async with stack.runtime.pool.acquire() as conn:
+        after = await store.load_queue(conn, withdrawal_id=wid)
+    assert after is not None
+    assert (after.queue.state, after.queue.version) == ("ACTIVE", rec.queue.version)
+
+    await _finish_with(stack, rec, _final_write(rec, task, task.version))
+    rows = await tasks_of(stack, wid)
+    assert (rows[0]["state"], rows[0]["version"]) == ("CANCELLED", task.version + 1)
+    events = await task_events(stack, task.task_id)
+    assert [(e["event"], e["from_state"], e["to_state"]) for e in events][-1] == (
+        "cancel",
+        "PENDING",
+        "CANCELLED",
+    )
+    async with stack.runtime.pool.acquire() as conn:
+        queue_events = await conn.fetch(
+            "SELECT event, to_state FROM order_task_events WHERE queue_id = $1 AND task_id IS NULL"
+            " ORDER BY event_id",
+            rec.queue.queue_id,
+        )
+    assert [(e["event"], e["to_state"]) for e in queue_events][-1] == (
+        "queue.cancelled",
+        "CANCELLED",
+    )
