@@ -7,11 +7,11 @@ provider accepted the order and has not called back yet (copied from a real
 
 * ``withdrawals`` — the stored request and routing decision (cohort ``cascade``);
 * ``order_queues`` — ``ACTIVE``;
-* ``order_tasks`` — ``EXECUTING`` at version 4, ``freeze_state = 'frozen'``, a provider
+* ``order_tasks`` — ``EXECUTING`` at version 3, ``freeze_state = 'frozen'``, a provider
   reference, and the one timer it waits on: ``timer_kind = 'webhook_timeout'``,
   ``timer_attempt = 0``, ``timer_due_at``;
-* ``order_task_events`` — the five audit rows of its history (queue.created, task.created,
-  start, start.resume, create.accepted);
+* ``order_task_events`` — the four audit rows of its history (queue.created, task.created,
+  start, create.accepted);
 * one JetStream message schedule on ``<ns>order.schedule.<task_id hex>.webhook_timeout`` with
   ``Nats-Schedule: @at <due>`` and ``Nats-Schedule-Target: <ns>order.task.webhook.timeout``,
   the payload ``{"task_id","queue_id","attempt":0}``, as ``Engine._persist`` writes it through
@@ -115,7 +115,7 @@ async def insert_rows(database_url: str, parked: list[Parked], due_at: datetime)
                         PROVIDER,
                         0.5,
                         "EXECUTING",
-                        4,
+                        3,
                         provider_order_id(task_id, 64),
                         f"{PROVIDER}-{task_id.hex[:12]}",
                         "frozen",
@@ -141,7 +141,6 @@ async def insert_rows(database_url: str, parked: list[Parked], due_at: datetime)
                     (None, None, "ACTIVE", "queue.created", "api", '{"cohort": "cascade"}'),
                     (task_id, None, "PENDING", "task.created", "api", "{}"),
                     (task_id, "PENDING", "CREATING", "start", "worker", "{}"),
-                    (task_id, "CREATING", None, "start.resume", "worker", "{}"),
                     (task_id, "CREATING", "EXECUTING", "create.accepted", "worker", None),
                 ):
                     events.append(

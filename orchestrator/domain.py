@@ -153,7 +153,14 @@ class OrderQueue:
 
 @dataclass(frozen=True)
 class Start:
-    """Begin the attempt: freeze, then create the provider order."""
+    """Begin the attempt: freeze, then create the provider order.
+
+    ``resume`` (the default): the task may already be CREATING from an earlier delivery that
+    died mid-create. False: the handler that delivers it committed PENDING → CREATING a moment
+    ago and goes on with the calls.
+    """
+
+    resume: bool = True
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,8 @@ class Step:
     clear_timer: bool = False
     # The cascade must not try further providers (error table said stop).
     stop_cascade: bool = False
+    # Write the step (version bump and audit row) even when it changes nothing.
+    record: bool = True
     ignored_because: str | None = None
 
     @property
@@ -364,7 +373,7 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
     if task.final:
         return ignore(type(event).__name__, f"task is final ({task.state})")
     match event:
-        case Start():
+        case Start(resume=resume):
             if task.state == T.PENDING:
                 if task.cancel_requested:
                     return Step(
@@ -372,6 +381,9 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
                     )
                 return Step(event="start", to=T.CREATING, call="freeze_and_create")
             if task.state == T.CREATING:
+                if not resume:
+                    # The handler's own PENDING → CREATING row already says what happens.
+                    return Step(event="start.create", call="freeze_and_create", record=False)
                 # Redelivery after a crash mid-create: both calls are idempotent, redo them.
                 return Step(event="start.resume", call="freeze_and_create")
             return ignore("start", f"task already {task.state}")

@@ -356,7 +356,7 @@ class Engine:
         ):
             fault_point("after_state_write")
             fault_point("after_publish")  # nothing to publish; kept for the fault numbering
-            pending = Start()  # CREATING is committed: freeze and create, under the lock
+            pending = Start(resume=False)  # CREATING is committed: now the calls, locked
         while pending is not None:
             async with self.pool.acquire() as conn, conn.transaction():
                 tx = await self._open(conn, queue_id)
@@ -452,9 +452,10 @@ class Engine:
             if step.balance is not None:
                 await self._balance(step.balance, task)
                 fault_point("after_balance_call")
-            task = await self._persist(
-                tx, task, step, actor=actor, trace_id=trace_id, details=_details(event)
-            )
+            if step.record:
+                task = await self._persist(
+                    tx, task, step, actor=actor, trace_id=trace_id, details=_details(event)
+                )
             if step.stop_cascade and not tx.queue.stop_requested:
                 await self._flush(tx)
                 await store.save_queue(
@@ -472,7 +473,7 @@ class Engine:
             if task.final:
                 await self._advance(tx, actor=actor, trace_id=trace_id)
             if step.to == TaskState.CREATING:
-                return Start()
+                return Start(resume=False)
             if step.call is None or config is None:
                 return None
             event = await self._call(step.call, task, config, tx.record)

@@ -120,6 +120,23 @@ def test_final_tasks_ignore_everything() -> None:
             assert decide(task(state), event, CONFIG, NOW).ignored
 
 
+def test_a_start_records_a_resume_but_not_its_own_continuation() -> None:
+    creating = task(T.CREATING)
+    resumed = decide(creating, Start(), CONFIG, NOW)
+    assert (resumed.event, resumed.call, resumed.record) == (
+        "start.resume",
+        "freeze_and_create",
+        True,
+    )
+    continued = decide(creating, Start(resume=False), CONFIG, NOW)
+    assert (continued.to, continued.call, continued.record) == (None, "freeze_and_create", False)
+    assert not continued.changes
+    pending = task(T.PENDING)
+    assert decide(pending, Start(resume=False), CONFIG, NOW) == decide(
+        pending, Start(), CONFIG, NOW
+    )
+
+
 def test_ambiguous_create_rechecks_and_never_fails() -> None:
     step = decide(task(T.CREATING, freeze_state="frozen"), Ambiguous("timeout"), CONFIG, NOW)
     assert step.to == T.RECHECKING
