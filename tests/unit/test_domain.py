@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.providers_file import ProviderConfig, StatusPolling
+from contracts.providers_file import ProviderConfig, StatusPolling, load_providers
 from orchestrator.domain import (
     FINAL_QUEUE_STATES,
     FINAL_TASK_STATES,
@@ -329,6 +330,16 @@ def test_a_silent_provider_is_polled_until_the_deadline() -> None:
         (12, "status.timeout"),
     ]
     assert silent_provider(CONFIG)[-1] == (65, "status.exhausted")
+
+
+def test_sbx_silent_reaches_manual_check_by_the_deadline_within_a_minute() -> None:
+    """DESIGN.md: in ``make run`` a withdrawal whose only provider is sbx_silent reaches
+    MANUAL_CHECK within 60 s. With the shipped sandbox settings that is the polling deadline."""
+    raw = (Path(__file__).resolve().parents[2] / "config" / "providers.sandbox.json").read_bytes()
+    config = load_providers(raw, {"SANDBOX_URL": "http://sandbox.invalid"}).providers["sbx_silent"]
+    trail = silent_provider(config)
+    assert trail[-1][1] == "status.timeout"
+    assert trail[-1][0] < 60, trail
 
 
 def test_success_that_wins_a_cancel_race_is_committed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,3 +72,11 @@ def test_timeout_seconds_of_the_wrong_type_is_refused_in_one_line() -> None:
     assert message.startswith("PROVIDERS_FILE x: ")
     assert "status_polling.timeout_seconds" in message
     assert "\n" not in message
+
+
+def test_every_shipped_sandbox_provider_has_a_polling_deadline() -> None:
+    raw = (Path(__file__).resolve().parents[2] / "config" / "providers.sandbox.json").read_bytes()
+    loaded = load_providers(raw, {"SANDBOX_URL": "http://sandbox.invalid"})
+    for provider_id, config in loaded.providers.items():
+        assert config.status_polling is not None, provider_id
+        assert config.status_polling.timeout_seconds is not None, provider_id
