@@ -27,10 +27,18 @@ class RecheckPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 class StatusPolling(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Optional fallback polling of an executing order after its webhook SLA passed."""
+    """Optional fallback polling of an executing order after its webhook SLA passed.
+
+    Polling ends in manual check after ``max_polls`` polls that found the order pending, or
+    at ``timeout_seconds`` (when set), whichever comes first.
+    """
 
     interval_seconds: float = 5.0
     max_polls: int = 3
+    # The longest an executing order is polled, counted from the moment polling starts: when
+    # the webhook SLA expired, or when EXECUTING was entered if the provider has no SLA.
+    # None: only max_polls bounds the polling.
+    timeout_seconds: float | None = None
 
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -107,4 +115,16 @@ def load_providers(
             )
         if config.recheck.max_attempts < 1 or config.recheck.initial_delay_seconds <= 0:
             raise ProvidersFileError(f"{source}: {provider_id}.recheck needs positive values")
+        _check_status_polling(config.status_polling, f"{source}: {provider_id}.status_polling")
     return parsed
+
+
+def _check_status_polling(polling: StatusPolling | None, where: str) -> None:
+    if polling is None:
+        return
+    if polling.interval_seconds <= 0:
+        raise ProvidersFileError(f"{where}.interval_seconds must be greater than 0")
+    if polling.max_polls < 1:
+        raise ProvidersFileError(f"{where}.max_polls must be at least 1")
+    if polling.timeout_seconds is not None and polling.timeout_seconds <= 0:
+        raise ProvidersFileError(f"{where}.timeout_seconds must be greater than 0")

@@ -53,6 +53,7 @@ TIMER_TARGETS: dict[TimerKind, str] = {
     "recheck": RECHECK_TICK,
     "webhook_timeout": WEBHOOK_TIMEOUT,
     "status_tick": STATUS_TICK,
+    "status_timeout": STATUS_TIMEOUT,
 }
 MAX_DELIVER = 8
 # The consumer's own bound sits above ours: a message past MAX_DELIVER whose dead-lettering

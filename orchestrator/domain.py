@@ -12,6 +12,13 @@ Money-safety rules encoded here:
 - an ambiguous provider answer never leads to FAILED; only a definitive answer (a decline,
   a final status, a proven-absent order) moves the cascade on;
 - a final task state is never left: every event on a final task is ignored.
+
+Timers: a task has at most one pending timer (``Step.timer``), kept on its record and as one
+JetStream schedule per (task, timer kind). RECHECKING waits on ``recheck``; EXECUTING on
+``webhook_timeout`` (the provider's SLA), then, with status polling, on ``status_tick``
+between polls and finally on ``status_timeout``: the polling deadline, armed instead of a tick
+that would come at or after it. A timer's ``attempt`` is the generation it was armed for; a
+firing whose generation or state no longer matches is stale and ignored.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ IN_FLIGHT_STATES = frozenset({T.CREATING, T.EXECUTING, T.RECHECKING, T.MANUAL_CH
 FreezeState = Literal["none", "frozen", "committed", "rolled_back"]
 # The public failure codes of the legacy contract; an outcome is always one of these.
 Outcome = Literal["declined", "provider_error", "timeout", "manual_rejected", "cancelled"]
-TimerKind = Literal["recheck", "webhook_timeout", "status_tick"]
+TimerKind = Literal["recheck", "webhook_timeout", "status_tick", "status_timeout"]
 
 
 class IllegalTransition(Exception):
@@ -278,10 +285,39 @@ def recheck_delay(config: ProviderConfig, attempt: int) -> float:
     )
 
 
+def _polling_deadline(config: ProviderConfig, executing_since: datetime | None) -> datetime | None:
+    """When status polling of an order executing since ``executing_since`` gives up, if ever.
+
+    Polling starts when the webhook SLA expires (at once when there is no SLA) and lasts
+    ``status_polling.timeout_seconds``. The nominal SLA expiry counts, not the moment its
+    timer was handled: a late timer does not lengthen the wait.
+    """
+    polling = config.status_polling
+    if polling is None or polling.timeout_seconds is None or executing_since is None:
+        return None
+    waited = (config.webhook_sla_seconds or 0) + polling.timeout_seconds
+    return executing_since + timedelta(seconds=waited)
+
+
+def _status_timer(
+    config: ProviderConfig, executing_since: datetime | None, now: datetime, attempt: int
+) -> Timer:
+    """The next poll's tick, or the polling deadline if the tick would come at or after it."""
+    assert config.status_polling is not None
+    due = now + timedelta(seconds=config.status_polling.interval_seconds)
+    deadline = _polling_deadline(config, executing_since)
+    if deadline is not None and due >= deadline:
+        return Timer(kind="status_timeout", due_at=deadline, attempt=attempt)
+    return Timer(kind="status_tick", due_at=due, attempt=attempt)
+
+
 def _executing(
     task: OrderTask, config: ProviderConfig, now: datetime, event: str, **changes: object
 ) -> Step:
     """Enter EXECUTING with the webhook SLA timer, or go to manual check when there is none.
+
+    Without an SLA but with status polling, polling starts at once: the first timer is a
+    status tick, or the polling deadline if that comes first.
 
     A cancel requested while the order was being created or rechecked is sent to the
     provider now that the order is known to exist (the SLA timer still guards the wait).
@@ -292,14 +328,13 @@ def _executing(
         "cancel_at_provider" if task.cancel_requested and config.supports_cancel else None
     )
     if config.webhook_sla_seconds is None:
-        assert config.status_polling is not None
-        due = now + timedelta(seconds=config.status_polling.interval_seconds)
+        # EXECUTING is entered now: the deadline counts from now.
         return Step(
             event=event,
             to=T.EXECUTING,
             changes=changes,
             call=call,
-            timer=Timer(kind="status_tick", due_at=due, attempt=0),
+            timer=_status_timer(config, now, now, attempt=0),
         )
     due = now + timedelta(seconds=config.webhook_sla_seconds)
     return Step(
@@ -489,6 +524,12 @@ def _decide_timer(
         if task.state != T.EXECUTING or attempt != task.status_polls:
             return ignore(event, "stale status timer")
         return Step(event=event, call="poll")
+    if kind == "status_timeout":
+        if task.state != T.EXECUTING or attempt != task.status_polls:
+            return ignore(event, "stale status timeout")
+        # Polled for as long as the provider's settings allow and still pending: a human
+        # decides; never FAILED, the provider may still pay.
+        return Step(event="status.timeout", to=T.MANUAL_CHECK, clear_timer=True)
     raise AssertionError(kind)  # pragma: no cover
 
 
@@ -518,11 +559,19 @@ def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -
             changes={"status_polls": polls},
             clear_timer=True,
         )
-    due = now + timedelta(seconds=polling.interval_seconds)
+    deadline = _polling_deadline(config, task.state_entered_at)
+    if deadline is not None and now >= deadline:
+        # The poll itself came late (a late timer, a slow provider): no further wait.
+        return Step(
+            event="status.timeout",
+            to=T.MANUAL_CHECK,
+            changes={"status_polls": polls},
+            clear_timer=True,
+        )
     return Step(
         event="status.pending",
         changes={"status_polls": polls},
-        timer=Timer(kind="status_tick", due_at=due, attempt=polls),
+        timer=_status_timer(config, task.state_entered_at, now, attempt=polls),
     )
 
 

@@ -739,7 +739,7 @@ class Engine:
 # The timers a task can have pending in a state: the ones to cancel when it leaves.
 _TIMERS_OF_STATE: dict[TaskState, tuple[TimerKind, ...]] = {
     TaskState.RECHECKING: ("recheck",),
-    TaskState.EXECUTING: ("webhook_timeout", "status_tick"),
+    TaskState.EXECUTING: ("webhook_timeout", "status_tick", "status_timeout"),
 }
 
 
@@ -784,6 +784,10 @@ def _may_be_armed(kind: TimerKind, config: ProviderConfig | None) -> bool:
         return config.webhook_sla_seconds is not None
     if kind == "status_tick":
         return config.status_polling is not None
+    if kind == "status_timeout":
+        return (
+            config.status_polling is not None and config.status_polling.timeout_seconds is not None
+        )
     return True
 
 

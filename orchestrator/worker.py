@@ -38,6 +38,7 @@ _TIMER_KINDS: dict[str, TimerKind] = {
     bus.RECHECK_TICK: "recheck",
     bus.WEBHOOK_TIMEOUT: "webhook_timeout",
     bus.STATUS_TICK: "status_tick",
+    bus.STATUS_TIMEOUT: "status_timeout",
 }
 
 

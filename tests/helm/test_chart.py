@@ -772,6 +772,26 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
         {"providers": {"config": {"psp_a": {"base_url": "https://a", "webhook_secret": []}}}},
         ["/providers/config/psp_a", "'webhook_secret'"],
     ),
+    (
+        "status polling deadline of zero",
+        {
+            "providers": {
+                "config": {
+                    "psp_a": {"base_url": "https://a", "status_polling": {"timeout_seconds": 0}}
+                }
+            }
+        },
+        ["/providers/config/psp_a/status_polling/timeout_seconds", "exclusiveMinimum"],
+    ),
+    (
+        "status polling key misspelled",
+        {
+            "providers": {
+                "config": {"psp_a": {"base_url": "https://a", "status_polling": {"timeout": 60}}}
+            }
+        },
+        ["/providers/config/psp_a/status_polling", "'timeout'"],
+    ),
     ("log level", {"logLevel": "verbose"}, ["/logLevel"]),
     (
         "PDB percentage",
@@ -785,6 +805,14 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
 def test_the_schema_accepts_the_shipped_values(scenario: str) -> None:
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values(copy.deepcopy(SCENARIOS[scenario])))
+
+
+def test_the_schema_accepts_the_shipped_sandbox_providers_file() -> None:
+    """providers.config is the providers file's "providers" object: what the app loads, the
+    schema must let through."""
+    shipped = json.loads((ROOT / "config" / "providers.sandbox.json").read_text())
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values({"providers": {"config": shipped["providers"]}}))
 
 
 @pytest.mark.parametrize(("case", "values", "expected"), BAD_VALUES, ids=[c[0] for c in BAD_VALUES])

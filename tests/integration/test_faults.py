@@ -46,6 +46,7 @@ from tests.faultkit import (
 )
 from tests.integration.test_webhook_intake import wait_consumed
 
+OPS = {"Authorization": "Bearer ops-token", "X-Operator": "alice"}
 SILENT = "sbx_silent"
 SYNC_OK = "sbx_sync_ok"
 DECLINE = "sbx_decline"
@@ -389,6 +390,151 @@ async def test_timer_duplicates_and_stale_generations_change_nothing(
     # The two late webhooks are kept for support as "task already final".
     assert await unmatched(stack, task["provider_reference"]) == ["task_final"] * (recorded + 2)
     await assert_settled(stack, {wid: "succeeded"})
+
+
+async def _deadline_armed(stack: Stack, wid: str) -> dict[str, Any]:
+    """Until the task's timer is the polling deadline (the SLA expired, the poll found the
+    order pending, the next tick would come after the deadline); returns its row."""
+
+    async def probe() -> dict[str, Any] | None:
+        row = (await tasks_of(stack, wid))[0]
+        return row if row["timer_kind"] == "status_timeout" else None
+
+    return await wait_until(probe, f"{wid}'s polling deadline to be armed")
+
+
+async def delivered(stack: Stack, subject: str) -> int:
+    """Messages the stack's stream holds on one event subject (limits retention keeps them)."""
+    names = stack.runtime.relay.names
+    info = await stack.runtime.js.stream_info(names.stream, subjects_filter=names.subject(subject))
+    return (info.state.subjects or {}).get(names.subject(subject), 0)
+
+
+DEADLINE_POLLING = {"interval_seconds": 600, "max_polls": 3, "timeout_seconds": 3}
+
+
+async def test_the_polling_deadline_moves_a_pending_order_to_manual_check_once(
+    make_stack: StackFactory,
+) -> None:
+    """SLA 1 s, then polling every ten minutes for at most 3 s: the one poll finds the order
+    pending, the deadline (not a tick) is armed, and its schedule fires on
+    ``order.task.status.timeout``: MANUAL_CHECK, once. The same firing again, and stale
+    generations of every EXECUTING timer, change nothing.
+
+    The sweeper is off (its grace is ten minutes): only JetStream can deliver the deadline.
+    """
+    stack = await make_stack(
+        providers=providers(sla=1, polling=DEADLINE_POLLING), with_worker=False
+    )
+    worker = Worker(
+        engine=stack.runtime.engine,
+        js=stack.runtime.js,
+        core=stack.runtime.core,
+        sweep_interval=0.5,
+        stranded_after=600.0,
+        timer_grace=600.0,
+    )
+    await worker.start()
+    try:
+        wid = await create_withdrawal(stack, [SILENT])
+        task = await wait_task_state(stack, wid, 0, "EXECUTING")
+        task_id = task["task_id"]
+        armed = await _deadline_armed(stack, wid)
+        # SLA expiry + timeout_seconds, from when EXECUTING was entered.
+        assert armed["timer_due_at"] == armed["state_entered_at"] + timedelta(seconds=1 + 3)
+        assert (armed["state"], armed["status_polls"], armed["timer_attempt"]) == (
+            "EXECUTING",
+            1,
+            1,
+        )
+        await wait_until(
+            lambda: _has_schedule(stack, task_id, "status_timeout"), "the deadline's schedule"
+        )
+        assert await schedules(stack, task_id, "status_tick") == 0
+
+        manual = await wait_task_state(stack, wid, 0, "MANUAL_CHECK", timeout=20)
+        await wait_consumed(stack)
+        assert await delivered(stack, bus.STATUS_TIMEOUT) == 1
+        assert await schedules(stack, task_id, "status_timeout") == 0  # spent
+        assert (manual["timer_kind"], manual["timer_due_at"], manual["status_polls"]) == (
+            None,
+            None,
+            1,
+        )
+        assert manual["freeze_state"] == "frozen"  # support decides; nothing rolled back
+        events = await task_events(stack, task_id)
+        waited = [
+            (e["event"], e["from_state"], e["to_state"], e["actor"])
+            for e in events
+            if e["from_state"] == "EXECUTING"
+        ]
+        assert waited == [
+            ("timer.webhook_timeout", "EXECUTING", None, "timer"),
+            ("status.pending", "EXECUTING", None, "timer"),
+            ("status.timeout", "EXECUTING", "MANUAL_CHECK", "timer"),
+        ], events
+        polled = next(e for e in events if e["event"] == "status.pending")
+        assert polled["details"]["provider_status"] == "pending"  # the order stays pending
+        timeout = events[-1]
+        assert timeout["details"] == {"timer": "status_timeout", "attempt": 1}
+        assert timeout["created_at"] >= armed["timer_due_at"]  # fired by the deadline
+        assert (await transitions(stack, [wid]))[(task_id, "MANUAL_CHECK")] == 1
+
+        # The deadline again (twice, at once), an older generation, and the other timers late.
+        deadline = (bus.STATUS_TIMEOUT, task_message(task, 1))
+        await burst(
+            stack,
+            deadline,
+            deadline,
+            (bus.STATUS_TIMEOUT, task_message(task, 0)),
+            (bus.STATUS_TICK, task_message(task, 1)),
+            (bus.WEBHOOK_TIMEOUT, task_message(task, 0)),
+        )
+        assert await task_events(stack, task_id) == events
+        assert (await tasks_of(stack, wid))[0]["version"] == manual["version"]
+        assert (await stack.withdrawal(wid))["status"] == "processing"
+    finally:
+        await worker.stop()
+
+    listed = await stack.client.get("/ops/manual-checks", headers=OPS)
+    assert [c["task_id"] for c in listed.json()["manual_checks"]] == [str(task_id)]
+    resolved = await stack.client.post(
+        f"/ops/tasks/{task_id}/resolve",
+        headers=OPS,
+        json={"decision": "negative", "reason": "provider has no record of paying it"},
+    )
+    assert resolved.status_code == 200, resolved.text
+    await assert_settled(stack, {wid: "failed"})
+
+
+async def _has_schedule(stack: Stack, task_id: uuid.UUID, kind: TimerKind) -> bool:
+    return await schedules(stack, task_id, kind) == 1
+
+
+async def test_a_lost_polling_deadline_is_fired_by_the_sweeper(make_stack: StackFactory) -> None:
+    """The deadline's schedule is purged before it is due: the Postgres sweeper fires it on
+    the same subject, and the task moves to MANUAL_CHECK once."""
+    stack = await make_stack(providers=providers(sla=1, polling=DEADLINE_POLLING))
+    wid = await create_withdrawal(stack, [SILENT])
+    armed = await _deadline_armed(stack, wid)
+    task_id = armed["task_id"]
+    names = stack.runtime.relay.names
+    subject = names.schedule_subject(task_id, "status_timeout")
+    await wait_until(lambda: _has_schedule(stack, task_id, "status_timeout"), "the schedule")
+    await stack.runtime.js.purge_stream(names.stream, subject=subject)
+    assert await schedules(stack, task_id, "status_timeout") == 0
+    lost = (await tasks_of(stack, wid))[0]
+    assert (lost["state"], lost["timer_kind"]) == ("EXECUTING", "status_timeout")
+    assert lost["timer_due_at"] > datetime.now(UTC), "the deadline fired before it was purged"
+
+    await wait_task_state(stack, wid, 0, "MANUAL_CHECK", timeout=15)
+    await wait_consumed(stack)
+    events = await task_events(stack, task_id)
+    timeouts = [e for e in events if e["event"] == "status.timeout"]
+    assert len(timeouts) == 1, events
+    assert timeouts[0]["created_at"] >= lost["timer_due_at"]
+    assert await delivered(stack, bus.STATUS_TIMEOUT) >= 1
+    assert (await transitions(stack, [wid]))[(task_id, "MANUAL_CHECK")] == 1
 
 
 SLOW_RECHECK = {

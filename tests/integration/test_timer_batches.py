@@ -31,11 +31,13 @@ from tests.integration.test_webhook_intake import wait_consumed
 
 SILENT = "sbx_silent"
 POLLED = "sbx_silent-polled"
+DEADLINE = "sbx_silent-deadline"
 
 
 def _providers() -> dict[str, Any]:
     """``sbx_silent``: SLA, no polling (expiry is a plain move to MANUAL_CHECK); a silent
-    provider with SLA then polling (expiry needs a provider call)."""
+    provider with SLA then polling (expiry needs a provider call); a silent provider with no
+    SLA whose polling deadline comes before its first tick (the deadline is its first timer)."""
     doc = providers_document()
     silent = doc["providers"][SILENT]
     silent["webhook_sla_seconds"] = 600
@@ -43,6 +45,11 @@ def _providers() -> dict[str, Any]:
     doc["providers"][POLLED] = {
         **silent,
         "status_polling": {"interval_seconds": 600, "max_polls": 3},
+    }
+    doc["providers"][DEADLINE] = {
+        **silent,
+        "webhook_sla_seconds": None,
+        "status_polling": {"interval_seconds": 600, "max_polls": 3, "timeout_seconds": 300},
     }
     return doc
 
@@ -199,3 +206,40 @@ async def test_a_batch_does_not_wait_for_a_queue_a_handler_holds(make_stack: Sta
         for wid, _task in others:
             assert (await tasks_of(stack, wid))[0]["state"] == "MANUAL_CHECK"
     assert (await tasks_of(stack, held_wid))[0]["state"] == "EXECUTING"
+
+
+async def test_polling_deadlines_in_a_batch_are_plain_moves(make_stack: StackFactory) -> None:
+    """No SLA, polling for at most five minutes: entering EXECUTING arms the deadline (the
+    first tick would come after it). Its firing needs no call: written by the batch."""
+    stack = await make_stack(providers=_providers())
+    executing = await _executing(stack, DEADLINE, 3)
+    (stale_wid, stale), *due = executing
+    for wid, _task in executing:
+        row = (await tasks_of(stack, wid))[0]
+        assert (row["timer_kind"], row["timer_attempt"], row["status_polls"]) == (
+            "status_timeout",
+            0,
+            0,
+        )
+        armed_for = row["timer_due_at"] - row["state_entered_at"]
+        assert abs(armed_for.total_seconds() - 300) < 1, armed_for
+    versions = {task["task_id"]: task["version"] for _wid, task in executing}
+
+    rest = await stack.runtime.engine.timers_fired(
+        [*(_due(task, "status_timeout", 0) for _wid, task in due), _due(stale, "status_timeout", 1)]
+    )
+
+    assert rest == []
+    for wid, task in due:
+        row = (await tasks_of(stack, wid))[0]
+        assert (row["state"], row["version"]) == ("MANUAL_CHECK", versions[task["task_id"]] + 1)
+        assert (row["timer_kind"], row["timer_due_at"]) == (None, None)
+        last = (await task_events(stack, task["task_id"]))[-1]
+        assert (last["event"], last["from_state"], last["to_state"], last["details"]) == (
+            "status.timeout",
+            "EXECUTING",
+            "MANUAL_CHECK",
+            {"timer": "status_timeout", "attempt": 0},
+        )
+    row = (await tasks_of(stack, stale_wid))[0]
+    assert (row["state"], row["version"]) == ("EXECUTING", versions[stale["task_id"]])

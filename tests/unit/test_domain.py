@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.providers_file import ProviderConfig, StatusPolling
+from contracts.providers_file import ProviderConfig, StatusPolling, load_providers
 from orchestrator.domain import (
     FINAL_QUEUE_STATES,
     FINAL_TASK_STATES,
@@ -36,7 +37,9 @@ from orchestrator.domain import (
     Start,
     Step,
     TaskState,
+    Timer,
     TimerFired,
+    TimerKind,
     advance_queue,
     after_poll_pending,
     apply_changes,
@@ -54,6 +57,12 @@ CONFIG = ProviderConfig(
     errors={"closed": "stop_cascade", "slow": "recheck", "review": "manual_check"},
 )
 NO_SLA = msgspec.structs.replace(CONFIG, webhook_sla_seconds=None, status_polling=None)
+# Polling with a deadline: the SLA expires at +60 s, polling ends at +72 s at the latest.
+TIMED = msgspec.structs.replace(
+    CONFIG, status_polling=StatusPolling(interval_seconds=5, max_polls=10, timeout_seconds=12)
+)
+# No SLA: polling starts when EXECUTING is entered and ends 12 s later at the latest.
+POLL_ONLY = msgspec.structs.replace(TIMED, webhook_sla_seconds=None)
 
 DESIGN_EDGES = {
     (T.PENDING, T.CREATING),
@@ -172,6 +181,184 @@ def test_stale_timers_are_ignored() -> None:
     ).ignored
 
 
+# --- the status polling deadline (status_polling.timeout_seconds) ----------------------
+
+
+def at(seconds: float) -> datetime:
+    return NOW + timedelta(seconds=seconds)
+
+
+def polling(state: TaskState = T.EXECUTING, polls: int = 0, **changes: object) -> OrderTask:
+    """A task that entered EXECUTING at NOW and has been polled ``polls`` times."""
+    fields: dict[str, object] = {"freeze_state": "frozen", "state_entered_at": NOW, **changes}
+    return task(state, status_polls=polls, **fields)
+
+
+def test_a_poll_before_the_deadline_arms_a_tick() -> None:
+    step = after_poll_pending(polling(polls=1), TIMED, at(65))
+    assert step.timer is not None
+    assert (step.event, step.to, step.changes) == ("status.pending", None, {"status_polls": 2})
+    assert (step.timer.kind, step.timer.due_at, step.timer.attempt) == ("status_tick", at(70), 2)
+
+
+@pytest.mark.parametrize("poll_at", [67, 70, 71.9])
+def test_the_deadline_is_armed_instead_of_a_tick_at_or_after_it(poll_at: float) -> None:
+    step = after_poll_pending(polling(polls=2), TIMED, at(poll_at))
+    assert step.timer is not None
+    assert (step.event, step.to, step.changes) == ("status.pending", None, {"status_polls": 3})
+    # Due at the deadline itself (SLA expiry + timeout_seconds), not at the tick's time.
+    assert (step.timer.kind, step.timer.due_at, step.timer.attempt) == ("status_timeout", at(72), 3)
+
+
+def test_the_deadline_firing_moves_to_manual_check() -> None:
+    executing = polling(polls=3)
+    step = decide(executing, TimerFired("status_timeout", 3), TIMED, at(72))
+    assert (step.event, step.to, step.clear_timer) == ("status.timeout", T.MANUAL_CHECK, True)
+    # Not a failure: the provider may still pay; no balance call, nothing more to ask.
+    assert (step.balance, step.call, step.timer, step.changes) == (None, None, None, {})
+    assert apply_changes(executing, step).freeze_state == "frozen"
+
+
+@pytest.mark.parametrize(
+    "executing",
+    [
+        polling(polls=3),  # a generation that never was armed
+        polling(polls=1),  # an earlier generation
+        polling(T.MANUAL_CHECK, polls=2),  # moved on already (e.g. this very timer, twice)
+        polling(T.SUCCEEDED, polls=2, freeze_state="committed"),
+        polling(T.FAILED, polls=2, freeze_state="rolled_back"),
+        polling(T.CANCELLED, polls=2, freeze_state="rolled_back"),
+        polling(T.RECHECKING, polls=2),
+    ],
+    ids=["future", "earlier", "manual", "succeeded", "failed", "cancelled", "rechecking"],
+)
+def test_a_stale_deadline_is_ignored(executing: OrderTask) -> None:
+    assert decide(executing, TimerFired("status_timeout", 2), TIMED, at(100)).ignored
+
+
+@pytest.mark.parametrize("poll_at", [72, 95])
+def test_a_poll_at_or_past_the_deadline_goes_to_manual_check_at_once(poll_at: float) -> None:
+    step = after_poll_pending(polling(polls=2), TIMED, at(poll_at))
+    assert (step.event, step.to, step.changes) == (
+        "status.timeout",
+        T.MANUAL_CHECK,
+        {"status_polls": 3},
+    )
+    assert (step.timer, step.clear_timer, step.balance) == (None, True, None)
+
+
+def test_max_polls_still_bounds_polling_before_the_deadline() -> None:
+    few = msgspec.structs.replace(
+        TIMED, status_polling=StatusPolling(interval_seconds=5, max_polls=2, timeout_seconds=12)
+    )
+    step = after_poll_pending(polling(polls=1), few, at(65))
+    assert (step.event, step.to) == ("status.exhausted", T.MANUAL_CHECK)
+
+
+@pytest.mark.parametrize("poll_at", [65, 70, 500])
+def test_without_timeout_seconds_polling_is_unchanged(poll_at: float) -> None:
+    """CONFIG has no timeout_seconds: ticks every interval until max_polls, however long."""
+    step = after_poll_pending(polling(polls=0), CONFIG, at(poll_at))
+    assert step == Step(
+        event="status.pending",
+        changes={"status_polls": 1},
+        timer=Timer(kind="status_tick", due_at=at(poll_at + 5), attempt=1),
+    )
+    exhausted = after_poll_pending(polling(polls=1), CONFIG, at(poll_at))
+    assert (exhausted.event, exhausted.to) == ("status.exhausted", T.MANUAL_CHECK)
+
+
+def test_without_a_known_entry_time_polling_falls_back_to_plain_ticks() -> None:
+    unknown = polling(polls=2, state_entered_at=None)
+    step = after_poll_pending(unknown, TIMED, at(500))
+    assert step.timer is not None
+    assert (step.event, step.timer.kind, step.timer.due_at) == (
+        "status.pending",
+        "status_tick",
+        at(505),
+    )
+
+
+def test_with_an_sla_entering_executing_still_waits_for_the_webhook_first() -> None:
+    step = decide(
+        task(T.CREATING, freeze_state="frozen"), ProviderAnswer("pending", "r"), TIMED, NOW
+    )
+    assert step.timer == Timer(kind="webhook_timeout", due_at=at(60), attempt=0)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "first"),
+    [
+        (12, Timer(kind="status_tick", due_at=at(5), attempt=0)),
+        (5, Timer(kind="status_timeout", due_at=at(5), attempt=0)),
+        (3, Timer(kind="status_timeout", due_at=at(3), attempt=0)),
+    ],
+)
+def test_without_an_sla_the_deadline_counts_from_entering_executing(
+    timeout: float, first: Timer
+) -> None:
+    config = msgspec.structs.replace(
+        POLL_ONLY,
+        status_polling=StatusPolling(interval_seconds=5, max_polls=10, timeout_seconds=timeout),
+    )
+    for creating in (task(T.CREATING, freeze_state="frozen"), task(T.RECHECKING)):
+        answer = ProviderAnswer(
+            "pending", "r", source="create" if creating.state == T.CREATING else "poll"
+        )
+        step = decide(creating, answer, config, NOW)
+        assert (step.to, step.timer) == (T.EXECUTING, first)
+
+
+def silent_provider(config: ProviderConfig) -> list[tuple[float, str]]:
+    """Drive one order the provider never answers for, the way the engine does: enter
+    EXECUTING at NOW, fire each armed timer at its due time, every poll finds it pending.
+    Returns (seconds after NOW, event) for each recorded step."""
+    current = task(T.CREATING, freeze_state="frozen")
+    step = decide(current, ProviderAnswer("pending", "r"), config, NOW)
+    current = dataclasses.replace(apply_changes(current, step), state_entered_at=NOW)
+    trail = [(0.0, step.event)]
+    while step.timer is not None or step.call is not None:
+        assert step.timer is not None
+        now = step.timer.due_at
+        fired = decide(current, TimerFired(step.timer.kind, step.timer.attempt), config, now)
+        assert not fired.ignored, fired
+        step = fired
+        if fired.call == "poll":
+            step = after_poll_pending(current, config, now)
+        current = apply_changes(current, step)
+        trail.append(((now - NOW).total_seconds(), step.event))
+        assert len(trail) < 100
+    assert current.state == T.MANUAL_CHECK
+    return trail
+
+
+def test_a_silent_provider_is_polled_until_the_deadline() -> None:
+    assert silent_provider(TIMED) == [
+        (0, "create.accepted"),
+        (60, "status.pending"),  # the SLA expired: polled
+        (65, "status.pending"),
+        (70, "status.pending"),  # the next tick (75) would be past the deadline
+        (72, "status.timeout"),
+    ]
+    assert silent_provider(POLL_ONLY) == [
+        (0, "create.accepted"),
+        (5, "status.pending"),
+        (10, "status.pending"),
+        (12, "status.timeout"),
+    ]
+    assert silent_provider(CONFIG)[-1] == (65, "status.exhausted")
+
+
+def test_sbx_silent_reaches_manual_check_by_the_deadline_within_a_minute() -> None:
+    """DESIGN.md: in ``make run`` a withdrawal whose only provider is sbx_silent reaches
+    MANUAL_CHECK within 60 s. With the shipped sandbox settings that is the polling deadline."""
+    raw = (Path(__file__).resolve().parents[2] / "config" / "providers.sandbox.json").read_bytes()
+    config = load_providers(raw, {"SANDBOX_URL": "http://sandbox.invalid"}).providers["sbx_silent"]
+    trail = silent_provider(config)
+    assert trail[-1][1] == "status.timeout"
+    assert trail[-1][0] < 60, trail
+
+
 def test_success_that_wins_a_cancel_race_is_committed() -> None:
     step = decide(
         task(T.EXECUTING, freeze_state="frozen", cancel_requested=True),
@@ -221,6 +408,9 @@ external = st.sampled_from(
 )
 
 
+TIMER_KINDS: list[TimerKind] = ["recheck", "webhook_timeout", "status_tick", "status_timeout"]
+
+
 @dataclasses.dataclass
 class Ledger:
     states: dict[uuid.UUID, str] = dataclasses.field(default_factory=dict)
@@ -261,6 +451,9 @@ class Sim:
         old = self.queue.task(new.task_id)
         if old.task_id in self.seen_final:
             raise AssertionError(f"final task changed: {old.state} → {new.state}")
+        if new.state != old.state:
+            # As the record does: the polling deadline counts from here.
+            new = dataclasses.replace(new, state_entered_at=self.now)
         if new.final:
             self.seen_final[new.task_id] = new.state
         self.queue = dataclasses.replace(
@@ -355,7 +548,7 @@ class Sim:
             "webhook_fail": ProviderAnswer("failed", "ref", source="webhook"),
             "webhook_pending": ProviderAnswer("pending", "ref", source="webhook"),
             "timer": TimerFired(
-                self.data.draw(st.sampled_from(["recheck", "webhook_timeout", "status_tick"])),
+                self.data.draw(st.sampled_from(TIMER_KINDS)),
                 target.recheck_attempts if target.state == T.RECHECKING else target.status_polls,
             ),
             "resolve+": Resolve(positive=True, reason="r", actor="a"),
@@ -378,13 +571,13 @@ class Sim:
 @given(
     data=st.data(),
     providers=st.integers(1, 4),
-    no_sla=st.booleans(),
+    config=st.sampled_from([CONFIG, NO_SLA, TIMED, POLL_ONLY]),
     events=st.lists(external, max_size=25),
 )
 def test_no_sequence_breaks_money_safety(
-    data: st.DataObject, providers: int, no_sla: bool, events: list[str]
+    data: st.DataObject, providers: int, config: ProviderConfig, events: list[str]
 ) -> None:
-    sim = Sim(providers, NO_SLA if no_sla else CONFIG, data)
+    sim = Sim(providers, config, data)
     sim.apply(sim.queue.tasks[0].task_id, Start())
     sim.check()
     for kind in events:
