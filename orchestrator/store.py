@@ -318,24 +318,21 @@ async def load_all(
     withdrawal_id: str | None = None,
     lock: bool = False,
 ) -> tuple[WithdrawalRecord, QueueRecord] | None:
-    """A withdrawal with its queue and tasks; ``lock`` (by ``queue_id`` only) takes the queue
-    row lock for the transaction (the withdrawal row is never locked: it never changes)."""
-    join = " JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id"
-    if lock:
-        rows = await _lock_queues(
-            conn, [_queue_key(queue_id)], columns=_WITHDRAWAL_COLUMNS, join=join
-        )
-    else:
-        where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
-        key: object = queue_id if queue_id is not None else withdrawal_id
-        rows = await conn.fetch(
-            f"SELECT {_WITHDRAWAL_COLUMNS}, {_QUEUE_COLUMNS}, {_TASKS_OF_QUEUE}"  # noqa: S608
-            f" FROM order_queues q{join} WHERE {where}",
-            key,
-        )
+    """A withdrawal with its queue and tasks; ``lock`` takes the queue row lock for the
+    transaction (``FOR UPDATE OF q``: the withdrawal row is never locked)."""
+    where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
+    key: object = queue_id if queue_id is not None else withdrawal_id
+    rows = await _load_queues(
+        conn,
+        f"SELECT {_WITHDRAWAL_COLUMNS}, {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q"  # noqa: S608
+        f" JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id WHERE {where}",
+        key,
+        lock=lock,
+    )
     if not rows:
         return None
-    return _withdrawal(rows[0]), _queue_record(rows[0])
+    row, record = rows[0]
+    return _withdrawal(row), record
 
 
 async def load_queue(
@@ -345,19 +342,16 @@ async def load_queue(
     withdrawal_id: str | None = None,
     lock: bool = False,
 ) -> QueueRecord | None:
-    """Load a queue and its tasks; ``lock`` (by ``queue_id`` only) takes the queue row lock
-    for the transaction."""
-    if lock:
-        rows = await _lock_queues(conn, [_queue_key(queue_id)])
-    else:
-        where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
-        key: object = queue_id if queue_id is not None else withdrawal_id
-        rows = await conn.fetch(
-            f"SELECT {_QUEUE_COLUMNS}, {_TASKS_OF_QUEUE} FROM order_queues q"  # noqa: S608
-            f" WHERE {where}",
-            key,
-        )
-    return _queue_record(rows[0]) if rows else None
+    """Load a queue and its tasks; ``lock`` takes the queue row lock for the transaction."""
+    where = "q.queue_id = $1" if queue_id is not None else "q.withdrawal_id = $1"
+    key: object = queue_id if queue_id is not None else withdrawal_id
+    rows = await _load_queues(
+        conn,
+        f"SELECT {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q WHERE {where}",  # noqa: S608
+        key,
+        lock=lock,
+    )
+    return rows[0][1] if rows else None
 
 
 async def load_queues(
@@ -370,55 +364,55 @@ async def load_queues(
     """Many queues with their tasks. ``lock`` takes their row locks in queue_id order, so two
     batches never wait on each other in a cycle; ``skip_locked`` leaves out the queues another
     transaction holds (a batch must not wait on one slow handler holding all the others)."""
-    ids = list(dict.fromkeys(queue_ids))
-    if lock:
-        rows = await _lock_queues(conn, ids, skip_locked=skip_locked)
-    else:
-        rows = await conn.fetch(
-            f"SELECT {_QUEUE_COLUMNS}, {_TASKS_OF_QUEUE} FROM order_queues q"  # noqa: S608
-            " WHERE q.queue_id = ANY($1::uuid[])",
-            ids,
-        )
-    records = (_queue_record(row) for row in rows)
-    return {record.queue.queue_id: record for record in records}
-
-
-def _queue_key(queue_id: uuid.UUID | None) -> uuid.UUID:
-    if queue_id is None:
-        raise ValueError("a locking read takes the queue by queue_id")
-    return queue_id
-
-
-async def _lock_queues(
-    conn: Connection,
-    queue_ids: Sequence[uuid.UUID],
-    *,
-    skip_locked: bool = False,
-    columns: str = "",
-    join: str = "",
-) -> list[asyncpg.Record]:
-    """Lock queue rows and read them with their tasks in one round-trip, through the
-    ``lock_queues`` function (migration 0002): its read runs after the locks are granted, in a
-    snapshot of its own, so it sees whatever the previous lock holder committed (see
-    ``_TASKS_OF_QUEUE`` for why a plain statement cannot)."""
-    select = f"{columns}, " if columns else ""
-    rows: list[asyncpg.Record] = await conn.fetch(
-        f"SELECT {select}{_QUEUE_COLUMNS}, l.tasks FROM lock_queues($1::uuid[], $2) l"  # noqa: S608
-        f" CROSS JOIN LATERAL (SELECT (l.queue).*) q{join} ORDER BY q.queue_id",
-        list(queue_ids),
-        skip_locked,
+    rows = await _load_queues(
+        conn,
+        f"SELECT {_QUEUE_COLUMNS}{{tasks}} FROM order_queues q"  # noqa: S608
+        " WHERE q.queue_id = ANY($1::uuid[])",
+        list(dict.fromkeys(queue_ids)),
+        lock=lock,
+        order=True,
+        skip_locked=skip_locked,
     )
-    return rows
+    return {record.queue.queue_id: record for _row, record in rows}
 
 
-def _queue_record(row: asyncpg.Record) -> QueueRecord:
-    """The queue of a row selected with ``_QUEUE_COLUMNS`` and a ``tasks`` column (tuples in
-    ``_TASK_FIELDS`` order from ``_TASKS_OF_QUEUE``, or ``order_tasks`` records from
-    ``lock_queues``)."""
-    tasks = [
-        _task(v if isinstance(v, asyncpg.Record) else dict(zip(_TASK_FIELDS, v, strict=True)))
-        for v in row["tasks"] or ()
-    ]
+async def _load_queues(
+    conn: Connection,
+    select: str,
+    key: object,
+    *,
+    lock: bool,
+    order: bool = False,
+    skip_locked: bool = False,
+) -> list[tuple[asyncpg.Record, QueueRecord]]:
+    """Run ``select`` (``{tasks}`` marks where the tasks column goes) and attach each queue's
+    tasks: in the same statement for a plain read (one round-trip), with a second statement
+    after the row locks are held for a locking read (see ``_TASKS_OF_QUEUE``)."""
+    suffix = (" ORDER BY q.queue_id" if order else "") + (" FOR UPDATE OF q" if lock else "")
+    if lock and skip_locked:
+        suffix += " SKIP LOCKED"
+    if not lock:
+        rows = await conn.fetch(select.format(tasks=", " + _TASKS_OF_QUEUE) + suffix, key)
+        return [(row, _queue_record(row, _task_tuples(row["tasks"]))) for row in rows]
+    rows = await conn.fetch(select.format(tasks="") + suffix, key)
+    if not rows:
+        return []
+    tasks: dict[uuid.UUID, list[OrderTask]] = {row["queue_id"]: [] for row in rows}
+    for task_row in await conn.fetch(
+        f"SELECT {_TASK_COLUMNS} FROM order_tasks WHERE queue_id = ANY($1::uuid[])"  # noqa: S608
+        " ORDER BY queue_id, position",
+        list(tasks),
+    ):
+        tasks[task_row["queue_id"]].append(_task(task_row))
+    return [(row, _queue_record(row, tasks[row["queue_id"]])) for row in rows]
+
+
+def _task_tuples(values: Sequence[Sequence[object]] | None) -> list[OrderTask]:
+    return [_task(dict(zip(_TASK_FIELDS, v, strict=True))) for v in values or ()]
+
+
+def _queue_record(row: asyncpg.Record, tasks: Sequence[OrderTask]) -> QueueRecord:
+    """The queue of a row selected with ``_QUEUE_COLUMNS``, with its tasks."""
     queue = OrderQueue(
         queue_id=row["queue_id"],
         withdrawal_id=row["withdrawal_id"],
