@@ -112,6 +112,8 @@ class OrderTask:
     status_polls: int = 0
     cancel_requested: bool = False
     state_entered_at: datetime | None = None
+    # The one timer the task waits on (its schedule is pending at the broker), if any.
+    timer_kind: TimerKind | None = None
 
     @property
     def final(self) -> bool:
@@ -584,6 +586,11 @@ def apply_changes(task: OrderTask, step: Step) -> OrderTask:
     ):
         raise IllegalTransition(f"{task.state} → {step.to} ({step.event})")
     changes = {k: v for k, v in step.changes.items() if k in _TASK_FIELDS}
+    # As the record keeps it: a new timer replaces the old, a state change or a clear ends it.
+    if step.timer is not None:
+        changes["timer_kind"] = step.timer.kind
+    elif step.clear_timer or (step.to is not None and step.to != task.state):
+        changes["timer_kind"] = None
     if step.balance == "commit":
         changes["freeze_state"] = "committed"
     elif step.balance == "rollback":

@@ -325,12 +325,13 @@ class Engine:
         return rest
 
     def _purges(self, task: OrderTask, fired: TimerKind | None) -> list[str]:
-        """Schedule subjects to purge when ``task`` leaves its state (``fired``: spent)."""
-        return [
-            self.names.schedule_subject(task.task_id, kind)
-            for kind in _TIMERS_OF_STATE.get(task.state, ())
-            if kind != fired and _may_be_armed(kind, self.configs.get(task.provider_id))
-        ]
+        """Schedule subjects to purge when ``task`` leaves its state: the one timer it waits
+        on, unless that is the one firing now (``fired``: its schedule is spent). Purging is
+        tidiness, not safety: a stale timer that fires anyway is ignored by ``decide``."""
+        kind = task.timer_kind
+        if kind is None or kind == fired:
+            return []
+        return [self.names.schedule_subject(task.task_id, kind)]
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -736,13 +737,6 @@ class Engine:
         self.relay.deferred.notification_acked(withdrawal_id, status)
 
 
-# The timers a task can have pending in a state: the ones to cancel when it leaves.
-_TIMERS_OF_STATE: dict[TaskState, tuple[TimerKind, ...]] = {
-    TaskState.RECHECKING: ("recheck",),
-    TaskState.EXECUTING: ("webhook_timeout", "status_tick", "status_timeout"),
-}
-
-
 def _plain_move(task: OrderTask, step: Step) -> bool:
     """A state change that needs nothing but its write: no call, no timer, not final."""
     return (
@@ -773,22 +767,6 @@ def _observe_time_in_state(task: OrderTask, now: datetime) -> None:
         m.task_time_in_state.labels(state=task.state.value, provider=task.provider_id).observe(
             (now - task.state_entered_at).total_seconds()
         )
-
-
-def _may_be_armed(kind: TimerKind, config: ProviderConfig | None) -> bool:
-    """Whether a task of this provider can have a ``kind`` timer pending. Purging is only
-    tidiness (a stale timer that fires is ignored), so skipping impossible ones is safe."""
-    if config is None:
-        return True
-    if kind == "webhook_timeout":
-        return config.webhook_sla_seconds is not None
-    if kind == "status_tick":
-        return config.status_polling is not None
-    if kind == "status_timeout":
-        return (
-            config.status_polling is not None and config.status_polling.timeout_seconds is not None
-        )
-    return True
 
 
 def _still_waiting(task: OrderTask, event: Event) -> bool:

@@ -132,6 +132,7 @@ _TASK_FIELDS = (
     "status_polls",
     "cancel_requested",
     "state_entered_at",
+    "timer_kind",
 )
 _TASK_COLUMNS = ", ".join(_TASK_FIELDS)
 # A queue's tasks as one column of the queue's row (an array of anonymous records, decoded by
@@ -163,6 +164,7 @@ def _task(row: asyncpg.Record | Mapping[str, Any]) -> OrderTask:
         status_polls=row["status_polls"],
         cancel_requested=row["cancel_requested"],
         state_entered_at=row["state_entered_at"],
+        timer_kind=row["timer_kind"],
     )
 
 

@@ -602,6 +602,22 @@ async def test_a_recheck_that_finds_the_order_pending_moves_to_executing(
     assert await schedules(stack, task["task_id"], "webhook_timeout") == 1
 
 
+async def test_an_outcome_purges_the_timer_the_task_waited_on(make_stack: StackFactory) -> None:
+    """The SLA schedule a task waits on goes when a webhook settles it, not 15 minutes later."""
+    stack = await make_stack(providers=providers(sla=600))
+    wid = await create_withdrawal(stack, [SILENT])
+    task = await wait_task_state(stack, wid, 0, "EXECUTING")
+    await wait_consumed(stack)
+    assert (await tasks_of(stack, wid))[0]["timer_kind"] == "webhook_timeout"
+    assert await schedules(stack, task["task_id"], "webhook_timeout") == 1
+
+    await burst(stack, (bus.WEBHOOK_RECEIVED, webhook_message(task, "succeeded")))
+    await stack.wait_final(wid)
+    assert (await tasks_of(stack, wid))[0]["timer_kind"] is None
+    assert await schedules(stack, task["task_id"], "webhook_timeout") == 0
+    await assert_settled(stack, {wid: "succeeded"})
+
+
 async def test_start_of_a_task_out_of_turn_is_ignored(make_stack: StackFactory) -> None:
     """A start for the second task while the first still waits on its provider."""
     stack = await make_stack(providers=providers(sla=600))

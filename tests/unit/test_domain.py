@@ -373,6 +373,18 @@ def test_accepted_order_is_not_declared_absent_by_a_404() -> None:
     assert decide(task(T.EXECUTING), ProviderAnswer("absent", source="poll"), CONFIG, NOW).ignored
 
 
+def test_the_record_keeps_the_one_timer_a_task_waits_on() -> None:
+    accepted = decide(
+        task(T.CREATING, freeze_state="frozen"), ProviderAnswer("pending", "r"), CONFIG, NOW
+    )
+    executing = apply_changes(task(T.CREATING, freeze_state="frozen"), accepted)
+    assert (executing.state, executing.timer_kind) == (T.EXECUTING, "webhook_timeout")
+    progress = decide(executing, ProviderAnswer("pending", "r", source="webhook"), CONFIG, NOW)
+    assert apply_changes(executing, progress).timer_kind == "webhook_timeout"
+    settled = decide(executing, ProviderAnswer("succeeded", "r", source="webhook"), CONFIG, NOW)
+    assert apply_changes(executing, settled).timer_kind is None
+
+
 def test_apply_changes_refuses_illegal_transitions() -> None:
     with pytest.raises(IllegalTransition):
         apply_changes(task(T.SUCCEEDED), Step(event="x", to=T.FAILED))
