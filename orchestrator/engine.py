@@ -450,6 +450,8 @@ class Engine:
                     },
                 )
                 return None
+            # No call while a write is held back: the record is written before it, as always.
+            await self._flush(tx)
             if step.balance is not None:
                 await self._balance(step.balance, task)
                 fault_point("after_balance_call")
@@ -477,6 +479,7 @@ class Engine:
                 return Start(resume=False)
             if step.call is None or config is None:
                 return None
+            await self._flush(tx)
             event = await self._call(step.call, task, config, tx.record)
             if step.call == "poll" and _still_waiting(task, event):
                 wait = after_poll_pending(task, config, self.clock())

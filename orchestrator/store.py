@@ -598,10 +598,13 @@ class TaskWrite:
         return self.after.state != self.before.state
 
 
-def _task_write_sql(write: TaskWrite, first: int) -> tuple[str, str, list[object]]:
+def _task_write_sql(
+    write: TaskWrite, first: int, *, only_if: str = ""
+) -> tuple[str, str, list[object]]:
     """The pieces of a task write whose bind parameters start at ``$first``: the ``UPDATE``
-    (for a CTE named ``t``, returning ``queue_id``), the ``SELECT`` of its audit row from
-    ``t``, and the arguments. Only fixed fragments are interpolated; values are parameters."""
+    (for a CTE named ``t``, returning ``queue_id``; ``only_if`` adds a fixed condition), the
+    ``SELECT`` of its audit row from ``t``, and the arguments. Only fixed fragments are
+    interpolated; values are parameters."""
     before, after = write.before, write.after
     args: list[object] = [
         after.state.value,
@@ -636,7 +639,7 @@ def _task_write_sql(write: TaskWrite, first: int) -> tuple[str, str, list[object
         f" freeze_state = {p[2]}, outcome = {p[3]}, provider_code = {p[4]},"
         f" recheck_attempts = {p[5]}, status_polls = {p[6]}, cancel_requested = {p[7]},"
         f" updated_at = {p[8]}, version = version + 1{entered}{timer_sql}"
-        f" WHERE task_id = {p[9]} AND version = {p[10]} RETURNING queue_id"
+        f" WHERE task_id = {p[9]} AND version = {p[10]}{only_if} RETURNING queue_id"
     )
     audit = (  # placeholders only, as above
         f"SELECT queue_id, {p[9]}::uuid, {p[11]}::text, {p[12]}::text, {p[13]}::text,"  # noqa: S608
@@ -716,12 +719,22 @@ async def save_queue(
             " ON CONFLICT DO NOTHING)"
         )
         args += [notification.status, notification.body, notification.first_attempt_at]
-    # The task's own audit row joins the queue's; its queue touch is left out (a statement
-    # cannot update the queue row twice, and this one sets updated_at anyway).
-    task_cte, task_audit, rows = "", "", 1
+    # Both or neither, in a transaction or not: the queue changes only if the task is at the
+    # version read, the task only if the queue changed. The task's audit row goes first (it
+    # caused the queue's). The task's queue touch is left out: one statement cannot update
+    # the queue row twice, and this one sets updated_at anyway.
+    task_cte, task_audit, task_check, rows = "", "", "", 1
     if task is not None:
-        update, audit, task_args = _task_write_sql(task, len(args) + 1)
-        task_cte, task_audit, rows = f", t AS ({update})", f" UNION ALL {audit}", 2
+        first = len(args) + 1
+        update, audit, task_args = _task_write_sql(
+            task, first, only_if=" AND EXISTS (SELECT 1 FROM q)"
+        )
+        task_cte, task_audit, rows = f", t AS ({update})", f"{audit} UNION ALL ", 2
+        # _task_write_sql's arguments 9 and 10 are the task id and the version read.
+        task_check = (
+            f" AND EXISTS (SELECT 1 FROM order_tasks WHERE task_id = ${first + 9}"  # noqa: S608
+            f" AND version = ${first + 10})"
+        )
         args += task_args
     status = await conn.execute(
         "WITH q AS (UPDATE order_queues SET state = $1::text,"  # noqa: S608 — fixed fragments only
@@ -731,9 +744,9 @@ async def save_queue(
         " failure_code = COALESCE($5::text, failure_code), updated_at = $6::timestamptz,"
         " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
         " version = version + 1"
-        f" WHERE queue_id = $7 AND version = $8 RETURNING queue_id){notify}{task_cte}"
-        f" {_AUDIT_INSERT} SELECT queue_id, NULL, $9::text, $10::text, $11::text, $12::text,"
-        f" $13::text, $14::text, $15::jsonb, $6 FROM q{task_audit}",
+        f" WHERE queue_id = $7 AND version = $8{task_check} RETURNING queue_id){notify}{task_cte}"
+        f" {_AUDIT_INSERT} {task_audit}SELECT queue_id, NULL, $9::text, $10::text, $11::text,"
+        " $12::text, $13::text, $14::text, $15::jsonb, $6 FROM q",
         *args,
     )
     if status != f"INSERT 0 {rows}":

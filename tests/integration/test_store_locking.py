@@ -160,11 +160,16 @@ def _final_write(rec: store.QueueRecord, task: OrderTask, version: int) -> store
     )
 
 
-async def _finish_with(stack: Stack, rec: store.QueueRecord, write: store.TaskWrite) -> None:
-    async with stack.runtime.pool.acquire() as conn, conn.transaction():
+async def _finish_with(
+    stack: Stack, rec: store.QueueRecord, write: store.TaskWrite, *, queue_version: int = 0
+) -> None:
+    """The queue's final write carrying ``write``, in autocommit: the statement alone must
+    write both or neither."""
+    queue = dataclasses.replace(rec.queue, version=queue_version or rec.queue.version)
+    async with stack.runtime.pool.acquire() as conn:
         await store.save_queue(
             conn,
-            rec.queue,
+            queue,
             state=QueueState.CANCELLED,
             failure_code="cancelled",
             event="queue.cancelled",
@@ -182,13 +187,21 @@ async def test_a_queue_write_carrying_a_task_write_lands_both_or_neither(
     rec, task = await _pending_start(stack)
     wid = rec.queue.withdrawal_id
 
-    with pytest.raises(store.StaleVersion):
-        await _finish_with(stack, rec, _final_write(rec, task, task.version + 1))
-    assert [t["state"] for t in await tasks_of(stack, wid)] == ["PENDING", "PENDING"]
-    async with stack.runtime.pool.acquire() as conn:
-        after = await store.load_queue(conn, withdrawal_id=wid)
-    assert after is not None
-    assert (after.queue.state, after.queue.version) == ("ACTIVE", rec.queue.version)
+    events_before = len(await task_events(stack, task.task_id))
+    for stale_task, stale_queue in ((1, 0), (0, 1)):
+        with pytest.raises(store.StaleVersion):
+            await _finish_with(
+                stack,
+                rec,
+                _final_write(rec, task, task.version + stale_task),
+                queue_version=rec.queue.version + stale_queue,
+            )
+        assert [t["state"] for t in await tasks_of(stack, wid)] == ["PENDING", "PENDING"]
+        assert len(await task_events(stack, task.task_id)) == events_before
+        async with stack.runtime.pool.acquire() as conn:
+            after = await store.load_queue(conn, withdrawal_id=wid)
+        assert after is not None
+        assert (after.queue.state, after.queue.version) == ("ACTIVE", rec.queue.version)
 
     await _finish_with(stack, rec, _final_write(rec, task, task.version))
     rows = await tasks_of(stack, wid)
@@ -200,12 +213,12 @@ async def test_a_queue_write_carrying_a_task_write_lands_both_or_neither(
         "CANCELLED",
     )
     async with stack.runtime.pool.acquire() as conn:
-        queue_events = await conn.fetch(
-            "SELECT event, to_state FROM order_task_events WHERE queue_id = $1 AND task_id IS NULL"
-            " ORDER BY event_id",
+        trail = await conn.fetch(
+            "SELECT event, to_state FROM order_task_events WHERE queue_id = $1 ORDER BY event_id",
             rec.queue.queue_id,
         )
-    assert [(e["event"], e["to_state"]) for e in queue_events][-1] == (
-        "queue.cancelled",
-        "CANCELLED",
-    )
+    # The task's row first: support reads the trail in this order, cause before effect.
+    assert [(e["event"], e["to_state"]) for e in trail][-2:] == [
+        ("cancel", "CANCELLED"),
+        ("queue.cancelled", "CANCELLED"),
+    ]

@@ -511,7 +511,7 @@ class Sim:
             if after.final:
                 self.advance()
             if step.to == T.CREATING:
-                event = Start()
+                event = Start(resume=False)  # the engine's own continuation
                 continue
             if step.call is None:
                 return
