@@ -30,7 +30,11 @@ Where the time goes, per round: CPU seconds of every process (``/proc/<pid>/stat
 each worker, Postgres with its backends, nats-server, this client) divided by the withdrawals,
 and the work done per withdrawal: Postgres transactions (``pg_stat_database.xact_commit``:
 every autocommit statement counts; backends report within about a second, so these are close,
-not exact), rows inserted and updated, and JetStream messages stored.
+not exact), rows inserted and updated, JetStream messages stored, and messages sent by the
+gateway, each worker and nats-server (``write`` syscalls from ``/proc/<pid>/io``: an HTTP
+request or answer, a Postgres query, a NATS frame to another process each; a count that does
+not depend on how fast the machine is that day, unlike CPU time). The work counters are read
+``COUNTER_SETTLE`` seconds after the last withdrawal is final, so the duplicate webhooks count.
 
 Why one worker process with 32 handlers (``BENCH_WORKERS=1``, ``BENCH_WORKER_CONCURRENCY=32``):
 on two cores shared with the gateway, Postgres and nats-server, a second worker process adds
@@ -174,7 +178,7 @@ async def run_round(
     requests = withdrawal_requests(gateway.port, count, SCENARIOS[scenario], run)
     conn = await asyncpg.connect(stack.database_url)
     try:
-        work_before = await work_counters(conn, stack.nats_url)
+        work_before = await work_counters(conn, stack.nats_url) | meter.writes()
         meter.start()
         started = time.perf_counter()
         load = asyncio.create_task(
@@ -228,7 +232,7 @@ async def run_round(
         # The duplicate webhooks of the last withdrawals arrive ~1 s after they are final, and
         # backends report their statistics within a second or so of going idle.
         await asyncio.sleep(COUNTER_SETTLE)
-        work_after = await work_counters(conn, stack.nats_url)
+        work_after = await work_counters(conn, stack.nats_url) | meter.writes()
     finally:
         await conn.close()
     if outcomes != {"COMPLETED": count}:
@@ -363,6 +367,13 @@ def cascade() -> Report:
         ):
             report.add(
                 f"{scenario}_per_withdrawal_{key}", f"    {label} per withdrawal", r.work[key], ""
+            )
+        for key in sorted(k for k in r.work if k.startswith("writes_")):
+            report.add(
+                f"{scenario}_per_withdrawal_{key}",
+                f"    messages sent per withdrawal: {key.removeprefix('writes_')}",
+                r.work[key],
+                "",
             )
         busy = sum(v for k, v in r.cpu.items() if k != "wall")
         report.add(f"{scenario}_cpu_busy", "  CPU busy (of 2 cores)", busy / r.cpu["wall"] / 2, "x")

@@ -157,6 +157,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def _write_syscalls(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.scandir("/proc"):
@@ -196,6 +206,16 @@ class CpuMeter:
             sample[name] = total
         sample["bench client"] = time.process_time()
         return sample
+
+    def writes(self) -> dict[str, float]:
+        """``write`` syscalls so far per group (``/proc/<pid>/io``): each one a message (an
+        HTTP request or answer, a NATS frame, a Postgres query) sent to another process. Only
+        for the Python processes and nats-server: Postgres answers with ``send``, not counted."""
+        return {
+            f"writes_{name}": float(sum(_write_syscalls(pid) for pid in pids))
+            for name, pids in self.groups.items()
+            if name != "postgres"
+        }
 
     def start(self) -> None:
         self._before = self._sample()
