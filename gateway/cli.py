@@ -45,6 +45,7 @@ def _serve(settings: Settings) -> int:
 
     from gateway.app import create_app  # noqa: PLC0415
     from gateway.runtime import open_runtime  # noqa: PLC0415
+    from gateway.serving import server_config  # noqa: PLC0415
 
     if not port_free(settings.http_host, settings.http_port):
         return fail(f"HTTP_PORT {settings.http_port} on {settings.http_host} is already in use")
@@ -58,17 +59,7 @@ def _serve(settings: Settings) -> int:
         logs.configure(settings.log_level, "serve")  # the Unleash client installs its own
         app = create_app(settings, runtime=runtime)
         _settle_heap()
-        config = uvicorn.Config(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            loop="none",
-            http="httptools",
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=10,
-        )
+        config = server_config(app, host=settings.http_host, port=settings.http_port)
         server = uvicorn.Server(config)
         try:
             await server.serve()

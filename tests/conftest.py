@@ -29,6 +29,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.migrate import upgrade
 from gateway.runtime import Runtime, open_runtime
+from gateway.serving import server_config
 from gateway.settings import Settings, load_settings
 from orchestrator.worker import Worker
 from sandbox.app import Sandbox
@@ -245,17 +246,7 @@ async def make_stack(services: Services, tmp_path: Path) -> AsyncIterator[StackF
         )
         runtime = await open_runtime(settings, name="test-gateway", with_router=True)
         app = create_app(settings, runtime=runtime)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host="127.0.0.1",
-                port=port,
-                loop="none",
-                log_config=None,
-                access_log=False,
-                lifespan="on",
-            )
-        )
+        server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port))
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():
