@@ -83,6 +83,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
                 webhook_delay_seconds=settings.sandbox_webhook_delay,
                 fail_delay_seconds=settings.sandbox_fail_delay,
                 flaky_timeout_seconds=settings.sandbox_flaky_timeout,
+                flaky_success_delay_seconds=settings.sandbox_flaky_success_delay,
             )
         )
 

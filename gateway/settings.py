@@ -102,6 +102,7 @@ class Settings:
     sandbox_webhook_delay: float
     sandbox_fail_delay: float
     sandbox_flaky_timeout: float
+    sandbox_flaky_success_delay: float
     log_level: str
     wait_for_schema_seconds: float
 
@@ -195,6 +196,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sandbox_webhook_delay=_number(env, "SANDBOX_WEBHOOK_DELAY_SECONDS", 1.0),
         sandbox_fail_delay=_number(env, "SANDBOX_FAIL_DELAY_SECONDS", 2.0),
         sandbox_flaky_timeout=_number(env, "SANDBOX_FLAKY_TIMEOUT_SECONDS", 5.0),
+        sandbox_flaky_success_delay=_number(env, "SANDBOX_FLAKY_SUCCESS_DELAY_SECONDS", 2.0),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
         wait_for_schema_seconds=_number(env, "WAIT_FOR_SCHEMA_SECONDS", 0),
     )

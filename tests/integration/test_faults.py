@@ -547,13 +547,18 @@ SLOW_RECHECK = {
 }
 
 
-async def _rechecking(make_stack: StackFactory, outcome: str) -> tuple[Stack, str, dict[str, Any]]:
+async def _rechecking(
+    make_stack: StackFactory, outcome: str, *, success_after: float = 2.0
+) -> tuple[Stack, str, dict[str, Any]]:
     """A ``[sbx_flaky, sbx_sync_ok]`` withdrawal whose create answered 503: RECHECKING.
 
-    The order exists at the provider (``created``, it succeeds two seconds after the create)
-    or not (``absent``). The recheck timer is ten minutes away: the test fires it.
+    The order exists at the provider (``created``, it succeeds ``success_after`` seconds after
+    the create) or not (``absent``). The recheck timer is ten minutes away: the test fires it.
     """
-    stack = await make_stack(providers=providers(sla=600, overrides={FLAKY: SLOW_RECHECK}))
+    stack = await make_stack(
+        providers=providers(sla=600, overrides={FLAKY: SLOW_RECHECK}),
+        env={"SANDBOX_FLAKY_SUCCESS_DELAY_SECONDS": str(success_after)},
+    )
     script = await stack.client.post(
         f"/sandbox/providers/{FLAKY}/script", json={"outcomes": [outcome], "errors": ["503"]}
     )
@@ -592,8 +597,9 @@ async def test_duplicate_recheck_ticks_poll_once(
 async def test_a_recheck_that_finds_the_order_pending_moves_to_executing(
     make_stack: StackFactory,
 ) -> None:
-    stack, wid, task = await _rechecking(make_stack, "created")
-    await burst(stack, (bus.RECHECK_TICK, task_message(task, 0)))  # well before it succeeds
+    # The order succeeds only long after the poll, however slow the machine.
+    stack, wid, task = await _rechecking(make_stack, "created", success_after=120)
+    await burst(stack, (bus.RECHECK_TICK, task_message(task, 0)))
     row = (await tasks_of(stack, wid))[0]
     names = await event_names(stack, task["task_id"])
     assert (row["state"], row["timer_kind"]) == ("EXECUTING", "webhook_timeout"), names
