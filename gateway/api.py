@@ -185,7 +185,17 @@ async def _create(
         start = store.NewMessage(
             subject=rt.relay.names.subject(bus.TASK_START),
             payload=msgspec.json.encode(
-                bus.TaskMessage(task_id=tasks[0].task_id, queue_id=queue_id)
+                rt.engine.start_message(
+                    # As the insert leaves them: versions are the columns' default, 1.
+                    OrderQueue(
+                        queue_id=queue_id,
+                        withdrawal_id=parsed.withdrawal_id,
+                        state=QueueState.ACTIVE,
+                        version=1,
+                        tasks=tuple(tasks),
+                    ),
+                    tasks[0],
+                )
             ),
             headers={"Nats-Msg-Id": f"start-{tasks[0].task_id.hex}", **bus.trace_headers(trace_id)},
         )

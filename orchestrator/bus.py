@@ -63,12 +63,25 @@ CONSUMER_MAX_DELIVER = 50
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
+class StartSeen(msgspec.Struct, frozen=True, kw_only=True):
+    """The queue and task versions a start was decided on when it was published."""
+
+    queue_version: int
+    task_version: int
+
+
 class TaskMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """Payload of task-addressed events (start, timers)."""
+    """Payload of task-addressed events (start, timers).
+
+    ``seen``: on a start published with the record it starts from (a create, or the queue
+    moving to its next task), the versions that ``decide()`` approved a plain PENDING →
+    CREATING on; the worker then writes it without reading first, if nothing changed since.
+    """
 
     task_id: uuid.UUID
     queue_id: uuid.UUID
     attempt: int = 0
+    seen: StartSeen | None = None
 
 
 class WebhookMessage(msgspec.Struct, frozen=True, kw_only=True):

@@ -89,6 +89,10 @@ Outcome = Literal["declined", "provider_error", "timeout", "manual_rejected", "c
 TimerKind = Literal["recheck", "webhook_timeout", "status_tick", "status_timeout"]
 
 
+# The event of a plain PENDING → CREATING (also written by a start that needs no read).
+START_EVENT = "start"
+
+
 class IllegalTransition(Exception):
     """A step would break the transition table: a bug, never a normal input."""
 
@@ -416,7 +420,7 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
                     return Step(
                         event="start.cancelled", to=T.CANCELLED, changes={"outcome": "cancelled"}
                     )
-                return Step(event="start", to=T.CREATING, call="freeze_and_create")
+                return Step(event=START_EVENT, to=T.CREATING, call="freeze_and_create")
             if task.state == T.CREATING:
                 if not resume:
                     # The handler's own PENDING → CREATING row already says what happens.

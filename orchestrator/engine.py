@@ -28,6 +28,7 @@ from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore, CoreRefused
 from orchestrator.domain import (
     FINAL_TASK_STATES,
+    START_EVENT,
     Ambiguous,
     CancelRequested,
     Event,
@@ -131,9 +132,24 @@ class Engine:
     # --- entry points ------------------------------------------------------------------
 
     async def start_task(
-        self, queue_id: uuid.UUID, task_id: uuid.UUID, *, actor: str, trace_id: str | None = None
+        self,
+        queue_id: uuid.UUID,
+        task_id: uuid.UUID,
+        *,
+        actor: str,
+        trace_id: str | None = None,
+        seen: bus.StartSeen | None = None,
     ) -> None:
-        await self._drive(queue_id, task_id, Start(), actor=actor, trace_id=trace_id)
+        await self._drive(queue_id, task_id, Start(), actor=actor, trace_id=trace_id, seen=seen)
+
+    def start_message(self, queue: OrderQueue, task: OrderTask) -> bus.TaskMessage:
+        """The start of ``task`` as it is published, with the versions of ``queue`` and
+        ``task`` when :meth:`_plain_start` approves a plain start on them (the worker then
+        writes it without reading, if nothing changed in between)."""
+        seen = None
+        if self._plain_start(queue, task, self.clock()) is not None:
+            seen = bus.StartSeen(queue_version=queue.version, task_version=task.version)
+        return bus.TaskMessage(task_id=task.task_id, queue_id=queue.queue_id, seen=seen)
 
     async def timer_fired(self, msg: bus.TaskMessage, kind: str, trace_id: str | None) -> None:
         event = TimerFired(kind=kind, attempt=msg.attempt)  # type: ignore[arg-type]
@@ -350,10 +366,11 @@ class Engine:
         *,
         actor: str,
         trace_id: str | None,
+        seen: bus.StartSeen | None = None,
     ) -> None:
         pending: Event | None = event
         if isinstance(event, Start) and await self._start_unlocked(
-            queue_id, task_id, actor=actor, trace_id=trace_id
+            queue_id, task_id, actor=actor, trace_id=trace_id, seen=seen
         ):
             fault_point("after_state_write")
             fault_point("after_publish")  # nothing to publish; kept for the fault numbering
@@ -370,51 +387,81 @@ class Engine:
             await self._after_commit(tx)
             fault_point("after_publish")
 
+    def _plain_start(self, queue: OrderQueue, task: OrderTask, now: datetime) -> Step | None:
+        """``decide()``'s step for starting ``task`` when it is a plain PENDING → CREATING: the
+        queue's next attempt, a configured provider, nothing else to write. None otherwise."""
+        config = self.configs.get(task.provider_id)
+        if config is None or task.state != TaskState.PENDING or not may_start(queue, task):
+            return None
+        step = decide(task, Start(), config, now)
+        if (
+            step.to != TaskState.CREATING
+            or step.changes
+            or step.balance is not None
+            or step.timer is not None
+            or step.stop_cascade
+        ):
+            return None
+        return step
+
     async def _start_unlocked(
-        self, queue_id: uuid.UUID, task_id: uuid.UUID, *, actor: str, trace_id: str | None
+        self,
+        queue_id: uuid.UUID,
+        task_id: uuid.UUID,
+        *,
+        actor: str,
+        trace_id: str | None,
+        seen: bus.StartSeen | None,
     ) -> bool:
-        """The common first step of a start, PENDING → CREATING, in two round-trips (a read,
-        then one conditional write) instead of a locked transaction's five. The write only
-        lands if the queue and the task are as read (:func:`store.start_pending`); anything
-        else — another state, not the queue's next attempt, an unknown provider, a change in
-        between — returns False and the caller takes the locked path, which decides as usual.
+        """The common first step of a start, PENDING → CREATING, without a locked transaction:
+        one conditional write (:func:`store.start_pending`) that lands only if the queue and
+        the task are at the versions its decision was made on. A start that carries them
+        (``seen``: decided when it was published) writes at once; otherwise, or when they no
+        longer hold, the queue is read and decided on first. Anything else — another state,
+        not the queue's next attempt, an unknown provider, a change in between — returns False
+        and the caller takes the locked path, which decides as usual.
         """
+        now = self.clock()
         async with self.pool.acquire() as conn:
-            rec = await store.load_queue(conn, queue_id=queue_id)
-            if rec is None:
-                return False
-            task = rec.queue.find_task(task_id)
-            config = self.configs.get(task.provider_id) if task else None
-            if (
-                task is None
-                or config is None
-                or task.state != TaskState.PENDING
-                or not may_start(rec.queue, task)
-            ):
-                return False
-            now = self.clock()
-            step = decide(task, Start(), config, now)
-            if (
-                step.to != TaskState.CREATING
-                or step.changes
-                or step.balance is not None
-                or step.timer is not None
-                or step.stop_cascade
-            ):
-                return False
-            moved = await store.start_pending(
-                conn,
-                rec.queue,
-                task,
-                event=step.event,
-                actor=actor,
-                trace_id=trace_id,
-                details=_audit_details(step, _details(Start())),
-                now=now,
-            )
-        if moved:
-            _observe_time_in_state(task, now)
-        return moved
+            started = None
+            if seen is not None:
+                started = await store.start_pending(
+                    conn,
+                    queue_id=queue_id,
+                    queue_version=seen.queue_version,
+                    task_id=task_id,
+                    task_version=seen.task_version,
+                    event=START_EVENT,
+                    actor=actor,
+                    trace_id=trace_id,
+                    details={},  # a plain start's, as _audit_details makes them
+                    now=now,
+                )
+            if started is None:
+                rec = await store.load_queue(conn, queue_id=queue_id)
+                task = rec.queue.find_task(task_id) if rec else None
+                step = self._plain_start(rec.queue, task, now) if rec and task else None
+                if rec is None or task is None or step is None:
+                    return False
+                started = await store.start_pending(
+                    conn,
+                    queue_id=queue_id,
+                    queue_version=rec.queue.version,
+                    task_id=task_id,
+                    task_version=task.version,
+                    event=step.event,
+                    actor=actor,
+                    trace_id=trace_id,
+                    details=_audit_details(step, _details(Start())),
+                    now=now,
+                )
+        if started is None:
+            return False
+        if started.pending_since is not None:
+            m.task_time_in_state.labels(
+                state=TaskState.PENDING.value, provider=started.provider_id
+            ).observe((now - started.pending_since).total_seconds())
+        return True
 
     async def _apply(
         self, tx: _Tx, task_id: uuid.UUID, event: Event, *, actor: str, trace_id: str | None
@@ -607,7 +654,7 @@ class Engine:
         if qstep.start_task is not None:
             await self._flush(tx)
             payload = msgspec.json.encode(
-                bus.TaskMessage(task_id=qstep.start_task, queue_id=tx.queue.queue_id)
+                self.start_message(tx.queue, tx.queue.task(qstep.start_task))
             )
             tx.outbox.append(
                 await store.enqueue(

@@ -244,7 +244,11 @@ class Worker:
         if subject == bus.TASK_START:
             task_msg = msgspec.json.decode(data, type=bus.TaskMessage)
             await self.engine.start_task(
-                task_msg.queue_id, task_msg.task_id, actor="worker", trace_id=trace_id
+                task_msg.queue_id,
+                task_msg.task_id,
+                actor="worker",
+                trace_id=trace_id,
+                seen=task_msg.seen,
             )
         elif subject in _TIMER_KINDS:
             await self.engine.timer_fired(

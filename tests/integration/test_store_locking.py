@@ -94,16 +94,22 @@ async def _pending_start(stack: Stack) -> tuple[store.QueueRecord, OrderTask]:
 
 async def _start(stack: Stack, rec: store.QueueRecord, task: OrderTask) -> bool:
     async with stack.runtime.pool.acquire() as conn:
-        return await store.start_pending(
+        started = await store.start_pending(
             conn,
-            rec.queue,
-            task,
+            queue_id=rec.queue.queue_id,
+            queue_version=rec.queue.version,
+            task_id=task.task_id,
+            task_version=task.version,
             event="start",
             actor="test",
             trace_id=None,
             details={},
             now=datetime.now(UTC),
         )
+    if started is not None:
+        assert started.provider_id == task.provider_id
+        assert started.pending_since == task.state_entered_at
+    return started is not None
 
 
 async def test_an_unlocked_start_lands_only_on_what_it_read(make_stack: StackFactory) -> None:
