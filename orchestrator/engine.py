@@ -285,7 +285,7 @@ class Engine:
         transaction failed, having written nothing: then every firing goes that way.
         """
         rest: list[TimerDue] = []
-        moves: list[store.Transition] = []
+        moves: list[store.TaskWrite] = []
         spent: list[TimerKind] = []
         async with self.pool.acquire() as conn, conn.transaction():
             queues = await store.load_queues(
@@ -320,7 +320,7 @@ class Engine:
                     rest.append(d)
                     continue
                 moves.append(
-                    store.Transition(
+                    store.TaskWrite(
                         before=task,
                         after=apply_changes(task, step),
                         withdrawal_id=rec.queue.withdrawal_id,
@@ -328,6 +328,7 @@ class Engine:
                         actor="timer",
                         trace_id=d.trace_id,
                         details=_audit_details(step, _details(event)),
+                        now=now,
                     )
                 )
                 spent.append(d.kind)

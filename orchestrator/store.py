@@ -434,19 +434,6 @@ def _queue_record(row: asyncpg.Record, tasks: Sequence[OrderTask]) -> QueueRecor
 
 
 @dataclass(frozen=True, slots=True)
-class Transition:
-    """One task state change for :func:`save_transitions` (no timer armed, timer cleared)."""
-
-    before: OrderTask
-    after: OrderTask
-    withdrawal_id: str
-    event: str
-    actor: str
-    trace_id: str | None
-    details: Mapping[str, object]
-
-
-@dataclass(frozen=True, slots=True)
 class Started:
     """A task :func:`start_pending` moved to CREATING: its provider and when it had entered
     PENDING (for the time-in-state metric)."""
@@ -502,16 +489,16 @@ async def start_pending(
     return Started(provider_id=row["provider_id"], pending_since=row["state_entered_at"])
 
 
-async def save_transitions(conn: Connection, moves: Sequence[Transition], now: datetime) -> None:
+async def save_transitions(conn: Connection, moves: Sequence[TaskWrite], now: datetime) -> None:
     """Write many task state changes in one statement, each as :func:`save_task` would:
-    version-checked update (timer cleared), audit row, queue ``updated_at``. Raises
-    :class:`StaleVersion` if any task moved meanwhile (the caller's transaction then writes
-    nothing)."""
+    version-checked update (timer cleared), audit row, queue ``updated_at``; all at ``now``.
+    Raises :class:`StaleVersion` if any task moved meanwhile (the caller's transaction then
+    writes nothing)."""
     if not moves:
         return
     for move in moves:
-        if move.after.state == move.before.state:
-            raise ValueError(f"task {move.before.task_id}: not a state change")
+        if not move.changed or move.timer is not None:
+            raise ValueError(f"task {move.before.task_id}: not a plain state change")
     status = await conn.execute(
         "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[],"  # noqa: S608
         " $5::text[], $6::text[], $7::text[], $8::int[], $9::int[], $10::boolean[], $11::text[],"

@@ -40,13 +40,18 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[uuid.UUID]:
     return reads
 
 
-async def test_a_created_withdrawals_start_lands_without_a_read(
-    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _created(make_stack: StackFactory) -> tuple[Stack, str, dict[str, Any], bus.TaskMessage]:
+    """A ``[sbx_silent, sbx_ok]`` withdrawal no worker picked up: its first task and start."""
     stack = await make_stack(with_worker=False)
     wid = await create_withdrawal(stack, ["sbx_silent", "sbx_ok"])
     first = (await tasks_of(stack, wid))[0]
-    start = await _published_start(stack, first["task_id"])
+    return stack, wid, first, await _published_start(stack, first["task_id"])
+
+
+async def test_a_created_withdrawals_start_lands_without_a_read(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack, wid, first, start = await _created(make_stack)
     async with stack.runtime.pool.acquire() as conn:
         queue_version = await conn.fetchval(
             "SELECT version FROM order_queues WHERE queue_id = $1", first["queue_id"]
@@ -70,10 +75,7 @@ async def test_a_created_withdrawals_start_lands_without_a_read(
 async def test_a_start_whose_versions_moved_on_reads_and_decides_again(
     make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stack = await make_stack(with_worker=False)
-    wid = await create_withdrawal(stack, ["sbx_silent", "sbx_ok"])
-    first = (await tasks_of(stack, wid))[0]
-    start = await _published_start(stack, first["task_id"])
+    stack, wid, _first, start = await _created(make_stack)
     cancelled = await stack.client.post(f"/v1/withdrawals/{wid}/cancel", headers=stack.headers)
     assert cancelled.status_code == 200, cancelled.text
 

@@ -144,7 +144,7 @@ async def test_a_version_conflict_writes_nothing(make_stack: StackFactory) -> No
         tasks = [loaded[r["queue_id"]].queue.task(r["task_id"]) for r in rows]
         stale = [*tasks[:2], dataclasses.replace(tasks[2], version=99)]
         moves = [
-            store.Transition(
+            store.TaskWrite(
                 before=task,
                 after=dataclasses.replace(task, state=TaskState.MANUAL_CHECK),
                 withdrawal_id=wid,
@@ -152,6 +152,7 @@ async def test_a_version_conflict_writes_nothing(make_stack: StackFactory) -> No
                 actor="test",
                 trace_id=None,
                 details={},
+                now=rows[0]["updated_at"],
             )
             for task, (wid, _t) in zip(stale, executing, strict=True)
         ]
