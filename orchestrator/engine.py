@@ -458,10 +458,7 @@ class Engine:
                 )
         if started is None:
             return False
-        if started.pending_since is not None:
-            m.task_time_in_state.labels(
-                state=TaskState.PENDING.value, provider=started.provider_id
-            ).observe((now - started.pending_since).total_seconds())
+        _observe_time(TaskState.PENDING, started.provider_id, started.pending_since, now)
         return True
 
     async def _apply(
@@ -814,9 +811,15 @@ def _audit_details(step: Step, details: Mapping[str, object]) -> dict[str, objec
 
 
 def _observe_time_in_state(task: OrderTask, now: datetime) -> None:
-    if task.state_entered_at is not None:
-        m.task_time_in_state.labels(state=task.state.value, provider=task.provider_id).observe(
-            (now - task.state_entered_at).total_seconds()
+    _observe_time(task.state, task.provider_id, task.state_entered_at, now)
+
+
+def _observe_time(
+    state: TaskState, provider_id: str, entered_at: datetime | None, now: datetime
+) -> None:
+    if entered_at is not None:
+        m.task_time_in_state.labels(state=state.value, provider=provider_id).observe(
+            (now - entered_at).total_seconds()
         )
 
 

@@ -102,6 +102,18 @@ async def unmatched(stack: Stack, reference: str) -> list[str]:
 # --- broker faults -----------------------------------------------------------------------------
 
 
+def _worker_without_sweeper(stack: Stack) -> Worker:
+    """A worker whose sweeper waits ten minutes: only JetStream can deliver its timers."""
+    return Worker(
+        engine=stack.runtime.engine,
+        js=stack.runtime.js,
+        core=stack.runtime.core,
+        sweep_interval=0.5,
+        stranded_after=600.0,
+        timer_grace=600.0,
+    )
+
+
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_pending_timers_fire_after_a_nats_restart(
     make_stack: StackFactory, services: Services, how: str
@@ -112,14 +124,7 @@ async def test_pending_timers_fire_after_a_nats_restart(
     The sweeper is off (its grace is ten minutes), so only JetStream can deliver the timers.
     """
     stack = await make_stack(providers=providers(sla=3), with_worker=False)
-    worker = Worker(
-        engine=stack.runtime.engine,
-        js=stack.runtime.js,
-        core=stack.runtime.core,
-        sweep_interval=0.5,
-        stranded_after=600.0,
-        timer_grace=600.0,
-    )
+    worker = _worker_without_sweeper(stack)
     await worker.start()
     try:
         wids = [await create_withdrawal(stack, [SILENT]) for _ in range(3)]
@@ -426,14 +431,7 @@ async def test_the_polling_deadline_moves_a_pending_order_to_manual_check_once(
     stack = await make_stack(
         providers=providers(sla=1, polling=DEADLINE_POLLING), with_worker=False
     )
-    worker = Worker(
-        engine=stack.runtime.engine,
-        js=stack.runtime.js,
-        core=stack.runtime.core,
-        sweep_interval=0.5,
-        stranded_after=600.0,
-        timer_grace=600.0,
-    )
+    worker = _worker_without_sweeper(stack)
     await worker.start()
     try:
         wid = await create_withdrawal(stack, [SILENT])
