@@ -15,6 +15,8 @@ import msgspec
 
 Decision = Literal["next_provider", "recheck", "manual_check", "stop_cascade"]
 DECISIONS: tuple[str, ...] = ("next_provider", "recheck", "manual_check", "stop_cascade")
+MAX_SECONDS = 365 * 86400.0
+"""The longest duration a providers file may set: timers must stay within date arithmetic."""
 
 
 class RecheckPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -105,26 +107,49 @@ def load_providers(
     except msgspec.DecodeError as exc:
         raise ProvidersFileError(f"{source}: not valid JSON ({exc})") from exc
     for provider_id, config in parsed.providers.items():
+        where = f"{source}: {provider_id}"
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", provider_id):
             raise ProvidersFileError(f"{source}: provider id {provider_id!r} is not a valid id")
         if not config.base_url.startswith(("http://", "https://")):
-            raise ProvidersFileError(f"{source}: {provider_id}.base_url must be an http(s) URL")
+            raise ProvidersFileError(f"{where}.base_url must be an http(s) URL")
         if config.idempotency_key_max_length < 8:
-            raise ProvidersFileError(
-                f"{source}: {provider_id}.idempotency_key_max_length must be at least 8"
-            )
-        if config.recheck.max_attempts < 1 or config.recheck.initial_delay_seconds <= 0:
-            raise ProvidersFileError(f"{source}: {provider_id}.recheck needs positive values")
-        _check_status_polling(config.status_polling, f"{source}: {provider_id}.status_polling")
+            raise ProvidersFileError(f"{where}.idempotency_key_max_length must be at least 8")
+        for name, seconds in _durations(config):
+            if seconds is not None and not 0 < seconds <= MAX_SECONDS:
+                raise ProvidersFileError(
+                    f"{where}.{name} must be greater than 0 and at most {MAX_SECONDS:.0f}"
+                    f" (365 days), not {seconds:g}"
+                )
+        _check_counts(config, where)
     return parsed
 
 
-def _check_status_polling(polling: StatusPolling | None, where: str) -> None:
-    if polling is None:
-        return
-    if polling.interval_seconds <= 0:
-        raise ProvidersFileError(f"{where}.interval_seconds must be greater than 0")
-    if polling.max_polls < 1:
-        raise ProvidersFileError(f"{where}.max_polls must be at least 1")
-    if polling.timeout_seconds is not None and polling.timeout_seconds <= 0:
-        raise ProvidersFileError(f"{where}.timeout_seconds must be greater than 0")
+def _durations(config: ProviderConfig) -> list[tuple[str, float | None]]:
+    """Every duration of a provider's settings, named as in the file."""
+    durations: list[tuple[str, float | None]] = [
+        ("webhook_sla_seconds", config.webhook_sla_seconds),
+        ("recheck.initial_delay_seconds", config.recheck.initial_delay_seconds),
+        ("recheck.max_delay_seconds", config.recheck.max_delay_seconds),
+        ("timeouts.connect_seconds", config.timeouts.connect_seconds),
+        ("timeouts.read_seconds", config.timeouts.read_seconds),
+    ]
+    if config.status_polling is not None:
+        durations.append(
+            ("status_polling.interval_seconds", config.status_polling.interval_seconds)
+        )
+        durations.append(("status_polling.timeout_seconds", config.status_polling.timeout_seconds))
+    return durations
+
+
+def _check_counts(config: ProviderConfig, where: str) -> None:
+    recheck = config.recheck
+    if recheck.max_attempts < 1:
+        raise ProvidersFileError(f"{where}.recheck.max_attempts must be at least 1")
+    if recheck.multiplier < 1:
+        raise ProvidersFileError(f"{where}.recheck.multiplier must be at least 1")
+    if recheck.max_delay_seconds < recheck.initial_delay_seconds:
+        raise ProvidersFileError(
+            f"{where}.recheck.max_delay_seconds must be at least recheck.initial_delay_seconds"
+        )
+    if config.status_polling is not None and config.status_polling.max_polls < 1:
+        raise ProvidersFileError(f"{where}.status_polling.max_polls must be at least 1")

@@ -6,7 +6,9 @@ the README's configuration table.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,11 @@ from flags.router import FlagsError, load_flags_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FLAGS_FILE = REPO_ROOT / "config" / "flags.json"
 DEFAULT_PROVIDERS_FILE = REPO_ROOT / "config" / "providers.sandbox.json"
+DEPLOYMENT_ENVS = ("development", "staging", "production")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+HOUR = 3600.0
+# Dot-terminated tokens, so that subjects stay valid and stream names ("T1_ORDERS") too.
+NAMESPACE = re.compile(r"([A-Za-z0-9_-]+\.)*")
 
 
 class SettingsError(Exception):
@@ -43,7 +50,10 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, not {raw!r}")
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float = 0, maximum: float
+) -> float:
+    """A finite number within ``minimum..maximum`` (durations are seconds)."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -51,9 +61,33 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, not {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, not {raw!r}")
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise SettingsError(f"{name} must be between {minimum:g} and {maximum:g}, not {raw!r}")
     return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    """A whole number within ``minimum..maximum``, written in decimal digits."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    text = raw.strip()
+    if not text.isdecimal() or not minimum <= int(text) <= maximum:
+        raise SettingsError(
+            f"{name} must be a whole number from {minimum} to {maximum}, not {raw!r}"
+        )
+    return int(text)
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, compared case-insensitively and returned as written in ``choices``."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    for choice in choices:
+        if raw.strip().lower() == choice.lower():
+            return choice
+    raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -123,7 +157,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     http_port = _port(env, "HTTP_PORT", 8080)
     http_host = env.get("HTTP_HOST", "127.0.0.1")
     public_url = env.get("PUBLIC_URL") or f"http://127.0.0.1:{http_port}"
-    deployment_env = env.get("DEPLOYMENT_ENV", "development").strip().lower()
+    deployment_env = _choice(env, "DEPLOYMENT_ENV", "development", DEPLOYMENT_ENVS)
     sandbox_enabled = _bool(env, "SANDBOX_ENABLED", False)
     if sandbox_enabled and deployment_env == "production":
         raise SettingsError("SANDBOX_ENABLED cannot be true when DEPLOYMENT_ENV is production")
@@ -133,6 +167,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if database_url and database_url.startswith("postgres://"):
         database_url = "postgresql://" + database_url.removeprefix("postgres://")
     nats_url = _url(env, "NATS_URL", ("nats://", "tls://"))
+    nats_namespace = env.get("NATS_NAMESPACE", "")
+    if not NAMESPACE.fullmatch(nats_namespace):
+        raise SettingsError(
+            "NATS_NAMESPACE must be empty or dot-terminated tokens of letters, digits, _ and -"
+            f" (e.g. 'test1.'), not {nats_namespace!r}"
+        )
 
     flags_raw = env.get("FLAGS_FILE")
     flags_file = Path(flags_raw) if flags_raw else DEFAULT_FLAGS_FILE
@@ -172,11 +212,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         database_url=database_url,
         nats_url=nats_url,
-        nats_namespace=env.get("NATS_NAMESPACE", ""),
+        nats_namespace=nats_namespace,
         flags_file=flags_file,
         unleash_url=unleash_url,
         unleash_api_token=unleash_token,
-        unleash_refresh_seconds=int(_number(env, "UNLEASH_REFRESH_SECONDS", 5, minimum=1)),
+        unleash_refresh_seconds=_integer(
+            env, "UNLEASH_REFRESH_SECONDS", 5, minimum=1, maximum=3600
+        ),
         api_tokens=_tokens(env, "GATEWAY_API_TOKENS", "dev-token"),
         ops_tokens=_tokens(env, "OPS_API_TOKENS", "ops-token"),
         core_url=core_url.rstrip("/") if core_url else None,
@@ -188,15 +230,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         deployment_env=deployment_env,
         providers_file=providers_file,
         providers=providers.providers,
-        worker_concurrency=int(_number(env, "WORKER_CONCURRENCY", 32, minimum=1)),
-        database_pool_size=int(_number(env, "DATABASE_POOL_SIZE", 20, minimum=2)),
+        worker_concurrency=_integer(env, "WORKER_CONCURRENCY", 32, minimum=1, maximum=1000),
+        database_pool_size=_integer(env, "DATABASE_POOL_SIZE", 20, minimum=2, maximum=1000),
         worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 0) or None,
-        jetstream_replicas=int(_number(env, "JETSTREAM_REPLICAS", 1, minimum=1)),
-        ack_wait_seconds=_number(env, "JETSTREAM_ACK_WAIT_SECONDS", 60, minimum=1),
-        sandbox_webhook_delay=_number(env, "SANDBOX_WEBHOOK_DELAY_SECONDS", 1.0),
-        sandbox_fail_delay=_number(env, "SANDBOX_FAIL_DELAY_SECONDS", 2.0),
-        sandbox_flaky_timeout=_number(env, "SANDBOX_FLAKY_TIMEOUT_SECONDS", 5.0),
-        sandbox_flaky_success_delay=_number(env, "SANDBOX_FLAKY_SUCCESS_DELAY_SECONDS", 2.0),
-        log_level=env.get("LOG_LEVEL", "INFO").upper(),
-        wait_for_schema_seconds=_number(env, "WAIT_FOR_SCHEMA_SECONDS", 0),
+        jetstream_replicas=_integer(env, "JETSTREAM_REPLICAS", 1, minimum=1, maximum=5),
+        ack_wait_seconds=_number(env, "JETSTREAM_ACK_WAIT_SECONDS", 60, minimum=1, maximum=HOUR),
+        sandbox_webhook_delay=_number(env, "SANDBOX_WEBHOOK_DELAY_SECONDS", 1.0, maximum=HOUR),
+        sandbox_fail_delay=_number(env, "SANDBOX_FAIL_DELAY_SECONDS", 2.0, maximum=HOUR),
+        sandbox_flaky_timeout=_number(env, "SANDBOX_FLAKY_TIMEOUT_SECONDS", 5.0, maximum=HOUR),
+        sandbox_flaky_success_delay=_number(
+            env, "SANDBOX_FLAKY_SUCCESS_DELAY_SECONDS", 2.0, maximum=HOUR
+        ),
+        log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
+        wait_for_schema_seconds=_number(env, "WAIT_FOR_SCHEMA_SECONDS", 0, maximum=HOUR),
     )

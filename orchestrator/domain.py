@@ -286,9 +286,11 @@ def ignore(event: str, because: str) -> Step:
 def recheck_delay(config: ProviderConfig, attempt: int) -> float:
     """Exponential backoff for the ``attempt``-th recheck (0-based)."""
     policy = config.recheck
-    return float(
-        min(policy.max_delay_seconds, policy.initial_delay_seconds * policy.multiplier**attempt)
-    )
+    try:
+        grown = policy.initial_delay_seconds * policy.multiplier**attempt
+    except OverflowError:  # a float power past 1e308: long since capped
+        return float(policy.max_delay_seconds)
+    return float(min(policy.max_delay_seconds, grown))
 
 
 def _polling_deadline(config: ProviderConfig, executing_since: datetime | None) -> datetime | None:

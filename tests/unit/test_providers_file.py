@@ -1,14 +1,17 @@
-"""The providers file loader: the status polling settings and their one-line errors."""
+"""The providers file loader: its settings, their bounds and their one-line errors."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from contracts.providers_file import ProvidersFileError, StatusPolling, load_providers
+from orchestrator.bus import schedule_headers
+from orchestrator.domain import recheck_delay
 
 
 def providers_file(status_polling: dict[str, Any] | None) -> bytes:
@@ -31,24 +34,31 @@ def test_timeout_seconds_is_optional_and_read_when_given() -> None:
     assert polling.timeout_seconds == 1800
 
 
+BOUND = "must be greater than 0 and at most 31536000 (365 days)"
+
+
 @pytest.mark.parametrize(
     ("status_polling", "message"),
     [
         (
             {"timeout_seconds": 0},
-            "PROVIDERS_FILE: psp_a.status_polling.timeout_seconds must be greater than 0",
+            f"PROVIDERS_FILE: psp_a.status_polling.timeout_seconds {BOUND}, not 0",
         ),
         (
             {"timeout_seconds": -5},
-            "PROVIDERS_FILE: psp_a.status_polling.timeout_seconds must be greater than 0",
+            f"PROVIDERS_FILE: psp_a.status_polling.timeout_seconds {BOUND}, not -5",
+        ),
+        (
+            {"timeout_seconds": 1e12},
+            f"PROVIDERS_FILE: psp_a.status_polling.timeout_seconds {BOUND}, not 1e+12",
         ),
         (
             {"interval_seconds": 0},
-            "PROVIDERS_FILE: psp_a.status_polling.interval_seconds must be greater than 0",
+            f"PROVIDERS_FILE: psp_a.status_polling.interval_seconds {BOUND}, not 0",
         ),
         (
             {"interval_seconds": -1, "timeout_seconds": 60},
-            "PROVIDERS_FILE: psp_a.status_polling.interval_seconds must be greater than 0",
+            f"PROVIDERS_FILE: psp_a.status_polling.interval_seconds {BOUND}, not -1",
         ),
         (
             {"max_polls": 0},
@@ -63,6 +73,67 @@ def test_bad_status_polling_is_refused_in_one_line(
         load_providers(providers_file(status_polling), {})
     assert str(raised.value) == message
     assert "\n" not in str(raised.value)
+
+
+def provider_file(**settings: Any) -> bytes:
+    provider = {"base_url": "https://psp.example", **settings}
+    return json.dumps({"providers": {"psp_a": provider}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"webhook_sla_seconds": 0}, f"psp_a.webhook_sla_seconds {BOUND}, not 0"),
+        # Past date arithmetic: such a timer could never be armed (it used to end in the DLQ).
+        ({"webhook_sla_seconds": 1e15}, f"psp_a.webhook_sla_seconds {BOUND}, not 1e+15"),
+        (
+            {"recheck": {"initial_delay_seconds": -1}},
+            f"psp_a.recheck.initial_delay_seconds {BOUND}, not -1",
+        ),
+        (
+            {"recheck": {"max_delay_seconds": 4e7}},
+            f"psp_a.recheck.max_delay_seconds {BOUND}, not 4e+07",
+        ),
+        (
+            {"recheck": {"initial_delay_seconds": 30, "max_delay_seconds": 10}},
+            "psp_a.recheck.max_delay_seconds must be at least recheck.initial_delay_seconds",
+        ),
+        ({"recheck": {"multiplier": 0.5}}, "psp_a.recheck.multiplier must be at least 1"),
+        ({"recheck": {"max_attempts": 0}}, "psp_a.recheck.max_attempts must be at least 1"),
+        ({"timeouts": {"read_seconds": 0}}, f"psp_a.timeouts.read_seconds {BOUND}, not 0"),
+        (
+            {"timeouts": {"connect_seconds": -2}},
+            f"psp_a.timeouts.connect_seconds {BOUND}, not -2",
+        ),
+        (
+            {"idempotency_key_max_length": 4},
+            "psp_a.idempotency_key_max_length must be at least 8",
+        ),
+    ],
+)
+def test_bad_durations_and_counts_are_refused_in_one_line(
+    settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ProvidersFileError) as raised:
+        load_providers(provider_file(**settings), {})
+    assert str(raised.value) == f"PROVIDERS_FILE: {message}"
+
+
+def test_the_longest_durations_allowed_still_arm_timers() -> None:
+    year = 365 * 86400
+    loaded = load_providers(
+        provider_file(
+            webhook_sla_seconds=year,
+            status_polling={"interval_seconds": year, "timeout_seconds": year},
+            recheck={"initial_delay_seconds": 1, "multiplier": 1000, "max_delay_seconds": year},
+        ),
+        {},
+    )
+    config = loaded.providers["psp_a"]
+    # The latest timer these settings can ask for: the polling deadline, SLA + polling timeout.
+    latest = datetime.now(UTC) + timedelta(seconds=2 * year)
+    assert schedule_headers("t", latest)["Nats-Schedule"].startswith(f"@at {latest.year}-")
+    assert recheck_delay(config, 5000) == year
 
 
 def test_timeout_seconds_of_the_wrong_type_is_refused_in_one_line() -> None:
