@@ -7,10 +7,20 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from litestar import Litestar, Request, Response, get
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
+from litestar.types import (
+    HTTPScope,
+    LifeSpanReceive,
+    LifeSpanScope,
+    LifeSpanSend,
+    Receive,
+    Scope,
+    Send,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -71,6 +81,38 @@ async def openapi_document() -> Response[bytes]:
     return json_response(OPENAPI_FILE.read_bytes())
 
 
+UNROUTABLE = "/\x00"
+"""A path no route has (NUL never appears in one): where a non-literal path is sent."""
+
+
+def is_literal_path(path: str) -> bool:
+    """No empty segment: no trailing slash (except the root) and no repeated slash."""
+    return path == "/" or (path.startswith("/") and not path.endswith("/") and "//" not in path)
+
+
+class Gateway(Litestar):
+    """Litestar, with paths taken literally.
+
+    Litestar's router strips trailing slashes and merges repeated ones before matching, so
+    ``POST /v1/withdrawals/`` would create a withdrawal and ``…/cancel/`` cancel one. The
+    contract has only its exact paths; any other is an unknown path: 404, before the method
+    is looked at. Such a request is routed to :data:`UNROUTABLE`, so its answer is the very
+    404 of every unknown path (envelope, ``X-Request-Id``).
+    """
+
+    async def __call__(
+        self,
+        scope: Scope | LifeSpanScope,
+        receive: Receive | LifeSpanReceive,
+        send: Send | LifeSpanSend,
+    ) -> None:
+        if scope["type"] == ScopeType.HTTP:
+            http = cast("HTTPScope", scope)  # mypy does not narrow a TypedDict union by a key
+            if not is_literal_path(http["path"]):
+                http["path"] = UNROUTABLE
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litestar:
     """Build the app; ``runtime`` is opened at startup unless one is given (tests)."""
     sandbox: Sandbox | None = None
@@ -120,7 +162,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
     ]
     if sandbox is not None:
         handlers.append(sandbox.router)
-    return Litestar(
+    return Gateway(
         route_handlers=handlers,  # type: ignore[arg-type]
         lifespan=[lifespan],
         before_send=[stamp_request_id],

@@ -25,6 +25,9 @@ PLACEHOLDERS = {
     "ref": r'(?:null|"[^"\\]*")',
     "code": rf'(?:null|"(?:{FAILURE_CODES})")',
 }
+# The transport rule every response obeys, whatever the recording lists.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_FRESH_REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 _TOKEN = re.compile(r"\{\{(ts|rid|hex32|status|any|ref|code)\}\}")
 
 
@@ -120,6 +123,12 @@ class Outcome:
             elif expected is not None and actual != expected:
                 found.append(f"header {name} is {actual!r}, expected {expected!r}")
         request_id = response.headers.get("x-request-id", "")
+        sent = next((v for k, v in self.step.headers.items() if k.lower() == "x-request-id"), None)
+        if sent is not None and _VALID_REQUEST_ID.fullmatch(sent):
+            if request_id != sent:
+                found.append(f"X-Request-Id {request_id!r}, expected the request's {sent!r}")
+        elif not _FRESH_REQUEST_ID.fullmatch(request_id):
+            found.append(f"X-Request-Id {request_id!r} is not a fresh 32-character lowercase hex")
         if not template_regex(self.step.template, request_id).fullmatch(self.body):
             found.append(f"body {self.body!r} does not match {self.step.template!r}")
         return found

@@ -240,6 +240,13 @@ UNKNOWN_PATHS = (
     "/v1/withdrawals/{id}/cancel/{seg}",
     "/v2/withdrawals",
     "/v1/Withdrawals",
+    # The contract's paths with an empty segment: Litestar would normalise these onto them.
+    "/v1/withdrawals/",
+    "/v1/withdrawals/{id}/",
+    "/v1/withdrawals/{id}/cancel/",
+    "//v1/withdrawals",
+    "/v1//withdrawals/{id}",
+    "/healthz/",
 )
 SEGMENT = st.text(string.ascii_letters + string.digits + "-_.~", min_size=1, max_size=24).filter(
     lambda s: s not in (".", "..")
@@ -428,3 +435,27 @@ async def test_options_is_method_not_allowed(make_stack: StackFactory, template:
     response = Response.from_any(raw)
     assert response.status_code == 405, (response.status_code, dict(raw.headers))
     assert sts.unrouted_problems(response, None) == []
+
+
+async def test_a_path_with_an_empty_segment_executes_nothing(make_stack: StackFactory) -> None:
+    """``POST /v1/withdrawals/`` is not the create and ``…/cancel/`` not the cancel: 404 each."""
+    stack = await make_stack(flags=COHORTS["legacy"])
+    wid = new_id()
+    refused = await stack.client.post(
+        "/v1/withdrawals/", json=withdrawal_body(wid, ["sbx_silent"]), headers=stack.headers
+    )
+    assert refused.status_code == 404, refused.text
+    assert sts.unrouted_problems(Response.from_any(refused), None) == []
+    assert (
+        await stack.client.get(f"/v1/withdrawals/{wid}", headers=stack.headers)
+    ).status_code == 404
+
+    created = await stack.client.post(
+        "/v1/withdrawals", json=withdrawal_body(wid, ["sbx_silent"]), headers=stack.headers
+    )
+    assert created.status_code == 201, created.text
+    for path in (f"/v1/withdrawals/{wid}/cancel/", f"/v1//withdrawals/{wid}/cancel"):
+        refused = await stack.client.post(path, headers=stack.headers)
+        assert refused.status_code == 404, (path, refused.text)
+    read = await stack.client.get(f"/v1/withdrawals/{wid}", headers=stack.headers)
+    assert read.json()["status"] == "processing"
