@@ -166,6 +166,12 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def _positive(text: str) -> int:
+    if not text.isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_sub.add_parser("list", help="print dead letters as JSON lines")
     replay = dlq_sub.add_parser("replay", help="send dead letters back to their subjects")
-    replay.add_argument("--limit", type=int, default=1000)
+    replay.add_argument(
+        "--limit",
+        type=_positive,
+        default=1000,
+        help="replay at most this many, oldest first (default 1000)",
+    )
     report = sub.add_parser("report", help="compare the cohorts")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument("--since", help="ISO date/time, inclusive (created_at)")

@@ -161,6 +161,7 @@ def trace_headers(trace_id: str | None) -> dict[str, str]:
 async def connect(url: str, *, name: str) -> NatsClient:
     """Connect with endless reconnects: NATS outages are waited out, never fatal."""
     state = {"down": False}
+    client: list[NatsClient] = []  # the callbacks need the client connect() returns
 
     async def on_error(exc: Exception) -> None:
         # One line per outage, not a traceback per reconnect attempt.
@@ -169,13 +170,15 @@ async def connect(url: str, *, name: str) -> NatsClient:
             state["down"] = True
 
     async def on_disconnect() -> None:
+        if client and client[0].is_closed:
+            return  # our own close(): nothing to reconnect, nothing to warn about
         log.warning("nats disconnected; reconnecting", extra={"client": name})
 
     async def on_reconnect() -> None:
         state["down"] = False
         log.warning("nats reconnected", extra={"client": name})
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -186,6 +189,8 @@ async def connect(url: str, *, name: str) -> NatsClient:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    client.append(nc)
+    return nc
 
 
 async def ensure_streams(

@@ -89,11 +89,20 @@ def test_port_in_use_is_one_line() -> None:
         ("SANDBOX_ENABLED", "maybe", "SANDBOX_ENABLED"),
         ("DATABASE_URL", "mysql://x", "DATABASE_URL"),
         ("PROVIDERS_FILE", "/nonexistent/providers.json", "PROVIDERS_FILE"),
+        ("WORKER_CONCURRENCY", "nan", "WORKER_CONCURRENCY"),
+        ("LOG_LEVEL", "verbose", "LOG_LEVEL"),
     ],
 )
 def test_bad_settings_are_one_line(name: str, value: str, word: str) -> None:
     result = _run(["migrate"], {"SANDBOX_ENABLED": "true", name: value})
     _one_line_error(result, word)
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "ten"])
+def test_dlq_replay_limit_must_be_positive(limit: str) -> None:
+    result = _run(["dlq", "replay", "--limit", limit], {"NATS_URL": "nats://127.0.0.1:1"})
+    assert result.returncode == 2, result.stderr
+    assert f"argument --limit: must be a whole number of at least 1, not '{limit}'" in result.stderr
 
 
 def test_sandbox_refused_in_production() -> None:
