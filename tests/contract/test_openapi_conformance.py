@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import string
 import time
@@ -459,3 +460,53 @@ async def test_a_path_with_an_empty_segment_executes_nothing(make_stack: StackFa
         assert refused.status_code == 404, (path, refused.text)
     read = await stack.client.get(f"/v1/withdrawals/{wid}", headers=stack.headers)
     assert read.json()["status"] == "processing"
+
+
+async def _raw_exchange(stack_url: str, *requests: bytes) -> bytes:
+    url = httpx.URL(stack_url)
+    assert url.port is not None
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        for request in requests:
+            writer.write(request)
+        return await asyncio.wait_for(reader.read(-1), 10)  # until the server closes
+    finally:
+        writer.close()
+
+
+def _refusal(raw: bytes) -> tuple[dict[bytes, bytes], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 405 Method Not Allowed", raw
+    headers = dict(line.lower().split(b": ", 1) for line in lines[1:])
+    assert headers[b"content-type"] == b"application/json"
+    assert int(headers[b"content-length"]) == len(body)
+    rid = headers[b"x-request-id"]
+    assert body == (
+        b'{"error":{"code":"method_not_allowed","message":"Method not allowed.","request_id":"'
+        + rid
+        + b'"}}'
+    )
+    return headers, body
+
+
+async def test_a_method_the_http_parser_does_not_know_is_405(make_stack: StackFactory) -> None:
+    """``FOO`` never reaches the app (the HTTP parser refuses it): still the contract's 405,
+    its X-Request-Id rule included."""
+    stack = await make_stack(flags=COHORTS["legacy"])
+    # After a request on the same connection, and with a valid id: echoed.
+    raw = await _raw_exchange(
+        stack.url,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"FOO /v1/withdrawals HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-1\r\n\r\n",
+    )
+    first, _, second = raw.partition(b'{"status":"ok"}')
+    assert first.startswith(b"HTTP/1.1 200 "), raw
+    headers, _ = _refusal(second)
+    assert headers[b"x-request-id"] == b"r-1"
+    # Alone, with an id the rule refuses: a fresh one.
+    raw = await _raw_exchange(
+        stack.url, b"FOO /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: bad id!\r\n\r\n"
+    )
+    headers, _ = _refusal(raw)
+    assert re.fullmatch(rb"[0-9a-f]{32}", headers[b"x-request-id"]), headers
