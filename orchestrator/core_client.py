@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -38,10 +38,19 @@ class CascadeCore(Protocol):
         provider_id: str,
         amount: Decimal,
         currency: str,
-    ) -> None: ...
+    ) -> FreezeState: ...
     async def commit(self, operation_id: str) -> None: ...
     async def rollback(self, operation_id: str) -> None: ...
     async def notify(self, withdrawal_id: str, status: str, body: bytes) -> None: ...
+
+
+FreezeState = Literal["frozen", "committed", "rolled_back"]
+"""What a freeze answered: ``frozen`` for a hold in place (new, or this operation's own
+earlier one); an operation already settled answers its settled state."""
+
+
+class _Operation(msgspec.Struct):
+    state: FreezeState
 
 
 class _Error(msgspec.Struct):
@@ -82,7 +91,7 @@ class HttpCascadeCore:
         if self._owns_client:
             await self._client.aclose()
 
-    async def _post(self, path: str, body: bytes, extra: dict[str, str] | None = None) -> None:
+    async def _post(self, path: str, body: bytes, extra: dict[str, str] | None = None) -> bytes:
         headers = {**self._headers, **(extra or {})}
         last = "no attempt"
         for attempt in range(self._attempts):
@@ -94,7 +103,7 @@ class HttpCascadeCore:
                 last = str(exc)
             else:
                 if 200 <= answer.status < 300:
-                    return
+                    return answer.body
                 if 400 <= answer.status < 500 and answer.status not in (408, 429):
                     raise CoreRefused(_error_code(answer.body), answer.status)
                 last = f"HTTP {answer.status}"
@@ -109,7 +118,8 @@ class HttpCascadeCore:
         provider_id: str,
         amount: Decimal,
         currency: str,
-    ) -> None:
+    ) -> FreezeState:
+        """The operation's state after the freeze; see :data:`FreezeState`."""
         body = msgspec.json.encode(
             {
                 "operation_id": operation_id,
@@ -119,7 +129,12 @@ class HttpCascadeCore:
                 "currency": currency,
             }
         )
-        await self._post("/v1/balances/freeze", body)
+        answer = await self._post("/v1/balances/freeze", body)
+        try:
+            return msgspec.json.decode(answer, type=_Operation).state
+        except msgspec.MsgspecError as exc:
+            # Without the state nobody knows whether a hold is in place: retry, never create.
+            raise CoreUnavailable(f"cascade-core freeze: unexpected answer ({exc})") from exc
 
     async def commit(self, operation_id: str) -> None:
         await self._post("/v1/balances/commit", msgspec.json.encode({"operation_id": operation_id}))

@@ -58,7 +58,17 @@ T = TaskState
 TASK_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     T.PENDING: frozenset({T.CREATING, T.CANCELLED, T.SKIPPED}),
     T.CREATING: frozenset(
-        {T.EXECUTING, T.SUCCEEDED, T.NEGATIVE_EVAL, T.RECHECKING, T.MANUAL_CHECK, T.FAILED}
+        {
+            T.EXECUTING,
+            T.SUCCEEDED,
+            T.NEGATIVE_EVAL,
+            T.RECHECKING,
+            T.MANUAL_CHECK,
+            T.FAILED,
+            # A create resumed after a crash, for a withdrawal cancelled meanwhile, that the
+            # provider answers failed or cancelled.
+            T.CANCELLED,
+        }
     ),
     T.NEGATIVE_EVAL: frozenset({T.SKIPPED}),
     T.RECHECKING: frozenset({T.EXECUTING, T.SUCCEEDED, T.FAILED, T.MANUAL_CHECK, T.CANCELLED}),
@@ -183,6 +193,14 @@ class FreezeRefused:
     code: str
 
 
+@dataclass(frozen=True)
+class FreezeRolledBack:
+    """The freeze of a resumed create answered ``rolled_back``: this attempt's hold was
+    already released, which this service does only once an attempt has definitively not
+    paid (a decline, a failure, a cancellation, a negative resolution) — the crash came
+    between that rollback and its state write. No create may follow: nothing is held."""
+
+
 AnswerSource = Literal["create", "poll", "webhook", "cancel"]
 
 
@@ -233,6 +251,7 @@ class CancelRequested:
 Event = (
     Start
     | FreezeRefused
+    | FreezeRolledBack
     | ProviderAnswer
     | Declined
     | Ambiguous
@@ -437,6 +456,20 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
                 event="freeze.refused",
                 to=T.NEGATIVE_EVAL,
                 changes={"provider_code": code, "outcome": "provider_error"},
+            )
+        case FreezeRolledBack():
+            if task.state != T.CREATING:
+                return ignore("freeze.rolled_back", f"task is {task.state}")
+            cancelled = task.cancel_requested
+            return Step(
+                event="freeze.rolled_back",
+                to=T.CANCELLED if cancelled else T.FAILED,
+                changes={
+                    "outcome": "cancelled" if cancelled else "provider_error",
+                    "provider_code": "freeze_rolled_back",
+                    "freeze_state": "rolled_back",
+                },
+                clear_timer=True,
             )
         case Declined(code=code):
             if task.state != T.CREATING:

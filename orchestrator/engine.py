@@ -33,6 +33,7 @@ from orchestrator.domain import (
     CancelRequested,
     Event,
     FreezeRefused,
+    FreezeRolledBack,
     OrderQueue,
     OrderTask,
     ProviderAnswer,
@@ -535,7 +536,7 @@ class Engine:
             if (
                 step.call == "freeze_and_create"
                 and task.freeze_state != "frozen"
-                and not isinstance(event, FreezeRefused)
+                and not isinstance(event, FreezeRefused | FreezeRolledBack)
             ):
                 task = dataclasses.replace(task, freeze_state="frozen")
 
@@ -732,7 +733,7 @@ class Engine:
     ) -> Event:
         if call == "freeze_and_create":
             try:
-                await self.core.freeze(
+                held = await self.core.freeze(
                     str(task.task_id),
                     record.withdrawal_id,
                     task.provider_id,
@@ -743,6 +744,10 @@ class Engine:
                 if exc.code == "insufficient_balance":
                     return FreezeRefused(exc.code)
                 raise
+            if held == "rolled_back":
+                return FreezeRolledBack()
+            # "committed": this attempt was paid and committed before a crash. Its create is
+            # replayed (same key) for the provider's answer; the commit it leads to is a replay.
             fault_point("after_freeze")
             destination = msgspec.convert(record.destination, ProviderDestination)
             order = CreateOrder(
@@ -848,6 +853,8 @@ def _details(event: Event) -> dict[str, object]:
             return {"ambiguous": detail[:300]}
         case FreezeRefused(code=code):
             return {"core_code": code}
+        case FreezeRolledBack():
+            return {"core_state": "rolled_back"}
         case Resolve(positive=positive, reason=reason, actor=actor):
             return {
                 "decision": "positive" if positive else "negative",

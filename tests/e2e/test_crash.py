@@ -27,6 +27,7 @@ from tests.conftest import Stack, StackFactory
 from tests.faultkit import (
     assert_settled,
     create_withdrawal,
+    task_events,
     worker_process,
 )
 from tests.integration.test_webhook_intake import wait_consumed
@@ -106,6 +107,7 @@ async def test_worker_killed_at_a_fault_point_recovers(
         code = await faulty.wait_exit(timeout=30)
     assert code == -9, f"worker exited with {code}, not SIGKILL; log:\n{faulty.log_tail()}"
     await _evidence(stack, point)
+    stranded = await _creating(stack)
 
     async with worker_process(stack, tmp_path / "worker-healthy.log") as healthy:
         for wid in expected:
@@ -115,6 +117,19 @@ async def test_worker_killed_at_a_fault_point_recovers(
         await wait_consumed(stack, timeout=20)
         await assert_settled(stack, expected)
         assert await healthy.stop() == 0, healthy.log_tail()
+    if (point, after) == ("after_balance_call", 1):
+        await _resumed_after_its_rollback(stack, stranded)
+
+
+async def _resumed_after_its_rollback(stack: Stack, stranded: list[dict[str, Any]]) -> None:
+    """The decline's rollback was made, its record was not: resumed, the freeze answers
+    ``rolled_back`` and the attempt ends there — no second create, no second rollback."""
+    (task,) = stranded
+    events = [e["event"] for e in await task_events(stack, task["task_id"])]
+    assert events[-1] == "freeze.rolled_back", events
+    history = (await stack.ledger())["operation_details"][str(task["task_id"])]["history"]
+    assert [h["action"] for h in history] == ["freeze", "rollback", "freeze"], history
+    assert history[-1]["result"] == "rolled_back", history
 
 
 @pytest.mark.parametrize(("point", "after"), [("after_balance_call", 3), ("after_state_write", 5)])

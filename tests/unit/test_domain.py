@@ -28,6 +28,7 @@ from orchestrator.domain import (
     Declined,
     Event,
     FreezeRefused,
+    FreezeRolledBack,
     IllegalTransition,
     OrderQueue,
     OrderTask,
@@ -123,6 +124,7 @@ def test_final_tasks_ignore_everything() -> None:
         Declined("declined"),
         Ambiguous("x"),
         FreezeRefused("x"),
+        FreezeRolledBack(),
     ]
     for state in FINAL_TASK_STATES:
         for event in events:
@@ -416,6 +418,8 @@ external = st.sampled_from(
         "resolve-",
         "cancel",
         "start_dup",
+        "crash",
+        "resume",
     ]
 )
 
@@ -430,9 +434,16 @@ class Ledger:
 
     def apply(self, operation: str, task_id: uuid.UUID) -> None:
         current = self.states.get(task_id)
+        settled = "committed" if operation == "commit" else "rolled_back"
+        if current == settled:
+            return  # a replay after a crash: cascade-core answers the same, nothing moves
         assert current == "frozen", f"{operation} of a {current} freeze"
-        self.states[task_id] = "committed" if operation == "commit" else "rolled_back"
+        self.states[task_id] = settled
         self.commits += operation == "commit"
+
+
+class Crash(Exception):
+    """The worker died after its calls and before the transaction that records them."""
 
 
 class Sim:
@@ -458,6 +469,7 @@ class Sim:
         self.data = data
         self.now = NOW
         self.seen_final: dict[uuid.UUID, TaskState] = {}
+        self.crash_armed = False
 
     def put(self, new: OrderTask) -> None:
         old = self.queue.task(new.task_id)
@@ -475,9 +487,17 @@ class Sim:
 
     def answer(self, call: str, current: OrderTask) -> Event:
         if call == "freeze_and_create":
+            held = self.ledger.states.get(current.task_id)
+            if held == "rolled_back":
+                return FreezeRolledBack()  # cascade-core answers the settled state
+            if held == "committed":
+                # Paid and committed before a crash: the create's replay finds the order paid.
+                return ProviderAnswer("succeeded", "ref", source="create")
             outcome = self.data.draw(provider_outcome)
             if outcome == "refused":
-                return FreezeRefused("insufficient_balance")
+                if held is None:
+                    return FreezeRefused("insufficient_balance")
+                outcome = "pending"  # a replay never refuses its own hold; the create answers
             self.ledger.states.setdefault(current.task_id, "frozen")
             self.put(dataclasses.replace(current, freeze_state="frozen"))
             if outcome in ("declined", "closed", "slow", "review"):
@@ -495,6 +515,16 @@ class Sim:
         return ProviderAnswer(outcome, "ref", source="poll")  # type: ignore[arg-type]
 
     def apply(self, task_id: uuid.UUID, event: Event) -> None:
+        try:
+            self._apply(task_id, event)
+        except Crash:
+            # The record is as the last commit left it: the task stays CREATING, its freeze
+            # (and any balance call made after the create) done at cascade-core only.
+            self.queue, self.seen_final = self.committed
+
+    def _apply(self, task_id: uuid.UUID, event: Event) -> None:
+        self.committed = (self.queue, dict(self.seen_final))
+        in_create = False
         while True:
             current = self.queue.task(task_id)
             step = decide(current, event, self.config, self.now)
@@ -502,6 +532,9 @@ class Sim:
                 return
             if step.balance is not None:
                 self.ledger.apply(step.balance, task_id)
+            if in_create and self.crash_armed:
+                self.crash_armed = False
+                raise Crash
             after = apply_changes(current, step)
             if after.state == T.NEGATIVE_EVAL:
                 after = dataclasses.replace(after, state=T.SKIPPED)
@@ -511,11 +544,14 @@ class Sim:
             if after.final:
                 self.advance()
             if step.to == T.CREATING:
+                # Committed on its own before the calls: what a crash falls back to.
+                self.committed = (self.queue, dict(self.seen_final))
                 event = Start(resume=False)  # the engine's own continuation
                 continue
             if step.call is None:
                 return
             event = self.answer(step.call, after)
+            in_create = step.call == "freeze_and_create"
             if step.call == "poll" and (
                 isinstance(event, Ambiguous)
                 or (
@@ -546,6 +582,14 @@ class Sim:
         active = self.queue.active_task()
         target = active or self.queue.tasks[0]
         self.now += timedelta(seconds=30)
+        if kind == "crash":
+            self.crash_armed = True  # the next create dies before its answer is recorded
+            return
+        if kind == "resume":
+            for t in self.queue.tasks:
+                if t.state == T.CREATING:  # the sweeper restarts a stranded create
+                    self.apply(t.task_id, Start(resume=True))
+            return
         if kind == "cancel":
             self.queue = dataclasses.replace(self.queue, cancel_requested=True)
             for t in self.queue.tasks:
@@ -590,6 +634,7 @@ def test_no_sequence_breaks_money_safety(
     data: st.DataObject, providers: int, config: ProviderConfig, events: list[str]
 ) -> None:
     sim = Sim(providers, config, data)
+    sim.crash_armed = data.draw(st.booleans(), label="the first create crashes")
     sim.apply(sim.queue.tasks[0].task_id, Start())
     sim.check()
     for kind in events:
@@ -661,3 +706,25 @@ def test_cancel_requested_during_create_reaches_the_provider_once_the_order_exis
     assert step.timer is not None  # the SLA still guards an unanswered cancel
     plain = decide(creating, ProviderAnswer("pending", "r"), CONFIG, NOW)
     assert (plain.to, plain.call) == (T.EXECUTING, None)
+
+
+def test_a_resumed_create_whose_hold_was_released_ends_without_a_create() -> None:
+    """The crash came between a rollback and its record: the attempt has not paid, and with
+    nothing held no create may follow."""
+    step = decide(task(T.CREATING), FreezeRolledBack(), CONFIG, NOW)
+    assert (step.to, step.call, step.balance) == (T.FAILED, None, None)
+    assert apply_changes(task(T.CREATING), step).freeze_state == "rolled_back"
+    cancelled = decide(task(T.CREATING, cancel_requested=True), FreezeRolledBack(), CONFIG, NOW)
+    assert (cancelled.to, cancelled.changes["outcome"]) == (T.CANCELLED, "cancelled")
+    for state in (T.PENDING, T.EXECUTING, T.RECHECKING, T.MANUAL_CHECK):
+        assert decide(task(state), FreezeRolledBack(), CONFIG, NOW).ignored
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+def test_a_resumed_create_of_a_cancelled_withdrawal_that_did_not_pay_is_cancelled(
+    status: str,
+) -> None:
+    creating = task(T.CREATING, freeze_state="frozen", cancel_requested=True)
+    step = decide(creating, ProviderAnswer(status, "r", source="create"), CONFIG, NOW)  # type: ignore[arg-type]
+    assert (step.to, step.balance) == (T.CANCELLED, "rollback")
+    assert apply_changes(creating, step).state == T.CANCELLED

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import msgspec
 import pytest
 
 from contracts.provider import CreateOrder, ProviderDestination
 from contracts.providers_file import ProviderConfig
+from orchestrator.core_client import CoreUnavailable, HttpCascadeCore
 from orchestrator.domain import Ambiguous
 from orchestrator.http import HttpClient, Timeouts, TransportFailure
 from orchestrator.providers import HttpProviderAdapter
@@ -138,3 +140,35 @@ async def test_provider_create_without_an_answer_is_ambiguous_never_a_decline() 
                 assert isinstance(result, Ambiguous), result
     finally:
         await adapter.aclose()
+
+
+def _json_answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
+@pytest.mark.parametrize("state", ["frozen", "committed", "rolled_back"])
+async def test_a_freeze_says_what_state_the_operation_is_in(client: HttpClient, state: str) -> None:
+    """A freeze repeated for a settled operation answers 200 with that state: not a hold."""
+    body = b'{"operation_id":"op-1","state":"%s"}' % state.encode()
+    server, _seen, port = await _server(_json_answer(body))
+    core = HttpCascadeCore(f"http://127.0.0.1:{port}", "t", client=client, attempts=1)
+    try:
+        assert await core.freeze("op-1", "wd-1", "p", Decimal("10.00"), "EUR") == state
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"state":"held"}', b"not json"])
+async def test_a_freeze_answer_without_a_known_state_is_not_a_hold(
+    client: HttpClient, body: bytes
+) -> None:
+    server, _seen, port = await _server(_json_answer(body))
+    core = HttpCascadeCore(f"http://127.0.0.1:{port}", "t", client=client, attempts=1)
+    try:
+        with pytest.raises(CoreUnavailable, match="unexpected answer"):
+            await core.freeze("op-1", "wd-1", "p", Decimal("10.00"), "EUR")
+    finally:
+        server.close()
