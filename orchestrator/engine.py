@@ -256,11 +256,15 @@ class Engine:
                             trace_id=trace_id,
                             details={},
                         )
-                active_task = tx.queue.active_task()
-                active = active_task.task_id if active_task else None
-                if active is None:
+                if tx.queue.active_task() is None:
                     await self._advance(tx, actor=actor, trace_id=trace_id)
                 await self._flush(tx)
+            # Also when the queue's flag was set before: a crash (or a failed drive) between
+            # that commit and the drive below left the active task without its cancel, which
+            # a repeated cancel must still deliver.
+            active_task = tx.queue.active_task()
+            if active_task is not None and not active_task.cancel_requested:
+                active = active_task.task_id
         # After releasing the connection: publishing and notifying take their own, and a
         # handler holding two at once deadlocks a busy pool.
         await self._after_commit(tx)

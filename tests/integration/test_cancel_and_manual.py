@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
 
+from orchestrator.domain import CancelRequested
 from tests.conftest import Stack, StackFactory, new_id, providers_document, withdrawal_body
 
 OPS = {"Authorization": "Bearer ops-token", "X-Operator": "alice"}
@@ -204,3 +206,35 @@ async def test_cancel_final_withdrawals(make_stack: StackFactory) -> None:
     response = await stack.client.post(f"/v1/withdrawals/{wid}/cancel", headers=stack.headers)
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "not_cancellable"
+
+
+async def test_a_cancel_cut_off_before_reaching_the_active_task_is_delivered_by_the_next(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue's cancel flag committed, then the process died before the active task heard
+    of it: cancelling again must still reach the task (and the provider)."""
+    stack = await make_stack()
+    wid = await _create(stack, ["sbx_silent", "sbx_ok"])
+    await _wait_task_state(stack, wid, 0, "EXECUTING")
+    engine = stack.runtime.engine
+    drive = engine._drive
+
+    async def dies_on_the_cancel(*args: Any, **kwargs: Any) -> None:
+        if isinstance(args[2], CancelRequested):
+            raise RuntimeError("worker died after committing the queue's flag")
+        await drive(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_drive", dies_on_the_cancel)
+    with pytest.raises(RuntimeError):
+        await engine.cancel_queue(
+            uuid.UUID((await _tasks(stack, wid))[0]["queue_id"]), reason=None, actor="test"
+        )
+    monkeypatch.setattr(engine, "_drive", drive)
+    tasks = await _tasks(stack, wid)
+    assert (tasks[0]["state"], tasks[0]["cancel_requested"]) == ("EXECUTING", False)
+    assert tasks[1]["state"] == "CANCELLED"
+
+    await _cancel(stack, wid)
+    final = await stack.wait_final(wid)
+    assert (final["status"], final["failure_code"]) == ("cancelled", "cancelled")
+    assert await _ledger_ok(stack, wid) == {"sbx_silent": "rolled_back"}
