@@ -58,6 +58,7 @@ from orchestrator.providers import ProviderAdapter
 log = logging.getLogger("cascade.engine")
 
 NOTIFY_RETRY_AFTER = timedelta(seconds=30)
+_UNMATCHED_LOG_LEVEL = {"unknown_order": logging.WARNING, "success_after_final": logging.ERROR}
 
 
 def utcnow() -> datetime:
@@ -168,9 +169,15 @@ class Engine:
                 final_states=FINAL_TASK_STATES,
             )
         if isinstance(found, str):
-            # An unknown order deserves attention; a late duplicate for a final task not.
-            (log.warning if found == "unknown_order" else log.info)(
-                "webhook changed nothing",
+            # A late duplicate for a final task is routine; an unknown order deserves a look; a
+            # success for an attempt that ended without one may be a second payout.
+            level = _UNMATCHED_LOG_LEVEL.get(found, logging.INFO)
+            log.log(
+                level,
+                "provider reports a success for an attempt that did not succeed: check for a"
+                " double payout"
+                if found == "success_after_final"
+                else "webhook changed nothing",
                 extra={
                     "provider_id": msg.provider_id,
                     "reference": msg.reference,

@@ -550,14 +550,17 @@ async def match_webhook(
     final_states: Iterable[TaskState],
 ) -> tuple[uuid.UUID, uuid.UUID] | str:
     """The (queue_id, task_id) a webhook applies to, in one round-trip; or, when no task owns
-    the order or its task is final, the reason (``unknown_order``, ``task_final``), having
-    kept the webhook in ``unmatched_webhooks`` for support."""
+    the order or its task is final, the reason (``unknown_order``; ``task_final``; or
+    ``success_after_final``, a provider paying out on an attempt that ended without success),
+    having kept the webhook in ``unmatched_webhooks`` for support."""
     row = await conn.fetchrow(
         "WITH t AS (SELECT queue_id, task_id, state FROM order_tasks WHERE provider_id = $1"
         " AND (provider_order_id = $2 OR provider_reference = $3) LIMIT 1),"
         " u AS (INSERT INTO unmatched_webhooks (provider_id, order_id, reference, status, reason)"
         " SELECT $1, $2, $3, $4,"
-        " CASE WHEN EXISTS (SELECT 1 FROM t) THEN 'task_final' ELSE 'unknown_order' END"
+        " CASE WHEN NOT EXISTS (SELECT 1 FROM t) THEN 'unknown_order'"
+        " WHEN $4 = 'succeeded' AND (SELECT state FROM t) <> 'SUCCEEDED'"
+        " THEN 'success_after_final' ELSE 'task_final' END"
         " WHERE NOT EXISTS (SELECT 1 FROM t WHERE state <> ALL($5::text[])) RETURNING reason)"
         " SELECT t.queue_id, t.task_id, (SELECT reason FROM u) AS unapplied"
         " FROM (SELECT 1) AS one LEFT JOIN t ON true",

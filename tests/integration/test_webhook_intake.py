@@ -990,3 +990,21 @@ async def test_pending_status_is_progress_not_an_outcome(in_flight: InFlight) ->
     # Still waiting for its outcome: a real one afterwards is applied.
     assert (await f.deliver("succeeded")).json()["result"] == "accepted"
     assert (await f.stack.wait_final(f.withdrawal_id))["status"] == "succeeded"
+
+
+async def test_a_success_for_an_attempt_that_failed_is_flagged_not_applied(
+    in_flight: InFlight,
+) -> None:
+    """A provider paying out on an order it had reported failed: nothing moves (the hold is
+    gone, the cascade may have paid elsewhere), and the record says why it needs a look."""
+    f = in_flight
+    assert (await f.deliver("failed")).json()["result"] == "accepted"
+    assert (await f.stack.wait_final(f.withdrawal_id))["status"] == "failed"
+    await wait_consumed(f.stack)
+    ledger_before = await f.stack.ledger()
+    assert (await f.deliver("succeeded")).json()["result"] == "accepted"
+    await wait_consumed(f.stack)
+    recorded = (await snapshot(f.stack))["unmatched_webhooks"]
+    assert [(r["status"], r["reason"]) for r in recorded] == [("succeeded", "success_after_final")]
+    assert (await f.stack.withdrawal(f.withdrawal_id))["status"] == "failed"
+    assert (await f.stack.ledger())["operations"] == ledger_before["operations"]
