@@ -28,9 +28,10 @@ ledger must report no invariant violation. A round that makes no progress for
 
 Where the time goes, per round: CPU seconds of every process (``/proc/<pid>/stat``: gateway,
 each worker, Postgres with its backends, nats-server, this client) divided by the withdrawals,
-next to what the target allows (all cores for 1/300 s: 6.67 CPU ms on two cores), and the work done per withdrawal: Postgres transactions (``pg_stat_database.xact_commit``:
-every autocommit statement counts; backends report within about a second, so these are close,
-not exact), rows inserted and updated, JetStream messages stored, and messages sent by the
+next to what the target allows (all cores for 1/300 s: 6.67 CPU ms on two cores), and the
+work done per withdrawal: Postgres transactions (``pg_stat_database.xact_commit``: every
+autocommit statement counts; backends report within about a second, so these are close, not
+exact), rows inserted and updated, JetStream messages stored, and messages sent by the
 gateway, each worker and nats-server (``write`` syscalls from ``/proc/<pid>/io``: an HTTP
 request or answer, a Postgres query, a NATS frame to another process each; a count that does
 not depend on how fast the machine is that day, unlike CPU time). The work counters are read

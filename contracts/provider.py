@@ -79,15 +79,22 @@ class ProviderWebhook(msgspec.Struct, frozen=True, kw_only=True):
     code: str | None = None
 
 
+MIN_KEY_LENGTH = 16
+"""The shortest provider idempotency key a providers file may set."""
+
+
 def provider_order_id(task_id: uuid.UUID, max_length: int) -> str:
     """Our order id at the provider: derived from the task id, never from time or randomness.
 
     Short enough for the provider's idempotency-key limit: the plain ``cg-<hex>`` form when it
-    fits, otherwise a prefix of its SHA-256 (still unique per task in practice, still stable).
+    fits, otherwise a prefix of its SHA-256: still stable, and unique per task in practice for
+    at least :data:`MIN_KEY_LENGTH` hex digits (64 bits: a collision among ten million orders
+    of one provider has a chance of about 3 in a million; 8 digits would collide within tens
+    of thousands, and two withdrawals would share one order).
     """
     plain = f"cg-{task_id.hex}"
     if len(plain) <= max_length:
         return plain
-    if max_length < 8:
+    if max_length < MIN_KEY_LENGTH:
         raise ValueError(f"provider idempotency keys of {max_length} characters are too short")
     return hashlib.sha256(plain.encode()).hexdigest()[:max_length]

@@ -13,6 +13,8 @@ from typing import Literal
 
 import msgspec
 
+from contracts.provider import MIN_KEY_LENGTH
+
 Decision = Literal["next_provider", "recheck", "manual_check", "stop_cascade"]
 DECISIONS: tuple[str, ...] = ("next_provider", "recheck", "manual_check", "stop_cascade")
 MAX_SECONDS = 365 * 86400.0
@@ -112,8 +114,10 @@ def load_providers(
             raise ProvidersFileError(f"{source}: provider id {provider_id!r} is not a valid id")
         if not config.base_url.startswith(("http://", "https://")):
             raise ProvidersFileError(f"{where}.base_url must be an http(s) URL")
-        if config.idempotency_key_max_length < 8:
-            raise ProvidersFileError(f"{where}.idempotency_key_max_length must be at least 8")
+        if config.idempotency_key_max_length < MIN_KEY_LENGTH:
+            raise ProvidersFileError(
+                f"{where}.idempotency_key_max_length must be at least {MIN_KEY_LENGTH}"
+            )
         for name, seconds in _durations(config):
             if seconds is not None and not 0 < seconds <= MAX_SECONDS:
                 raise ProvidersFileError(

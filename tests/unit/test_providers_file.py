@@ -106,8 +106,8 @@ def provider_file(**settings: Any) -> bytes:
             f"psp_a.timeouts.connect_seconds {BOUND}, not -2",
         ),
         (
-            {"idempotency_key_max_length": 4},
-            "psp_a.idempotency_key_max_length must be at least 8",
+            {"idempotency_key_max_length": 12},
+            "psp_a.idempotency_key_max_length must be at least 16",
         ),
     ],
 )
