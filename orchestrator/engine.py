@@ -83,6 +83,12 @@ def withdrawal_view(record: store.WithdrawalRecord, queue: store.QueueRecord) ->
     )
 
 
+class CreateInProgress(Exception):
+    """A webhook for a task whose create has no recorded outcome yet, because a crash cut the
+    create off (the sweeper resumes it within seconds): retried with the usual backoff, never
+    dropped, since the provider's own retries of it would be deduplicated away."""
+
+
 @dataclass(frozen=True, slots=True)
 class TimerDue:
     """A timer message as :meth:`Engine.timers_fired` takes it."""
@@ -498,6 +504,12 @@ class Engine:
             else:
                 step = decide(task, event, config, now)
             if step.ignored:
+                if (
+                    task.state == TaskState.CREATING
+                    and isinstance(event, ProviderAnswer)
+                    and event.source == "webhook"
+                ):
+                    raise CreateInProgress(f"task {task_id} is CREATING")
                 log.info(
                     "event ignored",
                     extra={

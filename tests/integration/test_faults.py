@@ -24,7 +24,9 @@ import pytest
 from contracts.provider import ProviderStatus
 from gateway.runtime import open_runtime
 from orchestrator import bus
+from orchestrator.core_client import CoreUnavailable
 from orchestrator.domain import TimerKind
+from orchestrator.engine import CreateInProgress
 from orchestrator.worker import Worker
 from sandbox.embedded import EmbeddedServiceError
 from tests.conftest import Services, Stack, StackFactory, providers_document
@@ -783,3 +785,35 @@ async def test_a_failing_message_is_dead_lettered_and_replayed_after_the_fix(
     await wait_until(lambda: dead(1), "the garbage back on the DLQ", timeout=30)
     await wait_consumed(stack)
     await assert_settled(stack, {wid: "succeeded"})
+
+
+async def test_a_webhook_for_a_create_cut_off_waits_for_its_resume(
+    make_stack: StackFactory,
+) -> None:
+    """The create's handler failed after PENDING → CREATING (here cascade-core answered 500 to
+    the freeze; a crash does the same): a webhook for that order is retried, not dropped, and
+    applies once the resumed create has recorded the order."""
+    stack = await make_stack(with_worker=False)
+    engine = stack.runtime.engine
+    wid = await create_withdrawal(stack, [SILENT])
+    (task,) = await tasks_of(stack, wid)
+    queue_id, task_id = task["queue_id"], task["task_id"]
+    await set_core_faults(stack, fault_500_ratio=1.0)
+    with pytest.raises(CoreUnavailable):
+        await engine.start_task(queue_id, task_id, actor="test")
+    await set_core_faults(stack)
+    (task,) = await tasks_of(stack, wid)
+    assert task["state"] == "CREATING"
+
+    webhook = bus.WebhookMessage(
+        provider_id=SILENT, order_id=task["provider_order_id"], reference="r-1", status="succeeded"
+    )
+    with pytest.raises(CreateInProgress):
+        await engine.webhook(webhook, None)
+    assert [t["state"] for t in await tasks_of(stack, wid)] == ["CREATING"]
+
+    await engine.start_task(queue_id, task_id, actor="sweeper")  # the sweeper's resume
+    assert [t["state"] for t in await tasks_of(stack, wid)] == ["EXECUTING"]
+    assert await engine.webhook(webhook, None)  # the retry
+    assert [t["state"] for t in await tasks_of(stack, wid)] == ["SUCCEEDED"]
+    assert "webhook.succeeded" in await event_names(stack, task_id)
