@@ -90,6 +90,13 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
 
 
+def _log_level(env: Mapping[str, str]) -> str:
+    """``LOG_LEVEL`` from :data:`LOG_LEVELS`; ``WARN``, Python's own alias, is ``WARNING``."""
+    if env.get("LOG_LEVEL", "").strip().upper() == "WARN":
+        return "WARNING"
+    return _choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS)
+
+
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -156,7 +163,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     http_port = _port(env, "HTTP_PORT", 8080)
     http_host = env.get("HTTP_HOST", "127.0.0.1")
-    public_url = env.get("PUBLIC_URL") or f"http://127.0.0.1:{http_port}"
+    # Without a trailing slash: paths are appended to it, and a "//" is not a route.
+    public_url = (env.get("PUBLIC_URL") or f"http://127.0.0.1:{http_port}").rstrip("/")
     deployment_env = _choice(env, "DEPLOYMENT_ENV", "development", DEPLOYMENT_ENVS)
     sandbox_enabled = _bool(env, "SANDBOX_ENABLED", False)
     if sandbox_enabled and deployment_env == "production":
@@ -185,7 +193,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if unleash_url and not unleash_token:
         raise SettingsError("UNLEASH_URL is set but UNLEASH_API_TOKEN is not")
 
-    sandbox_url = env.get("SANDBOX_URL") or f"{public_url}/sandbox"
+    sandbox_url = (env.get("SANDBOX_URL") or f"{public_url}/sandbox").rstrip("/")
     core_url = _url(env, "CORE_URL", ("http://", "https://"))
     if core_url is None and sandbox_enabled:
         core_url = f"{sandbox_url}/core"
@@ -225,7 +233,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         core_token=env.get("CORE_TOKEN", "core-token"),
         http_host=http_host,
         http_port=http_port,
-        public_url=public_url.rstrip("/"),
+        public_url=public_url,
         sandbox_enabled=sandbox_enabled,
         deployment_env=deployment_env,
         providers_file=providers_file,
@@ -241,6 +249,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sandbox_flaky_success_delay=_number(
             env, "SANDBOX_FLAKY_SUCCESS_DELAY_SECONDS", 2.0, maximum=HOUR
         ),
-        log_level=_choice(env, "LOG_LEVEL", "INFO", LOG_LEVELS),
+        log_level=_log_level(env),
         wait_for_schema_seconds=_number(env, "WAIT_FOR_SCHEMA_SECONDS", 0, maximum=HOUR),
     )

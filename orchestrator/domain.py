@@ -196,9 +196,18 @@ class FreezeRefused:
 @dataclass(frozen=True)
 class FreezeRolledBack:
     """The freeze of a resumed create answered ``rolled_back``: this attempt's hold was
-    already released, which this service does only once an attempt has definitively not
-    paid (a decline, a failure, a cancellation, a negative resolution) — the crash came
-    between that rollback and its state write. No create may follow: nothing is held."""
+    already released, which this service does for a creating attempt only on a definitive
+    non-payment (a decline, a failed or cancelled order) — the crash came between that
+    rollback and its state write. No create may follow: nothing is held. What the provider
+    said is lost with the crash, and the error table may have said ``stop_cascade`` (a closed
+    account): so the cascade stops here rather than pay the destination elsewhere."""
+
+
+@dataclass(frozen=True)
+class FreezeCommitted:
+    """The freeze of a resumed create answered ``committed``: this attempt was paid and its
+    commit made before the crash that lost the record. It succeeded; no create is replayed
+    (a provider that no longer honours the key could open a second order)."""
 
 
 AnswerSource = Literal["create", "poll", "webhook", "cancel"]
@@ -252,6 +261,7 @@ Event = (
     Start
     | FreezeRefused
     | FreezeRolledBack
+    | FreezeCommitted
     | ProviderAnswer
     | Declined
     | Ambiguous
@@ -469,6 +479,16 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
                     "provider_code": "freeze_rolled_back",
                     "freeze_state": "rolled_back",
                 },
+                clear_timer=True,
+                stop_cascade=not cancelled,
+            )
+        case FreezeCommitted():
+            if task.state != T.CREATING:
+                return ignore("freeze.committed", f"task is {task.state}")
+            return Step(
+                event="freeze.committed",
+                to=T.SUCCEEDED,
+                changes={"freeze_state": "committed"},
                 clear_timer=True,
             )
         case Declined(code=code):
@@ -704,6 +724,16 @@ class PublicState:
     failure_code: Outcome | None
 
 
+def _attempted(task: OrderTask) -> bool:
+    """Whether the task's provider was tried: not one skipped or cancelled while pending (no
+    freeze, no outcome of its own, or only the cancellation's)."""
+    return not (
+        task.state in (T.SKIPPED, T.CANCELLED)
+        and task.freeze_state == "none"
+        and task.outcome in (None, "cancelled")
+    )
+
+
 def public_state(queue: OrderQueue) -> PublicState:
     """The only mapping from internal states to the legacy API's four statuses.
 
@@ -714,7 +744,7 @@ def public_state(queue: OrderQueue) -> PublicState:
     shown = next((t for t in tasks if t.state == T.SUCCEEDED), None)
     if shown is None:
         started = [t for t in tasks if t.state != T.PENDING and t.provider_reference is not None]
-        touched = [t for t in tasks if t.state != T.PENDING]
+        touched = [t for t in tasks if t.state != T.PENDING and _attempted(t)]
         shown = (started or touched or list(tasks[:1]))[-1]
     reference = shown.provider_reference
     if queue.state == QueueState.ACTIVE:

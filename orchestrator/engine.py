@@ -32,6 +32,7 @@ from orchestrator.domain import (
     Ambiguous,
     CancelRequested,
     Event,
+    FreezeCommitted,
     FreezeRefused,
     FreezeRolledBack,
     OrderQueue,
@@ -559,7 +560,7 @@ class Engine:
             if (
                 step.call == "freeze_and_create"
                 and task.freeze_state != "frozen"
-                and not isinstance(event, FreezeRefused | FreezeRolledBack)
+                and not isinstance(event, FreezeRefused | FreezeRolledBack | FreezeCommitted)
             ):
                 task = dataclasses.replace(task, freeze_state="frozen")
 
@@ -769,8 +770,8 @@ class Engine:
                 raise
             if held == "rolled_back":
                 return FreezeRolledBack()
-            # "committed": this attempt was paid and committed before a crash. Its create is
-            # replayed (same key) for the provider's answer; the commit it leads to is a replay.
+            if held == "committed":
+                return FreezeCommitted()
             fault_point("after_freeze")
             destination = msgspec.convert(record.destination, ProviderDestination)
             order = CreateOrder(
@@ -878,6 +879,8 @@ def _details(event: Event) -> dict[str, object]:
             return {"core_code": code}
         case FreezeRolledBack():
             return {"core_state": "rolled_back"}
+        case FreezeCommitted():
+            return {"core_state": "committed"}
         case Resolve(positive=positive, reason=reason, actor=actor):
             return {
                 "decision": "positive" if positive else "negative",

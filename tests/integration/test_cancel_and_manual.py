@@ -133,6 +133,8 @@ async def test_cancel_executing_with_provider_cancel(make_stack: StackFactory) -
     await _cancel(stack, wid)
     final = await stack.wait_final(wid)
     assert (final["status"], final["failure_code"]) == ("cancelled", "cancelled")
+    # The provider that was executing it, not the one cancelled before it was tried.
+    assert final["provider_id"] == "sbx_silent"
     tasks = await _tasks(stack, wid)
     assert [t["state"] for t in tasks] == ["CANCELLED", "CANCELLED"]
     assert await _ledger_ok(stack, wid) == {"sbx_silent": "rolled_back"}

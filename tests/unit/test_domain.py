@@ -27,6 +27,7 @@ from orchestrator.domain import (
     CancelRequested,
     Declined,
     Event,
+    FreezeCommitted,
     FreezeRefused,
     FreezeRolledBack,
     IllegalTransition,
@@ -125,6 +126,7 @@ def test_final_tasks_ignore_everything() -> None:
         Ambiguous("x"),
         FreezeRefused("x"),
         FreezeRolledBack(),
+        FreezeCommitted(),
     ]
     for state in FINAL_TASK_STATES:
         for event in events:
@@ -431,12 +433,14 @@ TIMER_KINDS: list[TimerKind] = ["recheck", "webhook_timeout", "status_tick", "st
 class Ledger:
     states: dict[uuid.UUID, str] = dataclasses.field(default_factory=dict)
     commits: int = 0
+    crashed: set[uuid.UUID] = dataclasses.field(default_factory=set)
+    """Operations whose settling call was made by a worker that died before recording it."""
 
     def apply(self, operation: str, task_id: uuid.UUID) -> None:
         current = self.states.get(task_id)
         settled = "committed" if operation == "commit" else "rolled_back"
-        if current == settled:
-            return  # a replay after a crash: cascade-core answers the same, nothing moves
+        if current == settled and task_id in self.crashed:
+            return  # its replay after the crash: cascade-core answers the same, nothing moves
         assert current == "frozen", f"{operation} of a {current} freeze"
         self.states[task_id] = settled
         self.commits += operation == "commit"
@@ -470,6 +474,7 @@ class Sim:
         self.now = NOW
         self.seen_final: dict[uuid.UUID, TaskState] = {}
         self.crash_armed = False
+        self.stop_after = providers  # position of an attempt whose decline stops the cascade
 
     def put(self, new: OrderTask) -> None:
         old = self.queue.task(new.task_id)
@@ -491,9 +496,11 @@ class Sim:
             if held == "rolled_back":
                 return FreezeRolledBack()  # cascade-core answers the settled state
             if held == "committed":
-                # Paid and committed before a crash: the create's replay finds the order paid.
-                return ProviderAnswer("succeeded", "ref", source="create")
+                return FreezeCommitted()  # paid and committed before the crash
             outcome = self.data.draw(provider_outcome)
+            if outcome == "closed":
+                # The provider's word, whether or not a crash loses it: stop the cascade.
+                self.stop_after = min(self.stop_after, current.position)
             if outcome == "refused":
                 if held is None:
                     return FreezeRefused("insufficient_balance")
@@ -534,6 +541,7 @@ class Sim:
                 self.ledger.apply(step.balance, task_id)
             if in_create and self.crash_armed:
                 self.crash_armed = False
+                self.ledger.crashed.add(task_id)
                 raise Crash
             after = apply_changes(current, step)
             if after.state == T.NEGATIVE_EVAL:
@@ -615,6 +623,9 @@ class Sim:
 
     def check(self) -> None:
         assert self.ledger.commits <= 1, "two commits for one withdrawal"
+        for t in self.queue.tasks:
+            if t.position > self.stop_after:
+                assert t.task_id not in self.ledger.states, "tried a provider after a stop"
         public = public_state(self.queue)
         assert public.status in ("processing", "succeeded", "failed", "cancelled")
         if self.queue.final:
@@ -713,6 +724,7 @@ def test_a_resumed_create_whose_hold_was_released_ends_without_a_create() -> Non
     nothing held no create may follow."""
     step = decide(task(T.CREATING), FreezeRolledBack(), CONFIG, NOW)
     assert (step.to, step.call, step.balance) == (T.FAILED, None, None)
+    assert step.stop_cascade  # the decline lost with the crash may have said so
     assert apply_changes(task(T.CREATING), step).freeze_state == "rolled_back"
     cancelled = decide(task(T.CREATING, cancel_requested=True), FreezeRolledBack(), CONFIG, NOW)
     assert (cancelled.to, cancelled.changes["outcome"]) == (T.CANCELLED, "cancelled")
@@ -728,3 +740,32 @@ def test_a_resumed_create_of_a_cancelled_withdrawal_that_did_not_pay_is_cancelle
     step = decide(creating, ProviderAnswer(status, "r", source="create"), CONFIG, NOW)  # type: ignore[arg-type]
     assert (step.to, step.balance) == (T.CANCELLED, "rollback")
     assert apply_changes(creating, step).state == T.CANCELLED
+
+
+def test_a_resumed_create_already_committed_succeeds_without_a_create() -> None:
+    step = decide(task(T.CREATING), FreezeCommitted(), CONFIG, NOW)
+    assert (step.to, step.call, step.balance) == (T.SUCCEEDED, None, None)
+    assert apply_changes(task(T.CREATING), step).freeze_state == "committed"
+    assert decide(task(T.EXECUTING), FreezeCommitted(), CONFIG, NOW).ignored
+
+
+@pytest.mark.parametrize(
+    ("second", "outcome"),
+    [(T.SKIPPED, None), (T.CANCELLED, "cancelled")],  # stopped, or cancelled, before its turn
+)
+def test_the_public_provider_is_one_that_was_tried(second: TaskState, outcome: str | None) -> None:
+    queue_id = uuid.uuid4()
+    declined = task(T.SKIPPED, outcome="declined", freeze_state="rolled_back")
+    untried = task(second, outcome=outcome)
+    queue = OrderQueue(
+        queue_id=queue_id,
+        withdrawal_id="w",
+        state=QueueState.FAILED,
+        version=1,
+        tasks=(
+            dataclasses.replace(declined, queue_id=queue_id, position=0, provider_id="p0"),
+            dataclasses.replace(untried, queue_id=queue_id, position=1, provider_id="p1"),
+        ),
+        failure_code="declined",
+    )
+    assert public_state(queue).provider_id == "p0"

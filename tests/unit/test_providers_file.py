@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,14 @@ import pytest
 
 from contracts.providers_file import ProvidersFileError, StatusPolling, load_providers
 from orchestrator.bus import schedule_headers
-from orchestrator.domain import recheck_delay
+from orchestrator.domain import (
+    OrderTask,
+    TaskState,
+    TimerFired,
+    after_poll_pending,
+    decide,
+    recheck_delay,
+)
 
 
 def providers_file(status_polling: dict[str, Any] | None) -> bytes:
@@ -130,9 +138,28 @@ def test_the_longest_durations_allowed_still_arm_timers() -> None:
         {},
     )
     config = loaded.providers["psp_a"]
-    # The latest timer these settings can ask for: the polling deadline, SLA + polling timeout.
-    latest = datetime.now(UTC) + timedelta(seconds=2 * year)
-    assert schedule_headers("t", latest)["Nats-Schedule"].startswith(f"@at {latest.year}-")
+    now = datetime.now(UTC)
+    executing = OrderTask(
+        task_id=uuid.uuid4(),
+        queue_id=uuid.uuid4(),
+        position=0,
+        provider_id="psp_a",
+        state=TaskState.EXECUTING,
+        version=3,
+        provider_order_id="cg-x",
+        freeze_state="frozen",
+        state_entered_at=now,
+    )
+    # The SLA fires: the next timer is the polling deadline (SLA + timeout), the latest these
+    # settings can ask for; the domain computes it and the broker's schedule header takes it.
+    step = decide(executing, TimerFired("webhook_timeout", 0), config, now + timedelta(days=365))
+    assert step.call == "poll"
+    polled = after_poll_pending(executing, config, now + timedelta(days=365))
+    assert polled.timer is not None
+    assert polled.timer.due_at == now + timedelta(seconds=2 * year)
+    header = schedule_headers("t", polled.timer.due_at)["Nats-Schedule"]
+    assert header.startswith(f"@at {polled.timer.due_at.year}-")
+    # The backoff's power overflows a float long before max_attempts could stop it: capped.
     assert recheck_delay(config, 5000) == year
 
 

@@ -111,3 +111,19 @@ def test_defaults_need_no_environment() -> None:
         "development",
     )
     assert settings.nats_namespace == ""
+
+
+def test_urls_with_a_trailing_slash_still_make_routable_paths() -> None:
+    """The sandbox's own URLs are built from PUBLIC_URL / SANDBOX_URL: no "//" in them."""
+    settings = load_settings({"PUBLIC_URL": "http://gw.example:8080/", "SANDBOX_ENABLED": "true"})
+    assert settings.public_url == "http://gw.example:8080"
+    assert settings.core_url == "http://gw.example:8080/sandbox/core"
+    assert (
+        settings.providers["sbx_ok"].base_url == "http://gw.example:8080/sandbox/providers/sbx_ok"
+    )
+    explicit = load_settings({"SANDBOX_URL": "http://sbx.example/sandbox/", "SANDBOX_ENABLED": "1"})
+    assert explicit.core_url == "http://sbx.example/sandbox/core"
+
+
+def test_warn_is_warning() -> None:
+    assert load_settings({"LOG_LEVEL": "warn"}).log_level == "WARNING"
