@@ -151,6 +151,30 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class _MethodCheckingParser:
+    """httptools' request parser, calling ``on_unknown_method`` instead of raising when a
+    request's method is not one it knows; everything else is the parser's own."""
+
+    def __init__(
+        self, parser: httptools.HttpRequestParser, on_unknown_method: Callable[[bytes], None]
+    ):
+        self._parser = parser
+        self._on_unknown_method = on_unknown_method
+        self._refused = False
+
+    def feed_data(self, data: bytes) -> None:
+        if self._refused:
+            return  # the parser stopped at the refused method; the connection is closing
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserInvalidMethodError:
+            self._refused = True
+            self._on_unknown_method(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
 # A request line; group 1 is the method. The parser knows these and more; a refused request's
 # method is not among them.
 _REQUEST_LINE = re.compile(rb"(?:\A|\r\n)([^\s:]+) \S+ HTTP/\d\.\d\r\n")
@@ -190,27 +214,3 @@ def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-
-
-class _MethodCheckingParser:
-    """httptools' request parser, calling ``on_unknown_method`` instead of raising when a
-    request's method is not one it knows; everything else is the parser's own."""
-
-    def __init__(
-        self, parser: httptools.HttpRequestParser, on_unknown_method: Callable[[bytes], None]
-    ):
-        self._parser = parser
-        self._on_unknown_method = on_unknown_method
-        self._refused = False
-
-    def feed_data(self, data: bytes) -> None:
-        if self._refused:
-            return  # the parser stopped at the refused method; the connection is closing
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserInvalidMethodError:
-            self._refused = True
-            self._on_unknown_method(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._parser, name)

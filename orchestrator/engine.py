@@ -59,7 +59,17 @@ from orchestrator.providers import ProviderAdapter
 log = logging.getLogger("cascade.engine")
 
 NOTIFY_RETRY_AFTER = timedelta(seconds=30)
-_UNMATCHED_LOG_LEVEL = {"unknown_order": logging.WARNING, "success_after_final": logging.ERROR}
+# How a webhook that changed nothing is logged, by reason: a late duplicate for a final task is
+# routine; an unknown order deserves a look; a success for an attempt that ended without one
+# may be a second payout.
+_UNMATCHED_LOG = {
+    "task_final": (logging.INFO, "webhook changed nothing"),
+    "unknown_order": (logging.WARNING, "webhook changed nothing"),
+    "success_after_final": (
+        logging.ERROR,
+        "provider reports a success for an attempt that did not succeed: check for a double payout",
+    ),
+}
 
 
 def utcnow() -> datetime:
@@ -176,15 +186,10 @@ class Engine:
                 final_states=FINAL_TASK_STATES,
             )
         if isinstance(found, str):
-            # A late duplicate for a final task is routine; an unknown order deserves a look; a
-            # success for an attempt that ended without one may be a second payout.
-            level = _UNMATCHED_LOG_LEVEL.get(found, logging.INFO)
+            level, message = _UNMATCHED_LOG[found]
             log.log(
                 level,
-                "provider reports a success for an attempt that did not succeed: check for a"
-                " double payout"
-                if found == "success_after_final"
-                else "webhook changed nothing",
+                message,
                 extra={
                     "provider_id": msg.provider_id,
                     "reference": msg.reference,
