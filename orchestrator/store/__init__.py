@@ -1,4 +1,7 @@
-"""Postgres, the system of record: withdrawals, queues, tasks, audit rows, outbox, notifications.
+"""Postgres, the system of record: every query the project runs lives in this package.
+
+This module: withdrawals, queues, tasks, audit rows, outbox, notifications (the engine's
+reads and writes).
 
 Runtime queries use asyncpg directly (measured on these machines: ~2× the transaction rate of
 the same statements through SQLAlchemy Core); SQLAlchemy serves Alembic's migrations.
