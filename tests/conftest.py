@@ -36,7 +36,8 @@ from sandbox.app import Sandbox
 from sandbox.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# The frozen legacy API contract and its recorded exchanges: part of the repository.
+LEGACY_API = ROOT / "docs" / "legacy-api"
 API_TOKEN = "cascade-core-token"
 
 

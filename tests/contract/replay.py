@@ -1,6 +1,6 @@
 """The exchange replayer: sends recorded requests over real HTTP and checks the answers.
 
-Implements the comparison rules of ``legacy-api/README.md``: status, the listed headers
+Implements the comparison rules of ``docs/legacy-api/README.md``: status, the listed headers
 (names case-insensitive, ``null`` = must be absent), and the body byte for byte except for
 placeholders, each standing for one JSON string's inner text (or a whole value for
 ``{{ref}}`` and ``{{code}}``).

@@ -2,7 +2,7 @@
 
 Schemathesis generates the cases (positive and negative data for every operation) and runs its
 response checks against the document. :func:`wire_problems` adds what the OpenAPI document can
-only describe in prose, each rule taken from ``legacy-api/README.md`` (the oracle here is the
+only describe in prose, each rule taken from ``docs/legacy-api/README.md`` (the oracle here is the
 contract, not the app's own encoder): ``Content-Type`` exactly ``application/json``,
 ``X-Request-Id`` echoed or freshly generated, compact minimally escaped UTF-8 bodies, key order,
 the error envelope with the status's code and message, and ``request_id`` equal to the header.

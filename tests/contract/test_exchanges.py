@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SHARED, StackFactory, flags_document
+from tests.conftest import LEGACY_API, StackFactory, flags_document
 from tests.contract.replay import load_exchange, normalise, replay
 
-EXCHANGES = sorted((SHARED / "legacy-api" / "exchanges").glob("*.json"))
+EXCHANGES = sorted((LEGACY_API / "exchanges").glob("*.json"))
 COHORTS = {
     "legacy": flags_document(enabled=False),
     "cascade": flags_document(enabled=True),

@@ -37,7 +37,7 @@ from contracts.legacy import (
     parse_create_withdrawal,
 )
 
-EXCHANGES = Path(__file__).resolve().parents[2].parent / "shared" / "legacy-api" / "exchanges"
+EXCHANGES = Path(__file__).resolve().parents[2] / "docs" / "legacy-api" / "exchanges"
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 AMOUNT = re.compile(r"[0-9]+\.[0-9]{2}")

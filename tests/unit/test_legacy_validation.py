@@ -26,7 +26,7 @@ from contracts.legacy import (
     parse_create_withdrawal,
 )
 
-EXCHANGES = Path(__file__).resolve().parents[2].parent / "shared" / "legacy-api" / "exchanges"
+EXCHANGES = Path(__file__).resolve().parents[2] / "docs" / "legacy-api" / "exchanges"
 
 _ABSENT = object()
 
