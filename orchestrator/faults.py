@@ -1,23 +1,41 @@
-"""Crash-test hooks: the process kills itself (SIGKILL) at a named point when told to.
+"""Named crash windows in the engine: no-ops unless a test harness installs a hook.
 
-``CASCADE_FAULT_POINT=<name>`` arms one point; ``CASCADE_FAULT_AFTER=<n>`` lets it pass
-``n`` times first. Unset (always, outside the fault tests), a point costs one dict lookup.
-Points: ``after_freeze``, ``after_provider_create``, ``after_balance_call``,
-``after_state_write`` (committed, nothing published yet), ``after_publish``.
+The engine calls ``fault_point(name)`` where a crash would leave half-done work behind
+(:data:`POINTS`; ``after_state_write`` is committed with nothing published yet). Nothing
+here reads the environment or touches a process: with no hook installed (always, outside the
+crash tests) a point costs one loop over an empty list. The crash tests' launcher
+(``tests/crashpoint.py``) installs a hook that SIGKILLs the worker at the point it is given.
 """
 
 from __future__ import annotations
 
-import os
-import signal
+from collections.abc import Callable
 
-ENV = "CASCADE_FAULT_POINT"
-_passes = {"count": 0}
+POINTS = (
+    "after_freeze",
+    "after_provider_create",
+    "after_balance_call",
+    "after_state_write",
+    "after_publish",
+)
+"""Every name the engine passes to :func:`fault_point`."""
+
+FaultHook = Callable[[str], None]
+"""Called with the point's name each time the engine passes it."""
+
+_hooks: list[FaultHook] = []
+
+
+def install(hook: FaultHook) -> None:
+    """Make ``hook`` the one hook every fault point calls (replacing any earlier one)."""
+    _hooks[:] = [hook]
+
+
+def uninstall() -> None:
+    """Back to no-ops."""
+    _hooks.clear()
 
 
 def fault_point(name: str) -> None:
-    if os.environ.get(ENV) != name:
-        return
-    _passes["count"] += 1
-    if _passes["count"] > int(os.environ.get("CASCADE_FAULT_AFTER", "0")):
-        os.kill(os.getpid(), signal.SIGKILL)
+    for hook in _hooks:
+        hook(name)

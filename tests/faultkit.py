@@ -1,7 +1,8 @@
 """What the fault tests share: a worker as a real process, raw bus messages, the invariants.
 
 ``WorkerProcess`` runs ``python -m gateway.cli worker`` with a stack's settings, so a test can
-SIGKILL it (``CASCADE_FAULT_POINT``) and start another. ``publish`` puts a message on a
+kill it and start another; with ``crash=CrashAt(point, after)`` it runs under
+``tests.crashpoint``, which SIGKILLs it at that fault point. ``publish`` puts a message on a
 stack's subject *without* ``Nats-Msg-Id``: JetStream's duplicate window must not hide the
 duplicates the handlers are meant to absorb. ``assert_settled`` checks the money-safety
 invariants of DESIGN.md on the record (Postgres) and on the sandbox ledger.
@@ -20,7 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -71,7 +72,7 @@ def stack_env(stack: Stack, **extra: str) -> dict[str, str]:
     settings = stack.settings
     assert settings.database_url is not None
     assert settings.nats_url is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_FAULT_")}
+    env = dict(os.environ)
     env.update(
         {
             "DATABASE_URL": settings.database_url,
@@ -92,14 +93,26 @@ def stack_env(stack: Stack, **extra: str) -> dict[str, str]:
     return env
 
 
+class CrashAt(NamedTuple):
+    """Where a worker SIGKILLs itself: the fault point, after letting it pass ``after`` times."""
+
+    point: str
+    after: int = 0
+
+
 class WorkerProcess:
     """One ``cascade-gateway worker`` child; its output goes to ``log_path``."""
 
-    def __init__(self, stack: Stack, log_path: Path, **env: str) -> None:
+    def __init__(
+        self, stack: Stack, log_path: Path, *, crash: CrashAt | None = None, **env: str
+    ) -> None:
         self.log_path = log_path
+        launcher = ["gateway.cli"]
+        if crash is not None:
+            launcher = ["tests.crashpoint", "--after", str(crash.after), crash.point]
         with log_path.open("ab") as log:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "worker"],
+                [sys.executable, "-m", *launcher, "worker"],
                 env=stack_env(stack, **env),
                 cwd=ROOT,
                 stdout=log,
@@ -146,9 +159,11 @@ class WorkerProcess:
 
 
 @contextlib.asynccontextmanager
-async def worker_process(stack: Stack, log_path: Path, **env: str) -> AsyncIterator[WorkerProcess]:
+async def worker_process(
+    stack: Stack, log_path: Path, *, crash: CrashAt | None = None, **env: str
+) -> AsyncIterator[WorkerProcess]:
     """A worker child that is always gone when the block ends, whatever happened inside."""
-    proc = WorkerProcess(stack, log_path, **env)
+    proc = WorkerProcess(stack, log_path, crash=crash, **env)
     try:
         yield proc
     finally:

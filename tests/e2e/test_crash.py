@@ -1,10 +1,11 @@
 """Crash faults: a real worker process SIGKILLs itself at an injected point, another takes over.
 
 The gateway runs in the test process (``make_stack(with_worker=False)``); the worker is
-``python -m gateway.cli worker`` with the same settings and ``CASCADE_FAULT_POINT``. It runs
-with ``WORKER_CONCURRENCY=1`` so that messages are handled one at a time in stream order and
-``CASCADE_FAULT_AFTER`` picks *which* call dies. The four withdrawals are created before the
-worker starts, so the stream holds their first ``order.task.start`` messages in this order:
+``python -m tests.crashpoint --after N POINT worker``: the worker with the same settings and a
+fault hook that SIGKILLs it. It runs with ``WORKER_CONCURRENCY=1`` so that messages are
+handled one at a time in stream order and ``--after`` picks *which* call dies. The four
+withdrawals are created before the worker starts, so the stream holds their first
+``order.task.start`` messages in this order:
 
 1. ``[sbx_sync_ok]``: freeze #1, create #1 (succeeded), commit = balance call #1,
    commits #1 (→ CREATING) and #2 (→ SUCCEEDED, queue COMPLETED);
@@ -25,6 +26,7 @@ import pytest
 
 from tests.conftest import Stack, StackFactory
 from tests.faultkit import (
+    CrashAt,
     assert_settled,
     create_withdrawal,
     task_events,
@@ -103,8 +105,7 @@ async def test_worker_killed_at_a_fault_point_recovers(
     async with worker_process(
         stack,
         tmp_path / "worker-faulty.log",
-        CASCADE_FAULT_POINT=point,
-        CASCADE_FAULT_AFTER=str(after),
+        crash=CrashAt(point, after),
         WORKER_CONCURRENCY="1",
     ) as faulty:
         code = await faulty.wait_exit(timeout=30)
@@ -157,8 +158,7 @@ async def test_worker_killed_with_many_withdrawals_in_flight(
     async with worker_process(
         stack,
         tmp_path / "worker-faulty.log",
-        CASCADE_FAULT_POINT=point,
-        CASCADE_FAULT_AFTER=str(after),
+        crash=CrashAt(point, after),
     ) as faulty:
         code = await faulty.wait_exit(timeout=30)
     assert code == -9, f"worker exited with {code}, not SIGKILL; log:\n{faulty.log_tail()}"
