@@ -25,11 +25,11 @@ import json
 import re
 import secrets
 from decimal import Decimal
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import jsonschema
 import schemathesis
-from schemathesis import Case, CheckFunction
+from schemathesis import CheckFunction
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.transport import Response
 from schemathesis.specs.openapi.checks import (
@@ -40,6 +40,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.conftest import API_TOKEN, ROOT
+
+if TYPE_CHECKING:
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 OPENAPI_PATH: Final = ROOT / "contracts" / "openapi.json"
 DOCUMENT: Final[dict[str, Any]] = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
@@ -185,7 +188,7 @@ def _unique(value: str, limit: int) -> str:
     return value[: limit - len(suffix)] + suffix
 
 
-def make_unique(case: Case) -> None:
+def make_unique(case: OpenApiCase) -> None:
     """A well-formed ``withdrawal_id`` and ``Idempotency-Key`` get a unique suffix (still well
     formed), so positive creates are 201 and not 409; malformed ones are left as generated."""
     body = case.body
@@ -198,7 +201,7 @@ def make_unique(case: Case) -> None:
         case.headers["Idempotency-Key"] = _unique(key, 255)
 
 
-def use_sandbox_provider(case: Case, provider: str) -> None:
+def use_sandbox_provider(case: OpenApiCase, provider: str) -> None:
     body = case.body
     if isinstance(body, dict):
         cascade = body.get("cascade")

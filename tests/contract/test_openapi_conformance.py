@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -43,12 +43,15 @@ import requests
 import requests.structures
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import Case, GenerationMode, Response
+from schemathesis import GenerationMode, Response
 from schemathesis.core import NotSet
 from schemathesis.core.failures import FailureGroup
 
 from tests.conftest import Stack, StackFactory, flags_document, new_id, withdrawal_body
 from tests.contract import schemathesis_support as sts
+
+if TYPE_CHECKING:
+    from schemathesis.specs.openapi.schemas import OpenApiCase
 
 COHORTS = {
     "legacy": flags_document(enabled=False),
@@ -97,7 +100,7 @@ class Expect:
 
 
 def request_of(
-    case: Case, url: str, forced: Mapping[str, str | None] | None = None
+    case: OpenApiCase, url: str, forced: Mapping[str, str | None] | None = None
 ) -> dict[str, Any]:
     """The request schemathesis would send for ``case``, with the ``forced`` headers on the wire
     (``None`` removes one). Forced here, after serialisation, because schemathesis drops a
@@ -112,21 +115,34 @@ def request_of(
     return kwargs
 
 
-def _problems(case: Case, response: Response, expect: Expect | None) -> list[str]:
+def _sent_header(response: Response, name: str) -> str | None:
+    """A header of the request that got ``response``, as it went on the wire."""
+    value = response.request.headers.get(name)
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+def _sent_json(response: Response) -> Any:
+    """The JSON body of the request that got ``response``, as it went on the wire."""
+    body = response.request.body
+    assert isinstance(body, str | bytes), f"expected a JSON body, sent {body!r}"
+    return json.loads(body)
+
+
+def _problems(case: OpenApiCase, response: Response, expect: Expect | None) -> list[str]:
     """Everything wrong with ``response`` to ``case``; empty when it is as documented.
 
     What was sent is read from the request on the wire, not from the case.
     """
     label = case.operation.label
-    sent = response.request.headers
     problems = []
     try:
         case.validate_response(response, checks=list(sts.CHECKS))
     except FailureGroup as group:
         problems += [f"{failure.title}: {failure.message}" for failure in group.exceptions]
-    problems += sts.wire_problems(response, sent.get("X-Request-Id"), may_replay=label == CREATE)
+    sent_rid = _sent_header(response, "X-Request-Id")
+    problems += sts.wire_problems(response, sent_rid, may_replay=label == CREATE)
     if case.path.startswith("/v1/"):
-        if sent.get("Authorization") != sts.TOKEN_HEADER:
+        if _sent_header(response, "Authorization") != sts.TOKEN_HEADER:
             expect = Expect(401, "unauthorized")
         elif response.status_code == 401:
             problems.append("the configured API token must be accepted")
@@ -139,13 +155,13 @@ def _problems(case: Case, response: Response, expect: Expect | None) -> list[str
         if response.status_code != expect.status or (expect.code and code != expect.code):
             problems.append(f"must be {expect}, got {response.status_code} {code}")
     if label == CREATE and response.status_code in (200, 201):
-        problems += sts.created_problems(json.loads(response.request.body), body)
+        problems += sts.created_problems(_sent_json(response), body)
     return problems
 
 
 def _send(
     run: Run,
-    case: Case,
+    case: OpenApiCase,
     mode: GenerationMode,
     request: dict[str, Any],
     expect: Expect | None = None,
@@ -164,7 +180,7 @@ def _send(
     return response
 
 
-def _exercise(run: Run, case: Case, data: st.DataObject, mode: GenerationMode) -> None:
+def _exercise(run: Run, case: OpenApiCase, data: st.DataObject, mode: GenerationMode) -> None:
     label = case.operation.label
     forced: dict[str, str | None] = {}
     if case.path.startswith("/v1/"):
@@ -190,13 +206,13 @@ def _exercise(run: Run, case: Case, data: st.DataObject, mode: GenerationMode) -
     request = request_of(case, run.url, forced)
     response = _send(run, case, mode, request, expect)
     if label == CREATE and response.status_code == 201:
-        run.known_ids.append(json.loads(response.request.body)["withdrawal_id"])
+        run.known_ids.append(_sent_json(response)["withdrawal_id"])
         kind = data.draw(st.sampled_from(FOLLOW_UPS), label="follow-up")
         _follow_up(run, case, mode, request, kind)
 
 
 def _follow_up(
-    run: Run, case: Case, mode: GenerationMode, request: dict[str, Any], kind: str
+    run: Run, case: OpenApiCase, mode: GenerationMode, request: dict[str, Any], kind: str
 ) -> None:
     """The created withdrawal asked for again: replay, duplicate or key conflict."""
     headers = requests.structures.CaseInsensitiveDict(request["headers"])
@@ -220,7 +236,7 @@ def _property(run: Run, label: str, mode: GenerationMode) -> Callable[[], None]:
         max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )
     @given(case=OPERATIONS[label].as_strategy(generation_mode=mode), data=st.data())
-    def check(case: Case, data: st.DataObject) -> None:
+    def check(case: OpenApiCase, data: st.DataObject) -> None:
         _exercise(run, case, data, mode)
 
     return check
@@ -382,7 +398,7 @@ async def test_generated_cases_conform(make_stack: StackFactory, cohort: str) ->
 # --- bugs the run found: pinned, strict ------------------------------------------------------
 
 
-async def _call(stack: Stack, label: str, **kwargs: Any) -> tuple[Case, Response]:
+async def _call(stack: Stack, label: str, **kwargs: Any) -> tuple[OpenApiCase, Response]:
     kwargs.setdefault("headers", {"Authorization": sts.TOKEN_HEADER})
     case = OPERATIONS[label].Case(**kwargs)
     request = request_of(case, stack.url)
