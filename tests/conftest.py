@@ -150,7 +150,7 @@ def flags_document(
 
 def providers_document() -> dict[str, Any]:
     """The sandbox providers with test-speed timers."""
-    doc = json.loads((ROOT / "config" / "providers.sandbox.json").read_text())
+    doc: dict[str, Any] = json.loads((ROOT / "config" / "providers.sandbox.json").read_text())
     for provider in doc["providers"].values():
         provider["webhook_sla_seconds"] = 2
         provider["status_polling"] = {"interval_seconds": 1, "max_polls": 1}

@@ -90,7 +90,8 @@ async def test_replay_answers_the_same_after_the_flag_flipped(
     )
     assert (await stack.wait_final(other))["status"] == "failed"  # legacy now
     async with stack.runtime.pool.acquire() as conn:
-        cohorts = dict(await conn.fetch("SELECT withdrawal_id, cohort FROM withdrawals"))
+        rows = await conn.fetch("SELECT withdrawal_id, cohort FROM withdrawals")
+    cohorts = {row["withdrawal_id"]: row["cohort"] for row in rows}
     assert cohorts == {wid: "cascade", other: "legacy"}
 
 

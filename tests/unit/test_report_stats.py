@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import cast
 
+import asyncpg
 import pytest
 
 from gateway.report import (
@@ -155,14 +156,17 @@ def test_design_is_labelled_from_the_stored_reasons() -> None:
     assert _design(_reasons())[0] == "none"
 
 
-def _split(cohort: str, merchants: int, withdrawals: int, rollout: int = 30) -> dict[str, Any]:
-    return {
+def _split(cohort: str, merchants: int, withdrawals: int, rollout: int = 30) -> asyncpg.Record:
+    """One row of the report's split query. asyncpg cannot build a Record outside a query;
+    ``_sample_ratio`` reads its rows by column name only, which a dict answers alike."""
+    row = {
         "cohort": cohort,
         "rollout": rollout,
         "stickiness": "merchantId",
         "merchants": merchants,
         "withdrawals": withdrawals,
     }
+    return cast("asyncpg.Record", row)
 
 
 def test_sample_ratio_counts_merchants_for_a_merchant_sticky_rollout() -> None:
