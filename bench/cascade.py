@@ -215,13 +215,11 @@ async def run_round(
         created = await load
         if created.statuses != {201: count} or created.rejected_bodies:
             raise RuntimeError(f"{scenario}: creates answered {dict(created.statuses)}")
-        outcomes = dict(
-            await conn.fetch(
-                "SELECT state, count(*) FROM order_queues WHERE withdrawal_id LIKE $1"
-                " GROUP BY state",
-                prefix + "%",
-            )
+        rows = await conn.fetch(
+            "SELECT state, count(*) FROM order_queues WHERE withdrawal_id LIKE $1 GROUP BY state",
+            prefix + "%",
         )
+        outcomes: dict[str, int] = {row["state"]: row["count"] for row in rows}
         durations = [
             r[0]
             for r in await conn.fetch(

@@ -236,7 +236,9 @@ async def work_counters(conn: asyncpg.Connection, nats_url: str) -> dict[str, fl
         "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted,"
         " tup_updated, tup_deleted FROM pg_stat_database WHERE datname = current_database()"
     )
-    counters = {f"pg_{k}": float(v) for k, v in dict(row).items()}
+    if row is None:
+        raise RuntimeError("pg_stat_database has no row for the current database")
+    counters = {f"pg_{k}": float(v) for k, v in row.items()}
     nc = await nats.connect(nats_url)
     try:
         info = await nc.jetstream().stream_info(bus.Names(NAMESPACE).stream)
