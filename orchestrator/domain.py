@@ -2,9 +2,20 @@
 
 ``OrderQueue`` is one withdrawal: an ordered list of ``OrderTask``s, one per cascade entry.
 ``OrderTask`` is one provider attempt. The transition tables below are the whole truth about
-which state may follow which; :func:`decide` maps one event on one task to a :class:`Step`
-that says what to change and which effects to run. Handlers (``orchestrator.engine``) only
-load, call :func:`decide`, run the effects in the order the step prescribes, and persist.
+which state may follow which. Two pure functions decide everything:
+
+- :func:`decide` maps one event on one task to a :class:`Step`: the change to make, the
+  balance call that must succeed first, the call whose answer is the next event, the timer to
+  arm. :func:`decide_in_queue` adds what the queue knows (is it this task's turn, is its
+  provider configured).
+- :func:`settle` applies a step to the queue and the queue rules after it (NEGATIVE_EVAL →
+  SKIPPED, a stopped cascade, the next attempt, the final state) and returns a
+  :class:`Transition`: every task and queue change, each checked against its table, with the
+  audit details and the timers to arm and cancel. :func:`request_cancel` does the same for a
+  queue-level cancel.
+
+Handlers (``orchestrator.engine``) only load, decide, run the effects in the order the step
+prescribes, hand the transition to the unit of work, and commit.
 
 Money-safety rules encoded here:
 - a balance commit/rollback is a *precondition* of the transition that needs it
@@ -30,6 +41,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
+
+from msgspec import UNSET, UnsetType
 
 from contracts.providers_file import Decision, ProviderConfig
 
@@ -90,13 +103,12 @@ QUEUE_TRANSITIONS: Mapping[QueueState, frozenset[QueueState]] = {
 
 FINAL_TASK_STATES = frozenset(s for s, nxt in TASK_TRANSITIONS.items() if not nxt)
 FINAL_QUEUE_STATES = frozenset(s for s, nxt in QUEUE_TRANSITIONS.items() if not nxt)
-# States in which the provider may still pay out: a cancel must wait for the outcome there.
-IN_FLIGHT_STATES = frozenset({T.CREATING, T.EXECUTING, T.RECHECKING, T.MANUAL_CHECK})
 
 FreezeState = Literal["none", "frozen", "committed", "rolled_back"]
 # The public failure codes of the legacy contract; an outcome is always one of these.
 Outcome = Literal["declined", "provider_error", "timeout", "manual_rejected", "cancelled"]
 TimerKind = Literal["recheck", "webhook_timeout", "status_tick", "status_timeout"]
+Balance = Literal["commit", "rollback"]
 
 
 # The event of a plain PENDING → CREATING (also written by a start that needs no read).
@@ -167,9 +179,6 @@ class OrderQueue:
                 return task
         return None
 
-    def next_pending(self) -> OrderTask | None:
-        return next((t for t in self.tasks if t.state == T.PENDING), None)
-
 
 # --- events -----------------------------------------------------------------------------
 
@@ -235,6 +244,7 @@ class Ambiguous:
     """The outcome of a call is unknown: the order may or may not exist."""
 
     detail: str
+    source: AnswerSource = "create"
 
 
 @dataclass(frozen=True)
@@ -285,27 +295,77 @@ Call = Literal["freeze_and_create", "poll", "cancel_at_provider"]
 
 
 @dataclass(frozen=True, kw_only=True)
+class Changes:
+    """The task fields a step sets (``UNSET``: unchanged), and what only its audit row keeps
+    (``resolution``, ``resolved_by``)."""
+
+    provider_reference: str | UnsetType | None = UNSET
+    outcome: Outcome | UnsetType | None = UNSET
+    provider_code: str | UnsetType | None = UNSET
+    freeze_state: FreezeState | UnsetType = UNSET
+    recheck_attempts: int | UnsetType = UNSET
+    status_polls: int | UnsetType = UNSET
+    cancel_requested: bool | UnsetType = UNSET
+    resolution: str | UnsetType = UNSET
+    resolved_by: str | UnsetType = UNSET
+
+    def items(self) -> dict[str, object]:
+        """The fields set, by name."""
+        return {
+            f.name: value
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) is not UNSET
+        }
+
+
+NO_CHANGES = Changes()
+_AUDIT_ONLY = frozenset({"resolution", "resolved_by"})
+
+
+@dataclass(frozen=True, kw_only=True)
 class Step:
-    """What one event does to one task. ``to is None`` means: ignore, nothing changes."""
+    """What one event does to one task. ``to is None`` means: the state stays."""
 
     event: str
     to: TaskState | None = None
-    changes: Mapping[str, object] = field(default_factory=dict)
+    changes: Changes = NO_CHANGES
     # Balance call that must return 200 before the transition may be persisted.
-    balance: Literal["commit", "rollback"] | None = None
-    # I/O whose answer is fed back to decide() as the next event.
+    balance: Balance | None = None
+    # I/O whose answer is fed back to decide() as the next event, in this transaction.
     call: Call | None = None
+    # The event to apply in a *new* transaction once this one committed: entering CREATING is
+    # committed before the freeze and the create, so a crash mid-call leaves a task the
+    # sweeper resumes.
+    then: Event | None = None
     timer: Timer | None = None
     clear_timer: bool = False
     # The cascade must not try further providers (error table said stop).
     stop_cascade: bool = False
     # Write the step (version bump and audit row) even when it changes nothing.
     record: bool = True
+    # The audit row's details: what the event said.
+    details: Mapping[str, object] = field(default_factory=dict)
     ignored_because: str | None = None
+    # Ignored for now but not to be dropped: the message is retried later.
+    retry: bool = False
 
     @property
     def ignored(self) -> bool:
         return self.ignored_because is not None
+
+    @property
+    def plain(self) -> bool:
+        """A state change that needs nothing but its write: no call, no timer, not final."""
+        return (
+            self.to is not None
+            and self.to not in FINAL_TASK_STATES
+            and self.to not in (T.CREATING, T.NEGATIVE_EVAL)
+            and self.balance is None
+            and self.call is None
+            and self.then is None
+            and self.timer is None
+            and not self.stop_cascade
+        )
 
 
 def ignore(event: str, because: str) -> Step:
@@ -349,7 +409,7 @@ def _status_timer(
 
 
 def _executing(
-    task: OrderTask, config: ProviderConfig, now: datetime, event: str, **changes: object
+    task: OrderTask, config: ProviderConfig, now: datetime, event: str, changes: Changes
 ) -> Step:
     """Enter EXECUTING with the webhook SLA timer, or go to manual check when there is none.
 
@@ -366,62 +426,57 @@ def _executing(
     )
     if config.webhook_sla_seconds is None:
         # EXECUTING is entered now: the deadline counts from now.
-        return Step(
-            event=event,
-            to=T.EXECUTING,
-            changes=changes,
-            call=call,
-            timer=_status_timer(config, now, now, attempt=0),
-        )
-    due = now + timedelta(seconds=config.webhook_sla_seconds)
-    return Step(
-        event=event,
-        to=T.EXECUTING,
-        changes=changes,
-        call=call,
-        timer=Timer(kind="webhook_timeout", due_at=due, attempt=0),
-    )
+        timer = _status_timer(config, now, now, attempt=0)
+    else:
+        due = now + timedelta(seconds=config.webhook_sla_seconds)
+        timer = Timer(kind="webhook_timeout", due_at=due, attempt=0)
+    return Step(event=event, to=T.EXECUTING, changes=changes, call=call, timer=timer)
 
 
 def _on_decision(
     task: OrderTask, decision: Decision, code: str, config: ProviderConfig, now: datetime
 ) -> Step:
     """Apply the provider error table to a definitive refusal at create."""
-    frozen = task.freeze_state == "frozen"
     if decision == "recheck":
         due = now + timedelta(seconds=recheck_delay(config, task.recheck_attempts))
         return Step(
             event="create.declined.recheck",
             to=T.RECHECKING,
-            changes={"provider_code": code},
+            changes=Changes(provider_code=code),
             timer=Timer(kind="recheck", due_at=due, attempt=task.recheck_attempts),
         )
     if decision == "manual_check":
         return Step(
-            event="create.declined.manual", to=T.MANUAL_CHECK, changes={"provider_code": code}
+            event="create.declined.manual", to=T.MANUAL_CHECK, changes=Changes(provider_code=code)
         )
     return Step(
         event="create.declined",
         to=T.NEGATIVE_EVAL,
-        changes={"provider_code": code, "outcome": "declined"},
-        balance="rollback" if frozen else None,
+        changes=Changes(provider_code=code, outcome="declined"),
+        balance=_release(task),
         stop_cascade=decision == "stop_cascade",
     )
 
 
+def _release(task: OrderTask) -> Balance | None:
+    """The balance call that ends an attempt without payment: a rollback of what it holds."""
+    return "rollback" if task.freeze_state == "frozen" else None
+
+
 def _final_answer(task: OrderTask, answer: ProviderAnswer, event: str) -> Step | None:
     """A final provider status, wherever it comes from; None if the answer is not final."""
-    ref = {"provider_reference": answer.reference} if answer.reference else {}
+    reference: str | UnsetType | None = answer.reference if answer.reference else UNSET
     if answer.status == "succeeded":
         # Commit even when a cancel was requested: a success that won the race is kept.
         return Step(
             event=event + ".succeeded",
             to=T.SUCCEEDED,
-            changes=ref,
+            changes=Changes(provider_reference=reference),
             balance="commit",
             clear_timer=True,
         )
     if answer.status in ("failed", "cancelled", "absent"):
+        outcome: Outcome
         if task.cancel_requested:
             to, outcome = T.CANCELLED, "cancelled"
         elif answer.status == "absent":
@@ -433,39 +488,58 @@ def _final_answer(task: OrderTask, answer: ProviderAnswer, event: str) -> Step |
         return Step(
             event=f"{event}.{answer.status}",
             to=to,
-            changes={**ref, "outcome": outcome, "provider_code": answer.code},
-            balance="rollback" if task.freeze_state == "frozen" else None,
+            changes=Changes(
+                provider_reference=reference, outcome=outcome, provider_code=answer.code
+            ),
+            balance=_release(task),
             clear_timer=True,
         )
     return None
 
 
+def _cancelled(event: str) -> Step:
+    """A task that never reached a provider, cancelled: nothing is held, nothing to ask."""
+    return Step(event=event, to=T.CANCELLED, changes=Changes(outcome="cancelled"))
+
+
 def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime) -> Step:
     """The one function that applies an event to a task. Pure; see the module docstring."""
+    step = _decide(task, event, config, now)
+    if step.ignored:
+        return step
+    return dataclasses.replace(step, details=event_details(event))
+
+
+def _decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime) -> Step:
     if task.final:
         return ignore(type(event).__name__, f"task is final ({task.state})")
+    if task.state == T.CREATING and _answers_create(event):
+        # The create was sent only after cascade-core held the amount: the task holds it now.
+        held = dataclasses.replace(task, freeze_state="frozen")
+        step = _decide_event(held, event, config, now)
+        return dataclasses.replace(
+            step, changes=dataclasses.replace(step.changes, freeze_state="frozen")
+        )
+    return _decide_event(task, event, config, now)
+
+
+def _answers_create(event: Event) -> bool:
+    return isinstance(event, Declined) or (
+        isinstance(event, ProviderAnswer | Ambiguous) and event.source == "create"
+    )
+
+
+def _decide_event(task: OrderTask, event: Event, config: ProviderConfig, now: datetime) -> Step:
     match event:
         case Start(resume=resume):
-            if task.state == T.PENDING:
-                if task.cancel_requested:
-                    return Step(
-                        event="start.cancelled", to=T.CANCELLED, changes={"outcome": "cancelled"}
-                    )
-                return Step(event=START_EVENT, to=T.CREATING, call="freeze_and_create")
-            if task.state == T.CREATING:
-                if not resume:
-                    # The handler's own PENDING → CREATING row already says what happens.
-                    return Step(event="start.create", call="freeze_and_create", record=False)
-                # Redelivery after a crash mid-create: both calls are idempotent, redo them.
-                return Step(event="start.resume", call="freeze_and_create")
-            return ignore("start", f"task already {task.state}")
+            return _decide_start(task, resume)
         case FreezeRefused(code=code):
             if task.state != T.CREATING:
                 return ignore("freeze.refused", f"task is {task.state}")
             return Step(
                 event="freeze.refused",
                 to=T.NEGATIVE_EVAL,
-                changes={"provider_code": code, "outcome": "provider_error"},
+                changes=Changes(provider_code=code, outcome="provider_error"),
             )
         case FreezeRolledBack():
             if task.state != T.CREATING:
@@ -474,11 +548,11 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
             return Step(
                 event="freeze.rolled_back",
                 to=T.CANCELLED if cancelled else T.FAILED,
-                changes={
-                    "outcome": "cancelled" if cancelled else "provider_error",
-                    "provider_code": "freeze_rolled_back",
-                    "freeze_state": "rolled_back",
-                },
+                changes=Changes(
+                    outcome="cancelled" if cancelled else "provider_error",
+                    provider_code="freeze_rolled_back",
+                    freeze_state="rolled_back",
+                ),
                 clear_timer=True,
                 stop_cascade=not cancelled,
             )
@@ -488,74 +562,109 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
             return Step(
                 event="freeze.committed",
                 to=T.SUCCEEDED,
-                changes={"freeze_state": "committed"},
+                changes=Changes(freeze_state="committed"),
                 clear_timer=True,
             )
         case Declined(code=code):
             if task.state != T.CREATING:
                 return ignore("create.declined", f"task is {task.state}")
             return _on_decision(task, config.decision_for(code), code, config, now)
-        case Ambiguous(detail=detail):
-            if task.state == T.CREATING:
-                due = now + timedelta(seconds=recheck_delay(config, 0))
-                return Step(
-                    event="create.ambiguous",
-                    to=T.RECHECKING,
-                    changes={"provider_code": detail[:200]},
-                    timer=Timer(kind="recheck", due_at=due, attempt=0),
-                )
-            return ignore("ambiguous", f"task is {task.state}")
+        case Ambiguous(detail=detail, source=source):
+            return _decide_ambiguous(task, detail, source, config, now)
         case ProviderAnswer() as answer:
             return _decide_answer(task, answer, config, now)
         case TimerFired(kind=kind, attempt=attempt):
-            return _decide_timer(task, kind, attempt, config, now)
+            return _decide_timer(task, kind, attempt, config)
         case Resolve(positive=positive, reason=reason, actor=actor):
-            if task.state != T.MANUAL_CHECK:
-                return ignore("manual.resolve", f"task is {task.state}, not MANUAL_CHECK")
-            if positive:
-                return Step(
-                    event="manual.resolved.positive",
-                    to=T.SUCCEEDED,
-                    balance="commit",
-                    changes={"resolution": reason, "resolved_by": actor},
-                )
-            return Step(
-                event="manual.resolved.negative",
-                to=T.FAILED,
-                balance="rollback" if task.freeze_state == "frozen" else None,
-                changes={"outcome": "manual_rejected", "resolution": reason, "resolved_by": actor},
-            )
+            return _decide_resolve(task, positive, reason, actor)
         case CancelRequested():
-            if task.state == T.PENDING:
-                return Step(event="cancel", to=T.CANCELLED, changes={"outcome": "cancelled"})
-            if task.cancel_requested:
-                return ignore("cancel", "cancel already requested")
-            if task.state == T.EXECUTING and config.supports_cancel:
-                return Step(
-                    event="cancel.requested",
-                    changes={"cancel_requested": True},
-                    call="cancel_at_provider",
-                )
-            # The provider may still pay: remember the request, finish when the outcome is known.
-            return Step(event="cancel.requested", changes={"cancel_requested": True})
+            return _decide_cancel(task, config)
     raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
+
+
+def _decide_start(task: OrderTask, resume: bool) -> Step:
+    if task.state == T.PENDING:
+        if task.cancel_requested:
+            return _cancelled("start.cancelled")
+        return Step(event=START_EVENT, to=T.CREATING, then=Start(resume=False))
+    if task.state == T.CREATING:
+        if not resume:
+            # The handler's own PENDING → CREATING row already says what happens.
+            return Step(event="start.create", call="freeze_and_create", record=False)
+        # Redelivery after a crash mid-create: both calls are idempotent, redo them.
+        return Step(event="start.resume", call="freeze_and_create")
+    return ignore("start", f"task already {task.state}")
+
+
+def _decide_ambiguous(
+    task: OrderTask, detail: str, source: AnswerSource, config: ProviderConfig, now: datetime
+) -> Step:
+    if task.state == T.CREATING and source == "create":
+        due = now + timedelta(seconds=recheck_delay(config, 0))
+        return Step(
+            event="create.ambiguous",
+            to=T.RECHECKING,
+            changes=Changes(provider_code=detail[:200]),
+            timer=Timer(kind="recheck", due_at=due, attempt=0),
+        )
+    if source == "poll" and task.state in (T.RECHECKING, T.EXECUTING):
+        return after_poll_pending(task, config, now)
+    return ignore("ambiguous", f"task is {task.state}")
+
+
+def _decide_resolve(task: OrderTask, positive: bool, reason: str, actor: str) -> Step:
+    if task.state != T.MANUAL_CHECK:
+        return ignore("manual.resolve", f"task is {task.state}, not MANUAL_CHECK")
+    if positive:
+        return Step(
+            event="manual.resolved.positive",
+            to=T.SUCCEEDED,
+            balance="commit",
+            changes=Changes(resolution=reason, resolved_by=actor),
+        )
+    return Step(
+        event="manual.resolved.negative",
+        to=T.FAILED,
+        balance=_release(task),
+        changes=Changes(outcome="manual_rejected", resolution=reason, resolved_by=actor),
+    )
+
+
+def _decide_cancel(task: OrderTask, config: ProviderConfig) -> Step:
+    if task.state == T.PENDING:
+        return _cancelled("cancel")
+    if task.cancel_requested:
+        return ignore("cancel", "cancel already requested")
+    if task.state == T.EXECUTING and config.supports_cancel:
+        return Step(
+            event="cancel.requested",
+            changes=Changes(cancel_requested=True),
+            call="cancel_at_provider",
+        )
+    # The provider may still pay: remember the request, finish when the outcome is known.
+    return Step(event="cancel.requested", changes=Changes(cancel_requested=True))
 
 
 def _decide_answer(
     task: OrderTask, answer: ProviderAnswer, config: ProviderConfig, now: datetime
 ) -> Step:
     source = answer.source
+    if source == "poll" and _proves_nothing(task, answer):
+        return after_poll_pending(task, config, now)
+    reference: str | UnsetType | None = answer.reference
     if task.state == T.CREATING and source == "create":
         final = _final_answer(task, answer, "create")
         if final is not None:
             return final
-        return _executing(task, config, now, "create.accepted", provider_reference=answer.reference)
+        return _executing(
+            task, config, now, "create.accepted", Changes(provider_reference=reference)
+        )
     if task.state == T.RECHECKING:
         final = _final_answer(task, answer, "recheck")
         if final is not None:
             return final
         # Proven to exist and still pending: wait for it like any accepted order.
-        return _executing(task, config, now, "recheck.found", provider_reference=answer.reference)
+        return _executing(task, config, now, "recheck.found", Changes(provider_reference=reference))
     if task.state in (T.EXECUTING, T.MANUAL_CHECK):
         if answer.status == "absent":
             # An order we saw accepted cannot be proven absent by a 404: keep waiting for a human.
@@ -567,9 +676,15 @@ def _decide_answer(
     return ignore(f"{source}.{answer.status}", f"task is {task.state}")
 
 
-def _decide_timer(
-    task: OrderTask, kind: TimerKind, attempt: int, config: ProviderConfig, now: datetime
-) -> Step:
+def _proves_nothing(task: OrderTask, answer: ProviderAnswer) -> bool:
+    """A poll answer that settles nothing: still pending while executing (while rechecking,
+    "pending" is the proof the order exists), or a 404 for an order accepted earlier."""
+    if task.state == T.EXECUTING:
+        return answer.status in ("pending", "absent")
+    return False
+
+
+def _decide_timer(task: OrderTask, kind: TimerKind, attempt: int, config: ProviderConfig) -> Step:
     event = f"timer.{kind}"
     if kind == "recheck":
         if task.state != T.RECHECKING or attempt != task.recheck_attempts:
@@ -595,20 +710,21 @@ def _decide_timer(
 
 
 def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -> Step:
-    """A poll found the order still pending (EXECUTING) or still unknown (RECHECKING)."""
+    """A poll proved nothing: the order is still pending (EXECUTING) or still unknown
+    (RECHECKING)."""
     if task.state == T.RECHECKING:
         attempts = task.recheck_attempts + 1
         if attempts >= config.recheck.max_attempts:
             return Step(
                 event="recheck.exhausted",
                 to=T.MANUAL_CHECK,
-                changes={"recheck_attempts": attempts},
+                changes=Changes(recheck_attempts=attempts),
                 clear_timer=True,
             )
         due = now + timedelta(seconds=recheck_delay(config, attempts))
         return Step(
             event="recheck.unknown",
-            changes={"recheck_attempts": attempts},
+            changes=Changes(recheck_attempts=attempts),
             timer=Timer(kind="recheck", due_at=due, attempt=attempts),
         )
     polls = task.status_polls + 1
@@ -617,7 +733,7 @@ def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -
         return Step(
             event="status.exhausted",
             to=T.MANUAL_CHECK,
-            changes={"status_polls": polls},
+            changes=Changes(status_polls=polls),
             clear_timer=True,
         )
     deadline = _polling_deadline(config, task.state_entered_at)
@@ -626,12 +742,12 @@ def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -
         return Step(
             event="status.timeout",
             to=T.MANUAL_CHECK,
-            changes={"status_polls": polls},
+            changes=Changes(status_polls=polls),
             clear_timer=True,
         )
     return Step(
         event="status.pending",
-        changes={"status_polls": polls},
+        changes=Changes(status_polls=polls),
         timer=_status_timer(config, task.state_entered_at, now, attempt=polls),
     )
 
@@ -644,7 +760,7 @@ def apply_changes(task: OrderTask, step: Step) -> OrderTask:
         and step.to not in TASK_TRANSITIONS[task.state]
     ):
         raise IllegalTransition(f"{task.state} → {step.to} ({step.event})")
-    changes = {k: v for k, v in step.changes.items() if k in _TASK_FIELDS}
+    changes = {k: v for k, v in step.changes.items().items() if k not in _AUDIT_ONLY}
     # As the record keeps it: a new timer replaces the old, a state change or a clear ends it.
     if step.timer is not None:
         changes["timer_kind"] = step.timer.kind
@@ -661,21 +777,38 @@ def apply_changes(task: OrderTask, step: Step) -> OrderTask:
     return dataclasses.replace(task, **changes)  # type: ignore[arg-type]
 
 
-_TASK_FIELDS = frozenset(f.name for f in dataclasses.fields(OrderTask))
+def event_details(event: Event) -> dict[str, object]:
+    """What an event said, as its audit row keeps it."""
+    match event:
+        case ProviderAnswer(status=status, reference=reference, code=code, source=source):
+            return {
+                "provider_status": status,
+                "reference": reference,
+                "code": code,
+                "source": source,
+            }
+        case Ambiguous(detail=detail):
+            return {"ambiguous": detail[:300]}
+        case FreezeRefused(code=code):
+            return {"core_code": code}
+        case FreezeRolledBack():
+            return {"core_state": "rolled_back"}
+        case FreezeCommitted():
+            return {"core_state": "committed"}
+        case Resolve(positive=positive, reason=reason, actor=actor):
+            return {
+                "decision": "positive" if positive else "negative",
+                "reason": reason,
+                "operator": actor,
+            }
+        case TimerFired(kind=kind, attempt=attempt):
+            return {"timer": kind, "attempt": attempt}
+        case CancelRequested(reason=reason):
+            return {"reason": reason}
+    return {}
 
 
 # --- the queue --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class QueueStep:
-    """What happens to the queue after one of its tasks changed."""
-
-    to: QueueState | None = None
-    start_task: uuid.UUID | None = None
-    skip_tasks: tuple[uuid.UUID, ...] = ()
-    cancel_tasks: tuple[uuid.UUID, ...] = ()
-    failure_code: Outcome | None = None
 
 
 def may_start(queue: OrderQueue, task: OrderTask) -> bool:
@@ -689,26 +822,249 @@ def may_start(queue: OrderQueue, task: OrderTask) -> bool:
     return all(t.final for t in queue.tasks if t.position < task.position)
 
 
-def advance_queue(queue: OrderQueue) -> QueueStep:
-    """Queue rules: a success completes it; otherwise the next task runs; none left → FAILED."""
-    if queue.final:
-        return QueueStep()
-    tasks = queue.tasks
-    if any(t.state == T.SUCCEEDED for t in tasks):
-        rest = tuple(t.task_id for t in tasks if t.state == T.PENDING)
-        return QueueStep(to=QueueState.COMPLETED, skip_tasks=rest)
-    if queue.active_task() is not None:
-        return QueueStep()
-    pending = tuple(t.task_id for t in tasks if t.state == T.PENDING)
-    if queue.cancel_requested:
-        return QueueStep(to=QueueState.CANCELLED, cancel_tasks=pending, failure_code="cancelled")
-    if queue.stop_requested or not pending:
-        last = next((t for t in reversed(tasks) if t.outcome is not None), None)
-        code: Outcome = last.outcome if last and last.outcome else "provider_error"
-        if code == "cancelled":
-            return QueueStep(to=QueueState.CANCELLED, skip_tasks=pending, failure_code="cancelled")
-        return QueueStep(to=QueueState.FAILED, skip_tasks=pending, failure_code=code)
-    return QueueStep(start_task=pending[0])
+def decide_in_queue(
+    queue: OrderQueue,
+    task_id: uuid.UUID,
+    event: Event,
+    config: ProviderConfig | None,
+    now: datetime,
+) -> Step:
+    """:func:`decide` with what the queue knows: a start out of turn is ignored, a task whose
+    provider is not configured is skipped when it would start (and ignores anything else)."""
+    task = queue.task(task_id)
+    if isinstance(event, Start) and task.state == T.PENDING and not may_start(queue, task):
+        step = ignore("start", "not this queue's next attempt")
+    elif config is None:
+        step = _unknown_provider(task, event)
+    else:
+        step = decide(task, event, config, now)
+    if (
+        step.ignored
+        and task.state == T.CREATING
+        and isinstance(event, ProviderAnswer)
+        and event.source == "webhook"
+    ):
+        # The create's outcome is not recorded yet (a crash cut it off; the sweeper resumes
+        # it): the webhook must come back later, not be dropped.
+        return dataclasses.replace(step, retry=True)
+    return step
+
+
+def _unknown_provider(task: OrderTask, event: Event) -> Step:
+    if task.state == T.PENDING and isinstance(event, Start):
+        return Step(
+            event="provider.unknown",
+            to=T.SKIPPED,
+            changes=Changes(outcome="provider_error", provider_code="unknown_provider"),
+        )
+    return ignore(type(event).__name__, "provider not configured")
+
+
+def plain_start(queue: OrderQueue, task: OrderTask, config: ProviderConfig | None) -> bool:
+    """Whether starting ``task`` is a plain PENDING → CREATING: the queue's next attempt, a
+    configured provider, nothing else to write (a start published with the versions it was
+    decided on may then be written without a read)."""
+    if config is None or task.state != T.PENDING or not may_start(queue, task):
+        return False
+    step = _decide_start(task, resume=True)
+    return step.to == T.CREATING and step.changes == NO_CHANGES
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskChange:
+    """One task write: the version-checked update from ``before`` to ``after`` and its audit
+    row; the timer to arm with it, and the pending schedule it cancels."""
+
+    before: OrderTask
+    after: OrderTask
+    event: str
+    details: Mapping[str, object]
+    timer: Timer | None = None
+    clear_timer: bool = False
+    purge: TimerKind | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.after.state != self.before.state
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueChange:
+    """One queue write: the version-checked update from ``before`` to ``after`` and its audit
+    row."""
+
+    before: OrderQueue
+    after: OrderQueue
+    event: str
+    cancel_reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transition:
+    """What one step did to a queue: the queue afterwards, every write in order, the task to
+    start next and, when the queue became final, its final state."""
+
+    queue: OrderQueue
+    at: datetime
+    changes: tuple[TaskChange | QueueChange, ...] = ()
+    start: OrderTask | None = None
+    finished: QueueState | None = None
+
+
+class _Settling:
+    """A queue being changed step by step: each change checked, recorded and applied."""
+
+    def __init__(self, queue: OrderQueue, now: datetime) -> None:
+        self.queue = queue
+        self.now = now
+        self.changes: list[TaskChange | QueueChange] = []
+        self.start: OrderTask | None = None
+        self.finished: QueueState | None = None
+
+    def task(self, task: OrderTask, step: Step, fired: TimerKind | None = None) -> OrderTask:
+        after = apply_changes(task, step)
+        after = dataclasses.replace(after, version=task.version + 1)
+        purge = None
+        if after.state != task.state:
+            after = dataclasses.replace(after, state_entered_at=self.now)
+            if task.timer_kind is not None and task.timer_kind != fired:
+                purge = task.timer_kind  # the one timer it waited on, unless spent firing
+        self.changes.append(
+            TaskChange(
+                before=task,
+                after=after,
+                event=step.event,
+                details=_audit_details(step),
+                timer=step.timer,
+                clear_timer=step.clear_timer,
+                purge=purge,
+            )
+        )
+        self.queue = dataclasses.replace(
+            self.queue,
+            tasks=tuple(after if t.task_id == after.task_id else t for t in self.queue.tasks),
+        )
+        return after
+
+    def flag(self, event: str, *, cancel: bool = False, cancel_reason: str | None = None) -> None:
+        """Set the queue's cancel flag (``cancel``) or else its stop flag."""
+        before = self.queue
+        if cancel:
+            self.queue = dataclasses.replace(
+                before, version=before.version + 1, cancel_requested=True
+            )
+        else:
+            self.queue = dataclasses.replace(
+                before, version=before.version + 1, stop_requested=True
+            )
+        self.changes.append(
+            QueueChange(before=before, after=self.queue, event=event, cancel_reason=cancel_reason)
+        )
+
+    def advance(self) -> None:
+        """Queue rules: a success completes it; otherwise the next task runs; none left →
+        FAILED (CANCELLED when cancelled)."""
+        queue = self.queue
+        if queue.final:
+            return
+        tasks = queue.tasks
+        pending = [t for t in tasks if t.state == T.PENDING]
+        if any(t.state == T.SUCCEEDED for t in tasks):
+            self._finish(QueueState.COMPLETED, None, skip=pending)
+        elif queue.active_task() is not None:
+            return
+        elif queue.cancel_requested:
+            for t in pending:
+                self.task(t, Step(event="queue.cancelled", to=T.CANCELLED, changes=_CANCELLED))
+            self._finish(QueueState.CANCELLED, "cancelled", skip=[])
+        elif queue.stop_requested or not pending:
+            last = next((t for t in reversed(tasks) if t.outcome is not None), None)
+            code: Outcome = last.outcome if last and last.outcome else "provider_error"
+            final = QueueState.CANCELLED if code == "cancelled" else QueueState.FAILED
+            self._finish(final, code, skip=pending)
+        else:
+            self.start = pending[0]
+
+    def _finish(self, state: QueueState, code: Outcome | None, skip: list[OrderTask]) -> None:
+        for t in skip:
+            self.task(t, Step(event="queue.finished", to=T.SKIPPED))
+        before = self.queue
+        if state not in QUEUE_TRANSITIONS[before.state]:
+            raise IllegalTransition(f"queue {before.state} → {state}")
+        self.queue = dataclasses.replace(
+            before,
+            state=state,
+            version=before.version + 1,
+            failure_code=code or before.failure_code,
+        )
+        self.changes.append(
+            QueueChange(before=before, after=self.queue, event=f"queue.{state.value.lower()}")
+        )
+        self.finished = state
+
+    def result(self) -> Transition:
+        return Transition(
+            queue=self.queue,
+            at=self.now,
+            changes=tuple(self.changes),
+            start=self.start,
+            finished=self.finished,
+        )
+
+
+_CANCELLED = Changes(outcome="cancelled")
+
+
+def settle(
+    queue: OrderQueue,
+    task_id: uuid.UUID,
+    step: Step,
+    now: datetime,
+    *,
+    fired: TimerKind | None = None,
+) -> Transition:
+    """Apply ``step`` (not ignored) to its task and the queue rules after it.
+
+    NEGATIVE_EVAL is passed through to SKIPPED at once; a step that stops the cascade sets the
+    queue's stop flag; a task that became final advances the queue (the next attempt, or the
+    queue's final state with the untried tasks skipped or cancelled). ``fired``: the timer
+    whose firing is being handled (its schedule is spent, nothing to cancel).
+    """
+    settling = _Settling(queue, now)
+    task = queue.task(task_id)
+    if step.record:
+        task = settling.task(task, step, fired)
+        if task.state == T.NEGATIVE_EVAL:
+            task = settling.task(task, Step(event="task.skipped", to=T.SKIPPED, clear_timer=True))
+    if step.stop_cascade and not settling.queue.stop_requested:
+        settling.flag("queue.stop_requested")
+    if task.final:
+        settling.advance()
+    return settling.result()
+
+
+def request_cancel(queue: OrderQueue, reason: str | None, now: datetime) -> Transition:
+    """A queue-level cancel: the flag, every task that has not started cancelled, and the
+    queue's final state at once when no task is running. A running task is told separately
+    (:class:`CancelRequested`): the provider may still pay, so it finishes when it can."""
+    settling = _Settling(queue, now)
+    if queue.final or queue.cancel_requested:
+        return settling.result()
+    settling.flag("queue.cancel_requested", cancel=True, cancel_reason=reason)
+    for t in queue.tasks:
+        if t.state == T.PENDING:
+            settling.task(t, _cancelled("cancel"))
+    if settling.queue.active_task() is None:
+        settling.advance()
+    return settling.result()
+
+
+def _audit_details(step: Step) -> dict[str, object]:
+    """An audit row's details: the event's, the step's changes, the balance call."""
+    audit = {**step.details, **step.changes.items()}
+    if step.balance:
+        audit["balance"] = step.balance
+    return audit
 
 
 # --- the public view --------------------------------------------------------------------

@@ -30,7 +30,7 @@ def _answer(body: bytes, source: AnswerSource) -> ProviderAnswer | Ambiguous:
     try:
         order = msgspec.json.decode(body, type=ProviderOrder)
     except msgspec.MsgspecError as exc:
-        return Ambiguous(f"unreadable provider answer: {exc}")
+        return Ambiguous(f"unreadable provider answer: {exc}", source)
     return ProviderAnswer(
         status=order.status, reference=order.reference, code=order.code, source=source
     )
@@ -81,12 +81,12 @@ class HttpProviderAdapter:
                 "GET", f"{config.base_url}/orders/{order_id}", timeouts=self._timeouts(config)
             )
         except TransportFailure as exc:
-            return Ambiguous(f"{exc} at status")
+            return Ambiguous(f"{exc} at status", "poll")
         if answer.status == 404:
             return ProviderAnswer(status="absent", source="poll")
         if answer.status == 200:
             return _answer(answer.body, "poll")
-        return Ambiguous(f"HTTP {answer.status} at status")
+        return Ambiguous(f"HTTP {answer.status} at status", "poll")
 
     async def cancel(self, config: ProviderConfig, order_id: str) -> StatusResult:
         try:
@@ -96,7 +96,7 @@ class HttpProviderAdapter:
                 timeouts=self._timeouts(config),
             )
         except TransportFailure as exc:
-            return Ambiguous(f"{exc} at cancel")
+            return Ambiguous(f"{exc} at cancel", "cancel")
         if answer.status in (200, 409):
             return _answer(answer.body, "cancel")
-        return Ambiguous(f"HTTP {answer.status} at cancel")
+        return Ambiguous(f"HTTP {answer.status} at cancel", "cancel")

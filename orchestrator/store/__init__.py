@@ -26,6 +26,7 @@ import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
 from orchestrator.domain import (
+    FINAL_TASK_STATES,
     OrderQueue,
     OrderTask,
     Outcome,
@@ -117,6 +118,10 @@ class QueueRecord:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+
+
+Loaded: TypeAlias = "tuple[WithdrawalRecord, QueueRecord]"
+"""A withdrawal as the engine loads it: the stored request and the queue with its tasks."""
 
 
 _TASK_FIELDS = (
@@ -278,6 +283,14 @@ async def insert_withdrawal(
     return OutboxMessage(row["outbox_id"], start.subject, start.payload, start.headers)
 
 
+async def queue_of_task(conn: Connection, task_id: uuid.UUID) -> uuid.UUID | None:
+    """The queue a task belongs to."""
+    queue_id: uuid.UUID | None = await conn.fetchval(
+        "SELECT queue_id FROM order_tasks WHERE task_id = $1", task_id
+    )
+    return queue_id
+
+
 async def find_by_idempotency_key(conn: Connection, key: str) -> asyncpg.Record | None:
     row: asyncpg.Record | None = await conn.fetchrow(
         "SELECT withdrawal_id, request_sha256 FROM withdrawals WHERE idempotency_key = $1", key
@@ -436,121 +449,12 @@ def _queue_record(row: asyncpg.Record, tasks: Sequence[OrderTask]) -> QueueRecor
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Started:
-    """A task :func:`start_pending` moved to CREATING: its provider and when it had entered
-    PENDING (for the time-in-state metric)."""
-
-    provider_id: str
-    pending_since: datetime | None
-
-
-async def start_pending(
-    conn: Connection,
-    *,
-    queue_id: uuid.UUID,
-    queue_version: int,
-    task_id: uuid.UUID,
-    task_version: int,
-    event: str,
-    actor: str,
-    trace_id: str | None,
-    details: Mapping[str, object],
-    now: datetime,
-) -> Started | None:
-    """PENDING → CREATING as one autocommit statement, if nothing changed since the versions
-    given: the queue still ACTIVE at ``queue_version`` (a cancel or stop request, or a final
-    state, bumps it) and the task still PENDING at ``task_version``. The statement takes the
-    queue row lock itself, so it is ordered with every locked handler exactly as a transaction
-    holding the lock would be. None: something changed, nothing was written."""
-    row = await conn.fetchrow(
-        "WITH q AS (SELECT queue_id, withdrawal_id FROM order_queues WHERE queue_id = $1"  # noqa: S608
-        " AND version = $2 AND state = 'ACTIVE' FOR UPDATE),"
-        " before AS (SELECT provider_id, state_entered_at FROM order_tasks WHERE task_id = $3),"
-        " t AS (UPDATE order_tasks SET state = 'CREATING', updated_at = $5,"
-        " version = version + 1, state_entered_at = $5, timer_kind = NULL,"
-        " timer_attempt = NULL, timer_due_at = NULL"
-        " WHERE task_id = $3 AND version = $4 AND state = 'PENDING'"
-        " AND EXISTS (SELECT 1 FROM q) RETURNING queue_id),"
-        " u AS (UPDATE order_queues SET updated_at = $5"
-        " WHERE queue_id IN (SELECT queue_id FROM t)),"
-        f" e AS ({_AUDIT_INSERT} SELECT t.queue_id, $3, q.withdrawal_id, 'PENDING', 'CREATING',"
-        " $6::text, $7::text, $8::text, $9::jsonb, $5 FROM t, q RETURNING 1)"
-        " SELECT provider_id, state_entered_at FROM before WHERE EXISTS (SELECT 1 FROM e)",
-        queue_id,
-        queue_version,
-        task_id,
-        task_version,
-        now,
-        event,
-        actor,
-        trace_id,
-        dict(details),
-    )
-    if row is None:
-        return None
-    return Started(provider_id=row["provider_id"], pending_since=row["state_entered_at"])
-
-
-async def save_transitions(conn: Connection, moves: Sequence[TaskWrite], now: datetime) -> None:
-    """Write many task state changes in one statement, each as :func:`save_task` would:
-    version-checked update (timer cleared), audit row, queue ``updated_at``; all at ``now``.
-    Raises :class:`StaleVersion` if any task moved meanwhile (the caller's transaction then
-    writes nothing)."""
-    if not moves:
-        return
-    for move in moves:
-        if not move.changed or move.timer is not None:
-            raise ValueError(f"task {move.before.task_id}: not a plain state change")
-    status = await conn.execute(
-        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[],"  # noqa: S608
-        " $5::text[], $6::text[], $7::text[], $8::int[], $9::int[], $10::boolean[], $11::text[],"
-        " $12::text[], $13::text[], $14::text[], $15::text[], $16::text[])"
-        " AS u(task_id, version, state, provider_reference, freeze_state, outcome,"
-        " provider_code, recheck_attempts, status_polls, cancel_requested, withdrawal_id,"
-        " from_state, event, actor, trace_id, details)),"
-        " t AS (UPDATE order_tasks o SET state = u.state,"
-        " provider_reference = u.provider_reference, freeze_state = u.freeze_state,"
-        " outcome = u.outcome, provider_code = u.provider_code,"
-        " recheck_attempts = u.recheck_attempts, status_polls = u.status_polls,"
-        " cancel_requested = u.cancel_requested, updated_at = $17, version = o.version + 1,"
-        " state_entered_at = $17, timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
-        " FROM u WHERE o.task_id = u.task_id AND o.version = u.version"
-        " RETURNING o.task_id, o.queue_id),"
-        " q AS (UPDATE order_queues SET updated_at = $17"
-        " WHERE queue_id IN (SELECT queue_id FROM t))"
-        f" {_AUDIT_INSERT} SELECT t.queue_id, t.task_id, u.withdrawal_id, u.from_state, u.state,"
-        " u.event, u.actor, u.trace_id, u.details::jsonb, $17 FROM t JOIN u USING (task_id)",
-        [m.before.task_id for m in moves],
-        [m.before.version for m in moves],
-        [m.after.state.value for m in moves],
-        [m.after.provider_reference for m in moves],
-        [m.after.freeze_state for m in moves],
-        [m.after.outcome for m in moves],
-        [m.after.provider_code for m in moves],
-        [m.after.recheck_attempts for m in moves],
-        [m.after.status_polls for m in moves],
-        [m.after.cancel_requested for m in moves],
-        [m.withdrawal_id for m in moves],
-        [m.before.state.value for m in moves],
-        [m.event for m in moves],
-        [m.actor for m in moves],
-        [m.trace_id for m in moves],
-        [_json_text(dict(m.details)) for m in moves],
-        now,
-    )
-    if status != f"INSERT 0 {len(moves)}":
-        raise StaleVersion(f"{len(moves)} task transitions, written: {status}")
-
-
 async def match_webhook(
     conn: Connection,
     provider_id: str,
     order_id: str,
     reference: str,
     status: str,
-    *,
-    final_states: Iterable[TaskState],
 ) -> tuple[uuid.UUID, uuid.UUID] | str:
     """The (queue_id, task_id) a webhook applies to, in one round-trip; or, when no task owns
     the order or its task is final, the reason (``unknown_order``; ``task_final``; or
@@ -571,7 +475,7 @@ async def match_webhook(
         order_id,
         reference,
         status,
-        [state.value for state in final_states],
+        [state.value for state in FINAL_TASK_STATES],
     )
     assert row is not None
     if row["unapplied"] is not None:
@@ -605,13 +509,10 @@ class TaskWrite:
         return self.after.state != self.before.state
 
 
-def _task_write_sql(
-    write: TaskWrite, first: int, *, only_if: str = ""
-) -> tuple[str, str, list[object]]:
-    """The pieces of a task write whose bind parameters start at ``$first``: the ``UPDATE``
-    (for a CTE named ``t``, returning ``queue_id``; ``only_if`` adds a fixed condition), the
-    ``SELECT`` of its audit row from ``t``, and the arguments. Only fixed fragments are
-    interpolated; values are parameters."""
+async def save_task(conn: Connection, write: TaskWrite) -> None:
+    """Write one task transition in one statement: the version-checked update, its audit row
+    and, on a state change, the queue's ``updated_at`` (the API's ``updated_at``). Only fixed
+    fragments are interpolated; values are parameters."""
     before, after = write.before, write.after
     args: list[object] = [
         after.state.value,
@@ -633,43 +534,29 @@ def _task_write_sql(
         write.trace_id,
         dict(write.details),
     ]
-    p = [f"${first + i}" for i in range(21)]
     timer_sql = ""
     if write.timer is not None:
-        timer_sql = f", timer_kind = {p[18]}, timer_attempt = {p[19]}, timer_due_at = {p[20]}"
+        timer_sql = ", timer_kind = $19, timer_attempt = $20, timer_due_at = $21"
         args += [write.timer.kind, write.timer.attempt, write.timer.due_at]
     elif write.clear_timer or write.changed:
         timer_sql = ", timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
-    entered = f", state_entered_at = {p[8]}" if write.changed else ""
-    update = (
-        f"UPDATE order_tasks SET state = {p[0]}, provider_reference = {p[1]},"  # noqa: S608
-        f" freeze_state = {p[2]}, outcome = {p[3]}, provider_code = {p[4]},"
-        f" recheck_attempts = {p[5]}, status_polls = {p[6]}, cancel_requested = {p[7]},"
-        f" updated_at = {p[8]}, version = version + 1{entered}{timer_sql}"
-        f" WHERE task_id = {p[9]} AND version = {p[10]}{only_if} RETURNING queue_id"
-    )
-    audit = (  # placeholders only, as above
-        f"SELECT queue_id, {p[9]}::uuid, {p[11]}::text, {p[12]}::text, {p[13]}::text,"  # noqa: S608
-        f" {p[14]}::text, {p[15]}::text, {p[16]}::text, {p[17]}::jsonb, {p[8]}::timestamptz"
-        " FROM t"
-    )
-    return update, audit, args
-
-
-async def save_task(conn: Connection, write: TaskWrite) -> None:
-    """Write one task transition in one statement: the version-checked update, its audit row
-    and, on a state change, the queue's ``updated_at`` (the API's ``updated_at``)."""
-    update, audit, args = _task_write_sql(write, 1)
+    entered = ", state_entered_at = $9" if write.changed else ""
     touch = (
         ", q AS (UPDATE order_queues SET updated_at = $9 WHERE queue_id = (SELECT queue_id FROM t))"
         if write.changed
         else ""
     )
-    status = await conn.execute(f"WITH t AS ({update}){touch} {_AUDIT_INSERT} {audit}", *args)
+    status = await conn.execute(
+        "WITH t AS (UPDATE order_tasks SET state = $1, provider_reference = $2,"  # noqa: S608
+        " freeze_state = $3, outcome = $4, provider_code = $5, recheck_attempts = $6,"
+        f" status_polls = $7, cancel_requested = $8, updated_at = $9, version = version + 1"
+        f"{entered}{timer_sql} WHERE task_id = $10 AND version = $11 RETURNING queue_id){touch}"
+        f" {_AUDIT_INSERT} SELECT queue_id, $10::uuid, $12::text, $13::text, $14::text,"
+        " $15::text, $16::text, $17::text, $18::jsonb, $9::timestamptz FROM t",
+        *args,
+    )
     if status != "INSERT 0 1":
-        raise StaleVersion(
-            f"task {write.before.task_id} is no longer at version {write.before.version}"
-        )
+        raise StaleVersion(f"task {before.task_id} is no longer at version {before.version}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,11 +582,9 @@ async def save_queue(
     trace_id: str | None,
     now: datetime,
     notification: Notification | None = None,
-    task: TaskWrite | None = None,
 ) -> None:
     """Write a queue change with its audit row (version-checked), and the notification of a
-    final state if given, in one statement; with ``task``, that task write too (the last task
-    of a queue becoming final: one round-trip instead of two)."""
+    final state if given, in one statement."""
     new_state = state or before.state
     args: list[object] = [
         new_state.value,
@@ -726,23 +611,6 @@ async def save_queue(
             " ON CONFLICT DO NOTHING)"
         )
         args += [notification.status, notification.body, notification.first_attempt_at]
-    # Both or neither, in a transaction or not: the queue changes only if the task is at the
-    # version read, the task only if the queue changed. The task's audit row goes first (it
-    # caused the queue's). The task's queue touch is left out: one statement cannot update
-    # the queue row twice, and this one sets updated_at anyway.
-    task_cte, task_audit, task_check, rows = "", "", "", 1
-    if task is not None:
-        first = len(args) + 1
-        update, audit, task_args = _task_write_sql(
-            task, first, only_if=" AND EXISTS (SELECT 1 FROM q)"
-        )
-        task_cte, task_audit, rows = f", t AS ({update})", f"{audit} UNION ALL ", 2
-        # _task_write_sql's arguments 9 and 10 are the task id and the version read.
-        task_check = (
-            f" AND EXISTS (SELECT 1 FROM order_tasks WHERE task_id = ${first + 9}"  # noqa: S608
-            f" AND version = ${first + 10})"
-        )
-        args += task_args
     status = await conn.execute(
         "WITH q AS (UPDATE order_queues SET state = $1::text,"  # noqa: S608 — fixed fragments only
         " cancel_requested = cancel_requested OR $2::boolean,"
@@ -751,16 +619,13 @@ async def save_queue(
         " failure_code = COALESCE($5::text, failure_code), updated_at = $6::timestamptz,"
         " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
         " version = version + 1"
-        f" WHERE queue_id = $7 AND version = $8{task_check} RETURNING queue_id){notify}{task_cte}"
-        f" {_AUDIT_INSERT} {task_audit}SELECT queue_id, NULL, $9::text, $10::text, $11::text,"
+        f" WHERE queue_id = $7 AND version = $8 RETURNING queue_id){notify}"
+        f" {_AUDIT_INSERT} SELECT queue_id, NULL, $9::text, $10::text, $11::text,"
         " $12::text, $13::text, $14::text, $15::jsonb, $6 FROM q",
         *args,
     )
-    if status != f"INSERT 0 {rows}":
-        what = f"queue {before.queue_id} at version {before.version}"
-        if task is not None:
-            what += f" or task {task.before.task_id} at version {task.before.version}"
-        raise StaleVersion(f"{what} moved on: nothing written")
+    if status != "INSERT 0 1":
+        raise StaleVersion(f"queue {before.queue_id} is no longer at version {before.version}")
 
 
 async def enqueue(

@@ -1,0 +1,71 @@
+"""The ports the engine talks through, besides cascade-core (:mod:`orchestrator.core_client`)
+and the providers (:mod:`orchestrator.providers`): the record and the clock.
+
+Each has one real adapter (:mod:`orchestrator.store.uow` on Postgres) and an in-memory fake
+for the engine's unit tests (``tests/unit/fakes.py``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol, Self
+
+from orchestrator.domain import OrderQueue, Transition
+from orchestrator.store import Loaded, NewMessage, Notification
+
+Clock = Callable[[], datetime]
+
+
+class UnitOfWork(Protocol):
+    """One transaction: load (locking the queue), collect what was decided, commit.
+
+    Leaving the ``async with`` block without :meth:`commit` writes nothing.
+    """
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+    async def load(self, queue_id: uuid.UUID) -> Loaded | None: ...
+
+    async def load_queues(self, queue_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, OrderQueue]: ...
+
+    def add(
+        self,
+        transition: Transition,
+        *,
+        withdrawal_id: str,
+        actor: str,
+        trace_id: str | None,
+        notification: Notification | None = None,
+    ) -> None: ...
+
+    def publish(self, message: NewMessage) -> None: ...
+
+    def purge(self, subject: str) -> None: ...
+
+    async def commit(self) -> None: ...
+
+
+class EngineStore(Protocol):
+    """The record as the engine uses it: units of work, and reads needing no transaction."""
+
+    def unit_of_work(self) -> UnitOfWork: ...
+
+    async def match_webhook(
+        self, provider_id: str, order_id: str, reference: str, status: str
+    ) -> tuple[uuid.UUID, uuid.UUID] | str:
+        """The (queue_id, task_id) a webhook applies to, or why none (recorded for support)."""
+        ...
+
+    async def queue_of_task(self, task_id: uuid.UUID) -> uuid.UUID | None: ...
+
+    async def load_queue(self, queue_id: uuid.UUID) -> OrderQueue | None: ...

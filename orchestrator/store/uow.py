@@ -1,0 +1,211 @@
+"""The engine's unit of work on Postgres, and the few reads it makes outside one.
+
+A :class:`PostgresUnitOfWork` is one transaction: it takes the queue row lock when it loads a
+withdrawal (so the events of one withdrawal are applied one at a time, by whichever process
+holds it), collects what the handler decided (task and queue changes with their audit rows,
+messages to publish, timers to cancel, the final notification) and writes all of it at
+:meth:`~PostgresUnitOfWork.commit`, then publishes. Leaving the block without a commit rolls
+back: nothing the handler decided is written. Each write is version-checked: under the lock
+a mismatch is a bug, and it fails the transaction (:class:`~orchestrator.store.StaleVersion`)
+instead of corrupting the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from orchestrator import store
+from orchestrator.domain import OrderQueue, QueueChange, TaskChange, Transition
+from orchestrator.faults import fault_point
+
+if TYPE_CHECKING:
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+    from asyncpg.transaction import Transaction
+
+    from orchestrator.outbox import OutboxRelay
+
+
+@dataclass(frozen=True, slots=True)
+class _QueueWrite:
+    change: QueueChange
+    notification: store.Notification | None
+
+
+class PostgresUnitOfWork:
+    """One engine transaction (see the module docstring)."""
+
+    def __init__(self, pool: store.Pool, relay: OutboxRelay) -> None:
+        self._pool = pool
+        self._relay = relay
+        self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
+        self._tx: Transaction | None = None
+        self._writes: list[store.TaskWrite | _QueueWrite] = []
+        self._messages: list[store.NewMessage] = []
+        self._purges: list[str] = []
+        self._actor = ""
+        self._trace_id: str | None = None
+        self._now: datetime | None = None
+
+    async def __aenter__(self) -> Self:
+        conn = await self._pool.acquire()
+        try:
+            tx = conn.transaction()
+            await tx.start()
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        self._conn, self._tx = conn, tx
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._conn is None:
+            return
+        try:
+            if self._tx is not None:
+                await self._tx.rollback()
+        finally:
+            await self._release()
+
+    @property
+    def conn(self) -> store.Connection:
+        assert self._conn is not None, "the unit of work is not open"
+        return self._conn
+
+    async def load(self, queue_id: uuid.UUID) -> store.Loaded | None:
+        """A withdrawal with its queue, the queue row locked until the end."""
+        return await store.load_all(self.conn, queue_id=queue_id, lock=True)
+
+    async def load_queues(self, queue_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, OrderQueue]:
+        """Many queues, locked in queue_id order; queues another transaction holds are left out
+        (a batch must not wait on one slow handler)."""
+        records = await store.load_queues(self.conn, queue_ids, lock=True, skip_locked=True)
+        return {queue_id: record.queue for queue_id, record in records.items()}
+
+    def add(
+        self,
+        transition: Transition,
+        *,
+        withdrawal_id: str,
+        actor: str,
+        trace_id: str | None,
+        notification: store.Notification | None = None,
+    ) -> None:
+        """Collect the writes of ``transition``; ``notification`` goes with the queue's final
+        state."""
+        for change in transition.changes:
+            if isinstance(change, TaskChange):
+                self._writes.append(
+                    store.TaskWrite(
+                        before=change.before,
+                        after=change.after,
+                        withdrawal_id=withdrawal_id,
+                        event=change.event,
+                        actor=actor,
+                        trace_id=trace_id,
+                        details=change.details,
+                        now=transition.at,
+                        timer=change.timer,
+                        clear_timer=change.clear_timer,
+                    )
+                )
+            else:
+                final = change.after.state != change.before.state
+                self._writes.append(_QueueWrite(change, notification if final else None))
+        self._actor, self._trace_id, self._now = actor, trace_id, transition.at
+
+    def publish(self, message: store.NewMessage) -> None:
+        """Publish ``message`` once the transaction committed (outbox)."""
+        self._messages.append(message)
+
+    def purge(self, subject: str) -> None:
+        """Cancel the timer on ``subject`` once the transaction committed."""
+        self._purges.append(subject)
+
+    async def commit(self) -> None:
+        """Write everything collected, commit, hand the connection back, then publish."""
+        conn = self.conn
+        for write in self._writes:
+            if isinstance(write, store.TaskWrite):
+                await store.save_task(conn, write)
+            else:
+                await self._save_queue(conn, write)
+        outbox = [
+            await store.enqueue(conn, m.subject, m.payload, m.headers) for m in self._messages
+        ]
+        assert self._tx is not None
+        await self._tx.commit()
+        self._tx = None
+        fault_point("after_state_write")
+        # The connection is back in the pool first: publishing takes its own, and a handler
+        # holding two at once deadlocks a busy pool.
+        await self._release()
+        # Purge before publishing, and never a subject this transaction re-armed: the new
+        # timer on that subject must survive.
+        armed = {m.subject for m in self._messages}
+        purges = [s for s in dict.fromkeys(self._purges) if s not in armed]
+        if purges:
+            await asyncio.gather(*(self._relay.purge(subject) for subject in purges))
+        await self._relay.publish_now(outbox)
+
+    async def _save_queue(self, conn: store.Connection, write: _QueueWrite) -> None:
+        before, after = write.change.before, write.change.after
+        assert self._now is not None
+        final = after.state != before.state
+        await store.save_queue(
+            conn,
+            before,
+            state=after.state,
+            cancel_requested=after.cancel_requested and not before.cancel_requested,
+            cancel_reason=write.change.cancel_reason,
+            stop_requested=after.stop_requested and not before.stop_requested,
+            failure_code=after.failure_code if final else None,
+            event=write.change.event,
+            actor=self._actor,
+            trace_id=self._trace_id,
+            now=self._now,
+            notification=write.notification,
+        )
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)
+
+
+class PostgresEngineStore:
+    """What the engine reads and writes in Postgres: units of work, and single statements that
+    need no transaction of their own."""
+
+    def __init__(self, pool: store.Pool, relay: OutboxRelay) -> None:
+        self._pool = pool
+        self._relay = relay
+
+    def unit_of_work(self) -> PostgresUnitOfWork:
+        return PostgresUnitOfWork(self._pool, self._relay)
+
+    async def match_webhook(
+        self, provider_id: str, order_id: str, reference: str, status: str
+    ) -> tuple[uuid.UUID, uuid.UUID] | str:
+        async with self._pool.acquire() as conn:
+            return await store.match_webhook(conn, provider_id, order_id, reference, status)
+
+    async def queue_of_task(self, task_id: uuid.UUID) -> uuid.UUID | None:
+        async with self._pool.acquire() as conn:
+            return await store.queue_of_task(conn, task_id)
+
+    async def load_queue(self, queue_id: uuid.UUID) -> OrderQueue | None:
+        async with self._pool.acquire() as conn:
+            record = await store.load_queue(conn, queue_id=queue_id)
+        return record.queue if record else None
