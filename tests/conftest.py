@@ -34,6 +34,7 @@ from gateway.settings import Settings, load_settings
 from orchestrator.worker import Worker
 from sandbox.app import Sandbox
 from sandbox.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # The frozen legacy API contract and its recorded exchanges: part of the repository.
@@ -191,20 +192,26 @@ class Stack:
         return data
 
     async def wait_for(
-        self, withdrawal_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+        self,
+        withdrawal_id: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float = 20.0,
+        *,
+        what: str = "to reach the awaited state",
     ) -> dict[str, Any]:
-        """Poll the public API until ``predicate`` holds (an awaited event, with a deadline)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            body = await self.withdrawal(withdrawal_id)
-            if predicate(body):
-                return body
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"timed out waiting on {withdrawal_id}: {body}")
-            await asyncio.sleep(0.05)
+        """Poll the public API until ``predicate`` holds for the withdrawal; returns its body."""
+        return await wait_until(
+            lambda: self.withdrawal(withdrawal_id),
+            done=predicate,
+            timeout=timeout,
+            interval=0.05,
+            what=f"withdrawal {withdrawal_id} {what}",
+        )
 
     async def wait_final(self, withdrawal_id: str, timeout: float = 20.0) -> dict[str, Any]:
-        return await self.wait_for(withdrawal_id, lambda b: b["status"] != "processing", timeout)
+        return await self.wait_for(
+            withdrawal_id, lambda b: b["status"] != "processing", timeout, what="to be final"
+        )
 
 
 StackFactory = Callable[..., Awaitable[Stack]]
@@ -249,10 +256,15 @@ async def make_stack(services: Services, tmp_path: Path) -> AsyncIterator[StackF
         app = create_app(settings, runtime=runtime)
         server = uvicorn.Server(server_config(app, host="127.0.0.1", port=port))
         task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: server.started or task.done(),
+            timeout=60,
+            interval=0.01,
+            what="the gateway's HTTP server to start",
+        )
+        if task.done():
+            task.result()  # the server stopped as it started: raise its error
+            raise AssertionError("the gateway's HTTP server stopped as it started")
         worker = Worker(
             engine=runtime.engine,
             js=runtime.js,

@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 
 from sandbox.embedded import free_port
+from tests.waiting import wait_until
 
 # 8.2 is what runs on this project's Node 20 (npm warns that 8.x wants Node 22): patch updates only.
 PACKAGE = "unleash-server@~8.2.0"
@@ -128,22 +128,28 @@ class UnleashServer:
 
 
 async def _wait_ready(server: UnleashServer) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
     async with httpx.AsyncClient(timeout=2) as client:
-        while True:
+
+        async def health() -> int | None:
             if server.process.poll() is not None:
                 raise RuntimeError(
                     f"unleash-server exited ({server.process.returncode}):\n{server.log_tail()}"
                 )
-            with contextlib.suppress(httpx.HTTPError):
-                response = await client.get(f"{server.base_url}/health")
-                if response.status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"unleash-server not healthy after {READY_TIMEOUT:g} s:\n{server.log_tail()}"
-                )
-            await asyncio.sleep(0.1)
+            try:
+                return (await client.get(f"{server.base_url}/health")).status_code
+            except httpx.HTTPError:
+                return None  # not listening yet
+
+        try:
+            await wait_until(
+                health,
+                done=lambda status: status == 200,
+                timeout=READY_TIMEOUT,
+                interval=0.1,
+                what="unleash-server's /health to answer 200",
+            )
+        except AssertionError as timeout:
+            raise RuntimeError(f"{timeout}\n{server.log_tail()}") from timeout
 
 
 @contextlib.asynccontextmanager

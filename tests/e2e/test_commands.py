@@ -17,6 +17,7 @@ import pytest
 
 from sandbox.embedded import free_port
 from tests.conftest import API_TOKEN, ROOT, flags_document, new_id, withdrawal_body
+from tests.waiting import wait_until_sync
 
 CLI = [sys.executable, "-m", "gateway.cli"]
 
@@ -182,23 +183,33 @@ def test_dev_stack_serves_and_stops_without_orphans() -> None:
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 201
-        status = "processing"
-        while status == "processing":
-            assert time.monotonic() < deadline
+
+        def status() -> str:
             get = urllib.request.Request(
                 f"http://127.0.0.1:{port}/v1/withdrawals/{wid}",
                 headers={"Authorization": f"Bearer {API_TOKEN}"},
             )
             with urllib.request.urlopen(get, timeout=10) as response:
-                status = json.loads(response.read())["status"]
-            time.sleep(0.1)
-        assert status == "succeeded"
+                found: str = json.loads(response.read())["status"]
+            return found
+
+        final = wait_until_sync(
+            status,
+            done=lambda found: found != "processing",
+            timeout=90,
+            interval=0.1,
+            what=f"withdrawal {wid} to be final",
+        )
+        assert final == "succeeded"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
-        stop_deadline = time.monotonic() + 10
-        while [pid for pid in family if _alive(pid)]:
-            assert time.monotonic() < stop_deadline, [p for p in family if _alive(p)]
-            time.sleep(0.05)
+        wait_until_sync(
+            lambda: [pid for pid in family if _alive(pid)],
+            done=lambda alive: not alive,
+            timeout=10,
+            interval=0.05,
+            what="every process of the dev stack to exit",
+        )
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -7,7 +7,6 @@ the opposite (toggle disabled), so every cascade decision below can only come fr
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import shutil
 import time
@@ -26,6 +25,7 @@ from tests.conftest import (
     withdrawal_body,
 )
 from tests.unleash_server import UnleashAdmin, running_unleash
+from tests.waiting import wait_until
 
 OPS = {"Authorization": "Bearer ops-token"}
 FLIP_DEADLINE = 15.0
@@ -53,15 +53,14 @@ async def _detail(stack: Stack, wid: str) -> dict[str, Any]:
 async def _until_cohort(stack: Stack, merchant: str, cohort: str) -> tuple[float, dict[str, Any]]:
     """Create withdrawals for ``merchant`` until one lands in ``cohort``; the seconds it took."""
     start = time.monotonic()
-    while True:
-        detail = await _create(stack, merchant, ["sbx_sync_ok"])
-        if detail["cohort"] == cohort:
-            return time.monotonic() - start, detail
-        if time.monotonic() - start > FLIP_DEADLINE:
-            raise AssertionError(
-                f"{merchant} still {detail['cohort']} after {FLIP_DEADLINE} s: {detail}"
-            )
-        await asyncio.sleep(0.05)
+    detail = await wait_until(
+        lambda: _create(stack, merchant, ["sbx_sync_ok"]),
+        done=lambda detail: detail["cohort"] == cohort,
+        timeout=FLIP_DEADLINE,
+        interval=0.05,
+        what=f"a withdrawal of {merchant} to go {cohort}",
+    )
+    return time.monotonic() - start, detail
 
 
 @pytest.mark.e2e
@@ -128,10 +127,13 @@ async def test_release_manager_flips_merchants_on_a_live_unleash(
             unleash.kill()
             router = stack.runtime.router
             assert router is not None
-            deadline = time.monotonic() + 10
-            while router.source != "backup":
-                assert time.monotonic() < deadline, router.describe()
-                await asyncio.sleep(0.05)
+            await wait_until(
+                router.describe,
+                done=lambda flags: flags["source"] == "backup",
+                timeout=10,
+                interval=0.05,
+                what="the router to route from its backup",
+            )
             after = await _create(stack, merchant, ["sbx_sync_ok"])
             assert (after["cohort"], after["routing_reason"]) == ("cascade", "allow_list")
             assert after["flag_state"]["source"] == "backup"

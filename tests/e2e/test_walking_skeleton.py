@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import StackFactory, flags_document, new_id, withdrawal_body
+from tests.conftest import Stack, StackFactory, flags_document, new_id, withdrawal_body
+from tests.waiting import wait_until
 
 
 def _ops_for(ledger: dict[str, Any], withdrawal_id: str) -> list[tuple[str, str]]:
@@ -63,13 +64,17 @@ async def test_legacy_cohort_tries_only_the_first_provider(make_stack: StackFact
     await _await_notification(stack, wid, "failed")
 
 
-async def _await_notification(stack: Any, wid: str, status: str) -> None:
-    import asyncio  # noqa: PLC0415
+async def _await_notification(stack: Stack, wid: str, status: str) -> None:
+    async def notified() -> list[str]:
+        return _notified(await stack.ledger(), wid)
 
-    deadline = asyncio.get_running_loop().time() + 10
-    while _notified(await stack.ledger(), wid) != [status]:
-        assert asyncio.get_running_loop().time() < deadline, "no notification arrived"
-        await asyncio.sleep(0.05)
+    await wait_until(
+        notified,
+        done=lambda statuses: statuses == [status],
+        timeout=10,
+        interval=0.05,
+        what=f"cascade-core to be notified that {wid} is {status}",
+    )
 
 
 @pytest.mark.e2e

@@ -9,7 +9,8 @@ import pytest
 
 from sandbox.embedded import free_port
 from tests.conftest import StackFactory, new_id, withdrawal_body
-from tests.faultkit import wait_until, worker_process
+from tests.faultkit import worker_process
+from tests.waiting import wait_until
 
 
 @pytest.mark.e2e
@@ -28,7 +29,7 @@ async def test_worker_serves_probes_and_metrics(make_stack: StackFactory, tmp_pa
                 except httpx.TransportError:
                     return False
 
-            await wait_until(ready, "the worker to be ready", 30)
+            await wait_until(ready, timeout=30, interval=0.05, what="the worker to be ready")
             assert (await client.get("/healthz")).json() == {"status": "ok"}
             wid = new_id()
             response = await stack.client.post(
@@ -36,7 +37,7 @@ async def test_worker_serves_probes_and_metrics(make_stack: StackFactory, tmp_pa
             )
             assert response.status_code == 201
 
-            async def gauged() -> bool:
+            async def counted() -> float:
                 # Test timers move it on quickly: whichever waiting state it is in, it counts.
                 text = (await client.get("/metrics")).text
                 counts = [
@@ -44,9 +45,15 @@ async def test_worker_serves_probes_and_metrics(make_stack: StackFactory, tmp_pa
                     for ln in text.splitlines()
                     if ln.startswith("tasks_in_state{")
                 ]
-                return sum(counts) == 1.0
+                return sum(counts)
 
-            await wait_until(gauged, "tasks_in_state to count the parked task", 20)
+            await wait_until(
+                counted,
+                done=lambda tasks: tasks == 1.0,
+                timeout=20,
+                interval=0.05,
+                what="tasks_in_state to count the parked task",
+            )
             text = (await client.get("/metrics")).text
             assert "task_oldest_in_state_seconds{" in text
             assert "dlq_size " in text

@@ -9,7 +9,6 @@ alerts use with what a running app exports, and runs promtool and hadolint when 
 from __future__ import annotations
 
 import ast
-import asyncio
 import copy
 import functools
 import json
@@ -30,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.settings import load_settings
 from tests.conftest import StackFactory, flags_document, new_id, withdrawal_body
 from tests.helm import promql
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "cascade-gateway"
@@ -948,17 +948,24 @@ async def test_dashboard_and_alerts_use_only_metrics_the_app_exports(
     # 5 s; one pass now rather than waiting for the next.
     await stack.worker.measure_dlq()
     assert {"tasks_in_state", "task_oldest_in_state_seconds"} <= needed
-    # Wait (with a deadline) until the notification and webhook counters have series.
-    deadline = asyncio.get_running_loop().time() + 15
-    while True:
+
+    async def scrape() -> dict[str, dict[str, set[str]]]:
         response = await stack.client.get("/metrics")
         assert response.status_code == 200
-        samples = exported(response.text)
-        missing = needed - samples.keys()
-        if not missing or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert missing == set(), "used by the chart but not exported by the app"
+        return exported(response.text)
+
+    async def unexported() -> set[str]:
+        return needed - (await scrape()).keys()
+
+    # The notification and webhook counters get their series a little after the withdrawal.
+    await wait_until(
+        unexported,
+        done=lambda missing: not missing,
+        timeout=15,
+        interval=0.1,
+        what="the app to export every metric the chart uses",
+    )
+    samples = await scrape()
     # A series for every state the chart may bound, even with no task in it (then 0).
     states = set(
         json.loads((CHART / "values.schema.json").read_text())["properties"]["metrics"][

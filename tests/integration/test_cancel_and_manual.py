@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -10,6 +9,7 @@ import pytest
 
 from orchestrator.domain import CancelRequested
 from tests.conftest import Stack, StackFactory, new_id, providers_document, withdrawal_body
+from tests.waiting import wait_until
 
 OPS = {"Authorization": "Bearer ops-token", "X-Operator": "alice"}
 
@@ -33,13 +33,14 @@ async def _tasks(stack: Stack, wid: str) -> list[dict[str, Any]]:
 async def _wait_task_state(
     stack: Stack, wid: str, position: int, state: str, timeout: float = 20
 ) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        tasks = await _tasks(stack, wid)
-        if tasks[position]["state"] == state:
-            return tasks[position]
-        assert asyncio.get_running_loop().time() < deadline, tasks
-        await asyncio.sleep(0.05)
+    tasks = await wait_until(
+        lambda: _tasks(stack, wid),
+        done=lambda tasks: tasks[position]["state"] == state,
+        timeout=timeout,
+        interval=0.05,
+        what=f"task {position} of {wid} in {state}",
+    )
+    return tasks[position]
 
 
 async def _ledger_ok(stack: Stack, wid: str) -> dict[str, str]:

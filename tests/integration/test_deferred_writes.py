@@ -16,7 +16,8 @@ import pytest
 from orchestrator import store
 from orchestrator.deferred import DeferredWrites
 from tests.conftest import Stack, StackFactory
-from tests.faultkit import create_withdrawal, wait_until
+from tests.faultkit import create_withdrawal
+from tests.waiting import wait_until
 
 
 async def _rows(stack: Stack, count: int) -> tuple[list[int], list[str]]:
@@ -60,10 +61,13 @@ async def test_collected_writes_land_together(make_stack: StackFactory) -> None:
             deferred.notification_acked(wid, "succeeded")
             deferred.notification_acked(wid, "succeeded")  # a second ack changes nothing
 
-        async def landed() -> bool:
-            return await _state(stack, ids, wids) == (0, 20)
-
-        await wait_until(landed, "outbox rows deleted and notifications acked")
+        await wait_until(
+            lambda: _state(stack, ids, wids),
+            done=lambda state: state == (0, 20),
+            timeout=15,
+            interval=0.05,
+            what="outbox rows deleted and notifications acked",
+        )
         assert deferred.pending == 0
     finally:
         await deferred.close()

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from sandbox.embedded import (
     free_port,
     nats_server_binary,
 )
+from tests.waiting import wait_until, wait_until_sync
 
 IS_ROOT = os.geteuid() == 0
 root_only = pytest.mark.skipif(not IS_ROOT, reason="the nobody fallback only applies to root")
@@ -53,15 +53,6 @@ def process_gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process_gone(pid):
-            return True
-        time.sleep(0.01)
-    return process_gone(pid)
 
 
 def proc_uid(pid: int) -> int:
@@ -137,7 +128,12 @@ async def test_nats_jetstream_roundtrip_survives_restart_on_same_port(world_dir:
 
             assert server.restart() == url
             assert server.pid != first_pid
-            assert wait_gone(first_pid)
+            await wait_until(
+                lambda: process_gone(first_pid),
+                timeout=5,
+                interval=0.01,
+                what=f"the first nats-server (pid {first_pid}) to exit",
+            )
 
             # The same client reconnects by itself (a request sent before it noticed the
             # restart would just time out), and the stream kept its message.
@@ -253,7 +249,9 @@ async def test_postgres_data_survives_stop_and_kill_on_same_port(world_dir: Path
 def test_postgres_context_manager_and_busy_port(world_dir: Path, listening_port: int) -> None:
     with EmbeddedPostgres(world_dir / "a", durable=False) as pg:
         pid = pg.pid
-    assert wait_gone(pid)
+    wait_until_sync(
+        lambda: process_gone(pid), timeout=5, interval=0.01, what=f"postgres (pid {pid}) to exit"
+    )
 
     busy = EmbeddedPostgres(world_dir / "b", port=listening_port, durable=False)
     with pytest.raises(EmbeddedServiceError, match=f"port {listening_port} is already in use"):

@@ -12,6 +12,7 @@ import pytest
 from flags.router import CohortRouter
 from tests.conftest import Services, StackFactory, flags_document, new_id, withdrawal_body
 from tests.faultkit import metric_sum
+from tests.waiting import wait_until
 
 
 @pytest.mark.parametrize("enabled", [False, True], ids=["legacy", "cascade"])
@@ -102,10 +103,12 @@ async def test_nats_down_means_503_and_nothing_persisted(
     wid = new_id()
     services.nats.stop()
     try:
-        deadline = asyncio.get_running_loop().time() + 5
-        while stack.runtime.nc.is_connected:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.01)
+        await wait_until(
+            lambda: not stack.runtime.nc.is_connected,
+            timeout=5,
+            interval=0.01,
+            what="the gateway to see NATS gone",
+        )
         response = await stack.client.post(
             "/v1/withdrawals", headers=stack.headers, json=withdrawal_body(wid, ["sbx_ok"])
         )
@@ -120,10 +123,11 @@ async def test_nats_down_means_503_and_nothing_persisted(
             assert await conn.fetchval("SELECT count(*) FROM outbox") == 0
     finally:
         services.nats.restart()
-    deadline = asyncio.get_running_loop().time() + 15
-    while not stack.runtime.nc.is_connected:
-        assert asyncio.get_running_loop().time() < deadline, "no reconnect"
-        await asyncio.sleep(0.02)
+    await wait_until(
+        lambda: stack.runtime.nc.is_connected,
+        timeout=15,
+        what="the gateway to reconnect to NATS",
+    )
     again = await stack.client.post(
         "/v1/withdrawals", headers=stack.headers, json=withdrawal_body(wid, ["sbx_ok"])
     )

@@ -12,8 +12,7 @@ import json
 import logging
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from flags.router import TOGGLE, CohortRouter
 from gateway.report import cohort_report, run_report
 from sandbox.embedded import free_port
 from tests.conftest import Stack, StackFactory, flags_document, new_id, withdrawal_body
+from tests.waiting import wait_until_sync
 
 OPS = {"Authorization": "Bearer ops-token"}
 
@@ -90,16 +90,6 @@ class _StubUnleash:
             self._server = None
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until ``predicate`` holds; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
 @pytest.fixture
 def stub_port() -> int:
     return free_port()
@@ -137,7 +127,9 @@ def test_unleash_unreachable_at_start_then_live_then_unreachable_mid_run(
     booted = router.decide("m_boot")
     assert (booted.cohort, booted.reason) == ("cascade", "allow_list")
     assert booted.flag_state["source"] == "bootstrap"
-    _wait(lambda: router.describe()["failed_polls"] >= 3, 10, "three failed polls")
+    wait_until_sync(
+        lambda: router.describe()["failed_polls"] >= 3, timeout=10, what="three failed polls"
+    )
     assert _warnings(caplog) == [
         f"cascade.flags: Unleash at http://127.0.0.1:{stub_port}/api unreachable "
         "(connection refused); routing from FLAGS_FILE (bootstrap) until it answers"
@@ -147,7 +139,9 @@ def test_unleash_unreachable_at_start_then_live_then_unreachable_mid_run(
     stub = _StubUnleash(stub_port, flags_document(enabled=True, merchants=["m_live"]))
     stub.start()
     try:
-        _wait(lambda: router.source == "server", 5, "the first successful poll")
+        wait_until_sync(
+            lambda: router.source == "server", timeout=5, what="the first successful poll"
+        )
         live = router.decide("m_live")
         assert (live.cohort, live.reason) == ("cascade", "allow_list")
         assert live.flag_state["source"] == "server"
@@ -155,9 +149,13 @@ def test_unleash_unreachable_at_start_then_live_then_unreachable_mid_run(
 
         # A release manager flips the kill switch: seen on the next poll.
         stub.document = flags_document(enabled=False, merchants=["m_live"])
-        _wait(lambda: router.decide("m_live").reason == "disabled", 5, "the kill switch")
+        wait_until_sync(
+            lambda: router.decide("m_live").reason == "disabled", timeout=5, what="the kill switch"
+        )
         fetches = stub.fetches
-        _wait(lambda: stub.fetches >= fetches + 2, 5, "two more polls (304s)")
+        wait_until_sync(
+            lambda: stub.fetches >= fetches + 2, timeout=5, what="two more polls (304s)"
+        )
         # mypy still holds router.source to the "bootstrap" asserted above: it cannot know that
         # the router's poller thread has changed the property since.
         assert router.source == "server"  # type: ignore[comparison-overlap]
@@ -165,8 +163,12 @@ def test_unleash_unreachable_at_start_then_live_then_unreachable_mid_run(
         stub.stop()
 
     # Unreachable mid-run: the last known state (disabled) keeps serving, from the backup.
-    _wait(lambda: router.source == "backup", 5, "the router to notice the outage")
-    _wait(lambda: router.describe()["failed_polls"] >= 3, 10, "three failed polls")
+    wait_until_sync(
+        lambda: router.source == "backup", timeout=5, what="the router to notice the outage"
+    )
+    wait_until_sync(
+        lambda: router.describe()["failed_polls"] >= 3, timeout=10, what="three failed polls"
+    )
     kept = router.decide("m_live")
     assert (kept.cohort, kept.reason) == ("legacy", "disabled")
     assert kept.flag_state["source"] == "backup"

@@ -21,9 +21,9 @@ from tests.integration.test_webhook_intake import (
     quiet_providers,
     task_events,
     wait_consumed,
-    wait_until,
     webhook_counts,
 )
+from tests.waiting import wait_until
 
 OPS = {"Authorization": "Bearer ops-token"}
 
@@ -53,11 +53,16 @@ async def intake_saw(
 ) -> None:
     """Await the intake having counted ``expected`` since ``before``, then demand exactly that."""
 
-    async def arrived() -> bool:
-        moved = counted(before, await webhook_counts(stack))
+    def arrived(counts: dict[tuple[str, str], float]) -> bool:
+        moved = counted(before, counts)
         return all(moved.get(k, 0) >= v for k, v in expected.items())
 
-    await wait_until(arrived, f"webhooks {expected}")
+    await wait_until(
+        lambda: webhook_counts(stack),
+        done=arrived,
+        timeout=10,
+        what=f"the intake to count webhooks {expected}",
+    )
     await wait_consumed(stack)
     assert counted(before, await webhook_counts(stack)) == expected
 
@@ -284,7 +289,7 @@ async def test_sbx_silent_reaches_manual_check_and_set_status_still_settles_it(
         response.raise_for_status()
         return [c for c in response.json()["manual_checks"] if c["withdrawal_id"] == wid]
 
-    [check] = await wait_until(listed, "the manual check", timeout=20)
+    [check] = await wait_until(listed, timeout=20, what="the manual check")
     assert (await stack.withdrawal(wid))["status"] == "processing"
     response = await stack.client.post(
         f"/sandbox/providers/sbx_silent/orders/{check['provider_reference']}/status",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.serving import CoalescingTransport
+from tests.waiting import wait_until
 
 
 class _Recording(asyncio.Transport):
@@ -112,15 +113,17 @@ async def test_a_served_answer_is_one_write(tmp_path: Path) -> None:
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _SERVER, str(port), stderr=subprocess.DEVNULL
     )
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return None  # not listening yet
+
     try:
-        for _ in range(500):
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except OSError:
-                await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("the server did not start")
+        reader, writer = await wait_until(
+            connect, timeout=15, what=f"the server to listen on port {port}"
+        )
         writer.write(b'POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{"n": 0}')
         await _answer(reader, 0)  # connection set up, first answer out of the way
         before = _write_syscalls(server.pid)

@@ -34,6 +34,7 @@ from contracts.provider import ProviderWebhook
 from contracts.webhooks import sign
 from orchestrator import bus
 from tests.conftest import Stack, StackFactory, new_id, providers_document, withdrawal_body
+from tests.waiting import wait_until
 
 SILENT = "sbx_silent"
 FINAL = ("succeeded", "failed", "cancelled")
@@ -135,20 +136,19 @@ async def wait_consumed(stack: Stack, timeout: float = 10.0) -> None:
     everything the events did.
     """
     names = stack.runtime.relay.names
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
+
+    async def left() -> dict[str, int | None]:
         info = await stack.runtime.js.consumer_info(names.stream, names.consumer)
         async with stack.runtime.pool.acquire() as conn:
-            outbox = await conn.fetchval("SELECT count(*) FROM outbox")
-        if info.num_pending == 0 and info.num_ack_pending == 0 and outbox == 0:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(
-                f"worker still busy: pending={info.num_pending} "
-                f"ack_pending={info.num_ack_pending} outbox={outbox}"
-            )
-        await asyncio.sleep(0.02)
+            outbox: int = await conn.fetchval("SELECT count(*) FROM outbox")
+        return {"pending": info.num_pending, "ack_pending": info.num_ack_pending, "outbox": outbox}
+
+    await wait_until(
+        left,
+        done=lambda counts: all(count == 0 for count in counts.values()),
+        timeout=timeout,
+        what="the worker to ack every event and the outbox to empty",
+    )
 
 
 async def task_events(stack: Stack, withdrawal_id: str) -> list[dict[str, Any]]:
@@ -170,21 +170,6 @@ def ledger_ops(ledger: dict[str, Any], withdrawal_id: str) -> list[tuple[str, st
         for d in ledger["operation_details"].values()
         if d["withdrawal_id"] == withdrawal_id
     )
-
-
-async def wait_until(
-    probe: Callable[[], Any], what: str, timeout: float = 10.0, interval: float = 0.02
-) -> Any:
-    """Await ``probe()`` (a coroutine function) until it returns something truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # --- an in-flight withdrawal ----------------------------------------------------------------
@@ -926,7 +911,7 @@ async def test_unknown_order_is_acknowledged_recorded_and_changes_nothing(
             rows = await conn.fetch("SELECT * FROM unmatched_webhooks")
         return [dict(r) for r in rows]
 
-    rows = await wait_until(recorded, "the unmatched webhook row")
+    rows = await wait_until(recorded, timeout=10, what="the unmatched webhook row")
     await wait_consumed(f.stack)
     assert [
         (r["provider_id"], r["order_id"], r["reference"], r["status"], r["reason"]) for r in rows
@@ -953,7 +938,7 @@ async def test_webhook_for_a_final_task_is_acknowledged_and_ignored(in_flight: I
                 )
             )
 
-    await wait_until(notified, "the final notification to be acknowledged")
+    await wait_until(notified, timeout=10, what="the final notification to be acknowledged")
     baseline = await snapshot(f.stack)
     ledger_before = await f.stack.ledger()
     for status in ("failed", "cancelled", "pending"):

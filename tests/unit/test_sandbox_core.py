@@ -6,10 +6,9 @@ Driven through HTTP with Litestar's AsyncTestClient against an app that mounts t
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from litestar.testing import AsyncTestClient
 from contracts.providers_file import load_providers
 from sandbox.app import Sandbox, SandboxConfig
 from sandbox.core import Ledger, LedgerError
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": "Bearer core-token"}
@@ -100,18 +100,6 @@ def kinds(snapshot: Any, **match: str) -> list[str]:
         for v in snapshot["violations"]
         if all(v.get(key) == value for key, value in match.items())
     ]
-
-
-async def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll an async condition until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail("condition not met before the deadline")
-        await asyncio.sleep(0.01)
 
 
 # -- authentication and input ----------------------------------------------------------------
@@ -359,7 +347,10 @@ async def test_freeze_open_too_long_is_seen_when_the_ledger_is_read() -> None:
         async def flagged() -> list[str]:
             return kinds(await ledger(client), operation_id=op)
 
-        assert await wait_for(flagged) == ["freeze_open_too_long"]
+        kinds_seen = await wait_until(
+            flagged, timeout=5, interval=0.01, what="the open freeze to be flagged"
+        )
+        assert kinds_seen == ["freeze_open_too_long"]
         # Flagged once, however often the ledger is read afterwards.
         snapshot = await ledger(client)
         assert kinds(snapshot) == ["freeze_open_too_long"]

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from contracts.provider import ProviderWebhook
 from contracts.providers_file import ProviderConfig, load_providers
 from contracts.webhooks import SignatureError, verify
 from sandbox.app import Sandbox, SandboxConfig
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": "Bearer core-token"}
@@ -53,20 +54,6 @@ def providers() -> dict[str, ProviderConfig]:
 PROVIDERS = providers()
 
 
-async def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll a condition (sync or async) until it is truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail("condition not met before the deadline")
-        await asyncio.sleep(0.005)
-
-
 @contextlib.asynccontextmanager
 async def serve(app: ASGIApp) -> AsyncIterator[str]:
     """Serve ``app`` with uvicorn on a free 127.0.0.1 port in this event loop."""
@@ -82,7 +69,7 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await wait_for(lambda: server.started or task.done())
+        await wait_until(lambda: server.started or task.done(), timeout=5, what="uvicorn to start")
         assert not task.done(), "uvicorn did not start"
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -211,7 +198,12 @@ class Harness:
 
     async def settled(self) -> None:
         """Wait until no delayed webhook is pending (every scheduled send has finished)."""
-        await wait_for(lambda: self.sandbox.sender.pending_tasks == 0)
+        await wait_until(
+            lambda: self.sandbox.sender.pending_tasks,
+            done=lambda pending: pending == 0,
+            timeout=5,
+            what="every scheduled webhook to be sent",
+        )
 
 
 @contextlib.asynccontextmanager
@@ -337,7 +329,9 @@ async def test_ok_accepts_then_sends_a_signed_success_webhook(h: Harness) -> Non
     assert REFERENCE.match(order["reference"])
     assert order["reference"].startswith("sbx_ok-")
 
-    [delivery] = await wait_for(lambda: h.receiver.for_order("cg-ok"))
+    [delivery] = await wait_until(
+        lambda: h.receiver.for_order("cg-ok"), timeout=5, what="the webhook for cg-ok"
+    )
     assert delivery.verified
     assert delivery.provider_id == "sbx_ok"
     assert delivery.webhook_id.startswith("msg_")
@@ -353,7 +347,9 @@ async def test_sync_ok_succeeds_in_the_create_response(h: Harness) -> None:
     created = await h.create("sbx_sync_ok", "cg-sync")
     assert created.status_code == 201
     assert created.json()["status"] == "succeeded"
-    [delivery] = await wait_for(lambda: h.receiver.for_order("cg-sync"))
+    [delivery] = await wait_until(
+        lambda: h.receiver.for_order("cg-sync"), timeout=5, what="the webhook for cg-sync"
+    )
     assert delivery.verified
     assert delivery.body.status == "succeeded"
 
@@ -373,7 +369,9 @@ async def test_accept_fail_accepts_then_sends_a_declined_failure(h: Harness) -> 
     created = await h.create("sbx_accept_fail", "cg-af")
     assert created.status_code == 201
     assert created.json()["status"] == "pending"
-    [delivery] = await wait_for(lambda: h.receiver.for_order("cg-af"))
+    [delivery] = await wait_until(
+        lambda: h.receiver.for_order("cg-af"), timeout=5, what="the webhook for cg-af"
+    )
     assert delivery.verified
     assert (delivery.body.status, delivery.body.code) == ("failed", "declined")
     got = (await h.status_of("sbx_accept_fail", "cg-af")).json()
@@ -386,7 +384,9 @@ async def test_silent_accepts_and_never_calls_back(h: Harness) -> None:
     # Nothing is even scheduled for it; an sbx_ok order created after it is delivered first.
     assert h.sandbox.sender.pending_tasks == 0
     await h.create("sbx_ok", "cg-witness")
-    await wait_for(lambda: h.receiver.for_order("cg-witness"))
+    await wait_until(
+        lambda: h.receiver.for_order("cg-witness"), timeout=5, what="the webhook for cg-witness"
+    )
     await h.settled()
     assert h.receiver.for_order("cg-silent") == []
     assert (await h.status_of("sbx_silent", "cg-silent")).json()["status"] == "pending"
@@ -395,7 +395,7 @@ async def test_silent_accepts_and_never_calls_back(h: Harness) -> None:
 async def test_no_funds_is_ok_at_the_provider_but_refused_at_core(h: Harness) -> None:
     created = await h.create("sbx_no_funds", "cg-nf")
     assert created.status_code == 201
-    await wait_for(lambda: h.receiver.for_order("cg-nf"))
+    await wait_until(lambda: h.receiver.for_order("cg-nf"), timeout=5, what="the webhook for cg-nf")
     for provider in ("sbx_no_funds", "sbx_no_funds-2"):
         refused = await h.http.post(
             "/sandbox/core/v1/balances/freeze",
@@ -418,7 +418,9 @@ async def test_suffixed_id_behaves_like_its_base_and_signs_with_its_own_secret(
     created = await h.create("sbx_ok-2", "cg-alias")
     assert created.status_code == 201
     assert created.json()["reference"].startswith("sbx_ok-2-")
-    [delivery] = await wait_for(lambda: h.receiver.for_order("cg-alias"))
+    [delivery] = await wait_until(
+        lambda: h.receiver.for_order("cg-alias"), timeout=5, what="the webhook for cg-alias"
+    )
     assert delivery.provider_id == "sbx_ok-2"
     assert delivery.verified
 
@@ -435,7 +437,11 @@ async def test_flaky_created_order_exists_succeeds_and_replays(h: Harness) -> No
     failed = await h.create("sbx_flaky", "cg-fl-created")
     assert failed.status_code == 503
     assert "error" in failed.json()
-    [delivery] = await wait_for(lambda: h.receiver.for_order("cg-fl-created"))
+    [delivery] = await wait_until(
+        lambda: h.receiver.for_order("cg-fl-created"),
+        timeout=5,
+        what="the webhook for cg-fl-created",
+    )
     assert delivery.verified
     assert delivery.body.status == "succeeded"
     got = await h.status_of("sbx_flaky", "cg-fl-created")
@@ -529,7 +535,9 @@ async def test_cancel_pending_order_wins_over_its_scheduled_success(hosts: Hosts
 
 async def test_cancel_of_a_final_order_is_409_with_the_winner(h: Harness) -> None:
     await h.create("sbx_accept_fail", "cg-final")
-    await wait_for(lambda: h.receiver.for_order("cg-final"))
+    await wait_until(
+        lambda: h.receiver.for_order("cg-final"), timeout=5, what="the webhook for cg-final"
+    )
     response = await h.http.post("/sandbox/providers/sbx_accept_fail/orders/cg-final/cancel")
     assert response.status_code == 409
     assert response.json()["status"] == "failed"
@@ -633,8 +641,11 @@ async def test_set_status_with_malformed_json_is_422(h: Harness) -> None:
 async def test_webhook_retries_5xx_with_the_same_id_and_fresh_signatures(h: Harness) -> None:
     h.receiver.answers.extend([503, 500])
     await h.create("sbx_ok", "cg-retry")
-    deliveries = await wait_for(
-        lambda: len(h.receiver.for_order("cg-retry")) == 3 and h.receiver.for_order("cg-retry")
+    deliveries = await wait_until(
+        lambda: h.receiver.for_order("cg-retry"),
+        done=lambda deliveries: len(deliveries) == 3,
+        timeout=5,
+        what="three deliveries of the webhook for cg-retry",
     )
     assert len({d.webhook_id for d in deliveries}) == 1
     assert all(d.verified for d in deliveries)

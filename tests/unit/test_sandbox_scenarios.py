@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import random
 import socket
 import statistics
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
@@ -30,6 +28,7 @@ from sandbox.scenarios import (
     plan,
     summarize,
 )
+from tests.waiting import wait_until
 
 EXAMPLE: dict[str, Any] = {
     "name": "eu-payouts",
@@ -322,14 +321,19 @@ async def create(client: httpx.AsyncClient, order_id: str, provider: str = "sbx_
 
 
 async def eventually_status(client: httpx.AsyncClient, order_id: str, status: str) -> None:
-    deadline = time.monotonic() + 5
-    while True:
+    """Until the provider's order ``order_id`` is in ``status``."""
+
+    async def found() -> str | None:
         got = await client.get(f"/sandbox/providers/sbx_scn_p/orders/{order_id}")
-        if got.status_code == 200 and got.json()["status"] == status:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"order {order_id} never became {status}")
-        await asyncio.sleep(0.005)
+        return str(got.json()["status"]) if got.status_code == 200 else None
+
+    await wait_until(
+        found,
+        done=lambda seen: seen == status,
+        timeout=5,
+        interval=0.005,
+        what=f"order {order_id} to become {status}",
+    )
 
 
 async def test_scenario_provider_accepts_and_succeeds(served: Any) -> None:

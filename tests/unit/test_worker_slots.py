@@ -16,7 +16,7 @@ import msgspec
 from orchestrator import bus
 from orchestrator.engine import Engine, TimerDue
 from orchestrator.worker import Worker
-from tests.faultkit import wait_until
+from tests.waiting import wait_until
 
 NAMES = bus.Names("t.")
 
@@ -63,20 +63,26 @@ async def test_handed_back_timers_wait_for_the_workers_slots() -> None:
     msgs = [_Msg(bus.WEBHOOK_TIMEOUT) for _ in range(20)]
     await worker._spawn(functools.partial(worker._handle_timers, msgs))  # type: ignore[arg-type]
 
-    async def slots_full() -> bool:
-        return active == 3
-
-    await wait_until(slots_full, "three handed-back timers running")
+    await wait_until(
+        lambda: active,
+        done=lambda running: running == 3,
+        timeout=15,
+        interval=0.05,
+        what="three handed-back timers running",
+    )
     # The batch released its own slot; the three slots are all taken by handed-back timers,
     # and the other seven wait for one instead of running beside them.
     assert [m.acked for m in msgs] == [i % 2 == 1 for i in range(20)]
     assert worker._slots.locked(), "the consumer must see no free slot while they run"
     go.set()
 
-    async def all_handled() -> bool:
-        return len(handled) == 10
-
-    await wait_until(all_handled, "every handed-back timer handled")
+    await wait_until(
+        lambda: len(handled),
+        done=lambda count: count == 10,
+        timeout=15,
+        interval=0.05,
+        what="every handed-back timer handled",
+    )
     assert peak == 3
     assert {id(m) for m in handled} == {id(m) for i, m in enumerate(msgs) if i % 2 == 0}
     await asyncio.gather(*worker._running)
