@@ -19,7 +19,8 @@ from datetime import UTC, datetime
 import pytest
 
 from orchestrator import store
-from orchestrator.domain import OrderTask, QueueState, TaskState
+from orchestrator.domain import OrderTask, QueueState, request_cancel
+from orchestrator.store.uow import PostgresUnitOfWork
 from tests.conftest import Stack, StackFactory
 from tests.faultkit import create_withdrawal, task_events, tasks_of, wait_until
 
@@ -92,103 +93,25 @@ async def _pending_start(stack: Stack) -> tuple[store.QueueRecord, OrderTask]:
     return rec, first
 
 
-async def _start(stack: Stack, rec: store.QueueRecord, task: OrderTask) -> bool:
-    async with stack.runtime.pool.acquire() as conn:
-        started = await store.start_pending(
-            conn,
-            queue_id=rec.queue.queue_id,
-            queue_version=rec.queue.version,
-            task_id=task.task_id,
-            task_version=task.version,
-            event="start",
-            actor="test",
-            trace_id=None,
-            details={},
-            now=datetime.now(UTC),
-        )
-    if started is not None:
-        assert started.provider_id == task.provider_id
-        assert started.pending_since == task.state_entered_at
-    return started is not None
-
-
-async def test_an_unlocked_start_lands_only_on_what_it_read(make_stack: StackFactory) -> None:
-    stack = await make_stack(with_worker=False)
-    rec, task = await _pending_start(stack)
-    stale_queue = dataclasses.replace(rec, queue=dataclasses.replace(rec.queue, version=0))
-    assert not await _start(stack, stale_queue, task)
-    assert not await _start(stack, rec, dataclasses.replace(task, version=task.version + 1))
-    assert (await tasks_of(stack, rec.queue.withdrawal_id))[0]["state"] == "PENDING"
-
-    assert await _start(stack, rec, task)
-    row = (await tasks_of(stack, rec.queue.withdrawal_id))[0]
-    assert (row["state"], row["version"]) == ("CREATING", task.version + 1)
-    events = await task_events(stack, task.task_id)
-    assert [(e["event"], e["from_state"], e["to_state"]) for e in events] == [
-        ("task.created", None, "PENDING"),
-        ("start", "PENDING", "CREATING"),
-    ]
-    assert not await _start(stack, rec, task), "a second start of the same read changes nothing"
-
-
-async def test_an_unlocked_start_waits_for_the_lock_and_yields_to_a_cancel(
-    make_stack: StackFactory,
+async def _cancel_in_one_unit(
+    stack: Stack, rec: store.QueueRecord, *, stale_task: int = 0, stale_queue: int = 0
 ) -> None:
-    stack = await make_stack(with_worker=False)
-    rec, task = await _pending_start(stack)
-    async with stack.runtime.pool.acquire() as holder:
-        transaction = holder.transaction()
-        await transaction.start()
-        await holder.execute(
-            "UPDATE order_queues SET cancel_requested = true, version = version + 1"
-            " WHERE queue_id = $1",
-            rec.queue.queue_id,
-        )
-        starting = asyncio.create_task(_start(stack, rec, task))
-        await wait_until(lambda: _waiting_on_a_lock(stack), "the start blocked on the lock")
-        await transaction.commit()
-    assert await starting is False
-    assert (await tasks_of(stack, rec.queue.withdrawal_id))[0]["state"] == "PENDING"
-
-
-def _final_write(rec: store.QueueRecord, task: OrderTask, version: int) -> store.TaskWrite:
-    """PENDING → CANCELLED for ``task`` as if read at ``version``."""
-    before = dataclasses.replace(task, version=version)
-    return store.TaskWrite(
-        before=before,
-        after=dataclasses.replace(before, state=TaskState.CANCELLED, outcome="cancelled"),
-        withdrawal_id=rec.queue.withdrawal_id,
-        event="cancel",
-        actor="test",
-        trace_id=None,
-        details={},
-        now=datetime.now(UTC),
+    """A queue cancel of a withdrawal nobody started (flag, both tasks, the queue's final
+    state) through one unit of work, as if read with the versions shifted as given."""
+    tasks = list(rec.queue.tasks)
+    tasks[0] = dataclasses.replace(tasks[0], version=tasks[0].version + stale_task)
+    queue = dataclasses.replace(
+        rec.queue, version=rec.queue.version + stale_queue, tasks=tuple(tasks)
     )
+    transition = request_cancel(queue, "test", datetime.now(UTC))
+    assert transition.finished == QueueState.CANCELLED
+    async with PostgresUnitOfWork(stack.runtime.pool, stack.runtime.relay) as uow:
+        assert await uow.load(rec.queue.queue_id) is not None  # takes the lock, as handlers do
+        uow.add(transition, withdrawal_id=rec.queue.withdrawal_id, actor="test", trace_id=None)
+        await uow.commit()
 
 
-async def _finish_with(
-    stack: Stack, rec: store.QueueRecord, write: store.TaskWrite, *, queue_version: int = 0
-) -> None:
-    """The queue's final write carrying ``write``, in autocommit: the statement alone must
-    write both or neither."""
-    queue = dataclasses.replace(rec.queue, version=queue_version or rec.queue.version)
-    async with stack.runtime.pool.acquire() as conn:
-        await store.save_queue(
-            conn,
-            queue,
-            state=QueueState.CANCELLED,
-            failure_code="cancelled",
-            event="queue.cancelled",
-            actor="test",
-            trace_id=None,
-            now=datetime.now(UTC),
-            task=write,
-        )
-
-
-async def test_a_queue_write_carrying_a_task_write_lands_both_or_neither(
-    make_stack: StackFactory,
-) -> None:
+async def test_a_unit_of_work_writes_all_its_changes_or_none(make_stack: StackFactory) -> None:
     stack = await make_stack(with_worker=False)
     rec, task = await _pending_start(stack)
     wid = rec.queue.withdrawal_id
@@ -196,12 +119,7 @@ async def test_a_queue_write_carrying_a_task_write_lands_both_or_neither(
     events_before = len(await task_events(stack, task.task_id))
     for stale_task, stale_queue in ((1, 0), (0, 1)):
         with pytest.raises(store.StaleVersion):
-            await _finish_with(
-                stack,
-                rec,
-                _final_write(rec, task, task.version + stale_task),
-                queue_version=rec.queue.version + stale_queue,
-            )
+            await _cancel_in_one_unit(stack, rec, stale_task=stale_task, stale_queue=stale_queue)
         assert [t["state"] for t in await tasks_of(stack, wid)] == ["PENDING", "PENDING"]
         assert len(await task_events(stack, task.task_id)) == events_before
         async with stack.runtime.pool.acquire() as conn:
@@ -209,22 +127,21 @@ async def test_a_queue_write_carrying_a_task_write_lands_both_or_neither(
         assert after is not None
         assert (after.queue.state, after.queue.version) == ("ACTIVE", rec.queue.version)
 
-    await _finish_with(stack, rec, _final_write(rec, task, task.version))
+    await _cancel_in_one_unit(stack, rec)
     rows = await tasks_of(stack, wid)
-    assert (rows[0]["state"], rows[0]["version"]) == ("CANCELLED", task.version + 1)
-    events = await task_events(stack, task.task_id)
-    assert [(e["event"], e["from_state"], e["to_state"]) for e in events][-1] == (
-        "cancel",
-        "PENDING",
-        "CANCELLED",
-    )
+    assert [(r["state"], r["version"]) for r in rows] == [
+        ("CANCELLED", task.version + 1),
+        ("CANCELLED", rec.queue.tasks[1].version + 1),
+    ]
     async with stack.runtime.pool.acquire() as conn:
         trail = await conn.fetch(
             "SELECT event, to_state FROM order_task_events WHERE queue_id = $1 ORDER BY event_id",
             rec.queue.queue_id,
         )
-    # The task's row first: support reads the trail in this order, cause before effect.
-    assert [(e["event"], e["to_state"]) for e in trail][-2:] == [
+    # In the order they were decided: support reads the trail so, cause before effect.
+    assert [(e["event"], e["to_state"]) for e in trail][-4:] == [
+        ("queue.cancel_requested", None),
+        ("cancel", "CANCELLED"),
         ("cancel", "CANCELLED"),
         ("queue.cancelled", "CANCELLED"),
     ]

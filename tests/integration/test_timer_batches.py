@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from orchestrator import bus, store
-from orchestrator.domain import TaskState
+from orchestrator.domain import Step, TaskState, settle
 from orchestrator.engine import TimerDue
+from orchestrator.store.uow import PostgresUnitOfWork
 from tests.conftest import Stack, StackFactory, providers_document
 from tests.faultkit import (
     create_withdrawal,
@@ -139,26 +140,18 @@ async def test_a_version_conflict_writes_nothing(make_stack: StackFactory) -> No
     stack = await make_stack(providers=_providers())
     executing = await _executing(stack, SILENT, 3)
     rows = [(await tasks_of(stack, wid))[0] for wid, _task in executing]
-    async with stack.runtime.pool.acquire() as conn:
-        loaded = await store.load_queues(conn, [r["queue_id"] for r in rows])
-        tasks = [loaded[r["queue_id"]].queue.task(r["task_id"]) for r in rows]
-        stale = [*tasks[:2], dataclasses.replace(tasks[2], version=99)]
-        moves = [
-            store.TaskWrite(
-                before=task,
-                after=dataclasses.replace(task, state=TaskState.MANUAL_CHECK),
-                withdrawal_id=wid,
-                event="webhook.sla_expired",
-                actor="test",
-                trace_id=None,
-                details={},
-                now=rows[0]["updated_at"],
-            )
-            for task, (wid, _t) in zip(stale, executing, strict=True)
-        ]
+    expired = Step(event="webhook.sla_expired", to=TaskState.MANUAL_CHECK, clear_timer=True)
+    async with PostgresUnitOfWork(stack.runtime.pool, stack.runtime.relay) as uow:
+        queues = await uow.load_queues([r["queue_id"] for r in rows])
+        for n, row in enumerate(rows):
+            queue = queues[row["queue_id"]]
+            if n == 2:  # read before someone else's write
+                stale = dataclasses.replace(queue.task(row["task_id"]), version=99)
+                queue = dataclasses.replace(queue, tasks=(stale, *queue.tasks[1:]))
+            transition = settle(queue, row["task_id"], expired, row["updated_at"])
+            uow.add(transition, withdrawal_id=queue.withdrawal_id, actor="test", trace_id=None)
         with pytest.raises(store.StaleVersion):
-            async with conn.transaction():
-                await store.save_transitions(conn, moves, rows[0]["updated_at"])
+            await uow.commit()
     for wid, task in executing:
         row = (await tasks_of(stack, wid))[0]
         assert (row["state"], row["version"]) == ("EXECUTING", task["version"])

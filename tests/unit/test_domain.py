@@ -1,8 +1,9 @@
 """The pure state machine: its tables, and properties over random event sequences.
 
-The simulation below drives ``decide``/``apply_changes``/``advance_queue`` the way the engine
-does (balance call before the state change, NEGATIVE_EVAL → SKIPPED, calls answered by the
-provider), with a model ledger, and checks the money-safety invariants after every step.
+The simulation below drives ``decide_in_queue``/``settle``/``request_cancel`` the way the
+engine does (balance call before the state change, calls answered by the provider, a crash
+between the calls and their record), with a model ledger, and checks the money-safety
+invariants after every step.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from contracts.providers_file import ProviderConfig, StatusPolling, load_provide
 from orchestrator.domain import (
     FINAL_QUEUE_STATES,
     FINAL_TASK_STATES,
+    NO_CHANGES,
     QUEUE_TRANSITIONS,
     TASK_TRANSITIONS,
     Ambiguous,
     CancelRequested,
+    Changes,
     Declined,
     Event,
     FreezeCommitted,
@@ -33,20 +36,25 @@ from orchestrator.domain import (
     IllegalTransition,
     OrderQueue,
     OrderTask,
+    Outcome,
     ProviderAnswer,
     QueueState,
     Resolve,
     Start,
     Step,
+    TaskChange,
     TaskState,
     Timer,
     TimerFired,
     TimerKind,
-    advance_queue,
+    Transition,
     after_poll_pending,
     apply_changes,
     decide,
+    decide_in_queue,
     public_state,
+    request_cancel,
+    settle,
     transition_table,
 )
 
@@ -143,7 +151,7 @@ def test_a_start_records_a_resume_but_not_its_own_continuation() -> None:
     )
     continued = decide(creating, Start(resume=False), CONFIG, NOW)
     assert (continued.to, continued.call, continued.record) == (None, "freeze_and_create", False)
-    assert not continued.changes
+    assert continued.changes == NO_CHANGES
     pending = task(T.PENDING)
     assert decide(pending, Start(resume=False), CONFIG, NOW) == decide(
         pending, Start(), CONFIG, NOW
@@ -201,7 +209,7 @@ def polling(state: TaskState = T.EXECUTING, polls: int = 0, **changes: object) -
 def test_a_poll_before_the_deadline_arms_a_tick() -> None:
     step = after_poll_pending(polling(polls=1), TIMED, at(65))
     assert step.timer is not None
-    assert (step.event, step.to, step.changes) == ("status.pending", None, {"status_polls": 2})
+    assert (step.event, step.to, step.changes) == ("status.pending", None, Changes(status_polls=2))
     assert (step.timer.kind, step.timer.due_at, step.timer.attempt) == ("status_tick", at(70), 2)
 
 
@@ -209,7 +217,7 @@ def test_a_poll_before_the_deadline_arms_a_tick() -> None:
 def test_the_deadline_is_armed_instead_of_a_tick_at_or_after_it(poll_at: float) -> None:
     step = after_poll_pending(polling(polls=2), TIMED, at(poll_at))
     assert step.timer is not None
-    assert (step.event, step.to, step.changes) == ("status.pending", None, {"status_polls": 3})
+    assert (step.event, step.to, step.changes) == ("status.pending", None, Changes(status_polls=3))
     # Due at the deadline itself (SLA expiry + timeout_seconds), not at the tick's time.
     assert (step.timer.kind, step.timer.due_at, step.timer.attempt) == ("status_timeout", at(72), 3)
 
@@ -219,7 +227,7 @@ def test_the_deadline_firing_moves_to_manual_check() -> None:
     step = decide(executing, TimerFired("status_timeout", 3), TIMED, at(72))
     assert (step.event, step.to, step.clear_timer) == ("status.timeout", T.MANUAL_CHECK, True)
     # Not a failure: the provider may still pay; no balance call, nothing more to ask.
-    assert (step.balance, step.call, step.timer, step.changes) == (None, None, None, {})
+    assert (step.balance, step.call, step.timer, step.changes) == (None, None, None, NO_CHANGES)
     assert apply_changes(executing, step).freeze_state == "frozen"
 
 
@@ -246,7 +254,7 @@ def test_a_poll_at_or_past_the_deadline_goes_to_manual_check_at_once(poll_at: fl
     assert (step.event, step.to, step.changes) == (
         "status.timeout",
         T.MANUAL_CHECK,
-        {"status_polls": 3},
+        Changes(status_polls=3),
     )
     assert (step.timer, step.clear_timer, step.balance) == (None, True, None)
 
@@ -265,7 +273,7 @@ def test_without_timeout_seconds_polling_is_unchanged(poll_at: float) -> None:
     step = after_poll_pending(polling(polls=0), CONFIG, at(poll_at))
     assert step == Step(
         event="status.pending",
-        changes={"status_polls": 1},
+        changes=Changes(status_polls=1),
         timer=Timer(kind="status_tick", due_at=at(poll_at + 5), attempt=1),
     )
     exhausted = after_poll_pending(polling(polls=1), CONFIG, at(poll_at))
@@ -374,7 +382,11 @@ def test_success_that_wins_a_cancel_race_is_committed() -> None:
 
 
 def test_accepted_order_is_not_declared_absent_by_a_404() -> None:
-    assert decide(task(T.EXECUTING), ProviderAnswer("absent", source="poll"), CONFIG, NOW).ignored
+    absent = ProviderAnswer("absent", source="poll")
+    polled = decide(task(T.EXECUTING), absent, CONFIG, NOW)
+    # A poll that proved nothing: polling goes on, never FAILED, nothing released.
+    assert (polled.event, polled.to, polled.balance) == ("status.pending", None, None)
+    assert decide(task(T.MANUAL_CHECK), absent, CONFIG, NOW).ignored
 
 
 def test_the_record_keeps_the_one_timer_a_task_waits_on() -> None:
@@ -476,19 +488,19 @@ class Sim:
         self.crash_armed = False
         self.stop_after = providers  # position of an attempt whose decline stops the cascade
 
-    def put(self, new: OrderTask) -> None:
-        old = self.queue.task(new.task_id)
-        if old.task_id in self.seen_final:
-            raise AssertionError(f"final task changed: {old.state} → {new.state}")
-        if new.state != old.state:
-            # As the record does: the polling deadline counts from here.
-            new = dataclasses.replace(new, state_entered_at=self.now)
-        if new.final:
-            self.seen_final[new.task_id] = new.state
-        self.queue = dataclasses.replace(
-            self.queue,
-            tasks=tuple(new if t.task_id == new.task_id else t for t in self.queue.tasks),
-        )
+    def record(self, transition: Transition) -> None:
+        """What the unit of work would write; a final task must never change."""
+        for change in transition.changes:
+            if isinstance(change, TaskChange):
+                if change.before.task_id in self.seen_final:
+                    raise AssertionError(
+                        f"final task changed: {change.before.state} → {change.after.state}"
+                    )
+                if change.after.final:
+                    self.seen_final[change.after.task_id] = change.after.state
+        self.queue = transition.queue
+        if transition.start is not None:
+            self.apply(transition.start.task_id, Start())
 
     def answer(self, call: str, current: OrderTask) -> Event:
         if call == "freeze_and_create":
@@ -506,7 +518,6 @@ class Sim:
                     return FreezeRefused("insufficient_balance")
                 outcome = "pending"  # a replay never refuses its own hold; the create answers
             self.ledger.states.setdefault(current.task_id, "frozen")
-            self.put(dataclasses.replace(current, freeze_state="frozen"))
             if outcome in ("declined", "closed", "slow", "review"):
                 return Declined(outcome)
             if outcome == "ambiguous":
@@ -515,10 +526,10 @@ class Sim:
         if call == "cancel_at_provider":
             return ProviderAnswer(
                 self.data.draw(st.sampled_from(["cancelled", "succeeded"])), "ref", source="cancel"
-            )  # type: ignore[arg-type]
+            )
         outcome = self.data.draw(poll_outcome)
         if outcome == "ambiguous":
-            return Ambiguous("timeout")
+            return Ambiguous("timeout", "poll")
         return ProviderAnswer(outcome, "ref", source="poll")  # type: ignore[arg-type]
 
     def apply(self, task_id: uuid.UUID, event: Event) -> None:
@@ -530,11 +541,12 @@ class Sim:
             self.queue, self.seen_final = self.committed
 
     def _apply(self, task_id: uuid.UUID, event: Event) -> None:
+        """As the engine drives an event: decide, balance call, record, call, and again."""
         self.committed = (self.queue, dict(self.seen_final))
+        fired = event.kind if isinstance(event, TimerFired) else None
         in_create = False
         while True:
-            current = self.queue.task(task_id)
-            step = decide(current, event, self.config, self.now)
+            step = decide_in_queue(self.queue, task_id, event, self.config, self.now)
             if step.ignored:
                 return
             if step.balance is not None:
@@ -543,48 +555,16 @@ class Sim:
                 self.crash_armed = False
                 self.ledger.crashed.add(task_id)
                 raise Crash
-            after = apply_changes(current, step)
-            if after.state == T.NEGATIVE_EVAL:
-                after = dataclasses.replace(after, state=T.SKIPPED)
-            self.put(after)
-            if step.stop_cascade:
-                self.queue = dataclasses.replace(self.queue, stop_requested=True)
-            if after.final:
-                self.advance()
-            if step.to == T.CREATING:
+            self.record(settle(self.queue, task_id, step, self.now, fired=fired))
+            if step.then is not None:
                 # Committed on its own before the calls: what a crash falls back to.
                 self.committed = (self.queue, dict(self.seen_final))
-                event = Start(resume=False)  # the engine's own continuation
+                event, in_create = step.then, False
                 continue
             if step.call is None:
                 return
-            event = self.answer(step.call, after)
+            event = self.answer(step.call, self.queue.task(task_id))
             in_create = step.call == "freeze_and_create"
-            if step.call == "poll" and (
-                isinstance(event, Ambiguous)
-                or (
-                    isinstance(event, ProviderAnswer)
-                    and (
-                        event.status == "pending"
-                        or (event.status == "absent" and after.state != T.RECHECKING)
-                    )
-                )
-            ):
-                self.put(apply_changes(after, after_poll_pending(after, self.config, self.now)))
-                return
-
-    def advance(self) -> None:
-        qstep = advance_queue(self.queue)
-        for tid in qstep.skip_tasks:
-            self.put(dataclasses.replace(self.queue.task(tid), state=T.SKIPPED))
-        for tid in qstep.cancel_tasks:
-            self.put(dataclasses.replace(self.queue.task(tid), state=T.CANCELLED))
-        if qstep.to is not None:
-            self.queue = dataclasses.replace(
-                self.queue, state=qstep.to, failure_code=qstep.failure_code
-            )
-        if qstep.start_task is not None:
-            self.apply(qstep.start_task, Start())
 
     def external(self, kind: str) -> None:
         active = self.queue.active_task()
@@ -599,13 +579,10 @@ class Sim:
                     self.apply(t.task_id, Start(resume=True))
             return
         if kind == "cancel":
-            self.queue = dataclasses.replace(self.queue, cancel_requested=True)
-            for t in self.queue.tasks:
-                if t.state == T.PENDING:
-                    self.put(dataclasses.replace(t, state=T.CANCELLED, outcome="cancelled"))
-            if active is not None:
+            self.record(request_cancel(self.queue, None, self.now))
+            active = self.queue.active_task()
+            if active is not None and not active.cancel_requested:
                 self.apply(active.task_id, CancelRequested())
-            self.advance()
             return
         events: dict[str, Event] = {
             "webhook_ok": ProviderAnswer("succeeded", "ref", source="webhook"),
@@ -668,7 +645,10 @@ def test_no_sequence_breaks_money_safety(
     ),
 )
 def test_public_state_is_total(
-    queue_state: QueueState, states: list[TaskState], refs: list[str | None], failure: str | None
+    queue_state: QueueState,
+    states: list[TaskState],
+    refs: list[str | None],
+    failure: Outcome | None,
 ) -> None:
     queue_id = uuid.uuid4()
     tasks = tuple(
@@ -691,7 +671,7 @@ def test_public_state_is_total(
         version=1,
         tasks=tasks,
         failure_code=failure,
-    )  # type: ignore[arg-type]
+    )
     public = public_state(queue)
     assert public.status in ("processing", "succeeded", "failed", "cancelled")
     assert public.provider_id in {t.provider_id for t in tasks}
@@ -727,7 +707,7 @@ def test_a_resumed_create_whose_hold_was_released_ends_without_a_create() -> Non
     assert step.stop_cascade  # the decline lost with the crash may have said so
     assert apply_changes(task(T.CREATING), step).freeze_state == "rolled_back"
     cancelled = decide(task(T.CREATING, cancel_requested=True), FreezeRolledBack(), CONFIG, NOW)
-    assert (cancelled.to, cancelled.changes["outcome"]) == (T.CANCELLED, "cancelled")
+    assert (cancelled.to, cancelled.changes.outcome) == (T.CANCELLED, "cancelled")
     for state in (T.PENDING, T.EXECUTING, T.RECHECKING, T.MANUAL_CHECK):
         assert decide(task(state), FreezeRolledBack(), CONFIG, NOW).ignored
 
