@@ -78,7 +78,7 @@ from bench.workers import (
     stop_process,
     work_counters,
 )
-from sandbox.embedded import free_port
+from devstack.embedded import free_port
 
 TARGET = 300.0  # final withdrawals/s, issue 5
 NAME = "cascade"

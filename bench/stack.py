@@ -23,8 +23,8 @@ from pathlib import Path
 
 import asyncpg
 
+from devstack.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from gateway.migrate import upgrade
-from sandbox.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"

@@ -45,8 +45,8 @@ from bench.workers import (
     start_worker,
     work_counters,
 )
+from devstack.embedded import free_port
 from orchestrator import bus
-from sandbox.embedded import free_port
 
 NAME = "timers"
 LEAD = 7.0  # seconds between writing the timers and their due time (writing 10,000 takes ~4 s)

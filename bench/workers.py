@@ -25,8 +25,8 @@ import asyncpg
 import nats
 
 from bench.stack import HOST, NAMESPACE, ROOT, BenchStack, Server
+from devstack.embedded import free_port
 from orchestrator import bus
-from sandbox.embedded import free_port
 
 RESULTS = ROOT / "bench" / "results"
 SANDBOX_PROVIDERS = ROOT / "config" / "providers.sandbox.json"

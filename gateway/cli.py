@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import gc
 import signal
-import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from flags.router import FlagsError
 from gateway import logs
+from gateway.listen import port_free
 from gateway.runtime import DependencyError
 from gateway.settings import Settings, SettingsError, load_settings
 
@@ -28,16 +28,6 @@ GC_YOUNG_THRESHOLD = 20_000
 def fail(message: str) -> int:
     print(f"cascade-gateway: {message}", file=sys.stderr)  # noqa: T201
     return EXIT_CONFIG
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _serve(settings: Settings) -> int:
@@ -166,6 +156,20 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def _dev() -> int:
+    """``make run``'s supervisor, which lives in the repository, not in the installed package."""
+    try:
+        from devstack.supervisor import run_dev  # noqa: PLC0415 — dev-only, never in production
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("devstack", "devstack.supervisor"):
+            raise
+        return fail(
+            "`dev` runs the stack from a repository checkout (make run);"
+            " this installation has no dev stack"
+        )
+    return run_dev()
+
+
 def _positive(text: str) -> int:
     if not text.isdecimal() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
@@ -206,9 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(transition_table())  # noqa: T201
         return 0
     if args.command == "dev":
-        from gateway.devstack import run_dev  # noqa: PLC0415
-
-        return run_dev()
+        return _dev()
     try:
         settings = load_settings()
     except SettingsError as exc:

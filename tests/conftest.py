@@ -26,6 +26,7 @@ import httpx
 import pytest
 import uvicorn
 
+from devstack.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from gateway.app import create_app
 from gateway.migrate import upgrade
 from gateway.runtime import Runtime, open_runtime
@@ -33,7 +34,6 @@ from gateway.serving import server_config
 from gateway.settings import Settings, load_settings
 from orchestrator.worker import Worker
 from sandbox.app import Sandbox
-from sandbox.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from sandbox.embedded import free_port
+from devstack.embedded import free_port
 from tests.waiting import wait_until
 
 # 8.2 is what runs on this project's Node 20 (npm warns that 8.x wants Node 22): patch updates only.

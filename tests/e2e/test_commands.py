@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.embedded import free_port
+from devstack.embedded import free_port
 from tests.conftest import API_TOKEN, ROOT, flags_document, new_id, withdrawal_body
 from tests.waiting import wait_until_sync
 
@@ -104,6 +104,25 @@ def test_dlq_replay_limit_must_be_positive(limit: str) -> None:
     result = _run(["dlq", "replay", "--limit", limit], {"NATS_URL": "nats://127.0.0.1:1"})
     assert result.returncode == 2, result.stderr
     assert f"argument --limit: must be a whole number of at least 1, not '{limit}'" in result.stderr
+
+
+def test_dev_outside_a_repository_checkout_is_one_line() -> None:
+    """An installed wheel has no ``devstack`` package: ``dev`` says why instead of a traceback."""
+    script = (
+        "import sys\n"
+        "sys.modules['devstack'] = None  # what an installed wheel looks like: no such package\n"
+        "from gateway.cli import main\n"
+        "sys.exit(main(['dev']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    _one_line_error(result, "`dev`", "repository checkout", "make run")
 
 
 def test_sandbox_refused_in_production() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sandbox.embedded import free_port
+from devstack.embedded import free_port
 from tests.conftest import StackFactory, new_id, withdrawal_body
 from tests.faultkit import worker_process
 from tests.waiting import wait_until

@@ -17,7 +17,7 @@ import nats
 import pytest
 from nats.js.api import StreamConfig
 
-from sandbox.embedded import (
+from devstack.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
     EmbeddedServiceError,

@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 
 from contracts.provider import ProviderStatus
+from devstack.embedded import EmbeddedServiceError
 from gateway.runtime import open_runtime
 from orchestrator import bus
 from orchestrator.core_client import CoreUnavailable
 from orchestrator.domain import TimerKind
 from orchestrator.engine import CreateInProgress
 from orchestrator.worker import Worker
-from sandbox.embedded import EmbeddedServiceError
 from tests.conftest import Services, Stack, StackFactory, providers_document
 from tests.faultkit import (
     assert_settled,

