@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install tools run test lint typecheck unit bench format clean
+.PHONY: install tools run test lint typecheck unit bench bench-ab format clean
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ unit: install
 
 bench: install
 	$(VENV)/bin/python -m bench
+
+# The cascade benchmark on BASE (a commit) and on this checkout, alternately, in one run.
+bench-ab: install
+	@test -n "$(BASE)" || { echo "usage: make bench-ab BASE=<commit>"; exit 2; }
+	$(VENV)/bin/python -m bench.ab $(BASE)
 
 format: install
 	$(VENV)/bin/ruff format .
