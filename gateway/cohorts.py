@@ -9,19 +9,20 @@ from __future__ import annotations
 import msgspec
 from litestar import Response, get
 
+from gateway.api import runtime_of
 from gateway.http import json_response
-from gateway.ops import AnyRequest, _authorized, _error
+from gateway.ops import AnyRequest, _denied, _error
 from gateway.report import ReportError, cohort_report
 
 
 @get("/ops/cohorts")
 async def cohorts(request: AnyRequest) -> Response[bytes]:
-    rt, denied = _authorized(request)
+    denied = _denied(request)
     if denied:
         return denied
     params = request.query_params
     try:
-        async with rt.pool.acquire() as conn:
+        async with runtime_of(request).pool.acquire() as conn:
             report = await cohort_report(
                 conn,
                 since=params.get("since"),

@@ -5,6 +5,8 @@
   a typed, audited resolution: positive commits the frozen amount (the provider paid),
   negative rolls it back and the cascade moves on.
 - ``GET /ops/withdrawals/{withdrawal_id}`` — the queue, every task and the audit trail.
+
+Handlers parse, call the application service (:mod:`gateway.service`) and encode.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
+from gateway.api import runtime_of, service_of
 from gateway.http import bearer_ok, json_response, read_body
-from gateway.runtime import Runtime
-from orchestrator import store
+from gateway.service import NotInManualCheck, UnknownTask, UnknownWithdrawal
 from orchestrator.core_client import CoreRefused, CoreUnavailable
-from orchestrator.domain import TaskState
+from orchestrator.store.views import ManualCheck
 
 AnyRequest = Request[Any, Any, Any]
 
@@ -34,11 +36,11 @@ def _error(status: int, code: str, message: str) -> Response[bytes]:
     return json_response(msgspec.json.encode({"error": {"code": code, "message": message}}), status)
 
 
-def _authorized(request: AnyRequest) -> tuple[Runtime, Response[bytes] | None]:
-    rt: Runtime = request.app.state.runtime
-    if not bearer_ok(request, rt.settings.ops_tokens):
-        return rt, _error(401, "unauthorized", "Missing or invalid ops bearer token.")
-    return rt, None
+def _denied(request: AnyRequest) -> Response[bytes] | None:
+    """The 401 for a request without an ops token; None when it may proceed."""
+    if not bearer_ok(request, runtime_of(request).settings.ops_tokens):
+        return _error(401, "unauthorized", "Missing or invalid ops bearer token.")
+    return None
 
 
 def _actor(request: AnyRequest) -> str:
@@ -48,42 +50,35 @@ def _actor(request: AnyRequest) -> str:
 
 @get("/ops/manual-checks")
 async def manual_checks(request: AnyRequest) -> Response[bytes]:
-    rt, denied = _authorized(request)
+    denied = _denied(request)
     if denied:
         return denied
-    async with rt.pool.acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT t.task_id, t.queue_id, q.withdrawal_id, t.provider_id, t.provider_reference,"
-            " t.state_entered_at, w.cohort, w.merchant_id, w.amount, w.currency,"
-            " t.provider_code, t.recheck_attempts, t.status_polls"
-            " FROM order_tasks t JOIN order_queues q ON q.queue_id = t.queue_id"
-            " JOIN withdrawals w ON w.withdrawal_id = q.withdrawal_id"
-            " WHERE t.state = 'MANUAL_CHECK' ORDER BY t.state_entered_at LIMIT 1000"
-        )
-    items = [
-        {
-            "task_id": str(r["task_id"]),
-            "withdrawal_id": r["withdrawal_id"],
-            "queue_id": str(r["queue_id"]),
-            "merchant_id": r["merchant_id"],
-            "provider_id": r["provider_id"],
-            "provider_reference": r["provider_reference"],
-            "amount": f"{r['amount']:.2f}",
-            "currency": r["currency"],
-            "cohort": r["cohort"],
-            "waiting_since": r["state_entered_at"].isoformat(),
-            "last_provider_code": r["provider_code"],
-            "rechecks": r["recheck_attempts"],
-            "status_polls": r["status_polls"],
-        }
-        for r in rows
-    ]
+    checks = await service_of(request).manual_checks()
+    items = [_manual_check(check) for check in checks]
     return json_response(msgspec.json.encode({"manual_checks": items}))
+
+
+def _manual_check(check: ManualCheck) -> dict[str, Any]:
+    return {
+        "task_id": str(check.task_id),
+        "withdrawal_id": check.withdrawal_id,
+        "queue_id": str(check.queue_id),
+        "merchant_id": check.merchant_id,
+        "provider_id": check.provider_id,
+        "provider_reference": check.provider_reference,
+        "amount": f"{check.amount:.2f}",
+        "currency": check.currency,
+        "cohort": check.cohort,
+        "waiting_since": check.waiting_since.isoformat(),
+        "last_provider_code": check.last_provider_code,
+        "rechecks": check.rechecks,
+        "status_polls": check.status_polls,
+    }
 
 
 @post("/ops/tasks/{task_id:str}/resolve", status_code=200)
 async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[bytes]:
-    rt, denied = _authorized(request)
+    denied = _denied(request)
     if denied:
         return denied
     try:
@@ -98,48 +93,38 @@ async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[
         return _error(400, "malformed_json", "Request body is not valid JSON.")
     if not body.reason.strip():
         return _error(422, "validation_failed", "reason must not be empty")
-    async with rt.pool.acquire() as conn:
-        state = await conn.fetchval("SELECT state FROM order_tasks WHERE task_id = $1", ident)
-    if state is None:
-        return _error(404, "not_found", "No such task.")
-    if state != TaskState.MANUAL_CHECK:
-        return _error(409, "not_in_manual_check", f"Task is {state}, not MANUAL_CHECK.")
     try:
-        task = await rt.engine.resolve(
+        task = await service_of(request).resolve(
             ident,
             positive=body.decision == "positive",
             reason=body.reason[:500],
             actor=_actor(request),
         )
+    except UnknownTask:
+        return _error(404, "not_found", "No such task.")
+    except NotInManualCheck as exc:
+        return _error(409, "not_in_manual_check", str(exc))
     except CoreUnavailable:
         return _error(
             503, "core_unavailable", "cascade-core did not answer; nothing changed, try again."
         )
     except CoreRefused as exc:
         return _error(409, "core_refused", f"cascade-core refused: {exc.code}; nothing changed.")
-    assert task is not None
     return json_response(msgspec.json.encode({"task_id": task_id, "state": task.state.value}))
 
 
 @get("/ops/withdrawals/{withdrawal_id:str}")
 async def withdrawal_detail(request: AnyRequest, withdrawal_id: FromPath[str]) -> Response[bytes]:
-    rt, denied = _authorized(request)
+    denied = _denied(request)
     if denied:
         return denied
     if "\x00" in withdrawal_id:
         return _error(404, "not_found", "Withdrawal not found.")
-    async with rt.pool.acquire() as conn:
-        loaded = await store.load_all(conn, withdrawal_id=withdrawal_id)
-        if loaded is None:
-            return _error(404, "not_found", "Withdrawal not found.")
-        record, queue = loaded
-        tasks = await conn.fetch(
-            "SELECT * FROM order_tasks WHERE queue_id = $1 ORDER BY position", queue.queue.queue_id
-        )
-        events = await conn.fetch(
-            "SELECT * FROM order_task_events WHERE queue_id = $1 ORDER BY event_id",
-            queue.queue.queue_id,
-        )
+    try:
+        found = await service_of(request).withdrawal_detail(withdrawal_id)
+    except UnknownWithdrawal:
+        return _error(404, "not_found", "Withdrawal not found.")
+    record, queue = found.record, found.queue
     detail: dict[str, Any] = {
         "withdrawal_id": withdrawal_id,
         "merchant_id": record.merchant_id,
@@ -157,15 +142,15 @@ async def withdrawal_detail(request: AnyRequest, withdrawal_id: FromPath[str]) -
             "created_at": queue.created_at.isoformat(),
             "updated_at": queue.updated_at.isoformat(),
         },
-        "tasks": [_row(t) for t in tasks],
-        "events": [_row(e) for e in events],
+        "tasks": [_row(t) for t in found.tasks],
+        "events": [_row(e) for e in found.events],
     }
     return json_response(msgspec.json.encode(detail))
 
 
-def _row(row: Any) -> dict[str, Any]:
+def _row(row: dict[str, object]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, value in dict(row).items():
+    for key, value in row.items():
         if isinstance(value, uuid.UUID):
             out[key] = str(value)
         elif hasattr(value, "isoformat"):
