@@ -33,6 +33,7 @@ import msgspec
 
 from gateway.settings import Settings
 from orchestrator import store
+from orchestrator.store import reports
 
 Z95 = 1.959963984540054  # Φ⁻¹(0.975): two-sided 95 %
 Z80 = 0.8416212335729143  # Φ⁻¹(0.80): 80 % power
@@ -142,90 +143,11 @@ def sample_ratio_chi_square(legacy: int, cascade: int, cascade_share: float) -> 
     )
 
 
-# --- queries ---------------------------------------------------------------------------------
+# --- the window ------------------------------------------------------------------------------
 
-# Every query reads the same filtered set: withdrawals with their queue, by $1 since,
-# $2 until, $3 merchant (each NULL for "no filter").
-_BASE = """
-WITH base AS (
-    SELECT w.merchant_id, w.cohort, w.routing_reason, w.flag_state, w.created_at,
-           q.queue_id, q.state, q.finished_at
-    FROM withdrawals w JOIN order_queues q ON q.withdrawal_id = w.withdrawal_id
-    WHERE ($1::timestamptz IS NULL OR w.created_at >= $1)
-      AND ($2::timestamptz IS NULL OR w.created_at < $2)
-      AND ($3::text IS NULL OR w.merchant_id = $3)
-)
-"""
-
-BY_REASON = (
-    _BASE  # noqa: S608 — constant fragments, every value is a bind parameter
-    + """
-SELECT cohort, routing_reason AS reason,
-       count(*) AS created,
-       count(*) FILTER (WHERE state = 'COMPLETED') AS succeeded,
-       count(*) FILTER (WHERE state = 'FAILED') AS failed,
-       count(*) FILTER (WHERE state = 'CANCELLED') AS cancelled,
-       count(*) FILTER (WHERE state = 'ACTIVE') AS processing,
-       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM order_task_events e
-            WHERE e.queue_id = base.queue_id AND e.to_state = 'MANUAL_CHECK')) AS manual_checked,
-       coalesce(sum((SELECT count(*) FROM order_tasks t WHERE t.queue_id = base.queue_id
-            AND t.state NOT IN ('PENDING', 'CANCELLED')
-            AND NOT (t.state = 'SKIPPED' AND t.provider_reference IS NULL
-                     AND t.outcome IS NULL)))
-           FILTER (WHERE state <> 'ACTIVE'), 0)::bigint AS attempts
-FROM base
-GROUP BY cohort, routing_reason
-"""
-)
-
-TIME_TO_FINAL = (
-    _BASE
-    + """
-SELECT cohort,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
-           AS p50,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
-           AS p95
-FROM base
-WHERE state <> 'ACTIVE' AND finished_at IS NOT NULL
-GROUP BY cohort
-"""
-)
-
-BY_MERCHANT = (
-    _BASE
-    + """
-SELECT merchant_id, cohort,
-       count(*) AS created,
-       count(*) FILTER (WHERE state = 'COMPLETED') AS succeeded,
-       count(*) FILTER (WHERE state = 'FAILED') AS failed,
-       count(*) FILTER (WHERE state = 'CANCELLED') AS cancelled,
-       count(*) FILTER (WHERE state = 'ACTIVE') AS processing
-FROM base
-GROUP BY merchant_id, cohort
-ORDER BY count(*) DESC, merchant_id, cohort
-"""
-)
-
-# Withdrawals decided while the toggle was a pure flexibleRollout (one strategy, no
-# constraints), with the percentage and stickiness the router stored with each decision.
-ROLLOUT_SPLIT = (
-    _BASE
-    + """
-SELECT cohort,
-       (flag_state -> 'strategies' -> 0 ->> 'rollout')::int AS rollout,
-       flag_state -> 'strategies' -> 0 ->> 'stickiness' AS stickiness,
-       count(*) AS withdrawals,
-       count(DISTINCT merchant_id) AS merchants
-FROM base
-WHERE routing_reason IN ('rollout', 'not_targeted')
-  AND flag_state ->> 'enabled' = 'true'
-  AND CASE WHEN jsonb_typeof(flag_state -> 'strategies') = 'array'
-           THEN jsonb_array_length(flag_state -> 'strategies') END = 1
-  AND flag_state -> 'strategies' -> 0 ->> 'kind' = 'rollout'
-GROUP BY 1, 2, 3
-"""
-)
+# Routing reasons of the sticky percentage rollout: a withdrawal routed for one of them was
+# assigned by hash, so these are the experiment's arms (an allow-list is observational).
+EXPERIMENT_REASONS = ("rollout", "not_targeted")
 
 
 def _parse_time(name: str, value: str | None) -> datetime | None:
@@ -240,6 +162,15 @@ def _parse_time(name: str, value: str | None) -> datetime | None:
     if moment.tzinfo is None:
         raise ReportError(f"{name} {value!r} needs a time zone (e.g. 2026-11-01T00:00:00Z)")
     return moment
+
+
+def _window(since: str | None, until: str | None, merchant: str | None) -> reports.Window:
+    """The report's filters as given on the command line or the query string."""
+    return reports.Window(
+        since=_parse_time("since", since),
+        until=_parse_time("until", until),
+        merchant=merchant or None,
+    )
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -442,11 +373,11 @@ async def cohort_report(
     merchant: str | None = None,
 ) -> dict[str, Any]:
     """The cohort comparison as a JSON-ready dict (the fixed keys are under ``cohorts``)."""
-    args = (_parse_time("since", since), _parse_time("until", until), merchant or None)
-    by_reason = await conn.fetch(BY_REASON, *args)
-    times = {r["cohort"]: r for r in await conn.fetch(TIME_TO_FINAL, *args)}
-    by_merchant = await conn.fetch(BY_MERCHANT, *args)
-    split = await conn.fetch(ROLLOUT_SPLIT, *args)
+    window = _window(since, until, merchant)
+    by_reason = await reports.cohort_counts(conn, window)
+    times = {r["cohort"]: r for r in await reports.time_to_final(conn, window)}
+    by_merchant = await reports.merchant_counts(conn, window)
+    split = await reports.rollout_split(conn, window, reasons=EXPERIMENT_REASONS)
 
     totals = {c: _Counts() for c in COHORTS}
     reasons: dict[str, dict[str, int]] = {c: {} for c in COHORTS}
@@ -455,7 +386,7 @@ async def cohort_report(
         cohort = row["cohort"]
         totals[cohort].add(dict(row))
         reasons[cohort][row["reason"]] = row["created"]
-        if row["reason"] in ("rollout", "not_targeted"):
+        if row["reason"] in EXPERIMENT_REASONS:
             experiment[cohort].add(dict(row))
 
     cohorts: dict[str, Any] = {}
@@ -476,7 +407,7 @@ async def cohort_report(
             "routing_reasons": dict(sorted(reasons[name].items())),
         }
 
-    sample_ratio = _sample_ratio(list(split), reasons, merchant or None)
+    sample_ratio = _sample_ratio(list(split), reasons, window.merchant)
     design, design_note = _design(reasons)
     comparison = {
         "design": design,
