@@ -315,26 +315,9 @@ def _sample_ratio(
         "mismatch": False,
         "threshold": SRM_ALPHA,
     }
-    if merchant is not None:
-        result["reason"] = "not applicable: one merchant is one unit, not a sample"
-        return result
-    if not rows:
-        if reasons["cascade"].get("allow_list", 0):
-            result["reason"] = (
-                "not applicable: allow-list — merchants were chosen, so there is no expected split"
-            )
-        else:
-            result["reason"] = (
-                "not applicable: no withdrawals were routed by a pure percentage rollout"
-            )
-        return result
     configurations = sorted({(r["rollout"], r["stickiness"]) for r in rows})
-    if len(configurations) > 1:
-        listed = ", ".join(f"{p} % by {s}" for p, s in configurations)
-        result["reason"] = (
-            f"not applicable: the rollout changed within the window ({listed}); "
-            "narrow --since/--until to one configuration"
-        )
+    result["reason"] = _no_sample_ratio(configurations, reasons, merchant)
+    if result["reason"] is not None:
         return result
     percent, stickiness = configurations[0]
     result["rollout_percent"] = percent
@@ -365,6 +348,27 @@ def _sample_ratio(
     return result
 
 
+def _no_sample_ratio(
+    configurations: list[tuple[int, str]], reasons: dict[str, dict[str, int]], merchant: str | None
+) -> str | None:
+    """Why no split can be checked, given the rollout configurations seen; None if one can."""
+    if merchant is not None:
+        return "not applicable: one merchant is one unit, not a sample"
+    if not configurations:
+        if reasons["cascade"].get("allow_list", 0):
+            return (
+                "not applicable: allow-list — merchants were chosen, so there is no expected split"
+            )
+        return "not applicable: no withdrawals were routed by a pure percentage rollout"
+    if len(configurations) > 1:
+        listed = ", ".join(f"{p} % by {s}" for p, s in configurations)
+        return (
+            f"not applicable: the rollout changed within the window ({listed}); "
+            "narrow --since/--until to one configuration"
+        )
+    return None
+
+
 async def cohort_report(
     conn: store.Connection,
     *,
@@ -389,24 +393,6 @@ async def cohort_report(
         if row["reason"] in EXPERIMENT_REASONS:
             experiment[cohort].add(dict(row))
 
-    cohorts: dict[str, Any] = {}
-    for name in COHORTS:
-        counts = totals[name]
-        timing = times.get(name)
-        cohorts[name] = {
-            **_rate(counts),
-            "attempts_per_withdrawal": counts.attempts / counts.finished
-            if counts.finished
-            else None,
-            "time_to_final_seconds": {
-                "p50": timing["p50"] if timing else None,
-                "p95": timing["p95"] if timing else None,
-            },
-            "manual_checked": counts.manual_checked,
-            "manual_check_rate": counts.manual_checked / counts.created if counts.created else None,
-            "routing_reasons": dict(sorted(reasons[name].items())),
-        }
-
     sample_ratio = _sample_ratio(list(split), reasons, window.merchant)
     design, design_note = _design(reasons)
     comparison = {
@@ -418,18 +404,33 @@ async def cohort_report(
         comparison["experiment"] = _comparison(
             experiment["legacy"], experiment["cascade"], srm_mismatch=sample_ratio["mismatch"]
         )
-
-    merchants = [
-        {"merchant_id": r["merchant_id"], "cohort": r["cohort"], **_rate(_counts_of(r))}
-        for r in by_merchant
-    ]
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "filters": {"since": since, "until": until, "merchant": merchant},
-        "cohorts": cohorts,
+        "cohorts": {c: _cohort(totals[c], times.get(c), reasons[c]) for c in COHORTS},
         "comparison": comparison,
         "sample_ratio": sample_ratio,
-        "merchants": merchants,
+        "merchants": [
+            {"merchant_id": r["merchant_id"], "cohort": r["cohort"], **_rate(_counts_of(r))}
+            for r in by_merchant
+        ],
+    }
+
+
+def _cohort(
+    counts: _Counts, timing: asyncpg.Record | None, reasons: dict[str, int]
+) -> dict[str, Any]:
+    """One cohort's block of the report."""
+    return {
+        **_rate(counts),
+        "attempts_per_withdrawal": counts.attempts / counts.finished if counts.finished else None,
+        "time_to_final_seconds": {
+            "p50": timing["p50"] if timing else None,
+            "p95": timing["p95"] if timing else None,
+        },
+        "manual_checked": counts.manual_checked,
+        "manual_check_rate": counts.manual_checked / counts.created if counts.created else None,
+        "routing_reasons": dict(sorted(reasons.items())),
     }
 
 
@@ -455,11 +456,25 @@ def render_table(report: dict[str, Any]) -> str:
     filters = report["filters"]
     scope = ", ".join(f"{k} {v}" for k, v in filters.items() if v) or "all withdrawals"
     lines = [f"Cohort comparison ({scope})", ""]
-    lines.append(
+    lines += _cohort_lines(report["cohorts"])
+    comparison = report["comparison"]
+    lines += ["", f"Design: {comparison['design']} — {comparison['design_note']}"]
+    lines += _comparison_lines(comparison, "")
+    if "experiment" in comparison:
+        lines += ["", "Experiment only (rollout vs not targeted):"]
+        lines += _comparison_lines(comparison["experiment"], "  ")
+    lines.append("")
+    lines += _sample_ratio_lines(report["sample_ratio"])
+    lines += _merchant_lines(report["merchants"])
+    return "\n".join(lines)
+
+
+def _cohort_lines(cohorts: dict[str, Any]) -> list[str]:
+    lines = [
         f"{'cohort':<8} {'created':>7} {'succ':>6} {'fail':>6} {'canc':>6} {'proc':>6} "
         f"{'success rate (95% CI)':>24} {'attempts':>8} {'final p50/p95':>15} {'manual':>7}"
-    )
-    for name, c in report["cohorts"].items():
+    ]
+    for name, c in cohorts.items():
         rate = _pct(c["success_rate"])
         if c["success_rate_ci95"]:
             low, high = c["success_rate_ci95"]
@@ -476,45 +491,44 @@ def render_table(report: dict[str, Any]) -> str:
             f"{c['cancelled']:>6} {c['processing']:>6} {rate:>24} {attempts:>8} {final:>15} "
             f"{_pct(c['manual_check_rate']):>7}"
         )
-    for name, c in report["cohorts"].items():
+    for name, c in cohorts.items():
         reasons = ", ".join(f"{k} {v}" for k, v in c["routing_reasons"].items()) or "none"
         lines.append(f"  {name} routing reasons: {reasons}")
-    comparison = report["comparison"]
-    lines += ["", f"Design: {comparison['design']} — {comparison['design_note']}"]
-    lines += _comparison_lines(comparison, "")
-    if "experiment" in comparison:
-        lines += ["", "Experiment only (rollout vs not targeted):"]
-        lines += _comparison_lines(comparison["experiment"], "  ")
-    srm = report["sample_ratio"]
-    lines.append("")
-    if srm["applicable"]:
-        flag = "MISMATCH" if srm["mismatch"] else "ok"
+    return lines
+
+
+def _sample_ratio_lines(srm: dict[str, Any]) -> list[str]:
+    if not srm["applicable"]:
+        return [f"Sample ratio: {srm['reason']}"]
+    flag = "MISMATCH" if srm["mismatch"] else "ok"
+    return [
+        f"Sample ratio ({srm['unit']}s): observed legacy {srm['observed']['legacy']} / "
+        f"cascade {srm['observed']['cascade']}, expected "
+        f"{srm['expected']['legacy']:.1f} / {srm['expected']['cascade']:.1f} "
+        f"({srm['rollout_percent']} % rollout): chi² = {srm['chi_square']:.2f}, "
+        f"p = {srm['p_value']:.3g} → {flag} (flag at p < {srm['threshold']})",
+        f"  {srm['reason']}",
+    ]
+
+
+def _merchant_lines(merchants: list[dict[str, Any]]) -> list[str]:
+    if not merchants:
+        return []
+    lines = [
+        "",
+        f"Per merchant (top {min(len(merchants), TABLE_MERCHANTS)} by volume):",
+        f"{'merchant':<20} {'cohort':<8} {'created':>7} {'succ':>6} {'fail':>6} "
+        f"{'canc':>6} {'proc':>6} {'success rate':>12}",
+    ]
+    for m in merchants[:TABLE_MERCHANTS]:
         lines.append(
-            f"Sample ratio ({srm['unit']}s): observed legacy {srm['observed']['legacy']} / "
-            f"cascade {srm['observed']['cascade']}, expected "
-            f"{srm['expected']['legacy']:.1f} / {srm['expected']['cascade']:.1f} "
-            f"({srm['rollout_percent']} % rollout): chi² = {srm['chi_square']:.2f}, "
-            f"p = {srm['p_value']:.3g} → {flag} (flag at p < {srm['threshold']})"
+            f"{m['merchant_id'][:20]:<20} {m['cohort']:<8} {m['created']:>7} "
+            f"{m['succeeded']:>6} {m['failed']:>6} {m['cancelled']:>6} {m['processing']:>6} "
+            f"{_pct(m['success_rate']):>12}"
         )
-        lines.append(f"  {srm['reason']}")
-    else:
-        lines.append(f"Sample ratio: {srm['reason']}")
-    merchants = report["merchants"]
-    if merchants:
-        lines += ["", f"Per merchant (top {min(len(merchants), TABLE_MERCHANTS)} by volume):"]
-        lines.append(
-            f"{'merchant':<20} {'cohort':<8} {'created':>7} {'succ':>6} {'fail':>6} "
-            f"{'canc':>6} {'proc':>6} {'success rate':>12}"
-        )
-        for m in merchants[:TABLE_MERCHANTS]:
-            lines.append(
-                f"{m['merchant_id'][:20]:<20} {m['cohort']:<8} {m['created']:>7} "
-                f"{m['succeeded']:>6} {m['failed']:>6} {m['cancelled']:>6} {m['processing']:>6} "
-                f"{_pct(m['success_rate']):>12}"
-            )
-        if len(merchants) > TABLE_MERCHANTS:
-            lines.append(f"… {len(merchants) - TABLE_MERCHANTS} more rows: use --json")
-    return "\n".join(lines)
+    if len(merchants) > TABLE_MERCHANTS:
+        lines.append(f"… {len(merchants) - TABLE_MERCHANTS} more rows: use --json")
+    return lines
 
 
 def _comparison_lines(comparison: dict[str, Any], indent: str) -> list[str]:
