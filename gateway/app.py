@@ -1,4 +1,9 @@
-"""The Litestar application: legacy v1 API, webhook intake, ops API, health, metrics, sandbox."""
+"""The Litestar application: legacy v1 API, webhook intake, ops API, health, metrics, sandbox.
+
+The sandbox (``sandbox/``, the simulators) is imported only when ``SANDBOX_ENABLED`` is true,
+which production refuses, and is not in the wheel or the image: a production process never
+loads it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from litestar import Litestar, Request, Response, get
 from litestar.enums import ScopeType
@@ -34,9 +39,11 @@ from gateway.http import (
     stamp_request_id,
 )
 from gateway.runtime import Runtime, open_runtime
-from gateway.settings import Settings
+from gateway.settings import Settings, SettingsError
 from orchestrator.metrics import SECOND_REGISTRY
-from sandbox.app import Sandbox, SandboxConfig
+
+if TYPE_CHECKING:
+    from sandbox.app import Sandbox
 
 log = logging.getLogger("cascade.app")
 
@@ -115,19 +122,7 @@ class Gateway(Litestar):
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litestar:
     """Build the app; ``runtime`` is opened at startup unless one is given (tests)."""
-    sandbox: Sandbox | None = None
-    if settings.sandbox_enabled:
-        sandbox = Sandbox(
-            SandboxConfig(
-                gateway_url=settings.public_url,
-                providers=settings.providers,
-                core_tokens=(settings.core_token,),
-                webhook_delay_seconds=settings.sandbox_webhook_delay,
-                fail_delay_seconds=settings.sandbox_fail_delay,
-                flaky_timeout_seconds=settings.sandbox_flaky_timeout,
-                flaky_success_delay_seconds=settings.sandbox_flaky_success_delay,
-            )
-        )
+    sandbox = _sandbox(settings) if settings.sandbox_enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -175,4 +170,28 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
         logging_config=None,
         request_max_body_size=None,
         debug=False,
+    )
+
+
+def _sandbox(settings: Settings) -> Sandbox:
+    """The simulators, imported here and only here: nothing else in the app needs them."""
+    try:
+        from sandbox.app import Sandbox, SandboxConfig  # noqa: PLC0415 — dev and test only
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] != "sandbox":
+            raise
+        raise SettingsError(
+            "SANDBOX_ENABLED is true but this installation has no sandbox: it runs from a"
+            " repository checkout, not from the wheel or the image"
+        ) from exc
+    return Sandbox(
+        SandboxConfig(
+            gateway_url=settings.public_url,
+            providers=settings.providers,
+            core_tokens=(settings.core_token,),
+            webhook_delay_seconds=settings.sandbox_webhook_delay,
+            fail_delay_seconds=settings.sandbox_fail_delay,
+            flaky_timeout_seconds=settings.sandbox_flaky_timeout,
+            flaky_success_delay_seconds=settings.sandbox_flaky_success_delay,
+        )
     )

@@ -47,7 +47,11 @@ def _serve(settings: Settings) -> int:
         except (DependencyError, FlagsError) as exc:
             return fail(str(exc))
         logs.configure(settings.log_level, "serve")  # the Unleash client installs its own
-        app = create_app(settings, runtime=runtime)
+        try:
+            app = create_app(settings, runtime=runtime)
+        except SettingsError as exc:  # SANDBOX_ENABLED where the sandbox is not installed
+            await runtime.close()
+            return fail(str(exc))
         _settle_heap()
         config = server_config(app, host=settings.http_host, port=settings.http_port)
         server = uvicorn.Server(config)

@@ -1,18 +1,23 @@
-"""No first-party package has an import cycle, lazy imports included.
+"""What the code may import: production loads no dev or test code, and no package has a cycle.
 
-The product is ``contracts/``, ``flags/``, ``gateway/`` and ``orchestrator/``; ``sandbox/``
-(the simulators) and ``devstack/`` (``make run``) are checked with it.
+The product is ``contracts/``, ``flags/``, ``gateway/`` and ``orchestrator/`` (the wheel's
+packages). ``sandbox/`` (the simulators) and ``devstack/`` (``make run``) live only in the
+repository; ``tests/`` and ``bench/`` too.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.conftest import ROOT
 
 PRODUCT = ("contracts", "flags", "gateway", "orchestrator")
+DEV_ONLY = ("sandbox", "devstack", "tests", "bench")
 # The migration scripts run under Alembic's context (env.py configures it on import).
 NOT_IMPORTABLE_ALONE = ("orchestrator/migrations",)
 
@@ -30,6 +35,56 @@ def _modules(packages: tuple[str, ...]) -> dict[str, Path]:
                 parts.pop()
             found[".".join(parts)] = path
     return found
+
+
+def test_production_imports_no_dev_or_test_module() -> None:
+    """Every product module imported, the app built, with ``DEPLOYMENT_ENV=production``."""
+    script = f"""
+import importlib, json, sys
+for name in {sorted(_modules(PRODUCT))!r}:
+    importlib.import_module(name)
+from gateway.app import create_app
+from gateway.settings import load_settings
+settings = load_settings()
+assert settings.deployment_env == "production" and not settings.sandbox_enabled
+create_app(settings)
+print(json.dumps(sorted(m for m in sys.modules if m.partition(".")[0] in {DEV_ONLY!r})))
+"""
+    env = {"PATH": "/usr/bin:/bin", "DEPLOYMENT_ENV": "production"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def test_the_sandbox_enabled_where_it_is_not_installed_is_a_settings_error() -> None:
+    script = """
+import sys
+sys.modules["sandbox"] = None  # as in the wheel and the image
+from gateway.app import create_app
+from gateway.settings import SettingsError, load_settings
+try:
+    create_app(load_settings({"SANDBOX_ENABLED": "true"}))
+except SettingsError as exc:
+    print(exc)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("SANDBOX_ENABLED is true but this installation has no sandbox")
 
 
 def _imports(name: str, path: Path, known: dict[str, Path]) -> Iterator[str]:
