@@ -19,6 +19,7 @@ from orchestrator.engine import Engine
 from orchestrator.http import HttpClient, Timeouts
 from orchestrator.outbox import OutboxRelay
 from orchestrator.providers import HttpProviderAdapter
+from orchestrator.store import probes
 
 log = logging.getLogger("cascade.runtime")
 
@@ -45,13 +46,7 @@ class Runtime:
         return bool(self.nc.is_connected)
 
     async def database_up(self) -> bool:
-        try:
-            async with asyncio.timeout(2):
-                async with self.pool.acquire() as conn:
-                    await conn.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            return False
-        return True
+        return await probes.ping(self.pool)
 
     async def close(self) -> None:
         """Release everything within a few seconds, whatever state the peers are in."""
@@ -74,11 +69,7 @@ async def _wait_for_schema(pool: store.Pool, seconds: float) -> bool:
     deadline = loop.time() + seconds
     while True:
         async with asyncio.timeout(10):
-            missing = bool(
-                await pool.fetchval(
-                    "SELECT to_regclass('order_tasks') IS NULL OR to_regclass('outbox') IS NULL"
-                )
-            )
+            missing = not await probes.schema_present(pool)
         if not missing or loop.time() >= deadline:
             return missing
         await asyncio.sleep(0.1)

@@ -11,7 +11,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-import asyncpg
 import uvicorn
 from litestar import Litestar, Response, get
 from nats.aio.client import Client as NatsClient
@@ -19,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from orchestrator import store
+from orchestrator.store import probes
 
 
 def worker_app(pool: store.Pool, nc: NatsClient) -> Litestar:
@@ -28,13 +28,7 @@ def worker_app(pool: store.Pool, nc: NatsClient) -> Litestar:
 
     @get("/readyz")
     async def readyz() -> Response[bytes]:
-        try:
-            async with asyncio.timeout(2), pool.acquire() as conn:
-                await conn.fetchval("SELECT 1")
-            database = True
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            database = False
-        ok = database and nc.is_connected
+        ok = await probes.ping(pool) and nc.is_connected
         body = b'{"status":"%s"}' % (b"ready" if ok else b"not_ready")
         return Response(content=body, status_code=200 if ok else 503, media_type="application/json")
 
