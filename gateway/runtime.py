@@ -83,44 +83,13 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
         raise DependencyError("NATS_URL is not set")
     if settings.core_url is None:
         raise DependencyError("CORE_URL is required when SANDBOX_ENABLED is false")
-    try:
-        async with asyncio.timeout(10):
-            pool = await store.create_pool(
-                settings.asyncpg_dsn, max_size=settings.database_pool_size
-            )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        raise DependencyError(
-            f"cannot connect to DATABASE_URL ({type(exc).__name__}: {exc})".replace("\n", " ")
-        ) from exc
-    try:
-        missing = await _wait_for_schema(pool, settings.wait_for_schema_seconds)
-    except (asyncpg.PostgresError, TimeoutError) as exc:
-        await pool.close()
-        raise DependencyError(f"database check failed: {exc}") from exc
-    if missing:
-        await pool.close()
-        raise DependencyError("the database has no schema: run `cascade-gateway migrate` first")
-    try:
-        nc = await bus.connect(settings.nats_url, name=name)
-    except Exception as exc:
-        await pool.close()
-        raise DependencyError(f"cannot connect to NATS_URL {settings.nats_url} ({exc!r})") from exc
-    js = nc.jetstream()
+    pool = await _open_database(settings)
     names = bus.Names(settings.nats_namespace)
     try:
-        await bus.ensure_streams(
-            js,
-            names,
-            ack_wait_seconds=settings.ack_wait_seconds,
-            replicas=settings.jetstream_replicas,
-        )
-    except Exception as exc:
-        await nc.close()
+        js, nc = await _open_broker(settings, names, name)
+    except DependencyError:
         await pool.close()
-        raise DependencyError(
-            f"JetStream setup failed on {settings.nats_url} (needs nats-server >= 2.12 with "
-            f"JetStream enabled): {exc!r}"
-        ) from exc
+        raise
     http = HttpClient(timeouts=Timeouts(connect=2.0, read=5.0), max_connections=200)
     core = HttpCascadeCore(settings.core_url, settings.core_token, client=http)
     adapter = HttpProviderAdapter(client=http)
@@ -149,3 +118,51 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
         await asyncio.to_thread(router.start)
         runtime.router = router
     return runtime
+
+
+async def _open_database(settings: Settings) -> store.Pool:
+    """A pool on a migrated database (waiting ``WAIT_FOR_SCHEMA_SECONDS`` for migrations)."""
+    try:
+        async with asyncio.timeout(10):
+            pool = await store.create_pool(
+                settings.asyncpg_dsn, max_size=settings.database_pool_size
+            )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise DependencyError(
+            f"cannot connect to DATABASE_URL ({type(exc).__name__}: {exc})".replace("\n", " ")
+        ) from exc
+    try:
+        missing = await _wait_for_schema(pool, settings.wait_for_schema_seconds)
+    except (asyncpg.PostgresError, TimeoutError) as exc:
+        await pool.close()
+        raise DependencyError(f"database check failed: {exc}") from exc
+    if missing:
+        await pool.close()
+        raise DependencyError("the database has no schema: run `cascade-gateway migrate` first")
+    return pool
+
+
+async def _open_broker(
+    settings: Settings, names: bus.Names, name: str
+) -> tuple[JetStreamContext, NatsClient]:
+    """A NATS connection (named ``name``) with the streams of ``names`` ensured."""
+    assert settings.nats_url is not None
+    try:
+        nc = await bus.connect(settings.nats_url, name=name)
+    except Exception as exc:
+        raise DependencyError(f"cannot connect to NATS_URL {settings.nats_url} ({exc!r})") from exc
+    js = nc.jetstream()
+    try:
+        await bus.ensure_streams(
+            js,
+            names,
+            ack_wait_seconds=settings.ack_wait_seconds,
+            replicas=settings.jetstream_replicas,
+        )
+    except Exception as exc:
+        await nc.close()
+        raise DependencyError(
+            f"JetStream setup failed on {settings.nats_url} (needs nats-server >= 2.12 with "
+            f"JetStream enabled): {exc!r}"
+        ) from exc
+    return js, nc
