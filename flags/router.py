@@ -366,6 +366,29 @@ class CohortRouter:
 
     def start(self) -> None:
         """Initialise the Unleash client (synchronous: run it in a thread, not on the loop)."""
+        _install_log_filters()
+        self._cache_dir = tempfile.mkdtemp(prefix=f"cascade-unleash-{os.getpid()}-")
+        cache = _make_cache(self, self._app_name, self._cache_dir)
+        if self._bootstrap is not None:
+            cache.bootstrap_from_dict(self._bootstrap)
+        live = self._url is not None
+        client = self._make_client(cache, live=live)
+        self._client = client
+        if not live:
+            client.initialize_client(fetch_toggles=False)
+            if self._view is None:
+                log.warning(
+                    "no FLAGS_FILE and no UNLEASH_URL: every new withdrawal goes legacy "
+                    "(reason fallback)"
+                )
+            self._ready.set()
+            return
+        self._polling = True
+        self._first_fetch(client)
+
+    def _make_client(self, cache: Any, *, live: bool) -> UnleashClient:
+        """The Unleash client on ``cache``; its constructor loads the bootstrap into the
+        engine (through the cache's ``get``)."""
         from apscheduler.executors.pool import (  # type: ignore[import-untyped]  # noqa: PLC0415 — untyped upstream; lazy like the client
             ThreadPoolExecutor,
         )
@@ -377,19 +400,12 @@ class CohortRouter:
         )
         from UnleashClient.utils import InstanceAllowType  # noqa: PLC0415
 
-        _install_log_filters()
-        self._cache_dir = tempfile.mkdtemp(prefix=f"cascade-unleash-{os.getpid()}-")
-        cache = _make_cache(self, self._app_name, self._cache_dir)
-        if self._bootstrap is not None:
-            cache.bootstrap_from_dict(self._bootstrap)
         scheduler = BackgroundScheduler(
             executors={_EXECUTOR: ThreadPoolExecutor(max_workers=2)},
             job_defaults={"coalesce": True, "max_instances": 1},
             logger=logging.getLogger(_SCHEDULER_LOGGER),
         )
-        live = self._url is not None
-        # The constructor loads the bootstrap into the engine (through the cache's ``get``).
-        client = UnleashClient(
+        return UnleashClient(
             url=self._url or "http://127.0.0.1:1/offline",
             app_name=self._app_name,
             instance_id=f"{self._app_name}-{socket.gethostname()}-{os.getpid()}-{id(self):x}",
@@ -406,17 +422,10 @@ class CohortRouter:
             multiple_instance_mode=InstanceAllowType.SILENTLY_ALLOW,
             verbose_log_level=logging.DEBUG,
         )
-        self._client = client
-        if not live:
-            client.initialize_client(fetch_toggles=False)
-            if self._view is None:
-                log.warning(
-                    "no FLAGS_FILE and no UNLEASH_URL: every new withdrawal goes legacy "
-                    "(reason fallback)"
-                )
-            self._ready.set()
-            return
-        self._polling = True
+
+    def _first_fetch(self, client: UnleashClient) -> None:
+        """Start the live client without blocking longer than the first-fetch wait: past it,
+        the bootstrap serves and the fetch goes on in the background."""
         finished = threading.Event()
 
         def initialise() -> None:

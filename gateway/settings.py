@@ -158,6 +158,50 @@ class Settings:
         return "postgresql+asyncpg://" + self.asyncpg_dsn.split("://", 1)[1]
 
 
+def _database_url(env: Mapping[str, str]) -> str | None:
+    url = _url(env, "DATABASE_URL", ("postgresql://", "postgresql+asyncpg://", "postgres://"))
+    if url and url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    return url
+
+
+def _namespace(env: Mapping[str, str]) -> str:
+    namespace = env.get("NATS_NAMESPACE", "")
+    if not NAMESPACE.fullmatch(namespace):
+        raise SettingsError(
+            "NATS_NAMESPACE must be empty or dot-terminated tokens of letters, digits, _ and -"
+            f" (e.g. 'test1.'), not {namespace!r}"
+        )
+    return namespace
+
+
+def _flags_file(env: Mapping[str, str]) -> Path:
+    raw = env.get("FLAGS_FILE")
+    path = Path(raw) if raw else DEFAULT_FLAGS_FILE
+    try:
+        load_flags_file(path)  # fail fast, before any connection is attempted
+    except FlagsError as exc:
+        raise SettingsError(str(exc)) from exc
+    return path
+
+
+def _providers(
+    env: Mapping[str, str], expansion: Mapping[str, str]
+) -> tuple[Path, dict[str, ProviderConfig]]:
+    """The providers file and what it configures, ``${VAR}`` expanded from ``expansion``."""
+    raw_path = env.get("PROVIDERS_FILE")
+    path = Path(raw_path) if raw_path else DEFAULT_PROVIDERS_FILE
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"PROVIDERS_FILE {path}: cannot read ({exc.strerror})") from exc
+    try:
+        loaded = load_providers(raw, expansion, source=f"PROVIDERS_FILE {path}")
+    except ProvidersFileError as exc:
+        raise SettingsError(str(exc)) from exc
+    return path, dict(loaded.providers)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the environment; raise SettingsError naming the first problem."""
     env = dict(os.environ if env is None else env)
@@ -169,54 +213,25 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     sandbox_enabled = _bool(env, "SANDBOX_ENABLED", False)
     if sandbox_enabled and deployment_env == "production":
         raise SettingsError("SANDBOX_ENABLED cannot be true when DEPLOYMENT_ENV is production")
-    database_url = _url(
-        env, "DATABASE_URL", ("postgresql://", "postgresql+asyncpg://", "postgres://")
-    )
-    if database_url and database_url.startswith("postgres://"):
-        database_url = "postgresql://" + database_url.removeprefix("postgres://")
+    database_url = _database_url(env)
     nats_url = _url(env, "NATS_URL", ("nats://", "tls://"))
-    nats_namespace = env.get("NATS_NAMESPACE", "")
-    if not NAMESPACE.fullmatch(nats_namespace):
-        raise SettingsError(
-            "NATS_NAMESPACE must be empty or dot-terminated tokens of letters, digits, _ and -"
-            f" (e.g. 'test1.'), not {nats_namespace!r}"
-        )
-
-    flags_raw = env.get("FLAGS_FILE")
-    flags_file = Path(flags_raw) if flags_raw else DEFAULT_FLAGS_FILE
-    try:
-        load_flags_file(flags_file)  # fail fast, before any connection is attempted
-    except FlagsError as exc:
-        raise SettingsError(str(exc)) from exc
+    nats_namespace = _namespace(env)
+    flags_file = _flags_file(env)
     unleash_url = _url(env, "UNLEASH_URL", ("http://", "https://"))
     unleash_token = env.get("UNLEASH_API_TOKEN") or None
     if unleash_url and not unleash_token:
         raise SettingsError("UNLEASH_URL is set but UNLEASH_API_TOKEN is not")
-
     sandbox_url = (env.get("SANDBOX_URL") or f"{public_url}/sandbox").rstrip("/")
     core_url = _url(env, "CORE_URL", ("http://", "https://"))
     if core_url is None and sandbox_enabled:
         core_url = f"{sandbox_url}/core"
-
-    providers_raw = env.get("PROVIDERS_FILE")
-    providers_file = Path(providers_raw) if providers_raw else DEFAULT_PROVIDERS_FILE
-    try:
-        raw = providers_file.read_bytes()
-    except OSError as exc:
-        raise SettingsError(
-            f"PROVIDERS_FILE {providers_file}: cannot read ({exc.strerror})"
-        ) from exc
     expansion = {
         **env,
         "SANDBOX_URL": sandbox_url,
         "HTTP_PORT": str(http_port),
         "PUBLIC_URL": public_url,
     }
-    try:
-        providers = load_providers(raw, expansion, source=f"PROVIDERS_FILE {providers_file}")
-    except ProvidersFileError as exc:
-        raise SettingsError(str(exc)) from exc
-
+    providers_file, providers = _providers(env, expansion)
     return Settings(
         database_url=database_url,
         nats_url=nats_url,
@@ -237,7 +252,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         sandbox_enabled=sandbox_enabled,
         deployment_env=deployment_env,
         providers_file=providers_file,
-        providers=providers.providers,
+        providers=providers,
         worker_concurrency=_integer(env, "WORKER_CONCURRENCY", 32, minimum=1, maximum=1000),
         database_pool_size=_integer(env, "DATABASE_POOL_SIZE", 20, minimum=2, maximum=1000),
         worker_metrics_port=_port(env, "WORKER_METRICS_PORT", 0) or None,
