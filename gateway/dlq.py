@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import msgspec
 
+from contracts.messages import DeadLetter
 from gateway.settings import Settings
 from orchestrator import bus
 
 
-async def _read(settings: Settings, limit: int) -> list[tuple[int, bus.DeadLetter]]:
+async def _read(settings: Settings, limit: int) -> list[tuple[int, DeadLetter]]:
     assert settings.nats_url is not None
     nc = await bus.connect(settings.nats_url, name="dlq-cli")
     js = nc.jetstream()
     names = bus.Names(settings.nats_namespace)
-    letters: list[tuple[int, bus.DeadLetter]] = []
+    letters: list[tuple[int, DeadLetter]] = []
     try:
         info = await js.stream_info(names.dlq_stream)
         seq = info.state.first_seq
@@ -28,7 +29,7 @@ async def _read(settings: Settings, limit: int) -> list[tuple[int, bus.DeadLette
             except Exception:  # noqa: BLE001 — deleted sequence numbers are gaps, skip them
                 seq += 1
                 continue
-            letters.append((seq, msgspec.json.decode(raw.data or b"", type=bus.DeadLetter)))
+            letters.append((seq, msgspec.json.decode(raw.data or b"", type=DeadLetter)))
             seq += 1
     finally:
         await nc.close()

@@ -15,6 +15,7 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.params import FromPath
 
+from contracts.messages import WebhookMessage
 from contracts.provider import FINAL_PROVIDER_STATUSES, ProviderWebhook
 from contracts.webhooks import SignatureError, verify
 from gateway.api import trace_id_of
@@ -74,7 +75,7 @@ async def receive_webhook(
         return _answer(provider_id, "progress", 200, "not an outcome; timers keep running")
     if not rt.nats_up:
         return _answer(provider_id, "unavailable", 503, "try again later")
-    message = bus.WebhookMessage(
+    message = WebhookMessage(
         provider_id=provider_id,
         order_id=event.order_id,
         reference=event.reference,

@@ -6,6 +6,9 @@ One stream carries every orchestrator event and every pending timer. Timers are 
 to that subject replaces the timer; purging it cancels the timer. The stream uses ``limits``
 retention: ``interest`` retention silently drops schedules.
 
+Each event subject carries one message type (:data:`MESSAGE_OF_SUBJECT`; the messages are
+in :mod:`contracts.messages`), and :func:`decode` reads a payload as the message of its subject.
+
 A namespace prefix (empty in production) lets tests share one nats-server without sharing
 subjects or streams.
 """
@@ -25,7 +28,14 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from contracts.provider import ProviderStatus
+from contracts import messages
+
+# "X as X": explicit re-exports (mypy strict); the engine still imports these from here.
+from contracts.messages import DeadLetter as DeadLetter  # noqa: PLC0414
+from contracts.messages import Message
+from contracts.messages import StartSeen as StartSeen  # noqa: PLC0414
+from contracts.messages import TaskMessage as TaskMessage  # noqa: PLC0414
+from contracts.messages import WebhookMessage as WebhookMessage  # noqa: PLC0414
 from orchestrator.domain import TimerKind
 
 log = logging.getLogger("cascade.bus")
@@ -36,7 +46,6 @@ WEBHOOK_TIMEOUT = "order.task.webhook.timeout"
 STATUS_TICK = "order.task.status.tick"
 STATUS_TIMEOUT = "order.task.status.timeout"
 RECHECK_TICK = "order.task.recheck.tick"
-QUEUE_CANCEL = "order.queue.cancel"
 DLQ = "order.task.dlq"
 SCHEDULE_PREFIX = "order.schedule"
 
@@ -47,7 +56,6 @@ EVENT_SUBJECTS = (
     STATUS_TICK,
     STATUS_TIMEOUT,
     RECHECK_TICK,
-    QUEUE_CANCEL,
 )
 TIMER_TARGETS: dict[TimerKind, str] = {
     "recheck": RECHECK_TICK,
@@ -63,49 +71,34 @@ CONSUMER_MAX_DELIVER = 50
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
-class StartSeen(msgspec.Struct, frozen=True, kw_only=True):
-    """The queue and task versions a start was decided on when it was published."""
-
-    queue_version: int
-    task_version: int
-
-
-class TaskMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """Payload of task-addressed events (start, timers).
-
-    ``seen``: on a start published with the record it starts from (a create, or the queue
-    moving to its next task), the versions that ``decide()`` approved a plain PENDING →
-    CREATING on; the worker then writes it without reading first, if nothing changed since.
-    """
-
-    task_id: uuid.UUID
-    queue_id: uuid.UUID
-    attempt: int = 0
-    seen: StartSeen | None = None
+# The message each event subject carries. The worker checks a payload against it, and reads a
+# payload without a type tag (published before the tag existed) as this type.
+MESSAGE_OF_SUBJECT: dict[str, type[Message]] = {
+    TASK_START: TaskMessage,
+    WEBHOOK_RECEIVED: WebhookMessage,
+    **dict.fromkeys(TIMER_TARGETS.values(), TaskMessage),
+}
 
 
-class WebhookMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """A verified provider webhook handed from the intake to the orchestrator."""
-
-    provider_id: str
-    order_id: str
-    reference: str
-    status: ProviderStatus
-    code: str | None = None
-    webhook_id: str = ""
+class UnreadableMessage(Exception):
+    """A payload that is not the message its subject carries: not JSON, not the schema,
+    another message type, or a subject no message belongs to. No retry can fix it."""
 
 
-class QueueCancelMessage(msgspec.Struct, frozen=True, kw_only=True):
-    queue_id: uuid.UUID
-    reason: str | None = None
-
-
-class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    subject: str
-    payload: str
-    error: str
-    deliveries: int
-    failed_at: str
+def decode(subject: str, data: bytes) -> Message:
+    """The message on ``subject`` (unprefixed), checked against the type the subject carries."""
+    expected = MESSAGE_OF_SUBJECT.get(subject)
+    if expected is None:
+        raise UnreadableMessage(f"no message belongs to subject {subject!r}")
+    try:
+        message = messages.decode(data, untagged=expected)
+    except msgspec.MsgspecError as exc:
+        raise UnreadableMessage(f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(message, expected):
+        raise UnreadableMessage(
+            f"{subject} carries {expected.__name__}, not {type(message).__name__}"
+        )
+    return message
 
 
 @dataclass(frozen=True)
@@ -222,6 +215,8 @@ async def ensure_streams(
         num_replicas=replicas,
         max_age=30 * 24 * 3600,
     )
+    # update_stream replaces the subject list, and add_consumer the consumer's filter: a subject
+    # retired from EVENT_SUBJECTS (order.queue.cancel, which nothing published) leaves both.
     for config in (main, dlq):
         try:
             await js.stream_info(config.name or "")

@@ -1,8 +1,10 @@
 """The worker process: consumes orchestrator events, relays the outbox, sweeps, notifies.
 
-- Consumer: one durable pull consumer, explicit ack. A handler that raises is nak'ed with a
-  growing delay; on its last allowed delivery the message goes to ``order.task.dlq`` with the
-  error and is acked (``dlq_size`` shows it; ``cascade-gateway dlq replay`` sends it back).
+- Consumer: one durable pull consumer, explicit ack. Every payload goes through one decoder
+  (:func:`orchestrator.bus.decode`) and is dispatched on its type with ``match``. A handler
+  that raises is nak'ed with a growing delay; on its last allowed delivery the message goes to
+  ``order.task.dlq`` with the error and is acked (``dlq_size`` shows it; ``cascade-gateway dlq
+  replay`` sends it back).
 - Sweeper: Postgres decides what is due. Timers whose due time passed without being handled
   (a schedule lost by the broker) are fired directly; tasks stranded in PENDING/CREATING (a
   crash after commit and before publish, or mid-create) are started again. Handlers ignore
@@ -17,13 +19,14 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
+from contracts.messages import DeadLetter, TaskMessage, WebhookMessage
 from orchestrator import bus
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore
@@ -178,13 +181,15 @@ class Worker:
         pairs: list[tuple[TimerDue, Msg]] = []
         alone: list[Msg] = []
         for msg in msgs:
+            subject = self.names.unprefixed(msg.subject)
             try:
-                task_msg = msgspec.json.decode(msg.data, type=bus.TaskMessage)
-            except msgspec.MsgspecError:
+                message = bus.decode(subject, msg.data)
+            except bus.UnreadableMessage:
                 alone.append(msg)  # _handle fails it the usual way: retries, then the DLQ
                 continue
-            kind = _TIMER_KINDS[self.names.unprefixed(msg.subject)]
-            pairs.append((TimerDue(message=task_msg, kind=kind, trace_id=_trace_id(msg)), msg))
+            assert isinstance(message, TaskMessage)  # what every timer subject carries
+            due = TimerDue(message=message, kind=_TIMER_KINDS[subject], trace_id=_trace_id(msg))
+            pairs.append((due, msg))
         try:
             rest = await self.engine.timers_fired([d for d, _ in pairs])
         except Exception as exc:  # noqa: BLE001 — nothing was written: one at a time instead
@@ -240,32 +245,24 @@ class Worker:
         await msg.ack()
 
     async def dispatch(self, subject: str, data: bytes, trace_id: str | None) -> None:
-        """Route one event to its handler (also used by ``dlq replay`` tests)."""
-        if subject == bus.TASK_START:
-            task_msg = msgspec.json.decode(data, type=bus.TaskMessage)
-            await self.engine.start_task(
-                task_msg.queue_id,
-                task_msg.task_id,
-                actor="worker",
-                trace_id=trace_id,
-                seen=task_msg.seen,
-            )
-        elif subject in _TIMER_KINDS:
-            await self.engine.timer_fired(
-                msgspec.json.decode(data, type=bus.TaskMessage), _TIMER_KINDS[subject], trace_id
-            )
-        elif subject == bus.WEBHOOK_RECEIVED:
-            await self.engine.webhook(msgspec.json.decode(data, type=bus.WebhookMessage), trace_id)
-        elif subject == bus.QUEUE_CANCEL:
-            cancel = msgspec.json.decode(data, type=bus.QueueCancelMessage)
-            await self.engine.cancel_queue(
-                cancel.queue_id, reason=cancel.reason, actor="worker", trace_id=trace_id
-            )
-        else:
-            log.warning("no handler for subject", extra={"subject": subject})
+        """Decode one event and hand it to its handler (also used by ``dlq replay`` tests)."""
+        match bus.decode(subject, data):
+            case TaskMessage() as start if subject == bus.TASK_START:
+                await self.engine.start_task(
+                    start.queue_id,
+                    start.task_id,
+                    actor="worker",
+                    trace_id=trace_id,
+                )
+            case TaskMessage() as timer:
+                await self.engine.timer_fired(timer, _TIMER_KINDS[subject], trace_id)
+            case WebhookMessage() as webhook:
+                await self.engine.webhook(webhook, trace_id)
+            case unknown:
+                assert_never(unknown)
 
     async def _dead_letter(self, msg: Msg, subject: str, exc: Exception, deliveries: int) -> None:
-        letter = bus.DeadLetter(
+        letter = DeadLetter(
             subject=subject,
             payload=msg.data.decode(errors="replace"),
             error=f"{type(exc).__name__}: {exc}"[:2000],
@@ -314,7 +311,7 @@ class Worker:
         for row in overdue:
             target = bus.TIMER_TARGETS[row["timer_kind"]]
             payload = msgspec.json.encode(
-                bus.TaskMessage(
+                TaskMessage(
                     task_id=row["task_id"], queue_id=row["queue_id"], attempt=row["timer_attempt"]
                 )
             )
@@ -325,7 +322,7 @@ class Worker:
             fired += 1
         for row in stranded:
             payload = msgspec.json.encode(
-                bus.TaskMessage(task_id=row["task_id"], queue_id=row["queue_id"])
+                TaskMessage(task_id=row["task_id"], queue_id=row["queue_id"])
             )
             minute = now.strftime("%Y%m%d%H%M")
             await self.js.publish(

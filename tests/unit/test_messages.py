@@ -1,0 +1,102 @@
+"""Bus messages: one tagged decoder, and the subject's type for payloads from before the tag."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+import pytest
+
+from contracts import messages
+from contracts.messages import StartSeen, TaskMessage, WebhookMessage
+from orchestrator import bus
+
+TASK = TaskMessage(
+    task_id=uuid.uuid4(),
+    queue_id=uuid.uuid4(),
+    attempt=2,
+    seen=StartSeen(queue_version=3, task_version=1),
+)
+WEBHOOK = WebhookMessage(
+    provider_id="sbx_ok", order_id="o-1", reference="r-1", status="succeeded", webhook_id="msg_1"
+)
+
+
+def _previous_task_payload(message: TaskMessage) -> bytes:
+    """A task message exactly as the version before the tag encoded it."""
+    seen = message.seen
+    return msgspec.json.encode(
+        {
+            "task_id": str(message.task_id),
+            "queue_id": str(message.queue_id),
+            "attempt": message.attempt,
+            "seen": None
+            if seen is None
+            else {"queue_version": seen.queue_version, "task_version": seen.task_version},
+        }
+    )
+
+
+PREVIOUS_WEBHOOK = (
+    b'{"provider_id":"sbx_ok","order_id":"o-1","reference":"r-1","status":"succeeded",'
+    b'"code":null,"webhook_id":"msg_1"}'
+)
+
+
+def test_messages_carry_their_tag_and_round_trip() -> None:
+    for message, tag in ((TASK, "task"), (WEBHOOK, "webhook")):
+        data = msgspec.json.encode(message)
+        assert msgspec.json.decode(data)["type"] == tag
+        assert messages.decode(data, untagged=TaskMessage) == message
+        assert messages.decode(data, untagged=WebhookMessage) == message
+
+
+@pytest.mark.parametrize("subject", [bus.TASK_START, *bus.TIMER_TARGETS.values()])
+def test_a_task_message_from_before_the_tag_is_read_as_its_subject_says(subject: str) -> None:
+    assert bus.decode(subject, _previous_task_payload(TASK)) == TASK
+    plain = TaskMessage(task_id=TASK.task_id, queue_id=TASK.queue_id)
+    assert bus.decode(subject, _previous_task_payload(plain)) == plain
+
+
+def test_a_webhook_from_before_the_tag_is_read_as_its_subject_says() -> None:
+    assert bus.decode(bus.WEBHOOK_RECEIVED, PREVIOUS_WEBHOOK) == WEBHOOK
+
+
+def test_the_previous_version_reads_tagged_messages() -> None:
+    """A worker of the previous version still running during an upgrade: it ignores the tag."""
+
+    class PreviousTaskMessage(msgspec.Struct, frozen=True, kw_only=True):
+        task_id: uuid.UUID
+        queue_id: uuid.UUID
+        attempt: int = 0
+        seen: Any = None
+
+    read = msgspec.json.decode(msgspec.json.encode(TASK), type=PreviousTaskMessage)
+    assert (read.task_id, read.queue_id, read.attempt) == (TASK.task_id, TASK.queue_id, 2)
+
+
+def test_every_event_subject_carries_one_message_type() -> None:
+    assert set(bus.MESSAGE_OF_SUBJECT) == set(bus.EVENT_SUBJECTS)
+
+
+@pytest.mark.parametrize(
+    ("subject", "data", "says"),
+    [
+        (bus.TASK_START, b"{not json", "JSON is malformed"),
+        (bus.TASK_START, b"[1, 2]", "Expected `object`"),
+        (bus.TASK_START, b'{"type":"task","task_id":7}', "$.task_id"),
+        (bus.TASK_START, b'{"task_id":"not-a-uuid"}', "$.task_id"),
+        (bus.TASK_START, b'{"type":"order","task_id":"x"}', "$.type"),
+        (bus.WEBHOOK_RECEIVED, msgspec.json.encode(TASK), "carries WebhookMessage, not Task"),
+        (bus.WEBHOOK_TIMEOUT, msgspec.json.encode(WEBHOOK), "carries TaskMessage, not Webhook"),
+        (bus.WEBHOOK_RECEIVED, _previous_task_payload(TASK), "missing required field"),
+        ("order.queue.cancel", b'{"queue_id":"x"}', "no message belongs"),
+    ],
+)
+def test_a_payload_that_is_not_its_subjects_message_is_unreadable(
+    subject: str, data: bytes, says: str
+) -> None:
+    with pytest.raises(bus.UnreadableMessage) as caught:
+        bus.decode(subject, data)
+    assert says in str(caught.value)
