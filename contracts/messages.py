@@ -58,15 +58,28 @@ class WebhookMessage(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"
 
 Message: TypeAlias = TaskMessage | WebhookMessage
 
+# Why the worker gave up on a message (DeadLetter.reason).
+RETRIES_EXHAUSTED: Final = "retries_exhausted"
+UNREADABLE_MESSAGE: Final = "unreadable_message"
+ILLEGAL_TRANSITION: Final = "illegal_transition"
+
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    """A message the worker gave up on, as stored on the DLQ (``cascade-gateway dlq``)."""
+    """A message the worker gave up on, as stored on the DLQ (``cascade-gateway dlq``).
+
+    ``reason``: ``retries_exhausted`` (failed on every allowed delivery: a replay may succeed
+    once the cause is gone), ``unreadable_message`` or ``illegal_transition`` (no retry could
+    fix it: dead-lettered on its first delivery). A plain ``str``, not a ``Literal``, so that a
+    letter written by a later version with a reason this one does not know still lists.
+    Letters from before the field were all ``retries_exhausted``.
+    """
 
     subject: str
     payload: str
     error: str
     deliveries: int
     failed_at: str
+    reason: str = RETRIES_EXHAUSTED
 
 
 class _Tag(msgspec.Struct):

@@ -1,8 +1,10 @@
 """Dead-letter operations: list what failed and why; replay after a fix.
 
-``cascade-gateway dlq list`` prints one JSON object per dead letter. ``dlq replay`` publishes
-each one back to its original subject and deletes it from the DLQ stream; handlers are
-idempotent, so replaying something that was already handled changes nothing.
+``cascade-gateway dlq list`` prints one JSON object per dead letter, with its ``reason``
+(``retries_exhausted``, ``unreadable_message``, ``illegal_transition``: see
+:class:`contracts.messages.DeadLetter`) and ``error``. ``dlq replay`` publishes each one back
+to its original subject and deletes it from the DLQ stream; handlers are idempotent, so
+replaying something that was already handled changes nothing.
 """
 
 from __future__ import annotations

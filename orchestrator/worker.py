@@ -4,7 +4,7 @@
   (:func:`orchestrator.bus.decode`) and is dispatched on its type with ``match``. A handler
   that raises is nak'ed with a growing delay; on its last allowed delivery the message goes to
   ``order.task.dlq`` with the error and is acked (``dlq_size`` shows it; ``cascade-gateway dlq
-  replay`` sends it back).
+  replay`` sends it back). Errors no retry can fix (:data:`NOT_RETRYABLE`) go there at once.
 - Sweeper: Postgres decides what is due. Timers whose due time passed without being handled
   (a schedule lost by the broker) are fired directly; tasks stranded in PENDING/CREATING (a
   crash after commit and before publish, or mid-create) are started again. Handlers ignore
@@ -26,11 +26,12 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
+from contracts import messages
 from contracts.messages import DeadLetter, TaskMessage, WebhookMessage
 from orchestrator import bus
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore
-from orchestrator.domain import TimerKind
+from orchestrator.domain import IllegalTransition, TimerKind
 from orchestrator.engine import Engine, TimerDue
 
 log = logging.getLogger("cascade.worker")
@@ -43,6 +44,23 @@ _TIMER_KINDS: dict[str, TimerKind] = {
     bus.STATUS_TICK: "status_tick",
     bus.STATUS_TIMEOUT: "status_timeout",
 }
+
+# The retry policy. An error named here is one no retry can fix: its message goes to the DLQ on
+# its first delivery, with this reason. Any other error is retried after bus.BACKOFF[n]
+# seconds, and dead-lettered as retries_exhausted after bus.MAX_DELIVER deliveries.
+NOT_RETRYABLE: dict[type[Exception], str] = {
+    bus.UnreadableMessage: messages.UNREADABLE_MESSAGE,
+    IllegalTransition: messages.ILLEGAL_TRANSITION,
+}
+
+
+def dead_letter_reason(error: Exception, deliveries: int) -> str | None:
+    """Why a message that failed on its ``deliveries``-th delivery goes to the DLQ now, or
+    None when it is to be retried."""
+    for kind, reason in NOT_RETRYABLE.items():
+        if isinstance(error, kind):
+            return reason
+    return messages.RETRIES_EXHAUSTED if deliveries >= bus.MAX_DELIVER else None
 
 
 class _Slot:
@@ -185,7 +203,7 @@ class Worker:
             try:
                 message = bus.decode(subject, msg.data)
             except bus.UnreadableMessage:
-                alone.append(msg)  # _handle fails it the usual way: retries, then the DLQ
+                alone.append(msg)  # _handle dead-letters it, as any unreadable message
                 continue
             assert isinstance(message, TaskMessage)  # what every timer subject carries
             due = TimerDue(message=message, kind=_TIMER_KINDS[subject], trace_id=_trace_id(msg))
@@ -212,24 +230,18 @@ class Worker:
 
     async def _handle(self, msg: Msg, _slot: _Slot | None = None) -> None:
         subject = self.names.unprefixed(msg.subject)
-        trace_id = _trace_id(msg)
         try:
-            await self.dispatch(subject, msg.data, trace_id)
-        except Exception as exc:  # noqa: BLE001 — classified below: retry or dead-letter
-            deliveries = msg.metadata.num_delivered
+            await self.dispatch(subject, msg.data, _trace_id(msg))
+        except Exception as exc:  # noqa: BLE001 — the retry policy decides: retry or dead-letter
             m.handler_errors.labels(subject=subject, error=type(exc).__name__).inc()
-            if deliveries >= bus.MAX_DELIVER:
-                try:
-                    await self._dead_letter(msg, subject, exc, deliveries)
-                except Exception as dlq_exc:  # keep it: nak, dead-letter it later
-                    log.exception(
-                        "dead-lettering failed; will retry",
-                        extra={"subject": subject, "error": repr(dlq_exc)},
-                    )
-                    await msg.nak(delay=bus.BACKOFF[-1])
-                    return
-                await msg.ack()
-                return
+            await self._failed(msg, subject, exc)
+            return
+        await msg.ack()
+
+    async def _failed(self, msg: Msg, subject: str, exc: Exception) -> None:
+        deliveries = msg.metadata.num_delivered
+        reason = dead_letter_reason(exc, deliveries)
+        if reason is None:
             delay = bus.BACKOFF[min(deliveries - 1, len(bus.BACKOFF) - 1)]
             log.warning(
                 "handler failed, will retry",
@@ -241,6 +253,15 @@ class Worker:
                 },
             )
             await msg.nak(delay=delay)
+            return
+        try:
+            await self._dead_letter(msg, subject, exc, deliveries, reason)
+        except Exception as dlq_exc:  # keep it: nak, dead-letter it later
+            log.exception(
+                "dead-lettering failed; will retry",
+                extra={"subject": subject, "error": repr(dlq_exc)},
+            )
+            await msg.nak(delay=bus.BACKOFF[-1])
             return
         await msg.ack()
 
@@ -261,16 +282,22 @@ class Worker:
             case unknown:
                 assert_never(unknown)
 
-    async def _dead_letter(self, msg: Msg, subject: str, exc: Exception, deliveries: int) -> None:
+    async def _dead_letter(
+        self, msg: Msg, subject: str, exc: Exception, deliveries: int, reason: str
+    ) -> None:
         letter = DeadLetter(
             subject=subject,
             payload=msg.data.decode(errors="replace"),
             error=f"{type(exc).__name__}: {exc}"[:2000],
             deliveries=deliveries,
             failed_at=datetime.now(UTC).isoformat(),
+            reason=reason,
         )
         await self.js.publish(self.names.subject(bus.DLQ), msgspec.json.encode(letter))
-        log.error("message dead-lettered", extra={"subject": subject, "error": letter.error})
+        log.error(
+            "message dead-lettered",
+            extra={"subject": subject, "reason": reason, "error": letter.error},
+        )
 
     async def measure_dlq(self) -> None:
         """Gauges read from the record and the broker: DLQ size, tasks waiting per state."""

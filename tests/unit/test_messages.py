@@ -1,4 +1,5 @@
-"""Bus messages: one tagged decoder, and the subject's type for payloads from before the tag."""
+"""Bus messages: one tagged decoder, the subject's type for payloads from before the tag, and
+the worker's retry policy (what goes to the DLQ at once)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import msgspec
 import pytest
 
 from contracts import messages
-from contracts.messages import StartSeen, TaskMessage, WebhookMessage
+from contracts.messages import DeadLetter, StartSeen, TaskMessage, WebhookMessage
 from orchestrator import bus
+from orchestrator.domain import IllegalTransition
+from orchestrator.worker import dead_letter_reason
 
 TASK = TaskMessage(
     task_id=uuid.uuid4(),
@@ -100,3 +103,29 @@ def test_a_payload_that_is_not_its_subjects_message_is_unreadable(
     with pytest.raises(bus.UnreadableMessage) as caught:
         bus.decode(subject, data)
     assert says in str(caught.value)
+
+
+def test_a_dead_letter_from_before_the_reason_reads_as_retries_exhausted() -> None:
+    previous = (
+        b'{"subject":"order.task.start","payload":"{}","error":"CoreUnavailable: 500",'
+        b'"deliveries":8,"failed_at":"2026-12-01T10:00:00+00:00"}'
+    )
+    letter = msgspec.json.decode(previous, type=DeadLetter)
+    assert letter.reason == messages.RETRIES_EXHAUSTED
+    unknown = msgspec.json.encode({**msgspec.to_builtins(letter), "reason": "from_the_future"})
+    assert msgspec.json.decode(unknown, type=DeadLetter).reason == "from_the_future"
+
+
+def test_errors_no_retry_can_fix_are_dead_lettered_on_the_first_delivery() -> None:
+    assert dead_letter_reason(bus.UnreadableMessage("x"), 1) == messages.UNREADABLE_MESSAGE
+    assert dead_letter_reason(IllegalTransition("x"), 1) == messages.ILLEGAL_TRANSITION
+
+
+@pytest.mark.parametrize("error", [RuntimeError("x"), ConnectionResetError(), TimeoutError()])
+def test_other_errors_are_retried_until_the_last_delivery(
+    error: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus, "MAX_DELIVER", 3)
+    assert dead_letter_reason(error, 1) is None
+    assert dead_letter_reason(error, 2) is None
+    assert dead_letter_reason(error, 3) == messages.RETRIES_EXHAUSTED
