@@ -7,7 +7,9 @@
 #
 # Product code only, as in the wheel: the simulators (sandbox/), `make run`'s supervisor and
 # embedded servers (devstack/) and the test harness stay in the repository, so a gateway
-# started here with SANDBOX_ENABLED=true stops at start, saying so.
+# started here with SANDBOX_ENABLED=true stops at start, saying so. A staging stack that runs
+# the simulators in the cluster (the chart's sandbox.enabled) uses the `sandbox` target, the
+# same image plus sandbox/: docker build --target sandbox -t cascade-gateway:sandbox .
 #
 # The runtime stage runs as an unprivileged user and writes nowhere but /tmp, so it works with
 # readOnlyRootFilesystem: true and an emptyDir on /tmp. Build: docker build -t cascade-gateway .
@@ -52,7 +54,7 @@ COPY config /app/config
 RUN printf '{"providers": {}}\n' > /app/config/providers.empty.json
 
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS runtime
+FROM ${PYTHON_IMAGE} AS base
 
 LABEL org.opencontainers.image.title="cascade-gateway" \
       org.opencontainers.image.description="Feature-flagged withdrawal gateway: legacy single-shot or durable provider cascade" \
@@ -86,3 +88,14 @@ EXPOSE 8080 9464
 
 ENTRYPOINT ["cascade-gateway"]
 CMD ["serve"]
+
+# ---------------------------------------------------------------------------------------------
+# Staging only: the simulators on top of the production image (DEPLOYMENT_ENV=production
+# refuses SANDBOX_ENABLED whatever the image holds).
+FROM base AS sandbox
+COPY sandbox /app/sandbox
+ENV PYTHONPATH=/app
+
+# ---------------------------------------------------------------------------------------------
+# The default target: the production image, without the simulators.
+FROM base AS runtime

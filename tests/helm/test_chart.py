@@ -1266,32 +1266,46 @@ def test_hadolint_finds_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def dockerfile_stages() -> list[list[str]]:
-    """Instructions (continuations joined) grouped by FROM."""
+def dockerfile_stages() -> dict[str, list[str]]:
+    """Instructions (continuations joined) by stage name, each stage with the instructions of
+    the stage it is built FROM first."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    stages: list[list[str]] = []
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.upper().startswith("FROM "):
-            stages.append([])
-        if stages:
-            stages[-1].append(line)
+            parts = line.split()
+            parent, name = parts[1], parts[-1] if parts[-2].upper() == "AS" else parts[1]
+            current = stages[name] = [*stages.get(parent, [])]
+        if current is not None:
+            current.append(line)
     return stages
 
 
 def test_dockerfile_builds_every_package_and_runs_unprivileged() -> None:
     stages = dockerfile_stages()
-    assert len(stages) >= 3  # uv, builder, runtime
-    runtime = stages[-1]
-    user = [i for i in runtime if i.startswith("USER ")]
-    assert user == ["USER 10001:10001"]
-    assert 'ENTRYPOINT ["cascade-gateway"]' in runtime
-    env = " ".join(i for i in runtime if i.startswith("ENV "))
-    for setting in ("HOME=/tmp", "TMPDIR=/tmp", "PYTHONDONTWRITEBYTECODE=1", "HTTP_HOST=0.0.0.0"):
-        assert setting in env
-    builder = stages[-2]
+    names = list(stages)
+    assert names[-1] == "runtime", "the default target (the last stage) is the production image"
+    for name in ("runtime", "sandbox"):
+        image = stages[name]
+        user = [i for i in image if i.startswith("USER ")]
+        assert user == ["USER 10001:10001"]
+        assert 'ENTRYPOINT ["cascade-gateway"]' in image
+        env = " ".join(i for i in image if i.startswith("ENV "))
+        for setting in (
+            "HOME=/tmp",
+            "TMPDIR=/tmp",
+            "PYTHONDONTWRITEBYTECODE=1",
+            "HTTP_HOST=0.0.0.0",
+        ):
+            assert setting in env
+    assert not any("sandbox" in i for i in stages["runtime"] if i.startswith("COPY"))
+    assert "COPY sandbox /app/sandbox" in stages["sandbox"]
+    assert "!sandbox/" in (ROOT / ".dockerignore").read_text().splitlines()
+    builder = stages["builder"]
     syncs = [i for i in builder if "uv sync" in i]
     assert syncs
     assert all("--frozen" in s and "--no-dev" in s for s in syncs)
@@ -1308,7 +1322,7 @@ def test_dockerfile_builds_every_package_and_runs_unprivileged() -> None:
 
 def test_the_app_imports_nothing_the_image_leaves_out() -> None:
     """The image skips the embedded servers' wheels: no package may import them."""
-    builder = dockerfile_stages()[-2]
+    builder = dockerfile_stages()["builder"]
     skipped = {
         name.replace("-", "_")
         for i in builder
