@@ -17,18 +17,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Protocol
+from typing import Literal, Protocol
 
 import asyncpg
 import msgspec
 
 from contracts.legacy import CascadeEntry, CreateWithdrawal, WithdrawalView, encode_metadata
-from contracts.provider import provider_order_id
+from contracts.messages import WebhookMessage
+from contracts.provider import FINAL_PROVIDER_STATUSES, ProviderWebhook, provider_order_id
 from contracts.providers_file import ProviderConfig
 from flags.router import Cohort, RoutingDecision
 from gateway.runtime import Runtime
+from orchestrator import bus, store
 from orchestrator import metrics as m
-from orchestrator import store
 from orchestrator.domain import OrderQueue, OrderTask, QueueState, TaskState, public_state
 from orchestrator.engine import withdrawal_view
 from orchestrator.store import views
@@ -236,6 +237,12 @@ def _database_required() -> Iterator[None]:
 # --- the service -------------------------------------------------------------------------------
 
 
+# What became of a verified webhook: not an outcome (``progress``: the timers keep running),
+# handed to the orchestrator (``accepted``), already handed over (``duplicate``), or not, the
+# broker being down (``unavailable``: the provider retries).
+WebhookReceipt = Literal["progress", "accepted", "duplicate", "unavailable"]
+
+
 @dataclass(frozen=True, slots=True)
 class Created:
     """A create's answer: the withdrawal, and whether the request replayed an earlier one."""
@@ -325,6 +332,36 @@ class WithdrawalService:
         if detail is None:
             raise UnknownWithdrawal
         return detail
+
+    async def accept_webhook(
+        self, provider_id: str, event: ProviderWebhook, *, webhook_id: str, trace_id: str
+    ) -> WebhookReceipt:
+        """Hand a verified webhook to the orchestrator on JetStream. Its ``Nats-Msg-Id`` of
+        provider + reference + status absorbs a provider's quick retries; the state machine
+        absorbs everything later."""
+        if event.status not in FINAL_PROVIDER_STATUSES:
+            return "progress"
+        if not self._rt.nats_up:
+            return "unavailable"
+        message = WebhookMessage(
+            provider_id=provider_id,
+            order_id=event.order_id,
+            reference=event.reference,
+            status=event.status,
+            code=event.code,
+            webhook_id=webhook_id,
+        )
+        msg_id = f"wh:{provider_id}:{event.reference}:{event.status}"
+        try:
+            ack = await self._rt.js.publish(
+                self._rt.relay.names.subject(bus.WEBHOOK_RECEIVED),
+                msgspec.json.encode(message),
+                headers={"Nats-Msg-Id": msg_id, **bus.trace_headers(trace_id)},
+                timeout=5,
+            )
+        except Exception:  # noqa: BLE001 — any broker failure: the provider retries later
+            return "unavailable"
+        return "duplicate" if ack.duplicate else "accepted"
 
     # --- create ---------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """Provider webhook intake: ``POST /webhooks/{provider_id}``.
 
 Verified before anything touches state (Standard Webhooks HMAC over the raw bytes, ±5 min,
-several secrets for rotation), then handed to the orchestrator on JetStream and acknowledged.
-The ``Nats-Msg-Id`` of provider + reference + status absorbs a provider's quick retries;
-the state machine absorbs everything later. Malformed input is always a 4xx, never a 500.
+several secrets for rotation), then handed to the orchestrator on JetStream by the application
+service (:meth:`gateway.service.WithdrawalService.accept_webhook`) and acknowledged. Malformed
+input is always a 4xx, never a 500.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import msgspec
 from litestar import Request, Response, post
 from litestar.params import FromPath
 
-from contracts.messages import WebhookMessage
-from contracts.provider import FINAL_PROVIDER_STATUSES, ProviderWebhook
+from contracts.provider import ProviderWebhook
 from contracts.webhooks import SignatureError, verify
-from gateway.api import trace_id_of
+from gateway.api import service_of, trace_id_of
 from gateway.http import ApiProblem, json_response, read_body
 from gateway.runtime import Runtime
-from orchestrator import bus
+from gateway.service import WebhookReceipt
 from orchestrator import metrics as m
 
 MAX_WEBHOOK_BODY = 65536
@@ -31,6 +30,15 @@ _STATUS_OF_REASON = {
     "stale_timestamp": 400,
     "bad_signature": 400,
     "invalid_signature": 401,
+}
+
+
+# How each fate of a verified webhook is answered; the provider retries a 503.
+_RECEIPTS: dict[WebhookReceipt, tuple[int, str]] = {
+    "progress": (200, "not an outcome; timers keep running"),
+    "accepted": (200, "accepted"),
+    "duplicate": (200, "already received"),
+    "unavailable": (503, "try again later"),
 }
 
 
@@ -71,28 +79,11 @@ async def receive_webhook(
         return _answer(provider_id, "invalid_body", 422, f"body does not match the schema: {exc}")
     except (msgspec.DecodeError, UnicodeDecodeError):
         return _answer(provider_id, "invalid_body", 400, "body is not valid UTF-8 JSON")
-    if event.status not in FINAL_PROVIDER_STATUSES:
-        return _answer(provider_id, "progress", 200, "not an outcome; timers keep running")
-    if not rt.nats_up:
-        return _answer(provider_id, "unavailable", 503, "try again later")
-    message = WebhookMessage(
-        provider_id=provider_id,
-        order_id=event.order_id,
-        reference=event.reference,
-        status=event.status,
-        code=event.code,
+    receipt = await service_of(request).accept_webhook(
+        provider_id,
+        event,
         webhook_id=headers.get("webhook-id", ""),
+        trace_id=trace_id_of(request),
     )
-    msg_id = f"wh:{provider_id}:{event.reference}:{event.status}"
-    try:
-        ack = await rt.js.publish(
-            rt.relay.names.subject(bus.WEBHOOK_RECEIVED),
-            msgspec.json.encode(message),
-            headers={"Nats-Msg-Id": msg_id, **bus.trace_headers(trace_id_of(request))},
-            timeout=5,
-        )
-    except Exception:  # noqa: BLE001 — any broker failure: the provider retries later
-        return _answer(provider_id, "unavailable", 503, "try again later")
-    if ack.duplicate:
-        return _answer(provider_id, "duplicate", 200, "already received")
-    return _answer(provider_id, "accepted", 200, "accepted")
+    status, message = _RECEIPTS[receipt]
+    return _answer(provider_id, receipt, status, message)
