@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterable
 
 from orchestrator import store
+from orchestrator.store import sweeps
 
 log = logging.getLogger("cascade.deferred")
 
@@ -83,16 +84,9 @@ class DeferredWrites:
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 if published:
-                    await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", published)
+                    await sweeps.delete_outbox(conn, published)
                 if acked:
-                    await conn.execute(
-                        "UPDATE notifications n SET acked_at = now(), attempts = n.attempts + 1"
-                        " FROM unnest($1::text[], $2::text[]) AS a(withdrawal_id, status)"
-                        " WHERE n.withdrawal_id = a.withdrawal_id AND n.status = a.status"
-                        " AND n.acked_at IS NULL",
-                        [w for w, _ in acked],
-                        [s for _, s in acked],
-                    )
+                    await sweeps.notifications_acked(conn, acked)
         except BaseException:
             self._published[:0] = published
             self._acked[:0] = acked

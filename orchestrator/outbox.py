@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from nats.js import JetStreamContext
 
 from orchestrator import store
 from orchestrator.bus import Names
 from orchestrator.deferred import DeferredWrites
+from orchestrator.store import sweeps
 
 log = logging.getLogger("cascade.outbox")
 
@@ -41,25 +42,23 @@ class OutboxRelay:
         Failures are left for the relay."""
         if not messages or self.js is None:
             return
-        done = await self._publish(
-            [(m.id, m.subject, m.payload, m.headers) for m in sorted(messages, key=_by_id)]
-        )
+        done = await self._publish(sorted(messages, key=_by_id))
         if done:
             self.deferred.outbox_published(done)
 
-    async def _publish(
-        self, rows: Sequence[tuple[int, str, bytes, Mapping[str, str]]]
-    ) -> list[int]:
+    async def _publish(self, messages: Sequence[store.OutboxMessage]) -> list[int]:
         assert self.js is not None
         done: list[int] = []
-        for ident, subject, payload, stored_headers in rows:
-            headers = {"Nats-Msg-Id": f"ob-{ident}", **stored_headers}
+        for message in messages:
+            headers = {"Nats-Msg-Id": f"ob-{message.id}", **message.headers}
             try:
-                await self.js.publish(subject, bytes(payload), headers=headers, timeout=5)
+                await self.js.publish(message.subject, message.payload, headers=headers, timeout=5)
             except Exception as exc:  # noqa: BLE001 — the relay retries every failure
-                log.warning("outbox publish failed", extra={"subject": subject, "error": repr(exc)})
+                log.warning(
+                    "outbox publish failed", extra={"subject": message.subject, "error": repr(exc)}
+                )
                 break  # keep order: later rows wait for this one
-            done.append(ident)
+            done.append(message.id)
         return done
 
     async def purge(self, subject: str) -> None:
@@ -76,18 +75,12 @@ class OutboxRelay:
         if self.js is None:
             return 0
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT id, subject, payload, headers FROM outbox"
-                " WHERE created_at < now() - make_interval(secs => $1)"
-                " ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-                older_than_seconds,
-                limit,
+            rows = await sweeps.unpublished_outbox(
+                conn, older_than_seconds=older_than_seconds, limit=limit
             )
-            done = await self._publish(
-                [(r["id"], r["subject"], r["payload"], r["headers"]) for r in rows]
-            )
+            done = await self._publish(rows)
             if done:
-                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+                await sweeps.delete_outbox(conn, done)
         return len(done)
 
     async def run(self, interval: float = 1.0) -> None:

@@ -31,8 +31,9 @@ from contracts.messages import DeadLetter, TaskMessage, WebhookMessage
 from orchestrator import bus
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore
-from orchestrator.domain import IllegalTransition, TimerKind
+from orchestrator.domain import FINAL_TASK_STATES, IllegalTransition, TaskState, TimerKind
 from orchestrator.engine import Engine, TimerDue
+from orchestrator.store import sweeps
 
 log = logging.getLogger("cascade.worker")
 
@@ -44,6 +45,13 @@ _TIMER_KINDS: dict[str, TimerKind] = {
     bus.STATUS_TICK: "status_tick",
     bus.STATUS_TIMEOUT: "status_timeout",
 }
+# The states the gauges report, 0 when no task is in one. NEGATIVE_EVAL is not among them: a
+# task passes through it to SKIPPED within one transaction.
+_WAITING_STATES = [
+    state
+    for state in TaskState
+    if state not in FINAL_TASK_STATES and state != TaskState.NEGATIVE_EVAL
+]
 
 # The retry policy. An error named here is one no retry can fix: its message goes to the DLQ on
 # its first delivery, with this reason. Any other error is retried after bus.BACKOFF[n]
@@ -303,61 +311,39 @@ class Worker:
         """Gauges read from the record and the broker: DLQ size, tasks waiting per state."""
         m.dlq_size.set(await bus.dlq_size(self.js, self.names))
         async with self.engine.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT state, count(*) AS n,"
-                " extract(epoch FROM now() - min(state_entered_at)) AS oldest"
-                " FROM order_tasks WHERE state NOT IN ('SUCCEEDED', 'SKIPPED', 'FAILED',"
-                " 'CANCELLED') GROUP BY state"
-            )
-        seen = {row["state"]: row for row in rows}
-        for state in ("PENDING", "CREATING", "EXECUTING", "RECHECKING", "MANUAL_CHECK"):
-            row = seen.get(state)
-            m.tasks_in_state.labels(state=state).set(row["n"] if row else 0)
-            m.task_oldest_in_state.labels(state=state).set(float(row["oldest"]) if row else 0)
+            waiting = {row.state: row for row in await sweeps.tasks_per_state(conn)}
+        for state in _WAITING_STATES:
+            row = waiting.get(state)
+            m.tasks_in_state.labels(state=state).set(row.count if row else 0)
+            m.task_oldest_in_state.labels(state=state).set(row.oldest_seconds if row else 0)
 
     async def sweep_once(self) -> int:
         """Fire overdue timers and restart stranded tasks; returns how many were re-armed."""
         now = datetime.now(UTC)
-        fired = 0
         async with self.engine.pool.acquire() as conn:
-            overdue = await conn.fetch(
-                "SELECT task_id, queue_id, timer_kind, timer_attempt, timer_due_at"
-                " FROM order_tasks WHERE timer_due_at < $1 ORDER BY timer_due_at LIMIT 500",
-                now - timedelta(seconds=self.timer_grace),
+            overdue = await sweeps.overdue_timers(conn, now - timedelta(seconds=self.timer_grace))
+            stranded = await sweeps.stranded_tasks(
+                conn, now - timedelta(seconds=self.stranded_after)
             )
-            stranded = await conn.fetch(
-                "SELECT t.task_id, t.queue_id FROM order_tasks t"
-                " JOIN order_queues q ON q.queue_id = t.queue_id"
-                " WHERE q.state = 'ACTIVE' AND t.state IN ('PENDING', 'CREATING')"
-                " AND t.updated_at < $1 AND NOT EXISTS (SELECT 1 FROM order_tasks e"
-                "  WHERE e.queue_id = t.queue_id AND e.position < t.position"
-                "  AND e.state NOT IN ('SUCCEEDED', 'SKIPPED', 'FAILED', 'CANCELLED'))"
-                " LIMIT 500",
-                now - timedelta(seconds=self.stranded_after),
-            )
-        for row in overdue:
-            target = bus.TIMER_TARGETS[row["timer_kind"]]
+        for timer in overdue:
             payload = msgspec.json.encode(
-                TaskMessage(
-                    task_id=row["task_id"], queue_id=row["queue_id"], attempt=row["timer_attempt"]
-                )
+                TaskMessage(task_id=timer.task_id, queue_id=timer.queue_id, attempt=timer.attempt)
             )
-            msg_id = f"sweep-{row['task_id'].hex}-{row['timer_kind']}-{row['timer_attempt']}"
+            msg_id = f"sweep-{timer.task_id.hex}-{timer.kind}-{timer.attempt}"
             await self.js.publish(
-                self.names.subject(target), payload, headers={"Nats-Msg-Id": msg_id}
+                self.names.subject(bus.TIMER_TARGETS[timer.kind]),
+                payload,
+                headers={"Nats-Msg-Id": msg_id},
             )
-            fired += 1
-        for row in stranded:
-            payload = msgspec.json.encode(
-                TaskMessage(task_id=row["task_id"], queue_id=row["queue_id"])
-            )
-            minute = now.strftime("%Y%m%d%H%M")
+        minute = now.strftime("%Y%m%d%H%M")
+        for task in stranded:
+            payload = msgspec.json.encode(TaskMessage(task_id=task.task_id, queue_id=task.queue_id))
             await self.js.publish(
                 self.names.subject(bus.TASK_START),
                 payload,
-                headers={"Nats-Msg-Id": f"restart-{row['task_id'].hex}-{minute}"},
+                headers={"Nats-Msg-Id": f"restart-{task.task_id.hex}-{minute}"},
             )
-            fired += 1
+        fired = len(overdue) + len(stranded)
         if fired:
             log.info(
                 "sweeper re-armed work", extra={"timers": len(overdue), "stranded": len(stranded)}
@@ -368,34 +354,21 @@ class Worker:
         """Retry notifications that were not acknowledged yet (exponential backoff, no limit)."""
         sent = 0
         async with self.engine.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT withdrawal_id, status, body, attempts FROM notifications"
-                " WHERE acked_at IS NULL AND next_attempt_at <= now()"
-                " ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED"
-            )
-            for row in rows:
+            for due in await sweeps.due_notifications(conn):
                 try:
-                    await self.core.notify(row["withdrawal_id"], row["status"], bytes(row["body"]))
+                    await self.core.notify(due.withdrawal_id, due.status, due.body)
                 except Exception as exc:  # noqa: BLE001 — retried with backoff below
                     m.core_notifications.labels(result="error").inc()
-                    delay = min(3600.0, 2.0 ** min(row["attempts"] + 1, 12))
-                    await conn.execute(
-                        "UPDATE notifications SET attempts = attempts + 1, last_error = $3,"
-                        " next_attempt_at = now() + make_interval(secs => $4)"
-                        " WHERE withdrawal_id = $1 AND status = $2",
-                        row["withdrawal_id"],
-                        row["status"],
-                        repr(exc)[:500],
-                        delay,
+                    await sweeps.notification_failed(
+                        conn,
+                        due.withdrawal_id,
+                        due.status,
+                        error=repr(exc)[:500],
+                        retry_in=min(3600.0, 2.0 ** min(due.attempts + 1, 12)),
                     )
                     continue
                 m.core_notifications.labels(result="acked").inc()
-                await conn.execute(
-                    "UPDATE notifications SET attempts = attempts + 1, acked_at = now()"
-                    " WHERE withdrawal_id = $1 AND status = $2",
-                    row["withdrawal_id"],
-                    row["status"],
-                )
+                await sweeps.notification_acked(conn, due.withdrawal_id, due.status)
                 sent += 1
         return sent
 
