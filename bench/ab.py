@@ -1,7 +1,7 @@
 """A/B: the cascade benchmark on an earlier commit and on this checkout, in one run.
 
 ``python -m bench.ab BASE`` (``make bench-ab BASE=<commit>``) checks ``BASE`` out in a git
-worktree under ``bench/results/`` (and ``--head COMMIT``, if given, in another; otherwise the
+worktree in a temporary directory (and ``--head COMMIT``, if given, in another; otherwise the
 head side is this checkout as it is), then runs ``python -m bench cascade`` ``--pairs`` times
 for each side, alternately (base, head, base, ...), with this environment's interpreter
 and the side's own code first on ``PYTHONPATH`` (the child processes it starts inherit it). So
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     base = _git("rev-parse", "--verify", f"{args.base}^{{commit}}")
     head = _git("rev-parse", "--verify", f"{args.head or 'HEAD'}^{{commit}}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=RESULTS, prefix="ab-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cascade-ab-") as tmp:
         sides = {"base": Path(tmp) / "base", "head": Path(tmp) / "head" if args.head else ROOT}
         for side, commit in (("base", base), ("head", head)):
             if sides[side] != ROOT:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 
 from contracts.legacy import WithdrawalView, decode_metadata, encode_withdrawal
-from contracts.messages import TaskMessage, WebhookMessage
+from contracts.messages import StartSeen, TaskMessage, WebhookMessage
 from contracts.provider import CreateOrder, ProviderDestination
 from contracts.providers_file import ProviderConfig
 from orchestrator import bus, store
@@ -165,9 +165,52 @@ class Engine:
     # --- entry points ------------------------------------------------------------------
 
     async def start_task(
-        self, queue_id: uuid.UUID, task_id: uuid.UUID, *, actor: str, trace_id: str | None = None
+        self,
+        queue_id: uuid.UUID,
+        task_id: uuid.UUID,
+        *,
+        actor: str,
+        trace_id: str | None = None,
+        seen: StartSeen | None = None,
     ) -> None:
-        await self._drive(queue_id, task_id, Start(), actor=actor, trace_id=trace_id)
+        """Start a task; ``seen``: the versions its start was decided on when published."""
+        event = Start()
+        if seen is not None and await self._start_seen(queue_id, task_id, seen, actor, trace_id):
+            event = Start(resume=False)  # CREATING is committed: now the calls, locked
+        await self._drive(queue_id, task_id, event, actor=actor, trace_id=trace_id)
+
+    async def _start_seen(
+        self,
+        queue_id: uuid.UUID,
+        task_id: uuid.UUID,
+        seen: StartSeen,
+        actor: str,
+        trace_id: str | None,
+    ) -> bool:
+        """PENDING → CREATING in one statement, without a transaction or a read, when the
+        start was published with the versions decide() approved a plain start on (see
+        :meth:`start_message`) and both still hold; False: the locked path decides as usual.
+        Performance shortcut: see README, *Architecture* (the A/B figures)."""
+        now = self.clock()
+        started = await self.record.start_pending(
+            queue_id=queue_id,
+            queue_version=seen.queue_version,
+            task_id=task_id,
+            task_version=seen.task_version,
+            actor=actor,
+            trace_id=trace_id,
+            now=now,
+        )
+        if started is None:
+            return False
+        if started.pending_since is not None:
+            m.task_time_in_state.labels(
+                state=TaskState.PENDING.value, provider=started.provider_id
+            ).observe((now - started.pending_since).total_seconds())
+        # Numbered as a transaction of its own, as the crash tests count them.
+        fault_point("after_state_write")
+        fault_point("after_publish")
+        return True
 
     async def timer_fired(self, msg: TaskMessage, kind: TimerKind, trace_id: str | None) -> None:
         event = TimerFired(kind=kind, attempt=msg.attempt)
@@ -253,14 +296,16 @@ class Engine:
     def start_message(
         self, queue: OrderQueue, task: OrderTask, trace_id: str | None = None
     ) -> store.NewMessage:
-        """The outbox message that starts ``task`` (deduplicated per task by the broker)."""
-        payload = msgspec.json.encode(TaskMessage(task_id=task.task_id, queue_id=queue.queue_id))
+        """The outbox message that starts ``task`` (deduplicated per task by the broker), with
+        the versions of ``queue`` and ``task`` when starting it is a plain PENDING → CREATING
+        (the worker then writes it without a read, if nothing changed in between)."""
+        seen = None
+        if plain_start(queue, task, self.configs.get(task.provider_id)):
+            seen = StartSeen(queue_version=queue.version, task_version=task.version)
+        start = TaskMessage(task_id=task.task_id, queue_id=queue.queue_id, seen=seen)
+        payload = msgspec.json.encode(start)
         headers = {"Nats-Msg-Id": f"start-{task.task_id.hex}", **bus.trace_headers(trace_id)}
         return store.NewMessage(self.names.subject(bus.TASK_START), payload, headers)
-
-    def starts_plainly(self, queue: OrderQueue, task: OrderTask) -> bool:
-        """Whether starting ``task`` is a plain PENDING → CREATING (:func:`plain_start`)."""
-        return plain_start(queue, task, self.configs.get(task.provider_id))
 
     # --- the loop ----------------------------------------------------------------------
 

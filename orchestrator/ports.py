@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from orchestrator.domain import OrderQueue, Transition
-from orchestrator.store import Loaded, NewMessage, Notification
+from orchestrator.store import Loaded, NewMessage, Notification, Started
 
 Clock = Callable[[], datetime]
 
@@ -64,6 +64,21 @@ class EngineStore(Protocol):
         self, provider_id: str, order_id: str, reference: str, status: str
     ) -> tuple[uuid.UUID, uuid.UUID] | str:
         """The (queue_id, task_id) a webhook applies to, or why none (recorded for support)."""
+        ...
+
+    async def start_pending(
+        self,
+        *,
+        queue_id: uuid.UUID,
+        queue_version: int,
+        task_id: uuid.UUID,
+        task_version: int,
+        actor: str,
+        trace_id: str | None,
+        now: datetime,
+    ) -> Started | None:
+        """PENDING → CREATING without a read, if the queue and the task are still at the
+        versions given (one statement that takes the queue row lock itself); None otherwise."""
         ...
 
     async def queue_of_task(self, task_id: uuid.UUID) -> uuid.UUID | None: ...

@@ -449,6 +449,60 @@ def _queue_record(row: asyncpg.Record, tasks: Sequence[OrderTask]) -> QueueRecor
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A task :func:`start_pending` moved to CREATING: its provider and when it had entered
+    PENDING (for the time-in-state metric)."""
+
+    provider_id: str
+    pending_since: datetime | None
+
+
+async def start_pending(
+    conn: Connection,
+    *,
+    queue_id: uuid.UUID,
+    queue_version: int,
+    task_id: uuid.UUID,
+    task_version: int,
+    event: str,
+    actor: str,
+    trace_id: str | None,
+    now: datetime,
+) -> Started | None:
+    """PENDING → CREATING as one autocommit statement, if nothing changed since the versions
+    given: the queue still ACTIVE at ``queue_version`` (a cancel or stop request, or a final
+    state, bumps it) and the task still PENDING at ``task_version``. The statement takes the
+    queue row lock itself, so it is ordered with every locked handler exactly as a transaction
+    holding the lock would be. None: something changed, nothing was written."""
+    row = await conn.fetchrow(
+        "WITH q AS (SELECT queue_id, withdrawal_id FROM order_queues WHERE queue_id = $1"  # noqa: S608 — fixed fragments only
+        " AND version = $2 AND state = 'ACTIVE' FOR UPDATE),"
+        " before AS (SELECT provider_id, state_entered_at FROM order_tasks WHERE task_id = $3),"
+        " t AS (UPDATE order_tasks SET state = 'CREATING', updated_at = $5,"
+        " version = version + 1, state_entered_at = $5, timer_kind = NULL,"
+        " timer_attempt = NULL, timer_due_at = NULL"
+        " WHERE task_id = $3 AND version = $4 AND state = 'PENDING'"
+        " AND EXISTS (SELECT 1 FROM q) RETURNING queue_id),"
+        " u AS (UPDATE order_queues SET updated_at = $5"
+        " WHERE queue_id IN (SELECT queue_id FROM t)),"
+        f" e AS ({_AUDIT_INSERT} SELECT t.queue_id, $3, q.withdrawal_id, 'PENDING', 'CREATING',"
+        " $6::text, $7::text, $8::text, '{}'::jsonb, $5 FROM t, q RETURNING 1)"
+        " SELECT provider_id, state_entered_at FROM before WHERE EXISTS (SELECT 1 FROM e)",
+        queue_id,
+        queue_version,
+        task_id,
+        task_version,
+        now,
+        event,
+        actor,
+        trace_id,
+    )
+    if row is None:
+        return None
+    return Started(provider_id=row["provider_id"], pending_since=row["state_entered_at"])
+
+
 async def match_webhook(
     conn: Connection,
     provider_id: str,

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from orchestrator import store
-from orchestrator.domain import OrderQueue, QueueChange, TaskChange, Transition
+from orchestrator.domain import START_EVENT, OrderQueue, QueueChange, TaskChange, Transition
 from orchestrator.faults import fault_point
 
 if TYPE_CHECKING:
@@ -200,6 +200,30 @@ class PostgresEngineStore:
     ) -> tuple[uuid.UUID, uuid.UUID] | str:
         async with self._pool.acquire() as conn:
             return await store.match_webhook(conn, provider_id, order_id, reference, status)
+
+    async def start_pending(
+        self,
+        *,
+        queue_id: uuid.UUID,
+        queue_version: int,
+        task_id: uuid.UUID,
+        task_version: int,
+        actor: str,
+        trace_id: str | None,
+        now: datetime,
+    ) -> store.Started | None:
+        async with self._pool.acquire() as conn:
+            return await store.start_pending(
+                conn,
+                queue_id=queue_id,
+                queue_version=queue_version,
+                task_id=task_id,
+                task_version=task_version,
+                event=START_EVENT,
+                actor=actor,
+                trace_id=trace_id,
+                now=now,
+            )
 
     async def queue_of_task(self, task_id: uuid.UUID) -> uuid.UUID | None:
         async with self._pool.acquire() as conn:
