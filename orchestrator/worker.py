@@ -282,6 +282,7 @@ class Worker:
                     start.task_id,
                     actor="worker",
                     trace_id=trace_id,
+                    seen=start.seen,
                 )
             case TaskMessage() as timer:
                 await self.engine.timer_fired(timer, _TIMER_KINDS[subject], trace_id)
