@@ -19,7 +19,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -28,6 +28,7 @@ import msgspec
 from contracts.provider import ProviderStatus
 from orchestrator import bus
 from tests.conftest import ROOT, Stack, new_id, withdrawal_body
+from tests.waiting import wait_until
 
 _T = TypeVar("_T")
 FINAL_TASK_STATES = frozenset({"SUCCEEDED", "SKIPPED", "FAILED", "CANCELLED"})
@@ -37,31 +38,13 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("cascade-gateway")
 # --- waiting ---------------------------------------------------------------------------------
 
 
-async def wait_until(
-    probe: Callable[[], Awaitable[_T | None]],
-    what: str,
-    timeout: float = 15.0,
-    interval: float = 0.05,
-) -> _T:
-    """Await ``probe()`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 async def wait_connected(stack: Stack, timeout: float = 15.0) -> None:
     """Until the stack's NATS client is connected again (after a server restart)."""
 
     async def connected() -> bool:
         return bool(stack.runtime.nc.is_connected)
 
-    await wait_until(connected, "the NATS client to reconnect", timeout)
+    await wait_until(connected, timeout=timeout, what="the NATS client to reconnect")
 
 
 # --- the worker as a process -------------------------------------------------------------------
@@ -138,7 +121,7 @@ class WorkerProcess:
             return self.popen.poll() is not None
 
         try:
-            await wait_until(ended, f"worker {self.pid} to exit", timeout)
+            await wait_until(ended, timeout=timeout, what=f"worker {self.pid} to exit")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; log tail:\n{self.log_tail()}") from None
         code = self.popen.returncode
@@ -262,7 +245,9 @@ async def wait_task_state(
         task = (await tasks_of(stack, withdrawal_id))[position]
         return task if task["state"] == state else None
 
-    return await wait_until(probe, f"{withdrawal_id} task {position} in {state}", timeout)
+    return await wait_until(
+        probe, timeout=timeout, what=f"{withdrawal_id} task {position} in {state}"
+    )
 
 
 async def task_events(stack: Stack, task_id: uuid.UUID) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,10 +44,10 @@ from tests.faultkit import (
     transitions,
     wait_connected,
     wait_task_state,
-    wait_until,
     webhook_message,
 )
 from tests.integration.test_webhook_intake import wait_consumed
+from tests.waiting import wait_until
 
 OPS = {"Authorization": "Bearer ops-token", "X-Operator": "alice"}
 SILENT = "sbx_silent"
@@ -58,7 +59,7 @@ FLAKY = "sbx_flaky"
 def providers(
     *,
     sla: float | None,
-    polling: dict[str, float] | None = None,
+    polling: Mapping[str, float] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Test-speed providers; ``sbx_silent`` (and ``sbx_flaky``) wait as told."""
@@ -139,7 +140,9 @@ async def test_pending_timers_fire_after_a_nats_restart(
         try:
             await asyncio.to_thread(services.nats.stop if how == "stop" else services.nats.kill)
             # Down until after the due time (schedules have whole-second resolution).
-            await wait_until(lambda: clock_past(due + timedelta(seconds=1.5)), "the due time")
+            await wait_until(
+                lambda: clock_past(due + timedelta(seconds=1.5)), timeout=15, what="the due time"
+            )
         finally:
             # The session's nats-server is every later test's too: always bring it back.
             with contextlib.suppress(EmbeddedServiceError):
@@ -269,7 +272,7 @@ async def test_core_faults_hold_tasks_until_balance_calls_succeed(
             started = all(t["state"] == "CREATING" for t in firsts)
             return started and seen >= errors + 2 * 5  # five messages, each failed twice
 
-        await wait_until(retried, "every message to fail twice", timeout=20)
+        await wait_until(retried, timeout=20, what="every message to fail twice")
         ledger = (await stack.ledger())["operations"]
         for wid in expected:
             assert (await stack.withdrawal(wid))["status"] == "processing"
@@ -407,7 +410,7 @@ async def _deadline_armed(stack: Stack, wid: str) -> dict[str, Any]:
         row = (await tasks_of(stack, wid))[0]
         return row if row["timer_kind"] == "status_timeout" else None
 
-    return await wait_until(probe, f"{wid}'s polling deadline to be armed")
+    return await wait_until(probe, timeout=15, what=f"{wid}'s polling deadline to be armed")
 
 
 async def delivered(stack: Stack, subject: str) -> int:
@@ -448,7 +451,9 @@ async def test_the_polling_deadline_moves_a_pending_order_to_manual_check_once(
             1,
         )
         await wait_until(
-            lambda: _has_schedule(stack, task_id, "status_timeout"), "the deadline's schedule"
+            lambda: _has_schedule(stack, task_id, "status_timeout"),
+            timeout=15,
+            what="the deadline's schedule",
         )
         assert await schedules(stack, task_id, "status_tick") == 0
 
@@ -520,7 +525,9 @@ async def test_a_lost_polling_deadline_is_fired_by_the_sweeper(make_stack: Stack
     task_id = armed["task_id"]
     names = stack.runtime.relay.names
     subject = names.schedule_subject(task_id, "status_timeout")
-    await wait_until(lambda: _has_schedule(stack, task_id, "status_timeout"), "the schedule")
+    await wait_until(
+        lambda: _has_schedule(stack, task_id, "status_timeout"), timeout=15, what="the schedule"
+    )
     await stack.runtime.js.purge_stream(names.stream, subject=subject)
     assert await schedules(stack, task_id, "status_timeout") == 0
     lost = (await tasks_of(stack, wid))[0]
@@ -754,7 +761,7 @@ async def test_a_failing_message_is_dead_lettered_and_replayed_after_the_fix(
     async def dead(n: int) -> bool:
         return await bus.dlq_size(stack.runtime.js, names) == n
 
-    await wait_until(lambda: dead(2), "two dead letters", timeout=30)
+    await wait_until(lambda: dead(2), timeout=30, what="two dead letters")
     await wait_consumed(stack)
     held = (await tasks_of(stack, wid))[0]
     assert (held["state"], held["freeze_state"]) == ("EXECUTING", "frozen")
@@ -763,7 +770,7 @@ async def test_a_failing_message_is_dead_lettered_and_replayed_after_the_fix(
     async def gauge(n: float) -> bool:
         return await metric_sum(stack, "dlq_size") == n
 
-    await wait_until(lambda: gauge(2.0), "dlq_size to show 2", timeout=15)
+    await wait_until(lambda: gauge(2.0), timeout=15, what="dlq_size to show 2")
 
     status, out, err = await run_cli(stack, "dlq", "list")
     assert status == 0, err
@@ -787,7 +794,7 @@ async def test_a_failing_message_is_dead_lettered_and_replayed_after_the_fix(
     assert "replayed 2 message(s)" in out
     final = await stack.wait_final(wid)
     assert final["status"] == "succeeded"
-    await wait_until(lambda: dead(1), "the garbage back on the DLQ", timeout=30)
+    await wait_until(lambda: dead(1), timeout=30, what="the garbage back on the DLQ")
     await wait_consumed(stack)
     await assert_settled(stack, {wid: "succeeded"})
 

@@ -22,7 +22,8 @@ from orchestrator import store
 from orchestrator.domain import OrderTask, QueueState, request_cancel
 from orchestrator.store.uow import PostgresUnitOfWork
 from tests.conftest import Stack, StackFactory
-from tests.faultkit import create_withdrawal, task_events, tasks_of, wait_until
+from tests.faultkit import create_withdrawal, task_events, tasks_of
+from tests.waiting import wait_until
 
 Loader = Callable[[store.Connection, uuid.UUID], Awaitable[tuple[str | None, ...]]]
 
@@ -76,7 +77,9 @@ async def test_a_locking_load_that_waited_sees_the_holders_commit(
             queue_id,
         )
         waiting = asyncio.create_task(waiter())
-        await wait_until(lambda: _waiting_on_a_lock(stack), "the loader blocked on the lock")
+        await wait_until(
+            lambda: _waiting_on_a_lock(stack), timeout=15, what="the loader blocked on the lock"
+        )
         assert not waiting.done()
         await transaction.commit()
     assert await waiting == ("written_by_holder", "written_by_holder")
