@@ -851,12 +851,18 @@ def decide_in_queue(
 
 
 def _unknown_provider(task: OrderTask, event: Event) -> Step:
+    """A task whose provider is not in the providers file (any more): skipped if it has not
+    started; support's decision on its manual check still applies (deciding needs no provider
+    setting); anything else waits for the provider to be configured again."""
     if task.state == T.PENDING and isinstance(event, Start):
         return Step(
             event="provider.unknown",
             to=T.SKIPPED,
             changes=Changes(outcome="provider_error", provider_code="unknown_provider"),
         )
+    if isinstance(event, Resolve) and not task.final:
+        step = _decide_resolve(task, event.positive, event.reason, event.actor)
+        return step if step.ignored else dataclasses.replace(step, details=event_details(event))
     return ignore(type(event).__name__, "provider not configured")
 
 

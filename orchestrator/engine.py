@@ -200,6 +200,9 @@ class Engine:
             actor=actor,
             trace_id=trace_id,
             now=now,
+            # A provider this worker cannot call (a providers file that differs during a
+            # deploy) takes the locked path, which skips it instead of creating nothing.
+            providers=list(self.configs),
         )
         if started is None:
             return False

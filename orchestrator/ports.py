@@ -76,9 +76,11 @@ class EngineStore(Protocol):
         actor: str,
         trace_id: str | None,
         now: datetime,
+        providers: Sequence[str],
     ) -> Started | None:
         """PENDING → CREATING without a read, if the queue and the task are still at the
-        versions given (one statement that takes the queue row lock itself); None otherwise."""
+        versions given and the task's provider is one of ``providers`` (one statement that
+        takes the queue row lock itself); None otherwise."""
         ...
 
     async def queue_of_task(self, task_id: uuid.UUID) -> uuid.UUID | None: ...

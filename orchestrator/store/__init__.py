@@ -469,12 +469,14 @@ async def start_pending(
     actor: str,
     trace_id: str | None,
     now: datetime,
+    providers: Sequence[str],
 ) -> Started | None:
     """PENDING → CREATING as one autocommit statement, if nothing changed since the versions
     given: the queue still ACTIVE at ``queue_version`` (a cancel or stop request, or a final
-    state, bumps it) and the task still PENDING at ``task_version``. The statement takes the
-    queue row lock itself, so it is ordered with every locked handler exactly as a transaction
-    holding the lock would be. None: something changed, nothing was written."""
+    state, bumps it) and the task still PENDING at ``task_version``, its provider one of
+    ``providers`` (those the caller can call). The statement takes the queue row lock itself,
+    so it is ordered with every locked handler exactly as a transaction holding the lock would
+    be. None: something changed, nothing was written."""
     row = await conn.fetchrow(
         "WITH q AS (SELECT queue_id, withdrawal_id FROM order_queues WHERE queue_id = $1"  # noqa: S608 — fixed fragments only
         " AND version = $2 AND state = 'ACTIVE' FOR UPDATE),"
@@ -483,7 +485,7 @@ async def start_pending(
         " version = version + 1, state_entered_at = $5, timer_kind = NULL,"
         " timer_attempt = NULL, timer_due_at = NULL"
         " WHERE task_id = $3 AND version = $4 AND state = 'PENDING'"
-        " AND EXISTS (SELECT 1 FROM q) RETURNING queue_id),"
+        " AND provider_id = ANY($9::text[]) AND EXISTS (SELECT 1 FROM q) RETURNING queue_id),"
         " u AS (UPDATE order_queues SET updated_at = $5"
         " WHERE queue_id IN (SELECT queue_id FROM t)),"
         f" e AS ({_AUDIT_INSERT} SELECT t.queue_id, $3, q.withdrawal_id, 'PENDING', 'CREATING',"
@@ -497,6 +499,7 @@ async def start_pending(
         event,
         actor,
         trace_id,
+        list(providers),
     )
     if row is None:
         return None

@@ -130,8 +130,10 @@ class PostgresUnitOfWork:
         self._messages.append(message)
 
     def purge(self, subject: str) -> None:
-        """Cancel the timer on ``subject`` once the transaction committed."""
+        """Cancel the timer on ``subject`` once the transaction committed. A timer this
+        transaction armed there earlier is dropped: it was never armed."""
         self._purges.append(subject)
+        self._messages = [m for m in self._messages if m.subject != subject]
 
     async def commit(self) -> None:
         """Write everything collected, commit, hand the connection back, then publish."""
@@ -151,10 +153,9 @@ class PostgresUnitOfWork:
         # The connection is back in the pool first: publishing takes its own, and a handler
         # holding two at once deadlocks a busy pool.
         await self._release()
-        # Purge before publishing, and never a subject this transaction re-armed: the new
-        # timer on that subject must survive.
-        armed = {m.subject for m in self._messages}
-        purges = [s for s in dict.fromkeys(self._purges) if s not in armed]
+        # Purge before publishing: a timer this transaction re-armed on a purged subject (armed
+        # after the purge) survives.
+        purges = list(dict.fromkeys(self._purges))
         if purges:
             await asyncio.gather(*(self._relay.purge(subject) for subject in purges))
         await self._relay.publish_now(outbox)
@@ -211,6 +212,7 @@ class PostgresEngineStore:
         actor: str,
         trace_id: str | None,
         now: datetime,
+        providers: Sequence[str],
     ) -> store.Started | None:
         async with self._pool.acquire() as conn:
             return await store.start_pending(
@@ -223,6 +225,7 @@ class PostgresEngineStore:
                 actor=actor,
                 trace_id=trace_id,
                 now=now,
+                providers=providers,
             )
 
     async def queue_of_task(self, task_id: uuid.UUID) -> uuid.UUID | None:

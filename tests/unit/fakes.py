@@ -301,11 +301,13 @@ class FakeEngineStore:
         actor: str,
         trace_id: str | None,
         now: datetime,
+        providers: Sequence[str],
     ) -> store.Started | None:
         """As ``orchestrator.store.start_pending``: PENDING → CREATING in one autocommit
         statement that takes the queue row lock, if the queue is still ACTIVE at
-        ``queue_version`` and the task still PENDING at ``task_version``; else nothing. A
-        failure :meth:`fail_commit` scheduled hits it only when it would write."""
+        ``queue_version``, the task still PENDING at ``task_version`` and its provider one of
+        ``providers``; else nothing. A failure :meth:`fail_commit` scheduled hits it only when
+        it would write."""
         loaded = self._withdrawals.get(queue_id)
         if loaded is None:
             return None
@@ -318,6 +320,7 @@ class FakeEngineStore:
             task is None
             or (queue.state, queue.version) != (QueueState.ACTIVE, queue_version)
             or (task.state, task.version) != (TaskState.PENDING, task_version)
+            or task.provider_id not in providers
         ):
             return None
         failure = self._take_commit_failure()
@@ -486,6 +489,9 @@ class FakeUnitOfWork:
     def purge(self, subject: str) -> None:
         self._check_open()
         self._purges.append(subject)
+        # As the real one: a timer armed earlier in this transaction and cancelled now was
+        # never armed.
+        self._messages = [m for m in self._messages if m.subject != subject]
 
     async def commit(self) -> None:
         """Write everything collected, version-checked, or nothing; then purge and publish."""
@@ -507,9 +513,8 @@ class FakeUnitOfWork:
         self._store._write(withdrawals, audit, timers, notifications)
         self._committed = True
         self._store._release(self)
-        # As the real one: purge before publishing, never a subject this transaction re-armed.
-        armed = {m.subject for m in self._messages}
-        purges = [s for s in dict.fromkeys(self._purges) if s not in armed]
+        # As the real one: purge before publishing (a timer re-armed here survives).
+        purges = list(dict.fromkeys(self._purges))
         self._store.purged.extend(purges)
         self._store.published.extend(self._messages)
         self._store.broker.extend([("purge", s) for s in purges])

