@@ -16,7 +16,7 @@ same embedded servers a moment earlier, so a ratio survives a slower or busier m
 * **JetStream pull-consume + ack** — what the worker's consumer loop does per message, with
   no handler work: ``fetch`` in batches, ``ack`` each.
 * **HTTP client** — the orchestrator's balance, provider and notification calls go through
-  ``orchestrator.http.HttpClient`` (aiohttp) as ``gateway/runtime.py`` configures it (200
+  ``orchestrator.http_client.HttpClient`` (aiohttp) as ``gateway/runtime.py`` configures it (200
   connections). ``HTTP_CALLS`` JSON POSTs to the bare Litestar app (``bench/bare_app.py``)
   over ``HTTP_CONCURRENCY`` concurrent calls: requests/s and the client's own CPU per request,
   next to httpx (what the client was before; kept to show why it changed) and
@@ -50,7 +50,7 @@ from nats.js.errors import NotFoundError
 from bench.load import http_post, run_load
 from bench.registry import Report, benchmark
 from bench.stack import HOST, BenchStack
-from orchestrator.http import HttpClient, Timeouts
+from orchestrator.http_client import HttpClient, Timeouts
 
 BASELINE_CONNECTIONS = 16
 HTTP_CALLS = 2000

@@ -28,7 +28,7 @@ from bench.load import LoadResult, http_post, run_load
 from bench.registry import Report, benchmark
 from bench.stack import HOST, NAMESPACE, ROOT, BenchStack
 from contracts.provider import ProviderWebhook
-from contracts.webhooks import sign
+from contracts.signatures import sign
 from orchestrator import bus
 
 PROVIDER = "sbx_ok"

@@ -22,7 +22,7 @@ provider has no such order (proven absent).
 which outcome won); ``404`` unknown; ``501`` when the provider cannot cancel.
 
 Webhooks: ``POST {gateway}/webhooks/{provider_id}`` with a :class:`ProviderWebhook` body signed
-in the Standard Webhooks scheme (:mod:`contracts.webhooks`).
+in the Standard Webhooks scheme (:mod:`contracts.signatures`).
 """
 
 from __future__ import annotations

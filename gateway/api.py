@@ -28,7 +28,7 @@ from contracts.legacy import (
     parse_cancel,
     parse_create_withdrawal,
 )
-from gateway.http import (
+from gateway.protocol import (
     ApiProblem,
     bearer_ok,
     is_json_media_type,

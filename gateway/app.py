@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import api, cohorts, ops, webhooks
-from gateway.http import (
+from gateway.protocol import (
     ApiProblem,
     json_response,
     on_http_exception,
@@ -43,7 +43,7 @@ from gateway.settings import Settings, SettingsError
 from orchestrator.metrics import SECOND_REGISTRY
 
 if TYPE_CHECKING:
-    from sandbox.app import Sandbox
+    from sandbox.routes import Sandbox
 
 log = logging.getLogger("cascade.app")
 
@@ -176,7 +176,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
 def _sandbox(settings: Settings) -> Sandbox:
     """The simulators, imported here and only here: nothing else in the app needs them."""
     try:
-        from sandbox.app import Sandbox, SandboxConfig  # noqa: PLC0415 — dev and test only
+        from sandbox.routes import Sandbox, SandboxConfig  # noqa: PLC0415 — dev and test only
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.partition(".")[0] != "sandbox":
             raise

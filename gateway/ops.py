@@ -19,7 +19,7 @@ from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
 from gateway.api import runtime_of, service_of
-from gateway.http import bearer_ok, json_response, read_body
+from gateway.protocol import bearer_ok, json_response, read_body
 from gateway.service import NotInManualCheck, UnknownTask, UnknownWithdrawal
 from orchestrator.core_client import CoreRefused, CoreUnavailable
 from orchestrator.store.views import ManualCheck

@@ -16,9 +16,9 @@ from gateway.settings import Settings
 from orchestrator import bus, store
 from orchestrator.core_client import HttpCascadeCore
 from orchestrator.engine import Engine
-from orchestrator.http import HttpClient, Timeouts
+from orchestrator.http_client import HttpClient, Timeouts
 from orchestrator.outbox import OutboxRelay
-from orchestrator.providers import HttpProviderAdapter
+from orchestrator.provider_client import HttpProviderAdapter
 from orchestrator.store import probes
 
 log = logging.getLogger("cascade.runtime")

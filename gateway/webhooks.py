@@ -16,9 +16,9 @@ from litestar import Request, Response, post
 from litestar.params import FromPath
 
 from contracts.provider import ProviderWebhook
-from contracts.webhooks import SignatureError, verify
+from contracts.signatures import SignatureError, verify
 from gateway.api import service_of, trace_id_of
-from gateway.http import ApiProblem, json_response, read_body
+from gateway.protocol import ApiProblem, json_response, read_body
 from gateway.runtime import Runtime
 from gateway.service import WebhookReceipt
 from orchestrator import metrics as m

@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from orchestrator.http import HttpClient, Timeouts, TransportFailure
+from orchestrator.http_client import HttpClient, Timeouts, TransportFailure
 
 
 class CoreUnavailable(Exception):

@@ -62,7 +62,7 @@ from orchestrator.domain import (
 from orchestrator.faults import fault_point
 from orchestrator.outbox import OutboxRelay
 from orchestrator.ports import Clock, EngineStore, UnitOfWork
-from orchestrator.providers import ProviderAdapter
+from orchestrator.provider_client import ProviderAdapter
 from orchestrator.store.uow import PostgresEngineStore
 
 log = logging.getLogger("cascade.engine")

@@ -1,5 +1,5 @@
 """The ports the engine talks through, besides cascade-core (:mod:`orchestrator.core_client`)
-and the providers (:mod:`orchestrator.providers`): the record and the clock.
+and the providers (:mod:`orchestrator.provider_client`): the record and the clock.
 
 Each has one real adapter (:mod:`orchestrator.store.uow` on Postgres) and an in-memory fake
 for the engine's unit tests (``tests/unit/fakes.py``).

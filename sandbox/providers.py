@@ -49,8 +49,8 @@ from contracts.provider import (
     ProviderStatus,
     ProviderWebhook,
 )
-from contracts.webhooks import sign
-from orchestrator.http import HttpClient, Timeouts, TransportFailure
+from contracts.signatures import sign
+from orchestrator.http_client import HttpClient, Timeouts, TransportFailure
 from sandbox.core import error_response, json_response
 from sandbox.scenarios import Scenario, draw_attempt
 

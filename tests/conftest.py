@@ -33,7 +33,7 @@ from gateway.runtime import Runtime, open_runtime
 from gateway.serving import server_config
 from gateway.settings import Settings, load_settings
 from orchestrator.worker import Worker
-from sandbox.app import Sandbox
+from sandbox.routes import Sandbox
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

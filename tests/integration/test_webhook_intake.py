@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import gateway.webhooks
 from contracts.provider import ProviderWebhook
-from contracts.webhooks import sign
+from contracts.signatures import sign
 from orchestrator import bus
 from tests.conftest import Stack, StackFactory, new_id, providers_document, withdrawal_body
 from tests.waiting import wait_until

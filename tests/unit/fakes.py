@@ -55,7 +55,7 @@ from orchestrator.domain import (
     Timer,
     Transition,
 )
-from orchestrator.providers import CreateResult, StatusResult
+from orchestrator.provider_client import CreateResult, StatusResult
 
 _A = TypeVar("_A")
 

@@ -18,8 +18,8 @@ from contracts.provider import CreateOrder, ProviderDestination
 from contracts.providers_file import ProviderConfig
 from orchestrator.core_client import CoreUnavailable, HttpCascadeCore
 from orchestrator.domain import Ambiguous
-from orchestrator.http import HttpClient, Timeouts, TransportFailure
-from orchestrator.providers import HttpProviderAdapter
+from orchestrator.http_client import HttpClient, Timeouts, TransportFailure
+from orchestrator.provider_client import HttpProviderAdapter
 from tests.conftest import providers_document
 
 FAST = Timeouts(connect=1.0, read=0.3)

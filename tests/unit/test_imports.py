@@ -172,3 +172,13 @@ def test_no_import_cycles() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "d"}, "e": set()}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """A reader who sees ``providers`` or ``http`` must not have to ask which one."""
+    seen: dict[str, list[str]] = {}
+    for name in _modules((*PRODUCT, "sandbox", "devstack")):
+        *package, module = name.split(".")
+        if package:  # a package's own __init__ is named by the package
+            seen.setdefault(module, []).append(name)
+    assert {m: names for m, names in seen.items() if len(names) > 1} == {}

@@ -19,7 +19,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from contracts.providers_file import load_providers
-from sandbox.app import Sandbox, SandboxConfig
+from sandbox.routes import Sandbox, SandboxConfig
 from sandbox.core import Ledger, LedgerError
 from tests.waiting import wait_until
 

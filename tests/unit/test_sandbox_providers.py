@@ -3,7 +3,7 @@
 The sandbox app and a tiny webhook receiver are both served by uvicorn on free ports inside the
 test's event loop. (Litestar's AsyncTestClient would run the sandbox on a portal thread with its
 own loop, where the sandbox's delayed-webhook tasks could not reach a receiver on this loop.)
-The receiver checks every signature with ``contracts.webhooks.verify``.
+The receiver checks every signature with ``contracts.signatures.verify``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from contracts.provider import ProviderWebhook
 from contracts.providers_file import ProviderConfig, load_providers
-from contracts.webhooks import SignatureError, verify
-from sandbox.app import Sandbox, SandboxConfig
+from contracts.signatures import SignatureError, verify
+from sandbox.routes import Sandbox, SandboxConfig
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ import pytest
 from litestar import Litestar
 
 from contracts.providers_file import ProviderConfig
-from sandbox.app import Sandbox, SandboxConfig
+from sandbox.routes import Sandbox, SandboxConfig
 from sandbox.scenarios import (
     Lognormal,
     Scenario,

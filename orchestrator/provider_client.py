@@ -14,7 +14,7 @@ import msgspec
 from contracts.provider import CreateOrder, ProviderDecline, ProviderOrder
 from contracts.providers_file import ProviderConfig
 from orchestrator.domain import Ambiguous, AnswerSource, Declined, ProviderAnswer
-from orchestrator.http import HttpClient, Timeouts, TransportFailure
+from orchestrator.http_client import HttpClient, Timeouts, TransportFailure
 
 CreateResult = ProviderAnswer | Declined | Ambiguous
 StatusResult = ProviderAnswer | Ambiguous
