@@ -10,8 +10,8 @@ import msgspec
 from litestar import Response, get
 
 from gateway.api import runtime_of
-from gateway.protocol import json_response
 from gateway.ops import AnyRequest, _denied, _error
+from gateway.protocol import json_response
 from gateway.report import ReportError, cohort_report
 
 

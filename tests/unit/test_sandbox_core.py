@@ -19,8 +19,8 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from contracts.providers_file import load_providers
-from sandbox.routes import Sandbox, SandboxConfig
 from sandbox.core import Ledger, LedgerError
+from sandbox.routes import Sandbox, SandboxConfig
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
