@@ -244,7 +244,9 @@ class Ambiguous:
     """The outcome of a call is unknown: the order may or may not exist."""
 
     detail: str
-    source: AnswerSource = "create"
+    # The call that got no answer; no default: a poll's timeout read as a create's would
+    # leave a recheck waiting for ever.
+    source: AnswerSource
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,8 @@ class _Handling:
     fired: TimerKind | None = None
     transitions: list[Transition] = field(default_factory=list)
     finished: list[tuple[str, bytes]] = field(default_factory=list)
+    # The last event decided was ignored.
+    ignored: bool = False
 
 
 class Engine:
@@ -221,21 +223,33 @@ class Engine:
 
     async def webhook(self, msg: WebhookMessage, trace_id: str | None) -> bool:
         """Apply a verified webhook; False when no task owns the order (recorded, ignored)."""
-        found = await self.record.match_webhook(
-            msg.provider_id, msg.order_id, msg.reference, msg.status
-        )
-        if isinstance(found, str):
-            level, message = _UNMATCHED_LOG[found]
-            extra = {"provider_id": msg.provider_id, "reference": msg.reference, "reason": found}
-            log.log(level, message, extra=extra)
+        found = await self._match(msg)
+        if found is None:
             return False
         queue_id, task_id = found
         answer = ProviderAnswer(
             status=msg.status, reference=msg.reference, code=msg.code, source="webhook"
         )
         actor = f"provider:{msg.provider_id}"
-        await self._drive(queue_id, task_id, answer, actor=actor, trace_id=trace_id)
+        if not await self._drive(queue_id, task_id, answer, actor=actor, trace_id=trace_id):
+            # Ignored: when its task became final between the match and the lock (support's
+            # negative decision, say), matching again records it as any webhook for a final
+            # task is: a success there may be a second payout, and must not pass unseen.
+            await self._match(msg)
         return True
+
+    async def _match(self, msg: WebhookMessage) -> tuple[uuid.UUID, uuid.UUID] | None:
+        """The (queue_id, task_id) a webhook applies to; None, logged and recorded in
+        ``unmatched_webhooks`` with the reason, when no task owns it or its task is final."""
+        found = await self.record.match_webhook(
+            msg.provider_id, msg.order_id, msg.reference, msg.status
+        )
+        if not isinstance(found, str):
+            return found
+        level, message = _UNMATCHED_LOG[found]
+        extra = {"provider_id": msg.provider_id, "reference": msg.reference, "reason": found}
+        log.log(level, message, extra=extra)
+        return None
 
     async def resolve(
         self,
@@ -286,14 +300,20 @@ class Engine:
         :meth:`timer_fired`. Raises when the transaction failed, having written nothing.
         """
         rest: list[TimerDue] = []
+        done: list[Transition] = []
         async with self.record.unit_of_work() as uow:
             queues = await uow.load_queues([d.message.queue_id for d in due])
             now = self.clock()
             for d in due:
                 queue = queues.pop(d.message.queue_id, None)
-                if queue is None or not self._fire_plain(uow, queue, d, now):
+                transition = self._fire_plain(uow, queue, d, now) if queue else None
+                if transition is None:
                     rest.append(d)
+                elif transition.changes:
+                    done.append(transition)
             await uow.commit()
+        for transition in done:
+            _observe_time_in_state(transition)
         return rest
 
     def start_message(
@@ -320,16 +340,20 @@ class Engine:
         *,
         actor: str,
         trace_id: str | None,
-    ) -> None:
-        """Apply ``event`` to a task, and the events its steps lead to, one transaction each."""
+    ) -> bool:
+        """Apply ``event`` to a task, and the events its steps lead to, one transaction each.
+        False: the last of them was ignored (or the queue is unknown)."""
         pending: Event | None = event
+        applied = False
         while pending is not None:
             async with self.record.unit_of_work() as uow:
                 handling = await self._open(uow, queue_id, actor, trace_id)
                 if handling is None:
-                    return
+                    return False
                 pending = await self._apply(handling, task_id, pending)
                 await self._commit(handling)
+            applied = not handling.ignored
+        return applied
 
     async def _apply(self, handling: _Handling, task_id: uuid.UUID, event: Event) -> Event | None:
         """Decide ``event`` and the answers of the calls it triggers, in this transaction;
@@ -344,41 +368,39 @@ class Engine:
                 if step.retry:
                     raise CreateInProgress(f"task {task_id} is CREATING: {step.ignored_because}")
                 _log_ignored(task_id, step.event, step.ignored_because)
+                handling.ignored = True
                 return None
+            # Settled first (pure, checks the tables): no money moves for a step that cannot
+            # be recorded.
+            transition = settle(handling.queue, task_id, step, self.clock(), fired=handling.fired)
             if step.balance is not None:
                 await self._balance(step.balance, task)
                 fault_point("after_balance_call")
-            self._add(
-                handling, settle(handling.queue, task_id, step, self.clock(), fired=handling.fired)
-            )
+            self._add(handling, transition)
             if step.call is None or config is None:
                 return step.then
             event = await self._call(
                 step.call, handling.queue.task(task_id), config, handling.record
             )
 
-    def _fire_plain(self, uow: UnitOfWork, queue: OrderQueue, due: TimerDue, now: datetime) -> bool:
-        """Record one firing of a timer batch if it is a plain move or stale; False: it needs
-        the full handler."""
+    def _fire_plain(
+        self, uow: UnitOfWork, queue: OrderQueue, due: TimerDue, now: datetime
+    ) -> Transition | None:
+        """Record one firing of a timer batch if it is a plain move (its transition) or stale
+        (an empty one); None: it needs the full handler."""
         task = queue.find_task(due.message.task_id)
         config = self.configs.get(task.provider_id) if task else None
         if task is None or config is None:
-            return False
+            return None
         step = decide(task, TimerFired(kind=due.kind, attempt=due.message.attempt), config, now)
         if step.ignored:
             _log_ignored(task.task_id, step.event, step.ignored_because)
-            return True
+            return Transition(queue=queue, at=now)
         if not step.plain:
-            return False
+            return None
         transition = settle(queue, task.task_id, step, now, fired=due.kind)
-        uow.add(
-            transition,
-            withdrawal_id=queue.withdrawal_id,
-            actor="timer",
-            trace_id=due.trace_id,
-        )
-        _observe_time_in_state(transition)
-        return True
+        uow.add(transition, withdrawal_id=queue.withdrawal_id, actor="timer", trace_id=due.trace_id)
+        return transition
 
     # --- effects -----------------------------------------------------------------------
 

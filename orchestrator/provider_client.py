@@ -64,16 +64,16 @@ class HttpProviderAdapter:
         except TransportFailure as exc:
             # Even when nothing was sent the answer stays ambiguous: the recheck proves
             # absence fast, and a retried create is safe on the idempotency key.
-            return Ambiguous(str(exc) if not exc.sent else f"{exc} after sending")
+            return Ambiguous(str(exc) if not exc.sent else f"{exc} after sending", "create")
         if answer.status in (200, 201):
             return _answer(answer.body, "create")
         if answer.status == 422:
             try:
                 decline = msgspec.json.decode(answer.body, type=ProviderDecline)
             except msgspec.MsgspecError:
-                return Ambiguous("422 without a readable decline code")
+                return Ambiguous("422 without a readable decline code", "create")
             return Declined(decline.code)
-        return Ambiguous(f"HTTP {answer.status} at create")
+        return Ambiguous(f"HTTP {answer.status} at create", "create")
 
     async def status(self, config: ProviderConfig, order_id: str) -> StatusResult:
         try:

@@ -473,19 +473,25 @@ async def start_pending(
 ) -> Started | None:
     """PENDING → CREATING as one autocommit statement, if nothing changed since the versions
     given: the queue still ACTIVE at ``queue_version`` (a cancel or stop request, or a final
-    state, bumps it) and the task still PENDING at ``task_version``, its provider one of
-    ``providers`` (those the caller can call). The statement takes the queue row lock itself,
-    so it is ordered with every locked handler exactly as a transaction holding the lock would
-    be. None: something changed, nothing was written."""
+    state, bumps it) and the task still PENDING at ``task_version``, its turn (every earlier
+    task final) and its provider one of ``providers`` (those the caller can call). The
+    statement takes the queue row lock itself, so it is ordered with every locked handler
+    exactly as a transaction holding the lock would be. None: something changed, nothing was
+    written."""
     row = await conn.fetchrow(
         "WITH q AS (SELECT queue_id, withdrawal_id FROM order_queues WHERE queue_id = $1"  # noqa: S608 — fixed fragments only
-        " AND version = $2 AND state = 'ACTIVE' FOR UPDATE),"
+        " AND version = $2 AND state = 'ACTIVE' AND NOT cancel_requested AND NOT stop_requested"
+        " FOR UPDATE),"
         " before AS (SELECT provider_id, state_entered_at FROM order_tasks WHERE task_id = $3),"
-        " t AS (UPDATE order_tasks SET state = 'CREATING', updated_at = $5,"
-        " version = version + 1, state_entered_at = $5, timer_kind = NULL,"
+        " t AS (UPDATE order_tasks o SET state = 'CREATING', updated_at = $5,"
+        " version = o.version + 1, state_entered_at = $5, timer_kind = NULL,"
         " timer_attempt = NULL, timer_due_at = NULL"
-        " WHERE task_id = $3 AND version = $4 AND state = 'PENDING'"
-        " AND provider_id = ANY($9::text[]) AND EXISTS (SELECT 1 FROM q) RETURNING queue_id),"
+        " WHERE o.task_id = $3 AND o.version = $4 AND o.state = 'PENDING'"
+        " AND o.provider_id = ANY($9::text[]) AND EXISTS (SELECT 1 FROM q)"
+        # Its turn (domain.may_start): every earlier task of the queue final.
+        " AND NOT EXISTS (SELECT 1 FROM order_tasks e WHERE e.queue_id = o.queue_id"
+        " AND e.position < o.position AND e.state <> ALL($10::text[]))"
+        " RETURNING o.queue_id),"
         " u AS (UPDATE order_queues SET updated_at = $5"
         " WHERE queue_id IN (SELECT queue_id FROM t)),"
         f" e AS ({_AUDIT_INSERT} SELECT t.queue_id, $3, q.withdrawal_id, 'PENDING', 'CREATING',"
@@ -500,6 +506,7 @@ async def start_pending(
         actor,
         trace_id,
         list(providers),
+        [state.value for state in FINAL_TASK_STATES],
     )
     if row is None:
         return None

@@ -106,3 +106,26 @@ async def test_the_next_tasks_start_also_lands_without_a_read(
     assert start.seen is not None
     events = [e["event"] for e in await task_events(stack, second["task_id"])]
     assert events[:2] == ["task.created", "start"]
+
+
+async def test_a_start_with_versions_out_of_turn_writes_nothing(make_stack: StackFactory) -> None:
+    """A start for the second task, replayed or published by hand with the versions it had at
+    the create, while the first attempt is executing: not its turn, so nothing is written and
+    no second provider is asked."""
+    stack, wid, first, start = await _created(make_stack)
+    await stack.runtime.engine.start_task(
+        start.queue_id, start.task_id, actor="test", seen=start.seen
+    )
+    second = (await tasks_of(stack, wid))[1]
+    assert first["state"] == "PENDING"
+    assert (await tasks_of(stack, wid))[0]["state"] == "EXECUTING"
+    assert start.seen is not None
+    out_of_turn = bus.StartSeen(
+        queue_version=start.seen.queue_version, task_version=second["version"]
+    )
+    await stack.runtime.engine.start_task(
+        start.queue_id, second["task_id"], actor="test", seen=out_of_turn
+    )
+    rows = await tasks_of(stack, wid)
+    assert [r["state"] for r in rows] == ["EXECUTING", "PENDING"]
+    assert str(second["task_id"]) not in (await stack.ledger())["operations"]

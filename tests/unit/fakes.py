@@ -54,6 +54,7 @@ from orchestrator.domain import (
     TaskState,
     Timer,
     Transition,
+    may_start,
 )
 from orchestrator.provider_client import CreateResult, StatusResult
 
@@ -321,6 +322,7 @@ class FakeEngineStore:
             or (queue.state, queue.version) != (QueueState.ACTIVE, queue_version)
             or (task.state, task.version) != (TaskState.PENDING, task_version)
             or task.provider_id not in providers
+            or not may_start(queue, task)
         ):
             return None
         failure = self._take_commit_failure()

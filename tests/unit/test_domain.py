@@ -131,7 +131,7 @@ def test_final_tasks_ignore_everything() -> None:
         Resolve(positive=True, reason="x", actor="a"),
         CancelRequested(),
         Declined("declined"),
-        Ambiguous("x"),
+        Ambiguous("x", "create"),
         FreezeRefused("x"),
         FreezeRolledBack(),
         FreezeCommitted(),
@@ -159,7 +159,9 @@ def test_a_start_records_a_resume_but_not_its_own_continuation() -> None:
 
 
 def test_ambiguous_create_rechecks_and_never_fails() -> None:
-    step = decide(task(T.CREATING, freeze_state="frozen"), Ambiguous("timeout"), CONFIG, NOW)
+    step = decide(
+        task(T.CREATING, freeze_state="frozen"), Ambiguous("timeout", "create"), CONFIG, NOW
+    )
     assert step.to == T.RECHECKING
     assert step.balance is None
     assert step.timer is not None
@@ -521,7 +523,7 @@ class Sim:
             if outcome in ("declined", "closed", "slow", "review"):
                 return Declined(outcome)
             if outcome == "ambiguous":
-                return Ambiguous("timeout")
+                return Ambiguous("timeout", "create")
             return ProviderAnswer(outcome, "ref", source="create")  # type: ignore[arg-type]
         if call == "cancel_at_provider":
             return ProviderAnswer(

@@ -20,7 +20,7 @@ from typing import Any, Literal, cast
 import msgspec
 import pytest
 
-from contracts.messages import TaskMessage, WebhookMessage
+from contracts.messages import StartSeen, TaskMessage, WebhookMessage
 from contracts.provider import ProviderDestination
 from contracts.providers_file import Decision, ProviderConfig, RecheckPolicy, StatusPolling
 from orchestrator import bus, store
@@ -595,7 +595,7 @@ async def a_start_out_of_turn_or_for_a_final_task_is_ignored(h: Harness) -> None
 @scenario
 async def ambiguous_create_is_rechecked_and_found_pending(h: Harness) -> None:
     q = h.withdrawal("p_a")
-    h.providers.on_create("p_a", Ambiguous("read timeout after sending"))
+    h.providers.on_create("p_a", Ambiguous("read timeout after sending", "create"))
 
     await h.start(q)
 
@@ -632,7 +632,7 @@ async def ambiguous_create_is_rechecked_and_found_pending(h: Harness) -> None:
 @scenario
 async def recheck_proves_absence_then_a_slow_decline_is_found_paid(h: Harness) -> None:
     q = h.withdrawal("p_a", "p_b")
-    h.providers.on_create("p_a", Ambiguous("HTTP 502 at create"))
+    h.providers.on_create("p_a", Ambiguous("HTTP 502 at create", "create"))
     await h.start(q)
     t0 = h.task(q)
 
@@ -665,13 +665,13 @@ async def recheck_proves_absence_then_a_slow_decline_is_found_paid(h: Harness) -
 @scenario
 async def exhausted_rechecks_go_to_manual_check_and_a_negative_resolve_fails(h: Harness) -> None:
     q = h.withdrawal("p_a")
-    h.providers.on_create("p_a", Ambiguous("connection reset after sending"))
+    h.providers.on_create("p_a", Ambiguous("connection reset after sending", "create"))
     await h.start(q)
     t0 = h.task(q)
 
     for attempt in range(3):
         h.clock.advance(2**attempt)
-        h.providers.on_status("p_a", Ambiguous("HTTP 503 at status"))
+        h.providers.on_status("p_a", Ambiguous("HTTP 503 at status", "poll"))
         await h.fire(t0, "recheck", attempt)
 
     t0 = h.task(q)
@@ -780,7 +780,7 @@ async def polling_ticks_until_the_deadline_then_a_webhook_settles_the_manual_che
     h.providers.on_status("p_poll", ProviderAnswer(status="absent"))  # 404: not proof
     await h.fire(t0, "status_tick", 1)
     h.clock.advance(5)
-    h.providers.on_status("p_poll", Ambiguous("HTTP 500 at status"))
+    h.providers.on_status("p_poll", Ambiguous("HTTP 500 at status", "poll"))
     await h.fire(t0, "status_tick", 2)
 
     t0 = h.task(q)
@@ -963,7 +963,7 @@ async def a_success_that_wins_the_cancel_race_is_kept(h: Harness) -> None:
 @scenario
 async def cancel_while_rechecking_ends_cancelled_when_the_order_is_absent(h: Harness) -> None:
     q = h.withdrawal("p_cancel")
-    h.providers.on_create("p_cancel", Ambiguous("read timeout after sending"))
+    h.providers.on_create("p_cancel", Ambiguous("read timeout after sending", "create"))
     await h.start(q)
 
     await h.cancel(q)
@@ -983,7 +983,7 @@ async def cancel_while_rechecking_ends_cancelled_when_the_order_is_absent(h: Har
 @scenario
 async def cancel_while_rechecking_is_sent_once_the_order_is_found(h: Harness) -> None:
     q = h.withdrawal("p_cancel")
-    h.providers.on_create("p_cancel", Ambiguous("read timeout after sending"))
+    h.providers.on_create("p_cancel", Ambiguous("read timeout after sending", "create"))
     await h.start(q)
     await h.cancel(q)
 
@@ -1398,7 +1398,7 @@ async def test_a_start_with_versions_for_a_provider_the_worker_lacks_skips_it() 
 async def test_a_timer_armed_and_left_in_one_transaction_is_not_left_behind() -> None:
     h = harness()
     q = h.withdrawal("p_cancel")
-    h.providers.on_create("p_cancel", Ambiguous("read timeout after sending"))
+    h.providers.on_create("p_cancel", Ambiguous("read timeout after sending", "create"))
     await h.start(q)
     await h.cancel(q)
     h.clock.advance(1)
@@ -1520,3 +1520,52 @@ async def test_the_core_ledger_answers_repeats_like_cascade_core() -> None:
     with pytest.raises(CoreRefused) as poor:
         await core.freeze("op2", "wd", "p_a", amount, "EUR")
     assert poor.value.code == "insufficient_balance"
+
+
+# --- races and hand-published messages ----------------------------------------------------------
+
+
+async def test_a_success_webhook_that_loses_the_race_to_a_final_write_is_recorded() -> None:
+    """The webhook is matched before its handler takes the lock; when the task becomes final in
+    between (here support's negative decision), the success is recorded as
+    ``success_after_final`` (an error in the log): the cascade has moved on and may pay
+    twice."""
+    h = harness()
+    q = h.withdrawal("p_a", "p_b")
+    h.providers.on_create("p_a", accepted("ref-a"))
+    await h.start(q)
+    t0 = h.task(q)
+    await h.fire(t0, "webhook_timeout", 0)  # p_a: no polling -> MANUAL_CHECK
+    assert h.task(q).state == T.MANUAL_CHECK
+
+    matched = h.store.match_webhook
+
+    async def match_then_support_resolves(*args: str) -> tuple[uuid.UUID, uuid.UUID] | str:
+        found = await matched(*args)
+        await h.resolve(t0, positive=False)  # commits between the match and the handler
+        return found
+
+    # A hook inside one call of the fake: mypy refuses assigning to a method.
+    h.store.match_webhook = match_then_support_resolves  # type: ignore[method-assign,assignment]
+    await h.webhook(t0, "succeeded", reference="ref-a")
+
+    assert h.states(q) == (Q.ACTIVE, (T.FAILED, T.PENDING))  # the cascade moves on to p_b
+    assert [u[4] for u in h.store.unmatched] == ["success_after_final"]
+
+
+async def test_a_start_with_versions_cannot_start_a_task_out_of_turn() -> None:
+    """A start replayed or published by hand for a later task, with the versions every fresh
+    withdrawal has, while an earlier attempt may still pay: refused, as the locked path
+    refuses it (two live attempts are how withdrawals get paid twice)."""
+    h = harness()
+    q = h.withdrawal("p_a", "p_b")
+    h.providers.on_create("p_a", accepted("ref-a"))
+    await h.start(q)
+    assert h.states(q) == (Q.ACTIVE, (T.EXECUTING, T.PENDING))
+
+    second = q.tasks[1]
+    seen = StartSeen(queue_version=1, task_version=1)
+    await h.engine.start_task(q.queue_id, second.task_id, actor="worker", seen=seen)
+
+    assert h.states(q) == (Q.ACTIVE, (T.EXECUTING, T.PENDING))
+    check_money_safety(h, scripts_used=False)
