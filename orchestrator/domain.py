@@ -313,11 +313,7 @@ class Changes:
 
     def items(self) -> dict[str, object]:
         """The fields set, by name."""
-        return {
-            f.name: value
-            for f in dataclasses.fields(self)
-            if (value := getattr(self, f.name)) is not UNSET
-        }
+        return {name: value for name, value in vars(self).items() if value is not UNSET}
 
 
 NO_CHANGES = Changes()
@@ -756,6 +752,15 @@ def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -
 
 def apply_changes(task: OrderTask, step: Step) -> OrderTask:
     """The task as it is after ``step`` (the record's view; checks the transition table)."""
+    changes = _task_fields(task, step)
+    if not changes:
+        return task
+    return dataclasses.replace(task, **changes)  # type: ignore[arg-type]
+
+
+def _task_fields(task: OrderTask, step: Step) -> dict[str, object]:
+    """The task fields ``step`` sets, by name; raises :class:`IllegalTransition` if the
+    transition table does not allow its state change."""
     if (
         step.to is not None
         and step.to != task.state
@@ -774,9 +779,7 @@ def apply_changes(task: OrderTask, step: Step) -> OrderTask:
         changes["freeze_state"] = "rolled_back"
     if step.to is not None:
         changes["state"] = step.to
-    if not changes:
-        return task
-    return dataclasses.replace(task, **changes)  # type: ignore[arg-type]
+    return changes
 
 
 def event_details(event: Event) -> dict[str, object]:
@@ -930,13 +933,15 @@ class _Settling:
         self.finished: QueueState | None = None
 
     def task(self, task: OrderTask, step: Step, fired: TimerKind | None = None) -> OrderTask:
-        after = apply_changes(task, step)
-        after = dataclasses.replace(after, version=task.version + 1)
+        """Record ``step`` on ``task``: the version bump, and the new state's entry time."""
+        fields = _task_fields(task, step)
+        fields["version"] = task.version + 1
         purge = None
-        if after.state != task.state:
-            after = dataclasses.replace(after, state_entered_at=self.now)
+        if fields.get("state", task.state) != task.state:
+            fields["state_entered_at"] = self.now
             if task.timer_kind is not None and task.timer_kind != fired:
                 purge = task.timer_kind  # the one timer it waited on, unless spent firing
+        after = dataclasses.replace(task, **fields)  # type: ignore[arg-type]
         self.changes.append(
             TaskChange(
                 before=task,

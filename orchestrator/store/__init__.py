@@ -573,10 +573,10 @@ class TaskWrite:
         return self.after.state != self.before.state
 
 
-async def save_task(conn: Connection, write: TaskWrite) -> None:
-    """Write one task transition in one statement: the version-checked update, its audit row
-    and, on a state change, the queue's ``updated_at`` (the API's ``updated_at``). Only fixed
-    fragments are interpolated; values are parameters."""
+def _task_write_sql(write: TaskWrite, first: int) -> tuple[str, str, list[object]]:
+    """The pieces of a task write whose bind parameters start at ``$first``: the ``UPDATE``
+    (for a CTE named ``t``, returning ``queue_id``), the ``SELECT`` of its audit row from ``t``,
+    and the arguments. Only fixed fragments are interpolated; values are parameters."""
     before, after = write.before, write.after
     args: list[object] = [
         after.state.value,
@@ -598,29 +598,43 @@ async def save_task(conn: Connection, write: TaskWrite) -> None:
         write.trace_id,
         dict(write.details),
     ]
+    p = [f"${first + i}" for i in range(21)]
     timer_sql = ""
     if write.timer is not None:
-        timer_sql = ", timer_kind = $19, timer_attempt = $20, timer_due_at = $21"
+        timer_sql = f", timer_kind = {p[18]}, timer_attempt = {p[19]}, timer_due_at = {p[20]}"
         args += [write.timer.kind, write.timer.attempt, write.timer.due_at]
     elif write.clear_timer or write.changed:
         timer_sql = ", timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
-    entered = ", state_entered_at = $9" if write.changed else ""
+    entered = f", state_entered_at = {p[8]}" if write.changed else ""
+    update = (
+        f"UPDATE order_tasks SET state = {p[0]}, provider_reference = {p[1]},"  # noqa: S608
+        f" freeze_state = {p[2]}, outcome = {p[3]}, provider_code = {p[4]},"
+        f" recheck_attempts = {p[5]}, status_polls = {p[6]}, cancel_requested = {p[7]},"
+        f" updated_at = {p[8]}, version = version + 1{entered}{timer_sql}"
+        f" WHERE task_id = {p[9]} AND version = {p[10]} RETURNING queue_id"
+    )
+    audit = (  # placeholders only, as above
+        f"SELECT queue_id, {p[9]}::uuid, {p[11]}::text, {p[12]}::text, {p[13]}::text,"  # noqa: S608
+        f" {p[14]}::text, {p[15]}::text, {p[16]}::text, {p[17]}::jsonb, {p[8]}::timestamptz"
+        " FROM t"
+    )
+    return update, audit, args
+
+
+async def save_task(conn: Connection, write: TaskWrite) -> None:
+    """Write one task transition in one statement: the version-checked update, its audit row
+    and, on a state change, the queue's ``updated_at`` (the API's ``updated_at``)."""
+    update, audit, args = _task_write_sql(write, 1)
     touch = (
         ", q AS (UPDATE order_queues SET updated_at = $9 WHERE queue_id = (SELECT queue_id FROM t))"
         if write.changed
         else ""
     )
-    status = await conn.execute(
-        "WITH t AS (UPDATE order_tasks SET state = $1, provider_reference = $2,"  # noqa: S608
-        " freeze_state = $3, outcome = $4, provider_code = $5, recheck_attempts = $6,"
-        f" status_polls = $7, cancel_requested = $8, updated_at = $9, version = version + 1"
-        f"{entered}{timer_sql} WHERE task_id = $10 AND version = $11 RETURNING queue_id){touch}"
-        f" {_AUDIT_INSERT} SELECT queue_id, $10::uuid, $12::text, $13::text, $14::text,"
-        " $15::text, $16::text, $17::text, $18::jsonb, $9::timestamptz FROM t",
-        *args,
-    )
+    status = await conn.execute(f"WITH t AS ({update}){touch} {_AUDIT_INSERT} {audit}", *args)
     if status != "INSERT 0 1":
-        raise StaleVersion(f"task {before.task_id} is no longer at version {before.version}")
+        raise StaleVersion(
+            f"task {write.before.task_id} is no longer at version {write.before.version}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,9 +660,12 @@ async def save_queue(
     trace_id: str | None,
     now: datetime,
     notification: Notification | None = None,
+    task: TaskWrite | None = None,
 ) -> None:
     """Write a queue change with its audit row (version-checked), and the notification of a
-    final state if given, in one statement."""
+    final state if given, in one statement; with ``task``, that task write too, its audit row
+    first (it caused the queue's). Run it in a transaction: a version mismatch on either
+    raises :class:`StaleVersion` after the other may have been written."""
     new_state = state or before.state
     args: list[object] = [
         new_state.value,
@@ -675,6 +692,13 @@ async def save_queue(
             " ON CONFLICT DO NOTHING)"
         )
         args += [notification.status, notification.body, notification.first_attempt_at]
+    # The task's queue touch is left out: one statement cannot update the queue row twice,
+    # and this one sets updated_at anyway.
+    task_cte, task_audit, rows = "", "", 1
+    if task is not None:
+        update, audit, task_args = _task_write_sql(task, len(args) + 1)
+        task_cte, task_audit, rows = f", t AS ({update})", f"{audit} UNION ALL ", 2
+        args += task_args
     status = await conn.execute(
         "WITH q AS (UPDATE order_queues SET state = $1::text,"  # noqa: S608 — fixed fragments only
         " cancel_requested = cancel_requested OR $2::boolean,"
@@ -683,13 +707,16 @@ async def save_queue(
         " failure_code = COALESCE($5::text, failure_code), updated_at = $6::timestamptz,"
         " finished_at = CASE WHEN $1::text <> 'ACTIVE' THEN $6::timestamptz END,"
         " version = version + 1"
-        f" WHERE queue_id = $7 AND version = $8 RETURNING queue_id){notify}"
-        f" {_AUDIT_INSERT} SELECT queue_id, NULL, $9::text, $10::text, $11::text,"
+        f" WHERE queue_id = $7 AND version = $8 RETURNING queue_id){notify}{task_cte}"
+        f" {_AUDIT_INSERT} {task_audit}SELECT queue_id, NULL, $9::text, $10::text, $11::text,"
         " $12::text, $13::text, $14::text, $15::jsonb, $6 FROM q",
         *args,
     )
-    if status != "INSERT 0 1":
-        raise StaleVersion(f"queue {before.queue_id} is no longer at version {before.version}")
+    if status != f"INSERT 0 {rows}":
+        what = f"queue {before.queue_id} at version {before.version}"
+        if task is not None:
+            what += f" or task {task.before.task_id} at version {task.before.version}"
+        raise StaleVersion(f"{what} moved on")
 
 
 async def enqueue(
