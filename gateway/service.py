@@ -4,7 +4,8 @@ the gateway, one method per use case.
 Callers parse their input and encode the answer; this module decides and runs: it reads
 through the store, builds a new withdrawal with a pure function (:func:`new_withdrawal`), and
 hands the cascade to the engine and the broker. Ids and the clock come through ports
-(:class:`IdSource`, :class:`Clock`), so that tests can fix them. A request it refuses raises a
+(:data:`orchestrator.ports.Ids`, :data:`orchestrator.ports.Clock`), so that tests can fix
+them. A request it refuses raises a
 :class:`ServiceError`; each caller maps those to its own wire format, in one place.
 """
 
@@ -15,9 +16,9 @@ import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
-from typing import Literal, Protocol
+from typing import Literal
 
 import asyncpg
 import msgspec
@@ -32,6 +33,7 @@ from orchestrator import bus, store
 from orchestrator import metrics as m
 from orchestrator.domain import OrderQueue, OrderTask, QueueState, TaskState, public_state
 from orchestrator.engine import withdrawal_view
+from orchestrator.ports import Clock, Ids, utcnow
 from orchestrator.store import views
 
 log = logging.getLogger("cascade.service")
@@ -46,31 +48,6 @@ _DB_DOWN = (
 )
 # Providers the providers file does not know take the longest key the contract allows.
 DEFAULT_KEY_LENGTH = 64
-
-
-# --- ports -------------------------------------------------------------------------------------
-
-
-class Clock(Protocol):
-    def now(self) -> datetime:
-        """The current time, timezone-aware."""
-        ...
-
-
-class IdSource(Protocol):
-    def new_id(self) -> uuid.UUID:
-        """An id no other queue or task has."""
-        ...
-
-
-class SystemClock:
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-
-class RandomIds:
-    def new_id(self) -> uuid.UUID:
-        return uuid.uuid4()
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -254,12 +231,10 @@ class Created:
 class WithdrawalService:
     """The gateway's use cases over one process's live dependencies."""
 
-    def __init__(
-        self, runtime: Runtime, *, clock: Clock | None = None, ids: IdSource | None = None
-    ) -> None:
+    def __init__(self, runtime: Runtime, *, clock: Clock = utcnow, ids: Ids = uuid.uuid4) -> None:
         self._rt = runtime
-        self._clock = clock or SystemClock()
-        self._ids = ids or RandomIds()
+        self._clock = clock
+        self._ids = ids
 
     async def create(
         self,
@@ -371,8 +346,8 @@ class WithdrawalService:
         router = self._rt.router
         assert router is not None, "the gateway's runtime is opened with the router"
         decision = router.decide(request.merchant_id)
-        queue_id = self._ids.new_id()
-        task_ids = [self._ids.new_id() for _ in providers_to_try(request, decision.cohort)]
+        queue_id = self._ids()
+        task_ids = [self._ids() for _ in providers_to_try(request, decision.cohort)]
         new = new_withdrawal(
             request,
             decision,
@@ -381,7 +356,7 @@ class WithdrawalService:
             trace_id=trace_id,
             queue_id=queue_id,
             task_ids=task_ids,
-            now=self._clock.now(),
+            now=self._clock(),
             providers=self._rt.settings.providers,
         )
         start = self._start_message(new, trace_id) if decision.cohort == "cascade" else None

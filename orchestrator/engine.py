@@ -21,7 +21,7 @@ import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import msgspec
 
@@ -61,7 +61,7 @@ from orchestrator.domain import (
 )
 from orchestrator.faults import fault_point
 from orchestrator.outbox import OutboxRelay
-from orchestrator.ports import Clock, EngineStore, UnitOfWork
+from orchestrator.ports import Clock, EngineStore, UnitOfWork, utcnow
 from orchestrator.provider_client import ProviderAdapter
 from orchestrator.store.uow import PostgresEngineStore
 
@@ -84,10 +84,6 @@ _OUTCOME_OF = {
     QueueState.FAILED: "failed",
     QueueState.CANCELLED: "cancelled",
 }
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def withdrawal_view(record: store.WithdrawalRecord, queue: store.QueueRecord) -> WithdrawalView:

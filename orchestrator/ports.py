@@ -1,5 +1,6 @@
-"""The ports the engine talks through, besides cascade-core (:mod:`orchestrator.core_client`)
-and the providers (:mod:`orchestrator.provider_client`): the record and the clock.
+"""The ports the engine and the application service talk through, besides cascade-core
+(:mod:`orchestrator.core_client`) and the providers (:mod:`orchestrator.provider_client`):
+the record, the clock and the ids.
 
 Each has one real adapter (:mod:`orchestrator.store.uow` on Postgres) and an in-memory fake
 for the engine's unit tests (``tests/unit/fakes.py``).
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -17,6 +18,14 @@ from orchestrator.domain import OrderQueue, Transition
 from orchestrator.store import Loaded, NewMessage, Notification, Started
 
 Clock = Callable[[], datetime]
+"""The current time, timezone-aware (:func:`utcnow` in production)."""
+
+Ids = Callable[[], uuid.UUID]
+"""A new id no other queue or task has (:func:`uuid.uuid4` in production)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 class UnitOfWork(Protocol):

@@ -15,9 +15,8 @@ from tests.conftest import StackFactory, new_id, withdrawal_body
 NOW = datetime(2026, 11, 5, 12, 30, tzinfo=UTC)
 
 
-class FixedClock:
-    def now(self) -> datetime:
-        return NOW
+def fixed_clock() -> datetime:
+    return NOW
 
 
 class CountingIds:
@@ -27,7 +26,7 @@ class CountingIds:
         self.prefix = uuid.uuid4().int & ~0xFFFF
         self.count = 0
 
-    def new_id(self) -> uuid.UUID:
+    def __call__(self) -> uuid.UUID:
         self.count += 1
         return uuid.UUID(int=self.prefix + self.count)
 
@@ -35,7 +34,7 @@ class CountingIds:
 async def test_create_uses_the_ports_for_ids_and_time(make_stack: StackFactory) -> None:
     stack = await make_stack()
     ids = CountingIds()
-    service = WithdrawalService(stack.runtime, clock=FixedClock(), ids=ids)
+    service = WithdrawalService(stack.runtime, clock=fixed_clock, ids=ids)
     wid = new_id()
     body = json.dumps(withdrawal_body(wid, ["sbx_decline", "sbx_ok"])).encode()
     request = parse_create_withdrawal(body)
