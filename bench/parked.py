@@ -40,6 +40,7 @@ import nats
 
 from bench.baselines import publish_pipelined
 from bench.stack import NAMESPACE
+from contracts.messages import TaskMessage
 from contracts.provider import provider_order_id
 from orchestrator import bus
 
@@ -241,7 +242,7 @@ async def publish_schedules(nats_url: str, parked: list[Parked], due_at: datetim
     def messages() -> Iterator[tuple[str, bytes, dict[str, str] | None]]:
         for p in parked:
             payload = msgspec.json.encode(
-                bus.TaskMessage(task_id=p.task_id, queue_id=p.queue_id, attempt=0)
+                TaskMessage(task_id=p.task_id, queue_id=p.queue_id, attempt=0)
             )
             headers = {
                 **base,

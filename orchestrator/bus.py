@@ -29,13 +29,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from contracts import messages
-
-# "X as X": explicit re-exports (mypy strict); the engine still imports these from here.
-from contracts.messages import DeadLetter as DeadLetter  # noqa: PLC0414
-from contracts.messages import Message
-from contracts.messages import StartSeen as StartSeen  # noqa: PLC0414
-from contracts.messages import TaskMessage as TaskMessage  # noqa: PLC0414
-from contracts.messages import WebhookMessage as WebhookMessage  # noqa: PLC0414
+from contracts.messages import Message, TaskMessage, WebhookMessage
 from orchestrator.domain import TimerKind
 
 log = logging.getLogger("cascade.bus")

@@ -25,8 +25,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
+from contracts.messages import TaskMessage, WebhookMessage
 from contracts.provider import ProviderStatus
-from orchestrator import bus
 from tests.conftest import ROOT, Stack, new_id, withdrawal_body
 from tests.waiting import wait_until
 
@@ -205,7 +205,7 @@ async def publish(stack: Stack, subject: str, payload: bytes) -> None:
 
 def task_message(task: Mapping[str, Any], attempt: int = 0) -> bytes:
     return msgspec.json.encode(
-        bus.TaskMessage(task_id=task["task_id"], queue_id=task["queue_id"], attempt=attempt)
+        TaskMessage(task_id=task["task_id"], queue_id=task["queue_id"], attempt=attempt)
     )
 
 
@@ -214,7 +214,7 @@ def webhook_message(
 ) -> bytes:
     """What the intake publishes for a verified webhook about ``task``'s provider order."""
     return msgspec.json.encode(
-        bus.WebhookMessage(
+        WebhookMessage(
             provider_id=task["provider_id"],
             order_id=task["provider_order_id"],
             reference=task["provider_reference"],

@@ -291,13 +291,6 @@ async def queue_of_task(conn: Connection, task_id: uuid.UUID) -> uuid.UUID | Non
     return queue_id
 
 
-async def find_by_idempotency_key(conn: Connection, key: str) -> asyncpg.Record | None:
-    row: asyncpg.Record | None = await conn.fetchrow(
-        "SELECT withdrawal_id, request_sha256 FROM withdrawals WHERE idempotency_key = $1", key
-    )
-    return row
-
-
 _WITHDRAWAL_COLUMNS = (
     "w.withdrawal_id, w.merchant_id, w.amount, w.currency, w.destination, w.metadata,"
     " w.cascade, w.idempotency_key, w.request_sha256, w.cohort, w.routing_reason, w.flag_state,"

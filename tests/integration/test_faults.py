@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from contracts.messages import WebhookMessage
 from contracts.provider import ProviderStatus
 from devstack.embedded import EmbeddedServiceError
 from gateway.runtime import open_runtime
@@ -817,7 +818,7 @@ async def test_a_webhook_for_a_create_cut_off_waits_for_its_resume(
     (task,) = await tasks_of(stack, wid)
     assert task["state"] == "CREATING"
 
-    webhook = bus.WebhookMessage(
+    webhook = WebhookMessage(
         provider_id=SILENT, order_id=task["provider_order_id"], reference="r-1", status="succeeded"
     )
     with pytest.raises(CreateInProgress):

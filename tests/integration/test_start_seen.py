@@ -15,15 +15,16 @@ from typing import Any
 import msgspec
 import pytest
 
+from contracts.messages import StartSeen, TaskMessage
 from orchestrator import bus, store
 from tests.conftest import Stack, StackFactory
 from tests.faultkit import create_withdrawal, task_events, tasks_of, wait_task_state
 
 
-async def _published_start(stack: Stack, task_id: uuid.UUID) -> bus.TaskMessage:
+async def _published_start(stack: Stack, task_id: uuid.UUID) -> TaskMessage:
     names = stack.runtime.relay.names
     message = await stack.runtime.js.get_last_msg(names.stream, names.subject(bus.TASK_START))
-    start = msgspec.json.decode(message.data or b"", type=bus.TaskMessage)
+    start = msgspec.json.decode(message.data or b"", type=TaskMessage)
     assert start.task_id == task_id
     return start
 
@@ -42,7 +43,7 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[uuid.UUID]:
     return reads
 
 
-async def _created(make_stack: StackFactory) -> tuple[Stack, str, dict[str, Any], bus.TaskMessage]:
+async def _created(make_stack: StackFactory) -> tuple[Stack, str, dict[str, Any], TaskMessage]:
     """A ``[sbx_silent, sbx_ok]`` withdrawal no worker picked up: its first task and start."""
     stack = await make_stack(with_worker=False)
     wid = await create_withdrawal(stack, ["sbx_silent", "sbx_ok"])
@@ -58,7 +59,7 @@ async def test_a_created_withdrawals_start_lands_without_a_read(
         queue_version = await conn.fetchval(
             "SELECT version FROM order_queues WHERE queue_id = $1", first["queue_id"]
         )
-    assert start.seen == bus.StartSeen(queue_version=queue_version, task_version=first["version"])
+    assert start.seen == StartSeen(queue_version=queue_version, task_version=first["version"])
 
     reads = _count_reads(monkeypatch)
     await stack.runtime.engine.start_task(
@@ -120,9 +121,7 @@ async def test_a_start_with_versions_out_of_turn_writes_nothing(make_stack: Stac
     assert first["state"] == "PENDING"
     assert (await tasks_of(stack, wid))[0]["state"] == "EXECUTING"
     assert start.seen is not None
-    out_of_turn = bus.StartSeen(
-        queue_version=start.seen.queue_version, task_version=second["version"]
-    )
+    out_of_turn = StartSeen(queue_version=start.seen.queue_version, task_version=second["version"])
     await stack.runtime.engine.start_task(
         start.queue_id, second["task_id"], actor="test", seen=out_of_turn
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from contracts.messages import TaskMessage
 from orchestrator import bus, store
 from orchestrator.domain import Step, TaskState, settle
 from orchestrator.engine import TimerDue
@@ -64,9 +65,7 @@ async def _executing(stack: Stack, provider: str, count: int) -> list[tuple[str,
 
 def _due(task: dict[str, Any], kind: str = "webhook_timeout", attempt: int = 0) -> TimerDue:
     return TimerDue(
-        message=bus.TaskMessage(
-            task_id=task["task_id"], queue_id=task["queue_id"], attempt=attempt
-        ),
+        message=TaskMessage(task_id=task["task_id"], queue_id=task["queue_id"], attempt=attempt),
         kind=kind,  # type: ignore[arg-type]
         trace_id="0" * 31 + "1",
     )

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import msgspec
 
+from contracts.messages import TaskMessage
 from orchestrator import bus
 from orchestrator.engine import Engine, TimerDue
 from orchestrator.worker import Worker
@@ -24,9 +25,7 @@ NAMES = bus.Names("t.")
 class _Msg:
     def __init__(self, subject: str) -> None:
         self.subject = NAMES.subject(subject)
-        self.data = msgspec.json.encode(
-            bus.TaskMessage(task_id=uuid.uuid4(), queue_id=uuid.uuid4())
-        )
+        self.data = msgspec.json.encode(TaskMessage(task_id=uuid.uuid4(), queue_id=uuid.uuid4()))
         self.headers: dict[str, str] | None = None
         self.acked = False
 
