@@ -845,12 +845,13 @@ def decide_in_queue(
         step = decide(task, event, config, now)
     if (
         step.ignored
-        and task.state == T.CREATING
+        and (task.state == T.CREATING or config is None)
         and isinstance(event, ProviderAnswer)
         and event.source == "webhook"
     ):
         # The create's outcome is not recorded yet (a crash cut it off; the sweeper resumes
-        # it): the webhook must come back later, not be dropped.
+        # it), or this worker's providers file lacks the provider the intake knew (a deploy
+        # in progress): the webhook must come back later, not be dropped.
         return dataclasses.replace(step, retry=True)
     return step
 

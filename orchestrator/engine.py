@@ -104,10 +104,12 @@ def withdrawal_view(record: store.WithdrawalRecord, queue: store.QueueRecord) ->
     )
 
 
-class CreateInProgress(Exception):
-    """A webhook for a task whose create has no recorded outcome yet, because a crash cut the
-    create off (the sweeper resumes it within seconds): retried with the usual backoff, never
-    dropped, since the provider's own retries of it would be deduplicated away."""
+class RetryLater(Exception):
+    """A webhook that cannot be applied yet: its task's create has no recorded outcome (a
+    crash cut it off; the sweeper resumes it within seconds), or this worker does not know
+    its provider (a providers file that differs during a deploy). Retried with the usual
+    backoff, then dead-lettered, never dropped: the provider's own retries of it would be
+    deduplicated away."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +364,7 @@ class Engine:
             step = decide_in_queue(handling.queue, task_id, event, config, self.clock())
             if step.ignored:
                 if step.retry:
-                    raise CreateInProgress(f"task {task_id} is CREATING: {step.ignored_because}")
+                    raise RetryLater(f"task {task_id} is {task.state}: {step.ignored_because}")
                 _log_ignored(task_id, step.event, step.ignored_because)
                 handling.ignored = True
                 return None

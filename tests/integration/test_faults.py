@@ -29,7 +29,7 @@ from gateway.runtime import open_runtime
 from orchestrator import bus
 from orchestrator.core_client import CoreUnavailable
 from orchestrator.domain import TimerKind
-from orchestrator.engine import CreateInProgress
+from orchestrator.engine import RetryLater
 from orchestrator.worker import Worker
 from tests.conftest import Services, Stack, StackFactory, providers_document
 from tests.faultkit import (
@@ -821,7 +821,7 @@ async def test_a_webhook_for_a_create_cut_off_waits_for_its_resume(
     webhook = WebhookMessage(
         provider_id=SILENT, order_id=task["provider_order_id"], reference="r-1", status="succeeded"
     )
-    with pytest.raises(CreateInProgress):
+    with pytest.raises(RetryLater):
         await engine.webhook(webhook, None)
     assert [t["state"] for t in await tasks_of(stack, wid)] == ["CREATING"]
 

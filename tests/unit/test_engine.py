@@ -41,7 +41,7 @@ from orchestrator.domain import (
     public_state,
     settle,
 )
-from orchestrator.engine import CreateInProgress, Engine, TimerDue
+from orchestrator.engine import Engine, RetryLater, TimerDue
 from orchestrator.outbox import OutboxRelay
 from tests.unit.fakes import (
     FakeCore,
@@ -1141,7 +1141,7 @@ async def a_webhook_for_a_task_still_creating_is_retried_not_dropped(h: Harness)
     t0 = h.task(q)
     before = h.store.snapshot()
 
-    with pytest.raises(CreateInProgress):
+    with pytest.raises(RetryLater):
         await h.webhook(t0, "succeeded")
 
     assert h.store.snapshot() == before
@@ -1392,6 +1392,26 @@ async def test_a_start_with_versions_for_a_provider_the_worker_lacks_skips_it() 
 
     assert h.states(q) == (Q.ACTIVE, (T.SKIPPED, T.PENDING))
     assert h.starts() == [q.tasks[1].task_id]
+    check_money_safety(h)
+
+
+async def test_a_webhook_for_a_provider_the_worker_lacks_comes_back_later() -> None:
+    """The intake knew the provider, this worker's providers file does not (a deploy in
+    progress): the webhook is retried, then dead-lettered, never acknowledged and lost."""
+    h = harness()
+    q = h.withdrawal("p_a")
+    h.providers.on_create("p_a", accepted("ref-a"))
+    await h.start(q)
+    before = h.store.snapshot()
+    h.reconfigure({k: v for k, v in CONFIGS.items() if k != "p_a"})
+
+    with pytest.raises(RetryLater):
+        await h.webhook(h.task(q), "succeeded", reference="ref-a")
+    assert h.store.snapshot() == before
+
+    h.reconfigure(CONFIGS)
+    await h.webhook(h.task(q), "succeeded", reference="ref-a")
+    assert h.states(q) == (Q.COMPLETED, (T.SUCCEEDED,))
     check_money_safety(h)
 
 
