@@ -29,7 +29,6 @@ from orchestrator.domain import (
     FINAL_TASK_STATES,
     OrderQueue,
     OrderTask,
-    Outcome,
     QueueState,
     TaskState,
     Timer,
@@ -639,52 +638,63 @@ class Notification:
     first_attempt_at: datetime
 
 
-async def save_queue(
-    conn: Connection,
-    before: OrderQueue,
-    *,
-    state: QueueState | None = None,
-    cancel_requested: bool | None = None,
-    cancel_reason: str | None = None,
-    stop_requested: bool | None = None,
-    failure_code: Outcome | None = None,
-    event: str,
-    actor: str,
-    trace_id: str | None,
-    now: datetime,
-    notification: Notification | None = None,
-    task: TaskWrite | None = None,
-) -> None:
-    """Write a queue change with its audit row (version-checked), and the notification of a
-    final state if given, in one statement; with ``task``, that task write too, its audit row
-    first (it caused the queue's). Run it in a transaction: a version mismatch on either
-    raises :class:`StaleVersion` after the other may have been written."""
-    new_state = state or before.state
-    args: list[object] = [
-        new_state.value,
-        bool(cancel_requested),
-        _no_nul(cancel_reason),
-        bool(stop_requested),
-        failure_code,
-        now,
+@dataclass(frozen=True, slots=True)
+class QueueWrite:
+    """One queue change to write: the version-checked update from ``before`` to ``after`` (its
+    state, flags only ever set, the failure code of a final state), its audit row and, with a
+    final state, the notification to send."""
+
+    before: OrderQueue
+    after: OrderQueue
+    event: str
+    actor: str
+    trace_id: str | None
+    now: datetime
+    cancel_reason: str | None = None
+    notification: Notification | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.after.state != self.before.state
+
+
+def _queue_write_args(write: QueueWrite) -> list[object]:
+    before, after = write.before, write.after
+    code = after.failure_code if write.final else None
+    return [
+        after.state.value,
+        after.cancel_requested and not before.cancel_requested,
+        _no_nul(write.cancel_reason),
+        after.stop_requested and not before.stop_requested,
+        code,
+        write.now,
         before.queue_id,
         before.version,
         before.withdrawal_id,
         before.state.value,
-        new_state.value if new_state != before.state else None,
-        event,
-        actor,
-        trace_id,
-        {"failure_code": failure_code} if failure_code else {},
+        after.state.value if write.final else None,
+        write.event,
+        write.actor,
+        write.trace_id,
+        {"failure_code": code} if code else {},
     ]
+
+
+async def save_queue(conn: Connection, write: QueueWrite, task: TaskWrite | None = None) -> None:
+    """Write a queue change with its audit row (version-checked), and the notification of a
+    final state, in one statement; with ``task``, that task write too, its audit row first (it
+    caused the queue's). Run it in a transaction: a version mismatch on either raises
+    :class:`StaleVersion` after the other may have been written."""
+    args = _queue_write_args(write)
     notify = ""
-    if notification is not None:
+    if write.notification is not None and write.final:
         notify = (
             ", n AS (INSERT INTO notifications (withdrawal_id, status, body, next_attempt_at)"
             " SELECT $9::text, $16::text, $17::bytea, $18::timestamptz FROM q"
             " ON CONFLICT DO NOTHING)"
         )
-        args += [notification.status, notification.body, notification.first_attempt_at]
+        n = write.notification
+        args += [n.status, n.body, n.first_attempt_at]
     # The task's queue touch is left out: one statement cannot update the queue row twice,
     # and this one sets updated_at anyway.
     task_cte, task_audit, rows = "", "", 1
@@ -706,7 +716,7 @@ async def save_queue(
         *args,
     )
     if status != f"INSERT 0 {rows}":
-        what = f"queue {before.queue_id} at version {before.version}"
+        what = f"queue {write.before.queue_id} at version {write.before.version}"
         if task is not None:
             what += f" or task {task.before.task_id} at version {task.before.version}"
         raise StaleVersion(f"{what} moved on")

@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from orchestrator import store
-from orchestrator.domain import START_EVENT, OrderQueue, QueueChange, TaskChange, Transition
+from orchestrator.domain import START_EVENT, OrderQueue, TaskChange, Transition
 from orchestrator.faults import fault_point
 
 if TYPE_CHECKING:
@@ -32,19 +31,6 @@ if TYPE_CHECKING:
     from orchestrator.outbox import OutboxRelay
 
 
-@dataclass(frozen=True, slots=True)
-class _QueueWrite:
-    change: QueueChange
-    actor: str
-    trace_id: str | None
-    now: datetime
-    notification: store.Notification | None
-
-    @property
-    def final(self) -> bool:
-        return self.change.after.state != self.change.before.state
-
-
 class PostgresUnitOfWork:
     """One engine transaction (see the module docstring)."""
 
@@ -53,7 +39,7 @@ class PostgresUnitOfWork:
         self._relay = relay
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
         self._tx: Transaction | None = None
-        self._writes: list[store.TaskWrite | _QueueWrite] = []
+        self._writes: list[store.TaskWrite | store.QueueWrite] = []
         self._messages: list[store.NewMessage] = []
         self._purges: list[str] = []
 
@@ -125,8 +111,18 @@ class PostgresUnitOfWork:
                     )
                 )
             else:
-                write = _QueueWrite(change, actor, trace_id, transition.at, notification)
-                self._writes.append(write)
+                self._writes.append(
+                    store.QueueWrite(
+                        before=change.before,
+                        after=change.after,
+                        event=change.event,
+                        actor=actor,
+                        trace_id=trace_id,
+                        now=transition.at,
+                        cancel_reason=change.cancel_reason,
+                        notification=notification,
+                    )
+                )
 
     def publish(self, message: store.NewMessage) -> None:
         """Publish ``message`` once the transaction committed (outbox)."""
@@ -146,12 +142,12 @@ class PostgresUnitOfWork:
         while n < len(writes):
             write, following = writes[n], writes[n + 1] if n + 1 < len(writes) else None
             n += 1
-            if isinstance(write, _QueueWrite):
-                await self._save_queue(conn, write)
-            elif isinstance(following, _QueueWrite) and following.final:
+            if isinstance(write, store.QueueWrite):
+                await store.save_queue(conn, write)
+            elif isinstance(following, store.QueueWrite) and following.final:
                 # The task write that makes the queue final travels in the queue's final
                 # statement: one round-trip less per withdrawal (bench.ab: see README).
-                await self._save_queue(conn, following, task=write)
+                await store.save_queue(conn, following, task=write)
                 n += 1
             else:
                 await store.save_task(conn, write)
@@ -171,27 +167,6 @@ class PostgresUnitOfWork:
         if purges:
             await asyncio.gather(*(self._relay.purge(subject) for subject in purges))
         await self._relay.publish_now(outbox)
-
-    async def _save_queue(
-        self, conn: store.Connection, write: _QueueWrite, task: store.TaskWrite | None = None
-    ) -> None:
-        before, after = write.change.before, write.change.after
-        final = write.final
-        await store.save_queue(
-            conn,
-            before,
-            state=after.state,
-            cancel_requested=after.cancel_requested and not before.cancel_requested,
-            cancel_reason=write.change.cancel_reason,
-            stop_requested=after.stop_requested and not before.stop_requested,
-            failure_code=after.failure_code if final else None,
-            event=write.change.event,
-            actor=write.actor,
-            trace_id=write.trace_id,
-            now=write.now,
-            notification=write.notification if final else None,
-            task=task,
-        )
 
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
