@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServiceError
 from gateway.listen import port_free
@@ -59,85 +61,109 @@ def run_dev() -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-
-    nats: EmbeddedNats | None = None
-    postgres: EmbeddedPostgres | None = None
-    children: list[subprocess.Popen[bytes]] = []
+    stack = _Stack(env, data_dir)
     try:
+        return stack.run(settings.http_port, lambda: stopping)
+    except EmbeddedServiceError as exc:
+        return _fail(str(exc))
+    finally:
+        stack.stop()
+        if stopping:
+            _say("stopped")
+
+
+class _Stack:
+    """The processes of one dev stack: the embedded servers it had to start, migrations, the
+    gateway and the worker."""
+
+    def __init__(self, env: dict[str, str], data_dir: Path) -> None:
+        self.env = env
+        self.data_dir = data_dir
+        self.nats: EmbeddedNats | None = None
+        self.postgres: EmbeddedPostgres | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def run(self, http_port: int, stopping: Callable[[], bool]) -> int:
         started = time.monotonic()
+        self._start_servers()
+        migrate = self._spawn("migrate")
+        self.children = [self._spawn(role) for role in ("serve", "worker")]
+        _, migrate_errors = migrate.communicate()
+        if migrate.returncode != 0:
+            lines = [line for line in migrate_errors.splitlines() if line.startswith("cascade")]
+            return _fail(lines[-1] if lines else "migrations failed")
+        url = f"http://127.0.0.1:{http_port}"
+        if not _wait_healthy(url, self.children, stopping):
+            if not stopping():
+                return _fail("the gateway did not become healthy; see the log lines above")
+            return 0
+        self._announce(url, time.monotonic() - started)
+        while not stopping():
+            for child in self.children:
+                if child.poll() is not None:
+                    return _fail(
+                        f"a child process exited with status {child.returncode}; stopping the stack"
+                    )
+            time.sleep(0.2)
+        return 0
+
+    def _start_servers(self) -> None:
+        """nats-server and Postgres unless NATS_URL and DATABASE_URL name running ones."""
+        env = self.env
         if not env.get("NATS_URL"):
-            nats = EmbeddedNats(data_dir / "nats")
-            env["NATS_URL"] = nats.start()
+            self.nats = EmbeddedNats(self.data_dir / "nats")
+            env["NATS_URL"] = self.nats.start()
         if not env.get("DATABASE_URL"):
-            postgres = EmbeddedPostgres(data_dir / "postgres")
-            env["DATABASE_URL"] = postgres.start()
-        metrics_dir = data_dir / "metrics"
+            self.postgres = EmbeddedPostgres(self.data_dir / "postgres")
+            env["DATABASE_URL"] = self.postgres.start()
+        metrics_dir = self.data_dir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         # Migrations run while the gateway and worker import and connect: they wait for the
         # schema (WAIT_FOR_SCHEMA_SECONDS) instead of starting after it. Saves seconds.
         env["WAIT_FOR_SCHEMA_SECONDS"] = "60"
-        migrate = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "migrate"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+
+    def _spawn(self, role: str) -> subprocess.Popen[Any]:
+        """``cascade-gateway ROLE``; migrate's errors are read back, the others log through."""
+        quiet = role == "migrate"
+        return subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "gateway.cli", role],
+            env=self.env,
+            stdout=subprocess.DEVNULL if quiet else None,
+            stderr=subprocess.PIPE if quiet else None,
+            text=quiet,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 — no threads yet; prctl only
         )
-        for role in ("serve", "worker"):
-            children.append(
-                subprocess.Popen(  # noqa: S603
-                    [sys.executable, "-m", "gateway.cli", role],
-                    env=env,
-                    preexec_fn=_die_with_parent,  # noqa: PLW1509 — no threads yet; prctl only
-                )
-            )
-        _, migrate_errors = migrate.communicate()
-        if migrate.returncode != 0:
-            lines = [line for line in migrate_errors.splitlines() if line.startswith("cascade")]
-            return _fail(lines[-1] if lines else "migrations failed")
-        url = f"http://127.0.0.1:{settings.http_port}"
-        if not _wait_healthy(url, children, lambda: stopping):
-            if not stopping:
-                return _fail("the gateway did not become healthy; see the log lines above")
-            return 0
-        _say(f"ready in {time.monotonic() - started:.1f}s")
+
+    def _announce(self, url: str, seconds: float) -> None:
+        env = self.env
+        _say(f"ready in {seconds:.1f}s")
         _say(
             f"gateway      {url}  (API tokens: {env.get('GATEWAY_API_TOKENS', 'dev-token')},"
             f" ops tokens: {env.get('OPS_API_TOKENS', 'ops-token')})"
         )
         _say(f"sandbox      {url}/sandbox  (ledger: {url}/sandbox/core/ledger)")
         _say(f"metrics      {url}/metrics")
-        _say(f"nats         {env['NATS_URL']}" + (" (embedded)" if nats else ""))
-        _say(f"postgres     {env['DATABASE_URL']}" + (" (embedded)" if postgres else ""))
-        _say(f"data         {data_dir}")
+        _say(f"nats         {env['NATS_URL']}" + (" (embedded)" if self.nats else ""))
+        _say(f"postgres     {env['DATABASE_URL']}" + (" (embedded)" if self.postgres else ""))
+        _say(f"data         {self.data_dir}")
         _say("press Ctrl-C to stop")
-        while not stopping:
-            for child in children:
-                if child.poll() is not None:
-                    return _fail(
-                        f"a child process exited with status {child.returncode}; stopping the stack"
-                    )
-            time.sleep(0.2)
-    except EmbeddedServiceError as exc:
-        return _fail(str(exc))
-    finally:
-        _stop_children(children)
-        if postgres is not None:
-            postgres.stop()
-        if nats is not None:
-            nats.stop()
-        if stopping:
-            _say("stopped")
-    return 0
+
+    def stop(self) -> None:
+        _stop_children(self.children)
+        if self.postgres is not None:
+            self.postgres.stop()
+        if self.nats is not None:
+            self.nats.stop()
 
 
-def _wait_healthy(url: str, children: list[subprocess.Popen[bytes]], stopping: object) -> bool:
+def _wait_healthy(
+    url: str, children: list[subprocess.Popen[bytes]], stopping: Callable[[], bool]
+) -> bool:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if callable(stopping) and stopping():
+        if stopping():
             return False
         if any(child.poll() is not None for child in children):
             return False

@@ -185,6 +185,15 @@ def _flags_file(env: Mapping[str, str]) -> Path:
     return path
 
 
+def _unleash(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """A live Unleash server's URL and API token, both or neither."""
+    url = _url(env, "UNLEASH_URL", ("http://", "https://"))
+    token = env.get("UNLEASH_API_TOKEN") or None
+    if url and not token:
+        raise SettingsError("UNLEASH_URL is set but UNLEASH_API_TOKEN is not")
+    return url, token
+
+
 def _providers(
     env: Mapping[str, str], expansion: Mapping[str, str]
 ) -> tuple[Path, dict[str, ProviderConfig]]:
@@ -217,21 +226,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     nats_url = _url(env, "NATS_URL", ("nats://", "tls://"))
     nats_namespace = _namespace(env)
     flags_file = _flags_file(env)
-    unleash_url = _url(env, "UNLEASH_URL", ("http://", "https://"))
-    unleash_token = env.get("UNLEASH_API_TOKEN") or None
-    if unleash_url and not unleash_token:
-        raise SettingsError("UNLEASH_URL is set but UNLEASH_API_TOKEN is not")
+    unleash_url, unleash_token = _unleash(env)
     sandbox_url = (env.get("SANDBOX_URL") or f"{public_url}/sandbox").rstrip("/")
     core_url = _url(env, "CORE_URL", ("http://", "https://"))
     if core_url is None and sandbox_enabled:
         core_url = f"{sandbox_url}/core"
-    expansion = {
-        **env,
-        "SANDBOX_URL": sandbox_url,
-        "HTTP_PORT": str(http_port),
-        "PUBLIC_URL": public_url,
-    }
-    providers_file, providers = _providers(env, expansion)
+    expansion = {"SANDBOX_URL": sandbox_url, "HTTP_PORT": str(http_port), "PUBLIC_URL": public_url}
+    providers_file, providers = _providers(env, {**env, **expansion})
     return Settings(
         database_url=database_url,
         nats_url=nats_url,
