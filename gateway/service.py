@@ -32,7 +32,7 @@ from gateway.runtime import Runtime
 from orchestrator import bus, store
 from orchestrator import metrics as m
 from orchestrator.domain import OrderQueue, OrderTask, QueueState, TaskState, public_state
-from orchestrator.engine import withdrawal_view
+from orchestrator.engine import ResolutionRefused, withdrawal_view
 from orchestrator.ports import Clock, Ids, utcnow
 from orchestrator.store import views
 
@@ -292,9 +292,13 @@ class WithdrawalService:
         with _database_required():
             async with self._rt.pool.acquire() as conn:
                 check_resolvable(await views.task_state(conn, task_id))
-            task = await self._rt.engine.resolve(
-                task_id, positive=positive, reason=reason, actor=actor
-            )
+            try:
+                task = await self._rt.engine.resolve(
+                    task_id, positive=positive, reason=reason, actor=actor
+                )
+            except ResolutionRefused as exc:
+                # Another decision (or the provider's answer) won the race for the lock.
+                raise NotInManualCheck(exc.state) from exc
         if task is None:
             raise UnknownTask
         return task

@@ -112,6 +112,15 @@ class RetryLater(Exception):
     deduplicated away."""
 
 
+class ResolutionRefused(Exception):
+    """Support's decision came for a task no longer (or not yet) waiting for one; ``state`` is
+    the task's state when the decision took the lock."""
+
+    def __init__(self, state: TaskState) -> None:
+        super().__init__(f"task is {state}, not MANUAL_CHECK")
+        self.state = state
+
+
 @dataclass(frozen=True, slots=True)
 class TimerDue:
     """A timer message as :meth:`Engine.timers_fired` takes it."""
@@ -258,15 +267,21 @@ class Engine:
         actor: str,
         trace_id: str | None = None,
     ) -> OrderTask | None:
-        """Support's decision on a manual check; returns the task afterwards (None: unknown)."""
+        """Support's decision on a manual check; returns the task afterwards (None: unknown).
+        Raises :class:`ResolutionRefused` when the task was not waiting for it when the
+        decision took the lock (a concurrent decision won, or the provider's answer came
+        first): the decision is not applied."""
         queue_id = await self.record.queue_of_task(task_id)
         if queue_id is None:
             return None
         event = Resolve(positive=positive, reason=reason, actor=actor)
-        await self._drive(queue_id, task_id, event, actor=actor, trace_id=trace_id)
+        applied = await self._drive(queue_id, task_id, event, actor=actor, trace_id=trace_id)
         queue = await self.record.load_queue(queue_id)
         assert queue is not None
-        return queue.task(task_id)
+        task = queue.task(task_id)
+        if not applied:
+            raise ResolutionRefused(task.state)
+        return task
 
     async def cancel_queue(
         self, queue_id: uuid.UUID, *, reason: str | None, actor: str, trace_id: str | None = None

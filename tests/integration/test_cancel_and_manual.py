@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -93,6 +94,34 @@ async def test_manual_check_resolution(
         json={"decision": decision, "reason": "twice"},
     )
     assert again.status_code == 409
+
+
+async def test_concurrent_resolutions_one_wins_the_other_gets_409(
+    make_stack: StackFactory,
+) -> None:
+    """Positive and negative at once: whichever takes the lock first is applied; the other
+    answers 409 ``not_in_manual_check`` (it passed the check before the lock, then found the
+    task decided), never a 200 showing the other decision's state."""
+    stack = await make_stack()
+    wid = await _create(stack, ["sbx_silent"])
+    task = await _wait_task_state(stack, wid, 0, "MANUAL_CHECK")
+
+    async def resolve(decision: str) -> Any:
+        return await stack.client.post(
+            f"/ops/tasks/{task['task_id']}/resolve",
+            headers=OPS,
+            json={"decision": decision, "reason": f"{decision} by a colleague"},
+        )
+
+    answers = await asyncio.gather(resolve("positive"), resolve("negative"))
+    assert sorted(a.status_code for a in answers) == [200, 409], [a.text for a in answers]
+    won = next(a for a in answers if a.status_code == 200).json()["state"]
+    lost = next(a for a in answers if a.status_code == 409).json()
+    assert lost["error"]["code"] == "not_in_manual_check"
+    assert won in lost["error"]["message"]
+    events = (await stack.client.get(f"/ops/withdrawals/{wid}", headers=OPS)).json()["events"]
+    assert len([e for e in events if e["event"].startswith("manual.resolved")]) == 1
+    await _ledger_ok(stack, wid)
 
 
 async def test_ops_api_refuses_bad_input(make_stack: StackFactory) -> None:

@@ -41,7 +41,7 @@ from orchestrator.domain import (
     public_state,
     settle,
 )
-from orchestrator.engine import Engine, RetryLater, TimerDue
+from orchestrator.engine import Engine, ResolutionRefused, RetryLater, TimerDue
 from orchestrator.outbox import OutboxRelay
 from tests.unit.fakes import (
     FakeCore,
@@ -862,11 +862,12 @@ async def no_sla_and_manual_decline_go_to_manual_check(h: Harness) -> None:
     await h.resolve(t, positive=False)
     assert h.states(reviewed) == (Q.ACTIVE, (T.FAILED, T.PENDING))
     assert h.starts() == [reviewed.tasks[1].task_id]
-    # A resolve for a task not in manual check changes nothing.
+    # A resolve for a task not in manual check (a concurrent decision won) is refused and
+    # changes nothing.
     before = h.store.snapshot()
-    again = await h.resolve(t, positive=True)
-    assert again is not None
-    assert again.state == T.FAILED
+    with pytest.raises(ResolutionRefused) as refused:
+        await h.resolve(t, positive=True)
+    assert refused.value.state == T.FAILED
     assert h.store.snapshot() == before
 
 
@@ -1560,9 +1561,12 @@ async def test_a_success_webhook_that_loses_the_race_to_a_final_write_is_recorde
 
     matched = h.store.match_webhook
 
+    resolved: list[OrderTask | None] = []
+
     async def match_then_support_resolves(*args: str) -> tuple[uuid.UUID, uuid.UUID] | str:
         found = await matched(*args)
-        await h.resolve(t0, positive=False)  # commits between the match and the handler
+        if not resolved:  # commits between the (first) match and the handler
+            resolved.append(await h.resolve(t0, positive=False))
         return found
 
     # A hook inside one call of the fake: mypy refuses assigning to a method.
