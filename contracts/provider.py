@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -70,13 +70,24 @@ class ProviderDecline(msgspec.Struct, frozen=True, kw_only=True):
     message: str = ""
 
 
-class ProviderWebhook(msgspec.Struct, frozen=True, kw_only=True):
-    """Body of a provider's status webhook. ``pending`` is progress, not an outcome."""
+StoredText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
+"""A string Postgres ``text`` can hold: anything but U+0000 (NUL).
 
-    order_id: str
-    reference: str
+A webhook carrying NUL is refused when it is decoded: accepted, it would fail its store
+write on every delivery until the DLQ took it, and the provider's replays with it.
+"""
+
+
+class ProviderWebhook(msgspec.Struct, frozen=True, kw_only=True):
+    """Body of a provider's status webhook. ``pending`` is progress, not an outcome.
+
+    Every field ends up in a Postgres ``text`` column, so none may hold NUL.
+    """
+
+    order_id: StoredText
+    reference: StoredText
     status: ProviderStatus
-    code: str | None = None
+    code: StoredText | None = None
 
 
 MIN_KEY_LENGTH = 16

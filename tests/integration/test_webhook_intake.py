@@ -33,6 +33,7 @@ import gateway.webhooks
 from contracts.provider import ProviderWebhook
 from contracts.signatures import sign
 from orchestrator import bus
+from tests.buskit import dead_letters
 from tests.conftest import Stack, StackFactory, new_id, providers_document, withdrawal_body
 from tests.waiting import wait_until
 
@@ -993,3 +994,39 @@ async def test_a_success_for_an_attempt_that_failed_is_flagged_not_applied(
     assert [(r["status"], r["reason"]) for r in recorded] == [("succeeded", "success_after_final")]
     assert (await f.stack.withdrawal(f.withdrawal_id))["status"] == "failed"
     assert (await f.stack.ledger())["operations"] == ledger_before["operations"]
+
+
+# --- 4. what the store cannot hold ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["order_id", "reference", "code"])
+async def test_a_nul_character_is_refused_at_the_intake(in_flight: InFlight, field: str) -> None:
+    """Postgres text cannot hold U+0000: once accepted, such a webhook failed on every delivery
+    (``CharacterNotInRepertoireError``) until the DLQ took it. Refused before it is handed on,
+    each time it is sent."""
+    f = in_flight
+    fields = {"order_id": f.order_id, "reference": f.reference, "code": "declined"}
+    fields[field] = f"{fields[field][:3]}\x00{fields[field][3:]}"
+    body = webhook_body(status="failed", **fields)
+    assert b"\\u0000" in body
+    baseline = await snapshot(f.stack)
+    messages = await webhook_messages(f.stack)
+    before = await webhook_counts(f.stack)
+    # The provider's retry of the same delivery, then a fresh one: refused alike.
+    first = signed_headers(f.secret, body)
+    for headers in (first, first, signed_headers(f.secret, body)):
+        response = await f.post(body, headers)
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"].startswith("application/json")
+        answer = response.json()
+        assert answer["result"] == "invalid_body"
+        assert f"`$.{field}`" in answer["message"]
+    assert counted(before, await webhook_counts(f.stack)) == {(SILENT, "invalid_body"): 3.0}
+    assert await webhook_messages(f.stack) == messages, "a refused webhook reached JetStream"
+    assert await dead_letters(f.stack) == []
+    assert await snapshot(f.stack) == baseline
+    # The order itself is untouched: its real outcome still settles it.
+    assert (await f.deliver("succeeded")).json()["result"] == "accepted"
+    assert (await f.stack.wait_final(f.withdrawal_id))["status"] == "succeeded"
+    assert await dead_letters(f.stack) == []
+
