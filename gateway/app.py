@@ -146,6 +146,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
         api.get_withdrawal,
         api.cancel_withdrawal,
         api.healthz,
+        webhooks.options_not_allowed,
         webhooks.receive_webhook,
         ops.manual_checks,
         ops.resolve_task,

@@ -12,9 +12,10 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, post
+from litestar import Request, Response, post, route
 from litestar.params import FromPath
 
+from contracts.legacy import ApiError
 from contracts.provider import ProviderWebhook
 from contracts.signatures import SignatureError, verify
 from gateway.api import service_of, trace_id_of
@@ -46,6 +47,16 @@ def _answer(provider: str, result: str, status: int, message: str) -> Response[b
     m.webhooks.labels(provider=provider, result=result).inc()
     body = msgspec.json.encode({"result": result, "message": message})
     return json_response(body, status)
+
+
+@route("/webhooks/{provider_id:str}", http_method=["OPTIONS"])
+async def options_not_allowed() -> Response[bytes]:
+    """405 in JSON like any other method but POST (Litestar would answer 204, empty).
+
+    Listed before :func:`receive_webhook`: a path's first handler decides whether Litestar
+    adds its own OPTIONS.
+    """
+    raise ApiProblem(ApiError.METHOD_NOT_ALLOWED)
 
 
 @post("/webhooks/{provider_id:str}", status_code=200)

@@ -996,7 +996,7 @@ async def test_a_success_for_an_attempt_that_failed_is_flagged_not_applied(
     assert (await f.stack.ledger())["operations"] == ledger_before["operations"]
 
 
-# --- 4. what the store cannot hold ---------------------------------------------------------
+# --- 4. what the store cannot hold, and methods the intake does not take -------------------
 
 
 @pytest.mark.parametrize("field", ["order_id", "reference", "code"])
@@ -1030,3 +1030,19 @@ async def test_a_nul_character_is_refused_at_the_intake(in_flight: InFlight, fie
     assert (await f.stack.wait_final(f.withdrawal_id))["status"] == "succeeded"
     assert await dead_letters(f.stack) == []
 
+
+@pytest.mark.parametrize("provider_id", [SILENT, "sbx_nobody"])
+async def test_options_is_refused_like_any_other_method(
+    quiet_stack: Stack, provider_id: str
+) -> None:
+    """The intake takes only POST; OPTIONS is no exception (Litestar would answer 204, empty)."""
+    path = f"/webhooks/{provider_id}"
+    before = await webhook_counts(quiet_stack)
+    answers = {}
+    for method in ("OPTIONS", "GET", "PUT", "DELETE"):
+        response = await quiet_stack.client.request(method, path)
+        assert response.headers["content-type"].startswith("application/json"), method
+        assert response.headers.get("x-request-id"), method
+        answers[method] = (response.status_code, response.json()["error"]["code"])
+    assert set(answers.values()) == {(405, "method_not_allowed")}, answers
+    assert counted(before, await webhook_counts(quiet_stack)) == {}
