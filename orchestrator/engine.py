@@ -256,6 +256,7 @@ class Engine:
         level, message = _UNMATCHED_LOG[found]
         extra = {"provider_id": msg.provider_id, "reference": msg.reference, "reason": found}
         log.log(level, message, extra=extra)
+        m.webhooks_unmatched.labels(provider=msg.provider_id, reason=found).inc()
         return None
 
     async def resolve(

@@ -62,6 +62,12 @@ routing_decisions = Counter(
     "routing_decisions", "Cohort decisions for new withdrawals.", ["cohort", "reason"]
 )
 webhooks = Counter("webhooks", "Provider webhooks received, by outcome.", ["provider", "result"])
+webhooks_unmatched = Counter(
+    "webhooks_unmatched",
+    "Verified webhooks no live task took, by reason (unknown_order, task_final, and"
+    " success_after_final: a payout reported for an attempt that ended without one).",
+    ["provider", "reason"],
+)
 handler_errors = Counter(
     "orchestrator_handler_errors",
     "Handler attempts that failed and will be retried.",

@@ -26,6 +26,7 @@ import yaml
 from kubernetes_validate import utils as kube_validate
 from prometheus_client.parser import text_string_to_metric_families
 
+from contracts.messages import WebhookMessage
 from gateway.settings import load_settings
 from tests.conftest import StackFactory, flags_document, new_id, withdrawal_body
 from tests.helm import promql
@@ -271,6 +272,7 @@ def test_prometheus_rule_shape() -> None:
         "CascadeGatewayCascadeSuccessBelowLegacy",
         "CascadeGatewayCoreNotificationFailures",
         "CascadeGatewayWebhookSignatureFailures",
+        "CascadeGatewayPaidAfterFinal",
     } <= alerts
     # Every rule is scoped to the release's namespace.
     for r in rules_of("production"):
@@ -944,6 +946,11 @@ async def test_dashboard_and_alerts_use_only_metrics_the_app_exports(
     )
     assert created.status_code == 201, created.text
     assert (await stack.wait_final(wid))["status"] == "succeeded"
+    # A webhook no task owns (webhooks_unmatched_total), handed to the in-process engine.
+    stray = WebhookMessage(
+        provider_id="sbx_ok", order_id="cg-none", reference="none", status="failed"
+    )
+    assert not await stack.runtime.engine.webhook(stray, None)
     # The worker (in this process, so on the gateway's /metrics) sets the task gauges every
     # 5 s; one pass now rather than waiting for the next.
     await stack.worker.measure_dlq()
@@ -1195,9 +1202,33 @@ def alert_tests() -> list[dict[str, Any]]:
                     "0+120x40",
                 ),
                 series(f'webhooks_total{{{NS},provider="psp_b",result="accepted"}}', "0+120x40"),
+                series(
+                    f'webhooks_unmatched_total{{{NS},provider="psp_a",reason="task_final"}}',
+                    "0+5x40",
+                ),
+                series(
+                    f'webhooks_unmatched_total{{{NS},provider="psp_b",reason="success_after_final"}}',
+                    "0x20 1x20",
+                ),
             ],
             "alert_rule_test": [
                 {"eval_time": "4m", "alertname": "CascadeGatewayDeadLetters", "exp_alerts": []},
+                # Late duplicates are routine; one success after final is a possible double
+                # payout: at once, per provider, for the window after it.
+                {"eval_time": "19m", "alertname": "CascadeGatewayPaidAfterFinal", "exp_alerts": []},
+                {
+                    "eval_time": "22m",
+                    "alertname": "CascadeGatewayPaidAfterFinal",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "namespace": NAMESPACE,
+                                "provider": "psp_b",
+                                "severity": "critical",
+                            }
+                        }
+                    ],
+                },
                 {
                     "eval_time": "12m",
                     "alertname": "CascadeGatewayDeadLetters",

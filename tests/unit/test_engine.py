@@ -19,6 +19,7 @@ from typing import Any, Literal, cast
 
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from contracts.messages import StartSeen, TaskMessage, WebhookMessage
 from contracts.provider import ProviderDestination
@@ -1571,10 +1572,14 @@ async def test_a_success_webhook_that_loses_the_race_to_a_final_write_is_recorde
 
     # A hook inside one call of the fake: mypy refuses assigning to a method.
     h.store.match_webhook = match_then_support_resolves  # type: ignore[method-assign,assignment]
+    labels = {"provider": "p_a", "reason": "success_after_final"}
+    counted = REGISTRY.get_sample_value("webhooks_unmatched_total", labels) or 0.0
     await h.webhook(t0, "succeeded", reference="ref-a")
 
     assert h.states(q) == (Q.ACTIVE, (T.FAILED, T.PENDING))  # the cascade moves on to p_b
     assert [u[4] for u in h.store.unmatched] == ["success_after_final"]
+    # Counted for the alert (CascadeGatewayPaidAfterFinal), not only logged.
+    assert REGISTRY.get_sample_value("webhooks_unmatched_total", labels) == counted + 1
 
 
 async def test_a_start_with_versions_cannot_start_a_task_out_of_turn() -> None:
