@@ -54,28 +54,30 @@ class CreateOrder(msgspec.Struct, frozen=True, kw_only=True):
     destination: ProviderDestination
 
 
+StoredText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
+"""A string Postgres ``text`` can hold: anything but U+0000 (NUL).
+
+A webhook carrying NUL is refused when it is decoded: accepted, it would fail its store
+write on every delivery until the DLQ took it, and the provider's replays with it. A create
+or status answer carrying NUL does not decode either: the adapter takes it for an ambiguous
+answer (the order may exist), never for a failure.
+"""
+
+
 class ProviderOrder(msgspec.Struct, frozen=True, kw_only=True):
     """The provider's view of one order."""
 
     order_id: str
-    reference: str
+    reference: StoredText
     status: ProviderStatus
-    code: str | None = None
+    code: StoredText | None = None
 
 
 class ProviderDecline(msgspec.Struct, frozen=True, kw_only=True):
     """Body of a definitive ``422`` refusal at create."""
 
-    code: str
+    code: StoredText
     message: str = ""
-
-
-StoredText = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
-"""A string Postgres ``text`` can hold: anything but U+0000 (NUL).
-
-A webhook carrying NUL is refused when it is decoded: accepted, it would fail its store
-write on every delivery until the DLQ took it, and the provider's replays with it.
-"""
 
 
 class ProviderWebhook(msgspec.Struct, frozen=True, kw_only=True):
