@@ -17,10 +17,11 @@ from typing import Any, Literal
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
+from litestar.types import ExceptionHandlersMap
 
 from gateway.api import runtime_of, service_of
 from gateway.protocol import bearer_ok, json_response, read_body
-from gateway.service import NotInManualCheck, UnknownTask, UnknownWithdrawal
+from gateway.service import NotInManualCheck, Unavailable, UnknownTask, UnknownWithdrawal
 from orchestrator.core_client import CoreRefused, CoreUnavailable
 from orchestrator.store.views import ManualCheck
 
@@ -43,12 +44,20 @@ def _denied(request: AnyRequest) -> Response[bytes] | None:
     return None
 
 
+def _unavailable(_request: AnyRequest, _exc: Exception) -> Response[bytes]:
+    return _error(503, "unavailable", "The database did not answer; nothing changed, try again.")
+
+
+# Every ops route answers a database that is down (restarting, failing over) with a 503.
+_OPS_ERRORS: ExceptionHandlersMap = {Unavailable: _unavailable}
+
+
 def _actor(request: AnyRequest) -> str:
     # The token says who may act; the operator header says who did (kept in the audit row).
     return "ops:" + (request.headers.get("x-operator") or "unknown")[:64]
 
 
-@get("/ops/manual-checks")
+@get("/ops/manual-checks", exception_handlers=_OPS_ERRORS)
 async def manual_checks(request: AnyRequest) -> Response[bytes]:
     denied = _denied(request)
     if denied:
@@ -76,7 +85,7 @@ def _manual_check(check: ManualCheck) -> dict[str, Any]:
     }
 
 
-@post("/ops/tasks/{task_id:str}/resolve", status_code=200)
+@post("/ops/tasks/{task_id:str}/resolve", status_code=200, exception_handlers=_OPS_ERRORS)
 async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[bytes]:
     denied = _denied(request)
     if denied:
@@ -113,7 +122,7 @@ async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[
     return json_response(msgspec.json.encode({"task_id": task_id, "state": task.state.value}))
 
 
-@get("/ops/withdrawals/{withdrawal_id:str}")
+@get("/ops/withdrawals/{withdrawal_id:str}", exception_handlers=_OPS_ERRORS)
 async def withdrawal_detail(request: AnyRequest, withdrawal_id: FromPath[str]) -> Response[bytes]:
     denied = _denied(request)
     if denied:

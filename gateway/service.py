@@ -20,7 +20,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
-import asyncpg
 import msgspec
 
 from contracts.legacy import CascadeEntry, CreateWithdrawal, WithdrawalView, encode_metadata
@@ -38,14 +37,6 @@ from orchestrator.store import views
 
 log = logging.getLogger("cascade.service")
 
-# Errors that mean "the database is unreachable right now": nothing was persisted.
-_DB_DOWN = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-)
 # Providers the providers file does not know take the longest key the contract allows.
 DEFAULT_KEY_LENGTH = 64
 
@@ -206,7 +197,7 @@ def _database_required() -> Iterator[None]:
     """An unreachable database is :class:`Unavailable`: the caller may simply retry."""
     try:
         yield
-    except _DB_DOWN as exc:
+    except store.DATABASE_UNAVAILABLE as exc:
         log.warning("database unavailable", extra={"error": repr(exc)})
         raise Unavailable from exc
 

@@ -40,6 +40,20 @@ Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProx
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 
 
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable
+    TimeoutError,
+    asyncpg.InterfaceError,  # the client's view: connection closed, in use, ...
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08: the connection is gone
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, canceled
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, no disk
+)
+"""Errors that mean the database cannot answer right now, by kind (SQLSTATE class or the
+client's own), never by a list of cases: nothing was written, and the same request may
+simply be sent again (the API answers 503)."""
+
+
 class StaleVersion(Exception):
     """A write found another version than the one it read: someone else won."""
 
