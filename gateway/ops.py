@@ -21,7 +21,13 @@ from litestar.types import ExceptionHandlersMap
 
 from gateway.api import runtime_of, service_of
 from gateway.protocol import bearer_ok, json_response, read_body
-from gateway.service import NotInManualCheck, Unavailable, UnknownTask, UnknownWithdrawal
+from gateway.service import (
+    NotInManualCheck,
+    ResolutionConflict,
+    Unavailable,
+    UnknownTask,
+    UnknownWithdrawal,
+)
 from orchestrator.core_client import CoreRefused, CoreUnavailable
 from orchestrator.store.views import ManualCheck
 
@@ -113,6 +119,8 @@ async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[
         return _error(404, "not_found", "No such task.")
     except NotInManualCheck as exc:
         return _error(409, "not_in_manual_check", str(exc))
+    except ResolutionConflict as exc:
+        return _error(409, exc.code, f"{exc}; the decision was not applied.")
     except CoreUnavailable:
         return _error(
             503, "core_unavailable", "cascade-core did not answer; nothing changed, try again."

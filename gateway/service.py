@@ -72,6 +72,14 @@ class UnknownTask(ServiceError):
     pass
 
 
+class ResolutionConflict(ServiceError):
+    """Support's decision was not applied (see ``orchestrator.engine.ResolutionRefused``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class NotInManualCheck(ServiceError):
     def __init__(self, state: TaskState) -> None:
         super().__init__(f"Task is {state}, not MANUAL_CHECK.")
@@ -278,8 +286,10 @@ class WithdrawalService:
         self, task_id: uuid.UUID, *, positive: bool, reason: str, actor: str
     ) -> OrderTask:
         """Support's decision on a manual check: positive commits the frozen amount (the
-        provider paid), negative rolls it back and the cascade moves on. cascade-core's
-        refusals (``CoreUnavailable``, ``CoreRefused``) reach the caller: nothing changed."""
+        provider paid); negative, once the provider confirmed it will not pay (or could not be
+        asked), rolls it back and the cascade moves on. A decision not applied raises
+        :class:`ResolutionConflict`; cascade-core's refusals (``CoreUnavailable``,
+        ``CoreRefused``) reach the caller: nothing changed."""
         with _database_required():
             async with self._rt.pool.acquire() as conn:
                 check_resolvable(await views.task_state(conn, task_id))
@@ -288,8 +298,7 @@ class WithdrawalService:
                     task_id, positive=positive, reason=reason, actor=actor
                 )
             except ResolutionRefused as exc:
-                # Another decision (or the provider's answer) won the race for the lock.
-                raise NotInManualCheck(exc.state) from exc
+                raise ResolutionConflict(exc.code, str(exc)) from exc
         if task is None:
             raise UnknownTask
         return task

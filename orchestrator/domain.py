@@ -269,6 +269,15 @@ class CancelRequested:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class ProviderChecked:
+    """The provider's answer to the query (a status poll, then a cancel) made before support's
+    negative decision is applied: a negative decision says the provider will never pay."""
+
+    resolve: Resolve
+    answer: ProviderAnswer | Ambiguous
+
+
 Event = (
     Start
     | FreezeRefused
@@ -279,6 +288,7 @@ Event = (
     | Ambiguous
     | TimerFired
     | Resolve
+    | ProviderChecked
     | CancelRequested
 )
 
@@ -299,7 +309,7 @@ Call = Literal["freeze_and_create", "poll", "cancel_at_provider"]
 @dataclass(frozen=True, kw_only=True)
 class Changes:
     """The task fields a step sets (``UNSET``: unchanged), and what only its audit row keeps
-    (``resolution``, ``resolved_by``)."""
+    (``resolution``, ``resolved_by``, ``provider_check``)."""
 
     provider_reference: str | UnsetType | None = UNSET
     outcome: Outcome | UnsetType | None = UNSET
@@ -310,6 +320,7 @@ class Changes:
     cancel_requested: bool | UnsetType = UNSET
     resolution: str | UnsetType = UNSET
     resolved_by: str | UnsetType = UNSET
+    provider_check: str | UnsetType = UNSET
 
     def items(self) -> dict[str, object]:
         """The fields set, by name."""
@@ -317,7 +328,7 @@ class Changes:
 
 
 NO_CHANGES = Changes()
-_AUDIT_ONLY = frozenset({"resolution", "resolved_by"})
+_AUDIT_ONLY = frozenset({"resolution", "resolved_by", "provider_check"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -331,6 +342,8 @@ class Step:
     balance: Balance | None = None
     # I/O whose answer is fed back to decide() as the next event, in this transaction.
     call: Call | None = None
+    # Support's decision waiting for the call's answer: it comes back as ProviderChecked.
+    awaiting: Resolve | None = None
     # The event to apply in a *new* transaction once this one committed: entering CREATING is
     # committed before the freeze and the create, so a crash mid-call leaves a task the
     # sweeper resumes.
@@ -573,8 +586,10 @@ def _decide_event(task: OrderTask, event: Event, config: ProviderConfig, now: da
             return _decide_answer(task, answer, config, now)
         case TimerFired(kind=kind, attempt=attempt):
             return _decide_timer(task, kind, attempt, config)
-        case Resolve(positive=positive, reason=reason, actor=actor):
-            return _decide_resolve(task, positive, reason, actor)
+        case Resolve() as resolve:
+            return _decide_resolve(task, resolve, can_ask=True)
+        case ProviderChecked(resolve=resolve, answer=answer):
+            return _decide_checked(task, resolve, answer, config)
         case CancelRequested():
             return _decide_cancel(task, config)
     raise AssertionError(f"unhandled event {event!r}")  # pragma: no cover
@@ -610,22 +625,70 @@ def _decide_ambiguous(
     return ignore("ambiguous", f"task is {task.state}")
 
 
-def _decide_resolve(task: OrderTask, positive: bool, reason: str, actor: str) -> Step:
+def _decide_resolve(task: OrderTask, resolve: Resolve, *, can_ask: bool) -> Step:
+    """Support's decision. A negative one says the provider will never pay: before the
+    cascade moves on (and another provider may pay), the provider is asked, where it can be
+    (``can_ask``), and its answer decides (:func:`_decide_checked`)."""
     if task.state != T.MANUAL_CHECK:
         return ignore("manual.resolve", f"task is {task.state}, not MANUAL_CHECK")
-    if positive:
+    if resolve.positive:
         return Step(
             event="manual.resolved.positive",
             to=T.SUCCEEDED,
             balance="commit",
-            changes=Changes(resolution=reason, resolved_by=actor),
+            changes=Changes(resolution=resolve.reason, resolved_by=resolve.actor),
         )
+    if can_ask:
+        return Step(event="manual.check", call="poll", awaiting=resolve, record=False)
+    return _resolved_negative(task, resolve, "unverified: provider not configured")
+
+
+def _resolved_negative(task: OrderTask, resolve: Resolve, check: str) -> Step:
     return Step(
         event="manual.resolved.negative",
         to=T.FAILED,
         balance=_release(task),
-        changes=Changes(outcome="manual_rejected", resolution=reason, resolved_by=actor),
+        changes=Changes(
+            outcome="manual_rejected",
+            resolution=resolve.reason,
+            resolved_by=resolve.actor,
+            provider_check=check,
+        ),
     )
+
+
+def _decide_checked(
+    task: OrderTask, resolve: Resolve, answer: ProviderAnswer | Ambiguous, config: ProviderConfig
+) -> Step:
+    """A negative decision, with the provider's answer: a success wins over the decision (the
+    attempt is committed, and the decision refused); a failed, cancelled or absent order
+    confirms it; a pending one is cancelled at the provider first where it can be, and the
+    decision waits until a cancel is confirmed; a provider that does not answer leaves the
+    operator's word the last one, and the audit says so."""
+    if task.state != T.MANUAL_CHECK:
+        return ignore("manual.resolve", f"task is {task.state}, not MANUAL_CHECK")
+    if isinstance(answer, Ambiguous):
+        if answer.source == "cancel":
+            return ignore("manual.resolve", "the order is pending and its cancel unconfirmed")
+        return _resolved_negative(task, resolve, f"unverified: {answer.detail[:200]}")
+    reference: str | UnsetType | None = answer.reference if answer.reference else UNSET
+    if answer.status == "succeeded":
+        return Step(
+            event="manual.refused.provider_paid",
+            to=T.SUCCEEDED,
+            balance="commit",
+            changes=Changes(provider_reference=reference, provider_check="succeeded"),
+            clear_timer=True,
+        )
+    if answer.status != "pending":
+        return _resolved_negative(task, resolve, f"{answer.source}: {answer.status}")
+    if answer.source == "poll" and config.supports_cancel:
+        return Step(
+            event="manual.cancel", call="cancel_at_provider", awaiting=resolve, record=False
+        )
+    if answer.source == "poll":
+        return ignore("manual.resolve", "the order is pending and the provider cannot cancel it")
+    return ignore("manual.resolve", "the order is pending and its cancel unconfirmed")
 
 
 def _decide_cancel(task: OrderTask, config: ProviderConfig) -> Step:
@@ -808,6 +871,8 @@ def event_details(event: Event) -> dict[str, object]:
             }
         case TimerFired(kind=kind, attempt=attempt):
             return {"timer": kind, "attempt": attempt}
+        case ProviderChecked(resolve=resolve, answer=answer):
+            return {**event_details(resolve), **event_details(answer)}
         case CancelRequested(reason=reason):
             return {"reason": reason}
     return {}
@@ -867,7 +932,7 @@ def _unknown_provider(task: OrderTask, event: Event) -> Step:
             changes=Changes(outcome="provider_error", provider_code="unknown_provider"),
         )
     if isinstance(event, Resolve) and not task.final:
-        step = _decide_resolve(task, event.positive, event.reason, event.actor)
+        step = _decide_resolve(task, event, can_ask=False)
         return step if step.ignored else dataclasses.replace(step, details=event_details(event))
     return ignore(type(event).__name__, "provider not configured")
 

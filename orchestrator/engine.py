@@ -33,6 +33,7 @@ from orchestrator import bus, store
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore, CoreRefused
 from orchestrator.domain import (
+    Ambiguous,
     Balance,
     Call,
     CancelRequested,
@@ -43,6 +44,7 @@ from orchestrator.domain import (
     OrderQueue,
     OrderTask,
     ProviderAnswer,
+    ProviderChecked,
     QueueState,
     Resolve,
     Start,
@@ -113,11 +115,20 @@ class RetryLater(Exception):
 
 
 class ResolutionRefused(Exception):
-    """Support's decision came for a task no longer (or not yet) waiting for one; ``state`` is
-    the task's state when the decision took the lock."""
+    """Support's decision was not applied; ``code`` says why, ``state`` is the task's state
+    afterwards:
 
-    def __init__(self, state: TaskState) -> None:
-        super().__init__(f"task is {state}, not MANUAL_CHECK")
+    - ``not_in_manual_check``: the task was not waiting for a decision when it took the lock
+      (a concurrent decision won, or the provider's answer came first);
+    - ``provider_paid``: a negative decision, but the provider reports the order succeeded:
+      the attempt is committed instead;
+    - ``provider_pending``: a negative decision, but the order is still pending at the
+      provider and no cancel of it was confirmed: nothing changed, the provider may still pay.
+    """
+
+    def __init__(self, code: str, message: str, state: TaskState) -> None:
+        super().__init__(message)
+        self.code = code
         self.state = state
 
 
@@ -144,8 +155,8 @@ class _Handling:
     fired: TimerKind | None = None
     transitions: list[Transition] = field(default_factory=list)
     finished: list[tuple[str, bytes]] = field(default_factory=list)
-    # The last event decided was ignored.
-    ignored: bool = False
+    # Why the last event decided was ignored, if it was.
+    ignored_because: str | None = None
 
 
 class Engine:
@@ -238,7 +249,7 @@ class Engine:
             status=msg.status, reference=msg.reference, code=msg.code, source="webhook"
         )
         actor = f"provider:{msg.provider_id}"
-        if not await self._drive(queue_id, task_id, answer, actor=actor, trace_id=trace_id):
+        if await self._drive(queue_id, task_id, answer, actor=actor, trace_id=trace_id):
             # Ignored: when its task became final between the match and the lock (support's
             # negative decision, say), matching again records it as any webhook for a final
             # task is: a success there may be a second payout, and must not pass unseen.
@@ -276,12 +287,18 @@ class Engine:
         if queue_id is None:
             return None
         event = Resolve(positive=positive, reason=reason, actor=actor)
-        applied = await self._drive(queue_id, task_id, event, actor=actor, trace_id=trace_id)
+        ignored = await self._drive(queue_id, task_id, event, actor=actor, trace_id=trace_id)
         queue = await self.record.load_queue(queue_id)
         assert queue is not None
         task = queue.task(task_id)
-        if not applied:
-            raise ResolutionRefused(task.state)
+        if ignored is not None and task.state == TaskState.MANUAL_CHECK:
+            raise ResolutionRefused("provider_pending", ignored, task.state)
+        if ignored is not None:
+            raise ResolutionRefused("not_in_manual_check", ignored, task.state)
+        if not positive and task.state == TaskState.SUCCEEDED:
+            why = f"the provider reports order {task.provider_reference or task.provider_order_id}"
+            why += " succeeded: it is committed, not rolled back"
+            raise ResolutionRefused("provider_paid", why, task.state)
         return task
 
     async def cancel_queue(
@@ -354,20 +371,20 @@ class Engine:
         *,
         actor: str,
         trace_id: str | None,
-    ) -> bool:
+    ) -> str | None:
         """Apply ``event`` to a task, and the events its steps lead to, one transaction each.
-        False: the last of them was ignored (or the queue is unknown)."""
+        Returns why the last of them was ignored, if it was (None: applied)."""
         pending: Event | None = event
-        applied = False
+        ignored: str | None = None
         while pending is not None:
             async with self.record.unit_of_work() as uow:
                 handling = await self._open(uow, queue_id, actor, trace_id)
                 if handling is None:
-                    return False
+                    return "unknown queue"
                 pending = await self._apply(handling, task_id, pending)
                 await self._commit(handling)
-            applied = not handling.ignored
-        return applied
+            ignored = handling.ignored_because
+        return ignored
 
     async def _apply(self, handling: _Handling, task_id: uuid.UUID, event: Event) -> Event | None:
         """Decide ``event`` and the answers of the calls it triggers, in this transaction;
@@ -382,7 +399,7 @@ class Engine:
                 if step.retry:
                     raise RetryLater(f"task {task_id} is {task.state}: {step.ignored_because}")
                 _log_ignored(task_id, step.event, step.ignored_because)
-                handling.ignored = True
+                handling.ignored_because = step.ignored_because
                 return None
             # Settled first (pure, checks the tables): no money moves for a step that cannot
             # be recorded.
@@ -393,9 +410,13 @@ class Engine:
             self._add(handling, transition)
             if step.call is None or config is None:
                 return step.then
-            event = await self._call(
+            answer = await self._call(
                 step.call, handling.queue.task(task_id), config, handling.record
             )
+            if step.awaiting is not None:
+                assert isinstance(answer, ProviderAnswer | Ambiguous)
+                answer = ProviderChecked(resolve=step.awaiting, answer=answer)
+            event = answer
 
     def _fire_plain(
         self, uow: UnitOfWork, queue: OrderQueue, due: TimerDue, now: datetime

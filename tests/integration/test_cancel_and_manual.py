@@ -124,6 +124,36 @@ async def test_concurrent_resolutions_one_wins_the_other_gets_409(
     await _ledger_ok(stack, wid)
 
 
+async def test_a_negative_decision_on_an_order_the_provider_paid_is_refused(
+    make_stack: StackFactory,
+) -> None:
+    """Support says "never paid", the provider's status says succeeded (its webhook is still
+    on its way): the status wins, the withdrawal succeeds with one commit, no second provider
+    is tried, and support gets 409 with the provider's answer."""
+    stack = await make_stack()
+    wid = await _create(stack, ["sbx_silent", "sbx_ok"])
+    task = await _wait_task_state(stack, wid, 0, "MANUAL_CHECK")
+    await stack.worker.stop(grace=3)  # the success webhook below is left undelivered
+    paid = await stack.client.post(
+        f"/sandbox/providers/sbx_silent/orders/{task['provider_reference']}/status",
+        json={"status": "succeeded"},
+    )
+    assert paid.status_code == 200, paid.text
+    response = await stack.client.post(
+        f"/ops/tasks/{task['task_id']}/resolve",
+        headers=OPS,
+        json={"decision": "negative", "reason": "statement shows nothing"},
+    )
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["code"] == "provider_paid"
+    assert task["provider_reference"] in error["message"]
+    assert (await stack.withdrawal(wid))["status"] == "succeeded"
+    assert await _ledger_ok(stack, wid) == {"sbx_silent": "committed"}
+    events = (await stack.client.get(f"/ops/withdrawals/{wid}", headers=OPS)).json()["events"]
+    assert "manual.refused.provider_paid" in [e["event"] for e in events]
+
+
 async def test_ops_api_refuses_bad_input(make_stack: StackFactory) -> None:
     stack = await make_stack()
     assert (await stack.client.get("/ops/manual-checks")).status_code == 401

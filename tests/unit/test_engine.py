@@ -690,6 +690,8 @@ async def exhausted_rechecks_go_to_manual_check_and_a_negative_resolve_fails(h: 
     ]
     assert h.store.timers[t0.task_id] is None
 
+    # Asked before the cascade gives up: the provider has no such order.
+    h.providers.on_status("p_a", ProviderAnswer(status="absent"))
     resolved = await h.resolve(t0, positive=False)
 
     assert resolved is not None
@@ -860,6 +862,7 @@ async def no_sla_and_manual_decline_go_to_manual_check(h: Harness) -> None:
     assert (t.state, t.provider_code, t.freeze_state) == (T.MANUAL_CHECK, "review", "frozen")
     assert h.events(t)[-1] == "create.declined.manual"
 
+    h.providers.on_status("p_a", ProviderAnswer(status="failed", reference="ref-1"))
     await h.resolve(t, positive=False)
     assert h.states(reviewed) == (Q.ACTIVE, (T.FAILED, T.PENDING))
     assert h.starts() == [reviewed.tasks[1].task_id]
@@ -870,6 +873,89 @@ async def no_sla_and_manual_decline_go_to_manual_check(h: Harness) -> None:
         await h.resolve(t, positive=True)
     assert refused.value.state == T.FAILED
     assert h.store.snapshot() == before
+
+
+# a negative decision is checked with the provider first
+
+
+async def _in_manual_check(h: Harness, provider: str) -> OrderQueue:
+    """A two-provider withdrawal whose first attempt waits for support (a decline whose code
+    the error table sends to a human)."""
+    q = h.withdrawal(provider, "p_b")
+    h.providers.on_create(provider, Declined("review"))
+    await h.start(q)
+    assert h.task(q).state == T.MANUAL_CHECK
+    return q
+
+
+def _check_of(h: Harness, q: OrderQueue) -> object:
+    row = next(e for e in h.store.audit if e.event == "manual.resolved.negative")
+    assert row.details["decision"] == "negative"
+    return row.details["provider_check"]
+
+
+@scenario
+async def a_negative_decision_the_provider_confirms_moves_on(h: Harness) -> None:
+    q = await _in_manual_check(h, "p_a")
+    h.providers.on_status("p_a", ProviderAnswer(status="failed", reference="ref-1", code="x"))
+    await h.resolve(h.task(q), positive=False)
+    assert h.states(q) == (Q.ACTIVE, (T.FAILED, T.PENDING))
+    assert h.starts() == [q.tasks[1].task_id]
+    assert _check_of(h, q) == "poll: failed"
+
+
+@scenario
+async def a_negative_decision_on_an_order_the_provider_paid_is_refused(h: Harness) -> None:
+    """The provider's word wins: the attempt is committed, the cascade stops, and support
+    hears why (no second provider may pay)."""
+    q = await _in_manual_check(h, "p_a")
+    h.providers.on_status("p_a", paid("ref-paid"))
+    with pytest.raises(ResolutionRefused) as refused:
+        await h.resolve(h.task(q), positive=False)
+    assert refused.value.code == "provider_paid"
+    assert "ref-paid" in str(refused.value)
+    assert h.states(q) == (Q.COMPLETED, (T.SUCCEEDED, T.SKIPPED))
+    assert h.starts() == []
+    assert h.events(h.task(q))[-1] == "manual.refused.provider_paid"
+
+
+@scenario
+async def a_negative_decision_on_a_pending_order_cancels_it_first(h: Harness) -> None:
+    q = await _in_manual_check(h, "p_cancel")
+    h.providers.on_status("p_cancel", accepted())
+    h.providers.on_cancel("p_cancel", ProviderAnswer(status="cancelled", reference="ref-1"))
+    await h.resolve(h.task(q), positive=False)
+    assert h.states(q) == (Q.ACTIVE, (T.FAILED, T.PENDING))
+    assert [c.method for c in h.providers.calls][-2:] == ["status", "cancel"]
+    assert _check_of(h, q) == "cancel: cancelled"
+
+
+async def test_a_negative_decision_waits_while_the_order_may_still_pay() -> None:
+    """Pending and not cancellable, or a cancel not confirmed: refused, nothing changed."""
+    for provider, cancel in (("p_a", None), ("p_cancel", accepted()), ("p_cancel", None)):
+        h = harness()
+        q = await _in_manual_check(h, provider)
+        h.providers.on_status(provider, accepted())
+        if provider == "p_cancel":
+            h.providers.on_cancel(provider, cancel or Ambiguous("read timeout", "cancel"))
+        before = h.store.snapshot()
+        with pytest.raises(ResolutionRefused) as refused:
+            await h.resolve(h.task(q), positive=False)
+        assert (refused.value.code, refused.value.state) == ("provider_pending", T.MANUAL_CHECK)
+        assert h.store.snapshot() == before
+        assert h.core.holds[str(q.tasks[0].task_id)].state == "frozen"
+        check_money_safety(h)
+
+
+@scenario
+async def a_negative_decision_a_silent_provider_cannot_check_is_the_operators_word(
+    h: Harness,
+) -> None:
+    q = await _in_manual_check(h, "p_a")
+    h.providers.on_status("p_a", Ambiguous("HTTP 503 at status", "poll"))
+    await h.resolve(h.task(q), positive=False)
+    assert h.states(q) == (Q.ACTIVE, (T.FAILED, T.PENDING))
+    assert _check_of(h, q) == "unverified: HTTP 503 at status"
 
 
 # cancel
@@ -1567,6 +1653,7 @@ async def test_a_success_webhook_that_loses_the_race_to_a_final_write_is_recorde
     async def match_then_support_resolves(*args: str) -> tuple[uuid.UUID, uuid.UUID] | str:
         found = await matched(*args)
         if not resolved:  # commits between the (first) match and the handler
+            h.providers.on_status("p_a", ProviderAnswer(status="failed", reference="ref-a"))
             resolved.append(await h.resolve(t0, positive=False))
         return found
 
