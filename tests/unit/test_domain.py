@@ -38,6 +38,7 @@ from orchestrator.domain import (
     OrderTask,
     Outcome,
     ProviderAnswer,
+    ProviderChecked,
     QueueState,
     Resolve,
     Start,
@@ -565,7 +566,11 @@ class Sim:
                 continue
             if step.call is None:
                 return
-            event = self.answer(step.call, self.queue.task(task_id))
+            answer = self.answer(step.call, self.queue.task(task_id))
+            if step.awaiting is not None:  # support's decision waits for the provider's answer
+                assert isinstance(answer, ProviderAnswer | Ambiguous)
+                answer = ProviderChecked(resolve=step.awaiting, answer=answer)
+            event = answer
             in_create = step.call == "freeze_and_create"
 
     def external(self, kind: str) -> None:
