@@ -13,22 +13,33 @@ a Litestar answer sends its start and body messages back to back, so they leave 
 Nothing waits on a timer, and a close or EOF flushes first, so ordering and delivery are
 those of the real transport.
 
-The protocol also answers a method the HTTP parser does not know with the contract's 405
-(:class:`CoalescingHttpToolsProtocol`).
+The protocol also answers what the HTTP parser refuses (an unknown method, a control
+character in a header value, ...) in the contract's error envelope, and closes the connection
+after a CONNECT (:class:`CoalescingHttpToolsProtocol`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from contracts.legacy import ApiError, check_request_id, encode_api_error
+from contracts.legacy import (
+    ApiError,
+    FieldError,
+    check_idempotency_key,
+    check_request_id,
+    encode_api_error,
+    encode_validation_error,
+)
+
+log = logging.getLogger("cascade.http")
 
 WriteData = bytes | bytearray | memoryview
 
@@ -108,40 +119,128 @@ class CoalescingTransport(asyncio.Transport):
 
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol writing through a :class:`CoalescingTransport`.
+    """uvicorn's httptools protocol writing through a :class:`CoalescingTransport`, answering
+    what its HTTP parser refuses as the contract answers, and never reading a tunnel as requests.
 
-    Also answers a request whose method the HTTP parser does not know (``FOO /healthz``) as
-    the contract answers any method it does not serve: ``405 method_not_allowed`` in the
-    error envelope, after the answers to the requests before it on the connection, which
-    then closes (nothing after it can be parsed). uvicorn would drop those answers and send a
-    plain-text 400 with no ``X-Request-Id``.
+    uvicorn answers a request its parser refuses (an unknown method, a control character in a
+    header value, a body it cannot frame) with a plain-text 400 without ``X-Request-Id``, at
+    once, dropping the answers still owed to earlier requests on the connection. Here the
+    refused request gets the contract's error envelope (:func:`_refusal`), with the X-Request-Id
+    rule applied to its own header (read again from its bytes: :func:`_refused_head`), after
+    those answers; then the connection closes, as nothing after the refused bytes can be framed.
+
+    After a request that asks to switch protocols the parser stops, and uvicorn dropped the rest
+    of what it had read: requests pipelined after it were never answered. Here the app answers
+    a CONNECT (404 or 405) with ``Connection: close``, and nothing after it is read: those bytes
+    are the client's tunnel, not requests. Any other ``Upgrade`` is declined by answering in
+    HTTP/1.1 (RFC 9110 section 7.8), and parsing goes on with the next request. The gateway
+    serves no WebSocket (``ws="none"`` in :func:`server_config`), so no upgrade is ever taken.
     """
 
     _refusal: bytes | None = None
+    # Nothing more is read as HTTP: after a refusal or a CONNECT the connection is closing.
+    _stopped = False
+    # Inside a request (between the parser's message begin and complete), and what was read since
+    # the last point between two requests: the bytes a refused request's head is read again from,
+    # and how many requests began in them (the refused one is the last).
+    _in_request = False
+    _unread: list[bytes] | None = None
+    _unread_size = 0
+    _begun = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
-        self.parser = _MethodCheckingParser(self.parser, self._refuse_method)  # type: ignore[assignment]
 
-    def _refuse_method(self, data: bytes) -> None:
-        request_id = check_request_id(_header(data, b"x-request-id"))
-        body = encode_api_error(ApiError.METHOD_NOT_ALLOWED, request_id)
-        head = [b"HTTP/1.1 405 Method Not Allowed\r\n"]
-        head += [
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, with the parser's refusals and upgrades handled here."""
+        if self._stopped:
+            return  # after a refusal or a CONNECT nothing more is read as requests
+        self._unset_keepalive_if_required()
+        while data:
+            self._keep_unread(data)
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                # The parser stopped after a request asking to switch protocols, which the app
+                # answers in HTTP/1.1. After a CONNECT come the client's tunnel bytes; after any
+                # other, the next request.
+                if self.parser.get_method() == b"CONNECT":
+                    self._stopped = True
+                    return
+                data = data[upgrade.args[0] :]
+            except httptools.HttpParserError as refusal:
+                self._refuse(refusal)
+                return
+            else:
+                return
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_request = True
+        self._begun += 1
+
+    def on_headers_complete(self) -> None:
+        upgrade = self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT"
+        if upgrade and _declares_body(self.headers):
+            # httptools reads no body after a request that asks to switch protocols, so the app
+            # would answer this one as if it had none: refused instead (a 400).
+            raise _UnreadableBody
+        super().on_headers_complete()
+        if self.scope["method"] == "CONNECT":
+            self.cycle.keep_alive = False  # its answer says Connection: close, then closes
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_request = False
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._send_refusal_when_answered()
+
+    def _keep_unread(self, data: bytes) -> None:
+        if not self._in_request:
+            self._unread, self._unread_size, self._begun = [data], len(data), 0
+        elif self._unread is not None:
+            self._unread_size += len(data)
+            if self._unread_size > _UNREAD_LIMIT:
+                self._unread = None  # a refusal now reads no header: a fresh request id
+            else:
+                self._unread.append(data)
+
+    def _refuse(self, refusal: httptools.HttpParserError) -> None:
+        self._stopped = True
+        cycle = self.cycle
+        if self._in_request and cycle is not None and cycle.scope is self.scope:
+            # The parser refused the body of the request whose head it read last, which the app
+            # can never read. If that request is the one in flight (no earlier answer is owed)
+            # and the app has not begun answering, the refusal is its answer; otherwise the
+            # connection just closes.
+            if not cycle.response_started and not self.pipeline:
+                self.transport.write(self._refusal_bytes(refusal, _RefusedHead(self.headers)))
+            self.transport.close()
+            return
+        unread = b"".join(self._unread) if self._unread is not None else b""
+        self._refusal = self._refusal_bytes(refusal, _refused_head(refusal, unread, self._begun))
+        self._send_refusal_when_answered()
+
+    def _refusal_bytes(self, refusal: httptools.HttpParserError, head: _RefusedHead) -> bytes:
+        request_id = check_request_id(head.field(b"x-request-id"))
+        status, body = _refusal(refusal, head, request_id)
+        log.info(
+            "request refused by the HTTP parser",
+            extra={"status": status, "reason": str(refusal), "request_id": request_id},
+        )
+        lines = [STATUS_LINE[status]]
+        lines += [
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         ]
-        head += [
+        lines += [
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body),
             b"x-request-id: " + request_id.encode() + b"\r\n",
             b"connection: close\r\n\r\n",
         ]
-        self._refusal = b"".join(head) + body
-        self._send_refusal_when_answered()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._send_refusal_when_answered()
+        return b"".join(lines) + body
 
     def _send_refusal_when_answered(self) -> None:
         answered = self.cycle is None or self.cycle.response_complete
@@ -151,57 +250,146 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class _MethodCheckingParser:
-    """httptools' request parser, calling ``on_unknown_method`` instead of raising when a
-    request's method is not one it knows; everything else is the parser's own."""
-
-    def __init__(
-        self, parser: httptools.HttpRequestParser, on_unknown_method: Callable[[bytes], None]
-    ):
-        self._parser = parser
-        self._on_unknown_method = on_unknown_method
-        self._refused = False
-
-    def feed_data(self, data: bytes) -> None:
-        if self._refused:
-            return  # the parser stopped at the refused method; the connection is closing
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserInvalidMethodError:
-            self._refused = True
-            self._on_unknown_method(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._parser, name)
+class _UnreadableBody(Exception):
+    """A request's body the parser will not read (see ``on_headers_complete``)."""
 
 
-# A request line; group 1 is the method. The parser knows these and more; a refused request's
-# method is not among them.
-_REQUEST_LINE = re.compile(rb"(?:\A|\r\n)([^\s:]+) \S+ HTTP/\d\.\d\r\n")
-_STANDARD_METHODS = frozenset(
-    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH")
-)
+def _declares_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(
+        name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0")
+        for name, value in headers
+    )
 
 
-def _header(data: bytes, name: bytes) -> str | None:
-    """A header of the refused request, read from the bytes the parser stopped in: the headers
-    after the first request line whose method is not a standard one, up to the blank line."""
-    for line in _REQUEST_LINE.finditer(data):
-        if line.group(1) not in _STANDARD_METHODS:
-            head = data[line.end() :].split(b"\r\n\r\n", 1)[0]
-            for field in head.split(b"\r\n"):
-                key, sep, value = field.partition(b":")
-                if sep and key.strip().lower() == name:
-                    return value.strip().decode("latin-1")
+# How much is kept, from the last point between two requests on, to read a refused request's
+# head again: as much as the largest body the API takes, with room for the heads around it.
+_UNREAD_LIMIT = 2 * 65536
+
+
+@dataclass(frozen=True)
+class _RefusedHead:
+    """The header fields of a refused request, as far as they could be read (names lowercased,
+    values raw), and the one whose value the parser refused, when it refused one."""
+
+    fields: list[tuple[bytes, bytes]]
+    refused: tuple[bytes, bytes] | None = None
+
+    def field(self, name: bytes) -> str | None:
+        return next((value.decode("latin-1") for key, value in self.fields if key == name), None)
+
+    def key_error(self) -> FieldError | None:
+        """The contract's error on the ``Idempotency-Key``, when its value was refused."""
+        if self.refused is None or self.refused[0] != b"idempotency-key":
             return None
-    return None
+        return check_idempotency_key(self.refused[1].decode("latin-1"))
+
+
+def _refusal(
+    refusal: httptools.HttpParserError, head: _RefusedHead, request_id: str
+) -> tuple[int, bytes]:
+    """Status and body of the contract's answer to a request the parser refused.
+
+    In the contract's order of checks: a method it does not know is a 405, a request target it
+    cannot read a 404 (no resource has that name); an ``Idempotency-Key`` value refused for a
+    control character is the 422 the app gives any key it refuses (listing the key alone: the
+    body is never read); anything else is the contract's one 400, the answer the app gives a
+    request it cannot read.
+    """
+    if isinstance(refusal, httptools.HttpParserInvalidMethodError):
+        error = ApiError.METHOD_NOT_ALLOWED
+    elif isinstance(refusal, httptools.HttpParserInvalidURLError) or isinstance(
+        # uvicorn reads the target when the head is complete: parse_url, then ASCII.
+        refusal.__context__,
+        httptools.HttpParserInvalidURLError | UnicodeDecodeError,
+    ):
+        error = ApiError.ROUTE_NOT_FOUND
+    else:
+        key_error = head.key_error()
+        if key_error is not None:
+            return 422, encode_validation_error([key_error], request_id)
+        error = ApiError.MALFORMED_JSON
+    return error.status, encode_api_error(error, request_id)
+
+
+def _refused_head(refusal: httptools.HttpParserError, unread: bytes, begun: int) -> _RefusedHead:
+    """The head of the refused request, read again from ``unread``: the bytes read since the
+    last point between two requests, in which ``begun`` requests began, the refused one last.
+
+    httptools tells neither where a request began nor where it refused one, so fresh parsers
+    read prefixes of ``unread``, and bisection finds the shortest in which the refused request
+    has begun and the shortest that is refused: a few passes at the parser's own speed. The
+    head's lines are read as plain ``name: value`` fields, those after the refused byte too (for
+    the request id). A refusal from one of uvicorn's callbacks is not the parser's own: it
+    refuses no field.
+    """
+    if begun == 0:
+        return _RefusedHead([])
+    start = _shortest_prefix(len(unread), lambda size: _Replay(unread[:size]).begun >= begun)
+    if start is None:
+        return _RefusedHead([])
+    head = unread[start - 1 :].split(b"\r\n\r\n", 1)[0]
+    lines = head.split(b"\r\n")
+    fields = [_field(line) for line in lines[1:] if b":" in line]
+    if isinstance(refusal, httptools.HttpParserCallbackError):
+        return _RefusedHead(fields)
+    refused_at = _shortest_prefix(len(unread), lambda size: _Replay(unread[:size]).refused)
+    if refused_at is None:
+        return _RefusedHead(fields)
+    at = refused_at - start  # the refused byte's offset in head
+    index = head.count(b"\r\n", 0, at)  # its line's, in lines
+    if index == 0 or at >= len(head):
+        return _RefusedHead(fields)  # refused in the request line, or after the head
+    in_line = at - sum(len(line) + 2 for line in lines[:index])
+    if not 0 <= lines[index].find(b":") < in_line:
+        return _RefusedHead(fields)  # refused in the field's name
+    return _RefusedHead(fields, _field(lines[index]))
+
+
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    name, _, value = line.partition(b":")
+    return name.strip().lower(), value.strip()
+
+
+class _Replay:
+    """A fresh parser's reading of ``data``: how many requests began, and whether one was
+    refused. Its leniency is uvicorn's, so it stops where the server's parser stopped."""
+
+    def __init__(self, data: bytes) -> None:
+        self.begun = 0
+        self.refused = False
+        parser = httptools.HttpRequestParser(self)
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.refused = True
+        except httptools.HttpParserUpgrade:
+            pass
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+
+def _shortest_prefix(size: int, holds: Callable[[int], bool]) -> int | None:
+    """The least ``n`` in 1..``size`` for which ``holds(n)``, which once true stays true."""
+    if size == 0 or not holds(size):
+        return None
+    low, high = 1, size
+    while low < high:
+        middle = (low + high) // 2
+        if holds(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
     """The uvicorn configuration ``cascade-gateway serve`` runs ``app`` with (the tests too).
 
-    ``loop="none"``: the caller's loop (uvloop in ``serve``). No access log: requests are
-    logged by the app, with their ids.
+    ``loop="none"``: the caller's loop (uvloop in ``serve``). ``ws="none"``: the protocol
+    declines every upgrade, whatever is installed. No access log: requests are logged by the
+    app, with their ids.
     """
     return uvicorn.Config(
         app,
@@ -209,6 +397,7 @@ def server_config(app: Any, *, host: str, port: int) -> uvicorn.Config:
         port=port,
         loop="none",
         http=CoalescingHttpToolsProtocol,
+        ws="none",
         log_config=None,
         access_log=False,
         lifespan="on",

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from litestar.types import Receive, Scope, Send
+from uvicorn.server import ServerState
 
-from gateway.serving import CoalescingTransport
+from gateway.serving import CoalescingHttpToolsProtocol, CoalescingTransport, server_config
+from tests.conftest import API_TOKEN, StackFactory, flags_document, new_id, withdrawal_body
 from tests.waiting import wait_until
 
 
@@ -140,3 +146,229 @@ async def test_a_served_answer_is_one_write(tmp_path: Path) -> None:
         server.terminate()
         await server.wait()
     assert 100 <= writes < 150, f"{writes} writes for 100 answers"
+
+
+# What the HTTP parser refuses, and what it takes for a switch of protocols, answered over a raw
+# socket to the gateway as `serve` runs it.
+
+_CLOSE = b"Connection: close\r\n"
+
+
+async def _exchange(url: str, *writes: bytes) -> bytes:
+    """Everything the server sends on one connection after ``writes``, until it closes it.
+
+    An idle connection is closed after uvicorn's keep-alive timeout (5 s), so an answer that
+    should close the connection is checked for ``Connection: close`` as well."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for data in writes:
+            writer.write(data)
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status_line: bytes
+    headers: dict[bytes, bytes]  # names lowercased
+    body: bytes
+
+    @property
+    def status(self) -> int:
+        return int(self.status_line.split()[1])
+
+
+def _answers(raw: bytes) -> list[_Answer]:
+    """The answers in ``raw``, each framed by its Content-Length."""
+    answers = []
+    while raw:
+        head, blank, rest = raw.partition(b"\r\n\r\n")
+        assert blank, raw
+        status_line, *lines = head.split(b"\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(b": ")
+            headers[name.lower()] = value
+        length = int(headers[b"content-length"])
+        answers.append(_Answer(status_line, headers, rest[:length]))
+        raw = rest[length:]
+    return answers
+
+
+def _request(method: bytes, target: bytes, *headers: bytes, body: bytes = b"") -> bytes:
+    head = b"%s %s HTTP/1.1\r\nHost: gateway\r\n" % (method, target) + b"".join(headers)
+    if body:
+        head += b"Content-Length: %d\r\n" % len(body)
+    return head + b"\r\n" + body
+
+
+_HEALTHZ = _request(b"GET", b"/healthz")
+
+
+def _create(key: bytes, request_id: bytes, *more: bytes) -> bytes:
+    body = json.dumps(withdrawal_body(new_id(), ["sbx_ok"])).encode()
+    return _request(
+        b"POST",
+        b"/v1/withdrawals",
+        b"Authorization: Bearer %s\r\n" % API_TOKEN.encode(),
+        b"Content-Type: application/json\r\n",
+        b"Idempotency-Key: " + key + b"\r\n",
+        b"X-Request-Id: " + request_id + b"\r\n",
+        *more,
+        body=body,
+    )
+
+
+def _assert_error(answer: _Answer, status: int, code: bytes) -> bytes:
+    """``answer`` is the contract's error ``code`` with ``status``; returns its request id."""
+    request_id = answer.headers[b"x-request-id"]
+    assert answer.status == status, answer
+    assert answer.headers[b"content-type"] == b"application/json", answer
+    assert answer.body.startswith(b'{"error":{"code":"' + code + b'","message":"'), answer
+    assert answer.body.endswith(b'"request_id":"' + request_id + b'"}}'), answer
+    return request_id
+
+
+async def test_a_control_character_in_the_idempotency_key_is_the_contracts_422(
+    make_stack: StackFactory,
+) -> None:
+    """The parser refuses ``k\\x01`` (the app never sees it): still the 422 the app gives any
+    other key it refuses, with the request's own X-Request-Id though it follows the key, after
+    the answer owed to the request before it; then the connection closes."""
+    stack = await make_stack(flags=flags_document(enabled=False), with_worker=False)
+    # The app's own answer to a key that reaches it (the parser lets \x80 through).
+    [reference] = _answers(await _exchange(stack.url, _create(b"k\x80", b"r-0", _CLOSE)))
+    assert reference.status == 422, reference
+
+    [healthz, refused] = _answers(await _exchange(stack.url, _HEALTHZ, _create(b"k\x01", b"r-1")))
+    assert (healthz.status, healthz.body) == (200, b'{"status":"ok"}')
+    assert refused.status_line == reference.status_line
+    assert refused.headers[b"content-type"] == b"application/json"
+    assert refused.headers[b"x-request-id"] == b"r-1"
+    assert refused.headers[b"connection"] == b"close"
+    assert refused.body == reference.body.replace(b'"r-0"', b'"r-1"')
+    assert b'"fields":[{"field":"Idempotency-Key","reason":"invalid_format"}]' in refused.body
+
+
+@pytest.mark.parametrize(
+    ("writes", "status", "code", "request_id"),
+    [
+        # Any other header value with a control character: 400, the request's own id.
+        ([_create(b"k-1", b"r-2", b"X-Note: a\x01b\r\n")], 400, b"malformed_json", b"r-2"),
+        # The id itself refused: a fresh one.
+        ([_create(b"k-1", b"r-\x013")], 400, b"malformed_json", None),
+        # A request target the parser cannot read names no resource.
+        (
+            [_request(b"GET", b"/v1/with\x01drawals", b"X-Request-Id: r-5\r\n")],
+            404,
+            b"not_found",
+            b"r-5",
+        ),
+        ([_request(b"GET", b"/caf\xc3\xa9", b"X-Request-Id: r-6\r\n")], 404, b"not_found", b"r-6"),
+        # A body the parser cannot frame, after its head was read (the app is at work).
+        (
+            [
+                _request(
+                    b"POST",
+                    b"/v1/withdrawals",
+                    b"Authorization: Bearer %s\r\n" % API_TOKEN.encode(),
+                    b"Content-Type: application/json\r\n",
+                    b"Transfer-Encoding: chunked\r\n",
+                    b"X-Request-Id: r-7\r\n",
+                )
+                + b"2\r\n{}\r\nzz\r\n"
+            ],
+            400,
+            b"malformed_json",
+            b"r-7",
+        ),
+    ],
+)
+async def test_whatever_the_parser_refuses_is_answered_in_the_envelope(
+    make_stack: StackFactory,
+    writes: list[bytes],
+    status: int,
+    code: bytes,
+    request_id: bytes | None,
+) -> None:
+    stack = await make_stack(flags=flags_document(enabled=False), with_worker=False)
+    [answer] = _answers(await _exchange(stack.url, *writes))
+    answered_id = _assert_error(answer, status, code)
+    assert answer.headers[b"connection"] == b"close"
+    if request_id is None:
+        assert re.fullmatch(rb"[0-9a-f]{32}", answered_id), answered_id
+    else:
+        assert answered_id == request_id
+
+
+async def test_a_refused_head_is_read_again_from_every_read_it_came_in() -> None:
+    """The parser refuses a head that came in three reads, the first of which also held a
+    request before it: that request is answered first, then the refusal, which names the key
+    and carries the request id that the reads split (no socket: the reads are the test's)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+    config = server_config(app, host="127.0.0.1", port=0)
+    protocol = CoalescingHttpToolsProtocol(config, ServerState(), {}, asyncio.get_running_loop())
+    real = _Recording()
+    protocol.connection_made(real)
+    for data in (
+        _HEALTHZ + b"POST /v1/withdrawals HTTP/1.1\r\nX-Request-Id: r-1",
+        b"0\r\nIdempotency-Key: k",
+        b"\x01\r\nContent-Length: 2\r\n\r\n{}",
+    ):
+        protocol.data_received(data)
+    await wait_until(lambda: real.closed, timeout=5, what="the connection to close")
+    [answered, refused] = _answers(b"".join(real.writes))
+    assert (answered.status, answered.body) == (200, b"ok")
+    assert refused.status == 422
+    assert refused.headers[b"x-request-id"] == b"r-10"
+    assert refused.body == (
+        b'{"error":{"code":"validation_failed","message":"Request validation failed.",'
+        b'"fields":[{"field":"Idempotency-Key","reason":"invalid_format"}],"request_id":"r-10"}}'
+    )
+
+
+async def test_a_connect_is_answered_and_closes_the_connection(make_stack: StackFactory) -> None:
+    """What follows a CONNECT is the client's tunnel, not requests: the CONNECT gets its 404
+    with ``Connection: close`` after the answers owed before it, and the connection closes
+    (uvicorn left requests pipelined after it unanswered on an open connection)."""
+    stack = await make_stack(flags=flags_document(enabled=False), with_worker=False)
+    connects = (
+        _request(b"CONNECT", b"/nowhere", b"X-Request-Id: r-8\r\n"),
+        _request(b"CONNECT", b"gateway:443", b"X-Request-Id: r-8\r\n"),
+    )
+    for connect in connects:
+        answers = _answers(await _exchange(stack.url, _HEALTHZ, connect, _HEALTHZ, _HEALTHZ))
+        assert [answer.status for answer in answers] == [200, 404], answers
+        assert _assert_error(answers[1], 404, b"not_found") == b"r-8"
+        assert answers[1].headers[b"connection"] == b"close"
+        # Alone: answered and closed, without the client sending anything more.
+        [answer] = _answers(await _exchange(stack.url, connect))
+        assert (answer.status, answer.headers[b"connection"]) == (404, b"close")
+
+
+async def test_an_upgrade_is_declined_and_the_connection_goes_on(make_stack: StackFactory) -> None:
+    """``Upgrade: h2c`` is ignored (the answer is HTTP/1.1) and the requests after it are
+    answered (uvicorn dropped the bytes after the request that asked for the switch). httptools
+    reads no body after such a request, so one that has a body is refused, not answered as if
+    it had none."""
+    stack = await make_stack(flags=flags_document(enabled=False), with_worker=False)
+    upgrade = (b"Connection: upgrade\r\n", b"Upgrade: h2c\r\n")
+    last = _request(b"GET", b"/healthz", _CLOSE)
+    answers = _answers(
+        await _exchange(stack.url, _request(b"GET", b"/healthz", *upgrade), _HEALTHZ, last)
+    )
+    assert [(answer.status, answer.body) for answer in answers] == 3 * [(200, b'{"status":"ok"}')]
+
+    with_body = _create(b"k-1", b"r-9", *upgrade)
+    [healthz, refused] = _answers(await _exchange(stack.url, _HEALTHZ, with_body, _HEALTHZ))
+    assert healthz.status == 200
+    assert _assert_error(refused, 400, b"malformed_json") == b"r-9"
+    assert refused.headers[b"connection"] == b"close"
