@@ -366,6 +366,18 @@ class EmbeddedNats:
         return self._data_dir / "nats.log"
 
     @property
+    def store_dir(self) -> Path:
+        """The JetStream store: streams, consumers, pending schedules, the dedup window."""
+        return self._data_dir / "jetstream"
+
+    def delete_store(self) -> None:
+        """Delete the JetStream store of a stopped server, as a lost disk would: the next
+        ``start()`` comes up empty."""
+        if self._child is not None and not self._child.exited():
+            raise EmbeddedServiceError("stop nats-server before deleting its store")
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    @property
     def port(self) -> int:
         if self._port is None:
             raise EmbeddedServiceError("nats-server has no port yet; call start() first")
@@ -396,7 +408,7 @@ class EmbeddedNats:
                 str(binary),
                 "-js",
                 "-sd",
-                str(self._data_dir / "jetstream"),
+                str(self.store_dir),
                 "-a",
                 _HOST,
                 "-p",

@@ -86,14 +86,15 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
     pool = await _open_database(settings)
     names = bus.Names(settings.nats_namespace)
     try:
-        js, nc = await _open_broker(settings, names, name)
+        streams, nc = await _open_broker(settings, names, name)
     except DependencyError:
         await pool.close()
         raise
+    js = streams.js
     http = HttpClient(timeouts=Timeouts(connect=2.0, read=5.0), max_connections=200)
     core = HttpCascadeCore(settings.core_url, settings.core_token, client=http)
     adapter = HttpProviderAdapter(client=http)
-    relay = OutboxRelay(pool, js, names)
+    relay = OutboxRelay(pool, js, names, streams=streams)
     engine = Engine(
         pool=pool, relay=relay, core=core, providers=adapter, provider_configs=settings.providers
     )
@@ -144,25 +145,26 @@ async def _open_database(settings: Settings) -> store.Pool:
 
 async def _open_broker(
     settings: Settings, names: bus.Names, name: str
-) -> tuple[JetStreamContext, NatsClient]:
-    """A NATS connection (named ``name``) with the streams of ``names`` ensured."""
+) -> tuple[bus.Streams, NatsClient]:
+    """A NATS connection (named ``name``) with the streams of ``names`` ensured; the
+    :class:`~orchestrator.bus.Streams` recreate them if the broker loses them later."""
     assert settings.nats_url is not None
     try:
         nc = await bus.connect(settings.nats_url, name=name)
     except Exception as exc:
         raise DependencyError(f"cannot connect to NATS_URL {settings.nats_url} ({exc!r})") from exc
-    js = nc.jetstream()
+    streams = bus.Streams(
+        nc.jetstream(),
+        names,
+        ack_wait_seconds=settings.ack_wait_seconds,
+        replicas=settings.jetstream_replicas,
+    )
     try:
-        await bus.ensure_streams(
-            js,
-            names,
-            ack_wait_seconds=settings.ack_wait_seconds,
-            replicas=settings.jetstream_replicas,
-        )
+        await streams.ensure()
     except Exception as exc:
         await nc.close()
         raise DependencyError(
             f"JetStream setup failed on {settings.nats_url} (needs nats-server >= 2.12 with "
             f"JetStream enabled): {exc!r}"
         ) from exc
-    return js, nc
+    return streams, nc

@@ -11,10 +11,16 @@ in :mod:`contracts.messages`), and :func:`decode` reads a payload as the message
 
 A namespace prefix (empty in production) lets tests share one nats-server without sharing
 subjects or streams.
+
+Postgres is the record and the broker only delivers, so a broker that lost its store (a disk
+wiped, a server replaced) is repaired while the processes run: :class:`Streams` recreates the
+streams and the work consumer when a fetch or a publish fails the way their absence makes
+it fail, and the sweeper and the outbox relay re-arm what was due from Postgres.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import uuid
@@ -26,10 +32,11 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from contracts import messages
 from contracts.messages import Message, TaskMessage, WebhookMessage
+from orchestrator import metrics as m
 from orchestrator.domain import TimerKind
 
 log = logging.getLogger("cascade.bus")
@@ -232,6 +239,109 @@ async def ensure_streams(
             max_ack_pending=2000,
         ),
     )
+
+
+# How a missing stream or consumer shows: a publish nothing stores (no stream takes the subject),
+# a fetch nobody answers (no consumer: "no responders", a 503), an API call on a name the broker
+# does not know. A broker that is merely down shows as timeouts and connection errors instead,
+# and is waited out by the client's reconnects.
+LOST_STREAM_SYMPTOMS: tuple[type[Exception], ...] = (
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    NotFoundError,
+)
+
+
+class Streams:
+    """The streams and the work consumer a process relies on: ensured at start, and recreated
+    while it runs whenever the broker turns out to have lost them.
+
+    One instance per process (the outbox relay holds it; the worker uses the relay's), so
+    the fetch loop, the sweeper and the relay that see the same loss repair it once.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        names: Names,
+        *,
+        replicas: int = 1,
+        file_storage: bool = True,
+        ack_wait_seconds: float = 60.0,
+        check_interval: float = 2.0,
+        check_timeout: float = 5.0,
+    ) -> None:
+        self.js = js
+        self.names = names
+        self.replicas = replicas
+        self.file_storage = file_storage
+        self.ack_wait_seconds = ack_wait_seconds
+        self.check_interval = check_interval
+        self.check_timeout = check_timeout
+        # Bumped at each recreation: a subscription bound under an older one binds again.
+        self.generation = 0
+        self._checked_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def ensure(self) -> None:
+        """Create or update the streams and the work consumer (:func:`ensure_streams`)."""
+        await ensure_streams(
+            self.js,
+            self.names,
+            replicas=self.replicas,
+            file_storage=self.file_storage,
+            ack_wait_seconds=self.ack_wait_seconds,
+        )
+
+    async def missing(self) -> list[str]:
+        """What the broker lacks of the streams and the work consumer (empty: nothing)."""
+        gone: list[str] = []
+        for stream in (self.names.stream, self.names.dlq_stream):
+            try:
+                await self.js.stream_info(stream)
+            except NotFoundError:
+                gone.append(f"stream {stream}")
+        try:
+            await self.js.consumer_info(self.names.stream, self.names.consumer)
+        except NotFoundError:
+            gone.append(f"consumer {self.names.consumer}")
+        return gone
+
+    async def heal(self, error: BaseException) -> bool:
+        """After a broker call failed with ``error``: if the error is how a lost stream or
+        consumer shows and the broker confirms they are gone, recreate them. The broker is
+        asked at most once per ``check_interval`` (callers fail every half second while it
+        lasts); True when something was recreated."""
+        if not isinstance(error, LOST_STREAM_SYMPTOMS) or self._lock.locked():
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._checked_at is not None and now - self._checked_at < self.check_interval:
+            return False
+        async with self._lock:
+            self._checked_at = now
+            try:
+                async with asyncio.timeout(self.check_timeout):
+                    gone = await self.missing()
+                    # Only what the broker says it does not know is recreated, exactly as a
+                    # process start would (ensure_streams is idempotent): a 503 while the
+                    # broker itself recovers is not a loss, and is checked again later.
+                    if gone:
+                        await self.ensure()
+            except Exception as exc:  # noqa: BLE001 — the next failure checks again
+                log.warning(
+                    "checking the broker's streams failed; will check again",
+                    extra={"error": repr(exc), "after": repr(error)},
+                )
+                return False
+        if not gone:
+            return False
+        self.generation += 1
+        m.broker_heals.inc()
+        log.warning(
+            "broker lost its streams; recreated them (pending work is re-armed from Postgres)",
+            extra={"recreated": ", ".join(gone), "after": repr(error)},
+        )
+        return True
 
 
 async def dlq_size(js: JetStreamContext, names: Names) -> int:

@@ -73,3 +73,8 @@ handler_errors = Counter(
     "Handler attempts that failed and will be retried.",
     ["subject", "error"],
 )
+broker_heals = Counter(
+    "broker_heals",
+    "Times this process found the broker without its streams or work consumer (a store lost)"
+    " and recreated them.",
+)

@@ -6,6 +6,10 @@ transaction wrote (kept in memory, not read back) and leaves deleting the rows t
 crashed or disconnected process left behind. Each row is published with
 ``Nats-Msg-Id: ob-<id>`` (unless it carries its own), so a row published twice (fast path and
 relay racing) is stored once by JetStream's duplicate window.
+
+A publish the broker refuses for want of a stream (its store was lost) asks
+:class:`~orchestrator.bus.Streams` to recreate the streams; the rows stay in the table until
+a publish succeeds, so nothing written before or during the loss is lost with it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from nats.js import JetStreamContext
 
 from orchestrator import store
-from orchestrator.bus import Names
+from orchestrator.bus import Names, Streams
 from orchestrator.deferred import DeferredWrites
 from orchestrator.store import sweeps
 
@@ -31,22 +35,31 @@ class OutboxRelay:
         js: JetStreamContext | None,
         names: Names,
         deferred: DeferredWrites | None = None,
+        streams: Streams | None = None,
     ) -> None:
         self.pool = pool
         self.js = js
         self.names = names
         self.deferred = deferred or DeferredWrites(pool)
+        if streams is None and js is not None:
+            streams = Streams(js, names)
+        self.streams = streams
 
     async def publish_now(self, messages: Sequence[store.OutboxMessage]) -> None:
         """Publish what a transaction just committed; the rows are deleted a moment later.
-        Failures are left for the relay."""
+        Failures are left for the relay (a lost stream is recreated first)."""
         if not messages or self.js is None:
             return
-        done = await self._publish(sorted(messages, key=_by_id))
+        done, failure = await self._publish(sorted(messages, key=_by_id))
         if done:
             self.deferred.outbox_published(done)
+        if failure is not None:
+            await self._heal(failure)
 
-    async def _publish(self, messages: Sequence[store.OutboxMessage]) -> list[int]:
+    async def _publish(
+        self, messages: Sequence[store.OutboxMessage]
+    ) -> tuple[list[int], Exception | None]:
+        """The ids published, in order, and the error that stopped the rest (if one did)."""
         assert self.js is not None
         done: list[int] = []
         for message in messages:
@@ -57,9 +70,13 @@ class OutboxRelay:
                 log.warning(
                     "outbox publish failed", extra={"subject": message.subject, "error": repr(exc)}
                 )
-                break  # keep order: later rows wait for this one
+                return done, exc  # keep order: later rows wait for this one
             done.append(message.id)
-        return done
+        return done, None
+
+    async def _heal(self, failure: Exception) -> None:
+        if self.streams is not None:
+            await self.streams.heal(failure)
 
     async def purge(self, subject: str) -> None:
         """Cancel a timer. Best effort: a timer that still fires is ignored as stale."""
@@ -78,9 +95,11 @@ class OutboxRelay:
             rows = await sweeps.unpublished_outbox(
                 conn, older_than_seconds=older_than_seconds, limit=limit
             )
-            done = await self._publish(rows)
+            done, failure = await self._publish(rows)
             if done:
                 await sweeps.delete_outbox(conn, done)
+        if failure is not None:
+            await self._heal(failure)  # outside the transaction: it holds no connection
         return len(done)
 
     async def run(self, interval: float = 1.0) -> None:

@@ -10,11 +10,16 @@
   crash after commit and before publish, or mid-create) are started again. Handlers ignore
   whatever no longer applies, so sweeping something that was merely slow is harmless.
 - Notifier: final-status notifications to cascade-core, retried with backoff until a 2xx.
+- A broker that lost its streams (its store wiped) is repaired while the worker runs: a fetch
+  or a pass failing the way a missing stream or consumer fails asks :class:`bus.Streams` to
+  recreate them, the fetch loop binds again, and the sweeper and the outbox relay re-publish
+  what Postgres says is due.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -95,6 +100,7 @@ class Worker:
         sweep_interval: float = 2.0,
         stranded_after: float = 10.0,
         timer_grace: float = 15.0,
+        streams: bus.Streams | None = None,
     ) -> None:
         self.engine = engine
         self.js = js
@@ -107,11 +113,21 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(concurrency)
+        self._streams = streams
+        self._bound = 0  # the streams' generation the subscription was bound under
+
+    @property
+    def streams(self) -> bus.Streams:
+        """What repairs a broker that lost its streams: by default the outbox relay's, one
+        per process."""
+        if self._streams is not None:
+            return self._streams
+        streams = self.engine.relay.streams
+        assert streams is not None, "a worker's relay publishes to JetStream"
+        return streams
 
     async def start(self) -> None:
-        sub = await self.js.pull_subscribe_bind(
-            durable=self.names.consumer, stream=self.names.stream
-        )
+        sub = await self._bind()
         self._tasks = [
             asyncio.create_task(self._consume(sub), name="consume"),
             asyncio.create_task(self.engine.relay.run(), name="outbox-relay"),
@@ -137,9 +153,19 @@ class Worker:
                 await fn()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 log.exception("periodic pass failed", extra={"loop": getattr(fn, "__name__", "")})
+                # A sweep's publish or the DLQ gauge may be the first to meet a lost stream.
+                await self.streams.heal(exc)
             await asyncio.sleep(interval)
+
+    async def _bind(self) -> JetStreamContext.PullSubscription:
+        generation = self.streams.generation
+        sub = await self.js.pull_subscribe_bind(
+            durable=self.names.consumer, stream=self.names.stream
+        )
+        self._bound = generation
+        return sub
 
     async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
         while True:
@@ -152,7 +178,13 @@ class Worker:
                 raise
             except Exception as exc:  # noqa: BLE001 — broker hiccup: wait and fetch again
                 log.warning("fetch failed", extra={"error": repr(exc)})
-                await asyncio.sleep(0.5)
+                # A consumer the broker lost answers no fetch: recreate it (here, or in the
+                # relay or the sweeper of this process) and bind to the new one.
+                await self.streams.heal(exc)
+                if self.streams.generation != self._bound:
+                    sub = await self._rebind(sub)
+                else:
+                    await asyncio.sleep(0.5)
                 continue
             msgs += await self._more_timers(sub, msgs, free)
             timers = [msg for msg in msgs if self._is_timer(msg)]
@@ -161,6 +193,19 @@ class Worker:
                 msgs = [msg for msg in msgs if not self._is_timer(msg)]
             for msg in msgs:
                 await self._spawn(functools.partial(self._handle, msg))
+
+    async def _rebind(
+        self, old: JetStreamContext.PullSubscription
+    ) -> JetStreamContext.PullSubscription:
+        try:
+            sub = await self._bind()
+        except Exception as exc:  # noqa: BLE001 — keep the old binding; the next failure retries
+            log.warning("binding the recreated consumer failed", extra={"error": repr(exc)})
+            await asyncio.sleep(0.5)
+            return old
+        with contextlib.suppress(Exception):
+            await old.unsubscribe()
+        return sub
 
     async def _spawn(self, job: Callable[[_Slot], Coroutine[Any, Any, None]]) -> None:
         """Run ``job`` as a handler once one of the worker's ``concurrency`` slots is free."""
