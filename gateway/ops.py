@@ -37,6 +37,8 @@ AnyRequest = Request[Any, Any, Any]
 class ResolveBody(msgspec.Struct, forbid_unknown_fields=True):
     decision: Literal["positive", "negative"]
     reason: str
+    # A negative decision applied even though the provider cannot confirm it (audited so).
+    unverified: bool = False
 
 
 def _error(status: int, code: str, message: str) -> Response[bytes]:
@@ -51,7 +53,12 @@ def _denied(request: AnyRequest) -> Response[bytes] | None:
 
 
 def _unavailable(_request: AnyRequest, _exc: Exception) -> Response[bytes]:
-    return _error(503, "unavailable", "The database did not answer; nothing changed, try again.")
+    return _error(
+        503,
+        "unavailable",
+        "The database did not answer; nothing was recorded. Send the request again: it is safe"
+        " to repeat.",
+    )
 
 
 # Every ops route answers a database that is down (restarting, failing over) with a 503.
@@ -114,6 +121,7 @@ async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[
             positive=body.decision == "positive",
             reason=body.reason[:500],
             actor=_actor(request),
+            unverified=body.unverified,
         )
     except UnknownTask:
         return _error(404, "not_found", "No such task.")

@@ -283,7 +283,13 @@ class WithdrawalService:
                 return await views.manual_checks(conn)
 
     async def resolve(
-        self, task_id: uuid.UUID, *, positive: bool, reason: str, actor: str
+        self,
+        task_id: uuid.UUID,
+        *,
+        positive: bool,
+        reason: str,
+        actor: str,
+        unverified: bool = False,
     ) -> OrderTask:
         """Support's decision on a manual check: positive commits the frozen amount (the
         provider paid); negative, once the provider confirmed it will not pay (or could not be
@@ -295,7 +301,7 @@ class WithdrawalService:
                 check_resolvable(await views.task_state(conn, task_id))
             try:
                 task = await self._rt.engine.resolve(
-                    task_id, positive=positive, reason=reason, actor=actor
+                    task_id, positive=positive, reason=reason, actor=actor, unverified=unverified
                 )
             except ResolutionRefused as exc:
                 raise ResolutionConflict(exc.code, str(exc)) from exc

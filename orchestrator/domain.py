@@ -257,11 +257,13 @@ class TimerFired:
 
 @dataclass(frozen=True)
 class Resolve:
-    """Support resolved a manual check."""
+    """Support resolved a manual check. ``unverified``: apply a negative decision even when
+    the provider cannot confirm it (it does not answer), on the operator's word, audited so."""
 
     positive: bool
     reason: str
     actor: str
+    unverified: bool = False
 
 
 @dataclass(frozen=True)
@@ -331,6 +333,19 @@ NO_CHANGES = Changes()
 _AUDIT_ONLY = frozenset({"resolution", "resolved_by", "provider_check"})
 
 
+RefusalCode = Literal["provider_paid", "provider_pending", "provider_unreachable"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refusal:
+    """Why support's negative decision was not applied: the provider paid (the attempt is
+    committed instead), the order is pending and not cancelled, or the provider did not
+    answer."""
+
+    code: RefusalCode
+    message: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class Step:
     """What one event does to one task. ``to is None`` means: the state stays."""
@@ -359,6 +374,8 @@ class Step:
     ignored_because: str | None = None
     # Ignored for now but not to be dropped: the message is retried later.
     retry: bool = False
+    # Support's decision is not applied, and why (the step records that it was refused).
+    refusal: Refusal | None = None
 
     @property
     def ignored(self) -> bool:
@@ -660,25 +677,38 @@ def _resolved_negative(task: OrderTask, resolve: Resolve, check: str) -> Step:
 def _decide_checked(
     task: OrderTask, resolve: Resolve, answer: ProviderAnswer | Ambiguous, config: ProviderConfig
 ) -> Step:
-    """A negative decision, with the provider's answer: a success wins over the decision (the
-    attempt is committed, and the decision refused); a failed, cancelled or absent order
-    confirms it; a pending one is cancelled at the provider first where it can be, and the
-    decision waits until a cancel is confirmed; a provider that does not answer leaves the
-    operator's word the last one, and the audit says so."""
+    """A negative decision, with the provider's answer. A success wins over the decision (the
+    attempt is committed, the decision refused); a failed, cancelled or never-accepted absent
+    order confirms it; a pending one is cancelled at the provider first where it can be, and
+    the decision is refused until a cancel is confirmed; no answer (a timeout, an error, an
+    answer that does not decode, a 404 for an order accepted earlier) proves nothing, as
+    everywhere: refused, unless the operator applies it unverified. A refusal is recorded
+    (the decision, its reason, the provider's answer), and changes nothing else."""
     if task.state != T.MANUAL_CHECK:
         return ignore("manual.resolve", f"task is {task.state}, not MANUAL_CHECK")
-    if isinstance(answer, Ambiguous):
-        if answer.source == "cancel":
-            return ignore("manual.resolve", "the order is pending and its cancel unconfirmed")
-        return _resolved_negative(task, resolve, f"unverified: {answer.detail[:200]}")
-    reference: str | UnsetType | None = answer.reference if answer.reference else UNSET
+    if isinstance(answer, Ambiguous) and answer.source == "cancel":
+        return _refused(resolve, "provider_pending", f"cancel: {answer.detail[:200]}")
+    accepted_once = task.provider_reference is not None
+    if isinstance(answer, Ambiguous) or (answer.status == "absent" and accepted_once):
+        check = answer.detail[:200] if isinstance(answer, Ambiguous) else "poll: absent"
+        if resolve.unverified:
+            return _resolved_negative(task, resolve, f"unverified ({check})")
+        return _refused(resolve, "provider_unreachable", check)
     if answer.status == "succeeded":
+        reference = answer.reference or task.provider_reference or task.provider_order_id
+        message = f"the provider reports order {reference} succeeded: it is committed"
         return Step(
             event="manual.refused.provider_paid",
             to=T.SUCCEEDED,
             balance="commit",
-            changes=Changes(provider_reference=reference, provider_check="succeeded"),
+            changes=Changes(
+                provider_reference=answer.reference if answer.reference else UNSET,
+                resolution=resolve.reason,
+                resolved_by=resolve.actor,
+                provider_check=f"{answer.source}: succeeded",
+            ),
             clear_timer=True,
+            refusal=Refusal(code="provider_paid", message=message),
         )
     if answer.status != "pending":
         return _resolved_negative(task, resolve, f"{answer.source}: {answer.status}")
@@ -686,9 +716,25 @@ def _decide_checked(
         return Step(
             event="manual.cancel", call="cancel_at_provider", awaiting=resolve, record=False
         )
-    if answer.source == "poll":
-        return ignore("manual.resolve", "the order is pending and the provider cannot cancel it")
-    return ignore("manual.resolve", "the order is pending and its cancel unconfirmed")
+    return _refused(resolve, "provider_pending", f"{answer.source}: pending")
+
+
+_REFUSALS: Mapping[RefusalCode, str] = {
+    "provider_paid": "the provider reports the order succeeded",
+    "provider_pending": "the order is pending at the provider and no cancel of it is confirmed:"
+    " it may still pay; wait for its outcome",
+    "provider_unreachable": "the provider could not confirm that it will not pay; send the"
+    ' decision again later, or with "unverified": true to apply it on your word',
+}
+
+
+def _refused(resolve: Resolve, code: RefusalCode, check: str) -> Step:
+    """Support's negative decision, refused: recorded in the audit, nothing else changes."""
+    return Step(
+        event=f"manual.refused.{code}",
+        changes=Changes(resolution=resolve.reason, resolved_by=resolve.actor, provider_check=check),
+        refusal=Refusal(code=code, message=f"{_REFUSALS[code]} ({check})"),
+    )
 
 
 def _decide_cancel(task: OrderTask, config: ProviderConfig) -> Step:

@@ -48,6 +48,7 @@ from orchestrator.domain import (
     QueueState,
     Resolve,
     Start,
+    Step,
     TaskChange,
     TaskState,
     Timer,
@@ -123,7 +124,11 @@ class ResolutionRefused(Exception):
     - ``provider_paid``: a negative decision, but the provider reports the order succeeded:
       the attempt is committed instead;
     - ``provider_pending``: a negative decision, but the order is still pending at the
-      provider and no cancel of it was confirmed: nothing changed, the provider may still pay.
+      provider and no cancel of it was confirmed: nothing changed, the provider may still pay;
+    - ``provider_unreachable``: a negative decision the provider could not confirm (no answer,
+      an unreadable one, a 404 for an order it had accepted): nothing changed, unless sent
+      again ``unverified``.
+    A refused decision is recorded in the audit trail all the same.
     """
 
     def __init__(self, code: str, message: str, state: TaskState) -> None:
@@ -155,8 +160,8 @@ class _Handling:
     fired: TimerKind | None = None
     transitions: list[Transition] = field(default_factory=list)
     finished: list[tuple[str, bytes]] = field(default_factory=list)
-    # Why the last event decided was ignored, if it was.
-    ignored_because: str | None = None
+    # The last step decided (ignored or not).
+    last: Step | None = None
 
 
 class Engine:
@@ -181,6 +186,11 @@ class Engine:
         self.providers = providers
         self.configs = provider_configs
         self.clock = clock
+        # Every series at 0 from the start: an alert on increase() sees the first event (a
+        # series born at 1 has increased by nothing).
+        for provider_id in provider_configs:
+            for reason in _UNMATCHED_LOG:
+                m.webhooks_unmatched.labels(provider=provider_id, reason=reason)
 
     # --- entry points ------------------------------------------------------------------
 
@@ -249,7 +259,8 @@ class Engine:
             status=msg.status, reference=msg.reference, code=msg.code, source="webhook"
         )
         actor = f"provider:{msg.provider_id}"
-        if await self._drive(queue_id, task_id, answer, actor=actor, trace_id=trace_id):
+        last = await self._drive(queue_id, task_id, answer, actor=actor, trace_id=trace_id)
+        if last is None or last.ignored:
             # Ignored: when its task became final between the match and the lock (support's
             # negative decision, say), matching again records it as any webhook for a final
             # task is: a success there may be a second payout, and must not pass unseen.
@@ -278,27 +289,25 @@ class Engine:
         reason: str,
         actor: str,
         trace_id: str | None = None,
+        unverified: bool = False,
     ) -> OrderTask | None:
         """Support's decision on a manual check; returns the task afterwards (None: unknown).
-        Raises :class:`ResolutionRefused` when the task was not waiting for it when the
-        decision took the lock (a concurrent decision won, or the provider's answer came
-        first): the decision is not applied."""
+        Raises :class:`ResolutionRefused` when the decision is not applied: the task was not
+        waiting for it when it took the lock (a concurrent decision won, or the provider's
+        answer came first), or the provider contradicts or cannot confirm a negative one."""
         queue_id = await self.record.queue_of_task(task_id)
         if queue_id is None:
             return None
-        event = Resolve(positive=positive, reason=reason, actor=actor)
-        ignored = await self._drive(queue_id, task_id, event, actor=actor, trace_id=trace_id)
+        event = Resolve(positive=positive, reason=reason, actor=actor, unverified=unverified)
+        last = await self._drive(queue_id, task_id, event, actor=actor, trace_id=trace_id)
         queue = await self.record.load_queue(queue_id)
         assert queue is not None
         task = queue.task(task_id)
-        if ignored is not None and task.state == TaskState.MANUAL_CHECK:
-            raise ResolutionRefused("provider_pending", ignored, task.state)
-        if ignored is not None:
-            raise ResolutionRefused("not_in_manual_check", ignored, task.state)
-        if not positive and task.state == TaskState.SUCCEEDED:
-            why = f"the provider reports order {task.provider_reference or task.provider_order_id}"
-            why += " succeeded: it is committed, not rolled back"
-            raise ResolutionRefused("provider_paid", why, task.state)
+        if last is None or last.ignored:
+            message = f"task is {task.state}, not MANUAL_CHECK"
+            raise ResolutionRefused("not_in_manual_check", message, task.state)
+        if last.refusal is not None:
+            raise ResolutionRefused(last.refusal.code, last.refusal.message, task.state)
         return task
 
     async def cancel_queue(
@@ -371,20 +380,20 @@ class Engine:
         *,
         actor: str,
         trace_id: str | None,
-    ) -> str | None:
+    ) -> Step | None:
         """Apply ``event`` to a task, and the events its steps lead to, one transaction each.
-        Returns why the last of them was ignored, if it was (None: applied)."""
+        Returns the last step decided (ignored or not); None when the queue is unknown."""
         pending: Event | None = event
-        ignored: str | None = None
+        last: Step | None = None
         while pending is not None:
             async with self.record.unit_of_work() as uow:
                 handling = await self._open(uow, queue_id, actor, trace_id)
                 if handling is None:
-                    return "unknown queue"
+                    return None
                 pending = await self._apply(handling, task_id, pending)
                 await self._commit(handling)
-            ignored = handling.ignored_because
-        return ignored
+            last = handling.last
+        return last
 
     async def _apply(self, handling: _Handling, task_id: uuid.UUID, event: Event) -> Event | None:
         """Decide ``event`` and the answers of the calls it triggers, in this transaction;
@@ -395,11 +404,11 @@ class Engine:
             task = handling.queue.task(task_id)
             config = self.configs.get(task.provider_id)
             step = decide_in_queue(handling.queue, task_id, event, config, self.clock())
+            handling.last = step
             if step.ignored:
                 if step.retry:
                     raise RetryLater(f"task {task_id} is {task.state}: {step.ignored_because}")
                 _log_ignored(task_id, step.event, step.ignored_because)
-                handling.ignored_because = step.ignored_because
                 return None
             # Settled first (pure, checks the tables): no money moves for a step that cannot
             # be recorded.

@@ -48,10 +48,13 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08: the connection is gone
     asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, canceled
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, no disk
+    asyncpg.TransactionRollbackError,  # class 40: deadlock, serialization: rolled back
+    asyncpg.ReadOnlySQLTransactionError,  # 25006: a write sent to a demoted primary
 )
 """Errors that mean the database cannot answer right now, by kind (SQLSTATE class or the
-client's own), never by a list of cases: nothing was written, and the same request may
-simply be sent again (the API answers 503)."""
+client's own), never by a list of cases: the transaction did not commit, and the same
+request may simply be sent again (the API answers 503; a request that had already called
+out — a resolution's balance call, say — repeats those calls idempotently)."""
 
 
 class StaleVersion(Exception):

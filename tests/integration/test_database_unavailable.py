@@ -30,6 +30,8 @@ FAILURES: list[BaseException] = [
     asyncpg.AdminShutdownError("terminating connection due to administrator command"),
     asyncpg.CannotConnectNowError("the database system is starting up"),
     asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+    asyncpg.DeadlockDetectedError("deadlock detected"),
+    asyncpg.ReadOnlySQLTransactionError("cannot execute UPDATE in a read-only transaction"),
     ConnectionResetError(104, "Connection reset by peer"),
     TimeoutError(),
 ]
