@@ -646,6 +646,58 @@ async def save_task(conn: Connection, write: TaskWrite) -> None:
         )
 
 
+async def save_transitions(conn: Connection, moves: Sequence[TaskWrite]) -> None:
+    """Write many plain task state changes (each of another task, no timer armed, all at the
+    same time) in one statement, each as :func:`save_task` would: version-checked update
+    (timer cleared), audit row (in the order given), queue ``updated_at``. Raises
+    :class:`StaleVersion` if any task moved meanwhile (the caller's transaction then writes
+    nothing)."""
+    now = moves[0].now
+    for move in moves:
+        if not move.changed or move.timer is not None or move.now != now:
+            raise ValueError(f"task {move.before.task_id}: not a plain state change")
+    status = await conn.execute(
+        "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[],"  # noqa: S608 — fixed fragments only
+        " $5::text[], $6::text[], $7::text[], $8::int[], $9::int[], $10::boolean[], $11::text[],"
+        " $12::text[], $13::text[], $14::text[], $15::text[], $16::text[]) WITH ORDINALITY"
+        " AS u(task_id, version, state, provider_reference, freeze_state, outcome,"
+        " provider_code, recheck_attempts, status_polls, cancel_requested, withdrawal_id,"
+        " from_state, event, actor, trace_id, details, ord)),"
+        " t AS (UPDATE order_tasks o SET state = u.state,"
+        " provider_reference = u.provider_reference, freeze_state = u.freeze_state,"
+        " outcome = u.outcome, provider_code = u.provider_code,"
+        " recheck_attempts = u.recheck_attempts, status_polls = u.status_polls,"
+        " cancel_requested = u.cancel_requested, updated_at = $17, version = o.version + 1,"
+        " state_entered_at = $17, timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
+        " FROM u WHERE o.task_id = u.task_id AND o.version = u.version"
+        " RETURNING o.task_id, o.queue_id),"
+        " q AS (UPDATE order_queues SET updated_at = $17"
+        " WHERE queue_id IN (SELECT queue_id FROM t))"
+        f" {_AUDIT_INSERT} SELECT t.queue_id, t.task_id, u.withdrawal_id, u.from_state, u.state,"
+        " u.event, u.actor, u.trace_id, u.details::jsonb, $17 FROM t JOIN u USING (task_id)"
+        " ORDER BY u.ord",  # the audit rows in the order decided: cause before effect
+        [m.before.task_id for m in moves],
+        [m.before.version for m in moves],
+        [m.after.state.value for m in moves],
+        [m.after.provider_reference for m in moves],
+        [m.after.freeze_state for m in moves],
+        [m.after.outcome for m in moves],
+        [m.after.provider_code for m in moves],
+        [m.after.recheck_attempts for m in moves],
+        [m.after.status_polls for m in moves],
+        [m.after.cancel_requested for m in moves],
+        [m.withdrawal_id for m in moves],
+        [m.before.state.value for m in moves],
+        [m.event for m in moves],
+        [m.actor for m in moves],
+        [m.trace_id for m in moves],
+        [_json_text(dict(m.details)) for m in moves],
+        now,
+    )
+    if status != f"INSERT 0 {len(moves)}":
+        raise StaleVersion(f"{len(moves)} task transitions, written: {status}")
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
     """A final-status notification to cascade-core, kept until acknowledged."""
