@@ -150,7 +150,8 @@ class PostgresUnitOfWork:
                 await store.save_queue(conn, following, task=write)
                 n += 2
             elif len(run := _plain_run(writes, n)) > 1:
-                # A burst of timer firings: their plain moves in one statement (README).
+                # A burst of timer firings: their plain moves in one statement (timers bench:
+                # 5.5-6.0k -> 8.2-10.6k timers/s against a statement each).
                 await store.save_transitions(conn, run)
                 n += len(run)
             else:
