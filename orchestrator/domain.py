@@ -113,6 +113,8 @@ Balance = Literal["commit", "rollback"]
 
 # The event of a plain PENDING → CREATING (also written by a start that needs no read).
 START_EVENT = "start"
+# The event of a task skipped because its provider is not configured.
+UNKNOWN_PROVIDER_EVENT = "provider.unknown"
 
 
 class IllegalTransition(Exception):
@@ -973,7 +975,7 @@ def _unknown_provider(task: OrderTask, event: Event) -> Step:
     setting); anything else waits for the provider to be configured again."""
     if task.state == T.PENDING and isinstance(event, Start):
         return Step(
-            event="provider.unknown",
+            event=UNKNOWN_PROVIDER_EVENT,
             to=T.SKIPPED,
             changes=Changes(outcome="provider_error", provider_code="unknown_provider"),
         )

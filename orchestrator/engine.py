@@ -33,6 +33,7 @@ from orchestrator import bus, store
 from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore, CoreRefused
 from orchestrator.domain import (
+    UNKNOWN_PROVIDER_EVENT,
     Ambiguous,
     Balance,
     Call,
@@ -506,6 +507,7 @@ class Engine:
         await handling.uow.commit()
         for transition in handling.transitions:
             _observe_time_in_state(transition)
+            _report_unknown_providers(handling.record, transition)
             if transition.finished is not None:
                 _observe_final(
                     handling.record, transition.finished, transition.queue, transition.at
@@ -606,6 +608,23 @@ def _observe_time_in_state(transition: Transition) -> None:
                 m.task_time_in_state.labels(
                     state=before.state.value, provider=before.provider_id
                 ).observe((transition.at - before.state_entered_at).total_seconds())
+
+
+def _report_unknown_providers(record: store.WithdrawalRecord, transition: Transition) -> None:
+    """An attempt skipped because its provider is not in the providers file: the contract
+    accepts any provider id, so this is the one place anyone hears of it."""
+    for change in transition.changes:
+        if isinstance(change, TaskChange) and change.event == UNKNOWN_PROVIDER_EVENT:
+            m.withdrawals_unknown_provider.inc()
+            log.warning(
+                "cascade entry skipped: provider not in the providers file",
+                extra={
+                    "withdrawal_id": record.withdrawal_id,
+                    "queue_id": str(change.after.queue_id),
+                    "task_id": str(change.after.task_id),
+                    "provider_id": change.after.provider_id,
+                },
+            )
 
 
 def _observe_final(

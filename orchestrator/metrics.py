@@ -62,6 +62,11 @@ routing_decisions = Counter(
     "routing_decisions", "Cohort decisions for new withdrawals.", ["cohort", "reason"]
 )
 webhooks = Counter("webhooks", "Provider webhooks received, by outcome.", ["provider", "result"])
+withdrawals_unknown_provider = Counter(
+    "withdrawals_unknown_provider",
+    "Cascade attempts skipped because their provider is not in the providers file (no label:"
+    " the provider ids come from requests; the log line names each).",
+)
 webhooks_unmatched = Counter(
     "webhooks_unmatched",
     "Verified webhooks no live task took, by reason (unknown_order, task_final, and"

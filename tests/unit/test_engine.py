@@ -559,8 +559,12 @@ async def freeze_refused_skips_to_the_next_provider(h: Harness) -> None:
 @scenario
 async def unknown_provider_is_skipped(h: Harness) -> None:
     q = h.withdrawal("p_gone", "p_a")
+    counted = REGISTRY.get_sample_value("withdrawals_unknown_provider_total") or 0.0
 
     await h.start(q)
+
+    # Counted and logged (with the ids): the contract accepts any provider id at create.
+    assert REGISTRY.get_sample_value("withdrawals_unknown_provider_total") == counted + 1
 
     assert h.states(q) == (Q.ACTIVE, (T.SKIPPED, T.PENDING))
     t0 = h.task(q)
@@ -1744,3 +1748,13 @@ async def test_a_start_with_versions_cannot_start_a_task_out_of_turn() -> None:
 
     assert h.states(q) == (Q.ACTIVE, (T.EXECUTING, T.PENDING))
     check_money_safety(h, scripts_used=False)
+
+
+async def test_an_unknown_provider_is_logged_with_the_ids(caplog: pytest.LogCaptureFixture) -> None:
+    h = harness()
+    q = h.withdrawal("p_gone", "p_a")
+    with caplog.at_level("WARNING", logger="cascade.engine"):
+        await h.start(q)
+    [record] = [r for r in caplog.records if "provider not in the providers file" in r.message]
+    assert (record.provider_id, record.task_id) == ("p_gone", str(q.tasks[0].task_id))  # type: ignore[attr-defined]  # set through extra=
+    assert record.withdrawal_id == q.withdrawal_id  # type: ignore[attr-defined]
