@@ -1,7 +1,8 @@
 """``GET /ops/cohorts``: the cohort comparison of ``cascade-gateway report --json`` (ops token).
 
-Query parameters ``since`` and ``until`` (ISO date/time with a zone, on ``created_at``) and
-``merchant``, as the CLI's options.
+Query parameters ``since`` and ``until`` (on ``created_at``: an ISO date/time with a zone, or
+a date alone for midnight UTC; parsed by :func:`gateway.report._parse_time`, as the CLI's
+options) and ``merchant``.
 """
 
 from __future__ import annotations

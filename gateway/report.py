@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 import asyncpg
@@ -151,8 +151,18 @@ EXPERIMENT_REASONS = ("rollout", "not_targeted")
 
 
 def _parse_time(name: str, value: str | None) -> datetime | None:
+    """``since``/``until`` from the CLI or the query string: the one parser for both.
+
+    A date alone (``2026-01-01``) is midnight UTC; a date/time must carry its zone.
+    """
     if value is None or value == "":
         return None
+    try:
+        day = date.fromisoformat(value)  # a date alone; refuses anything with a time
+    except ValueError:
+        pass
+    else:
+        return datetime.combine(day, time(0), tzinfo=UTC)
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:

@@ -387,11 +387,30 @@ async def test_cohort_report_and_the_ops_endpoint_agree(
     assert listed[:20] in table
     assert (
         await run_report(
-            stack.settings, as_json=False, since="2026-01-01", until=None, merchant=None
+            stack.settings, as_json=False, since="2026-01-01T00:00", until=None, merchant=None
         )
         == 2
     )
     assert "needs a time zone" in capsys.readouterr().err
+
+    # A date alone is midnight UTC, on the CLI and the ops API alike (docs/helm.md's example).
+    assert (
+        await run_report(
+            stack.settings, as_json=True, since="2026-01-01", until=None, merchant=None
+        )
+        == 0
+    )
+    dated = json.loads(capsys.readouterr().out)
+    assert dated["cohorts"]["cascade"]["created"] == 2
+    assert dated["filters"]["since"] == "2026-01-01"
+    by_date = await stack.client.get(
+        "/ops/cohorts", headers=OPS, params={"since": "2026-01-01", "until": "2999-01-01"}
+    )
+    assert by_date.status_code == 200, by_date.text
+    assert by_date.json()["cohorts"]["cascade"]["created"] == 2
+    empty = await stack.client.get("/ops/cohorts", headers=OPS, params={"until": "2026-01-01"})
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["cohorts"]["cascade"]["created"] == 0
 
 
 async def test_ops_cohorts_on_an_empty_record(make_stack: StackFactory) -> None:

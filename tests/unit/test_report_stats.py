@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from typing import cast
 
 import asyncpg
@@ -11,9 +12,11 @@ import pytest
 from gateway.report import (
     Z80,
     Z95,
+    ReportError,
     _comparison,
     _Counts,
     _design,
+    _parse_time,
     _sample_ratio,
     chi_square_1df_p,
     newcombe_difference,
@@ -204,3 +207,28 @@ def test_sample_ratio_is_not_applicable_where_there_is_no_expected_split() -> No
     )
     assert few["applicable"]
     assert few["mismatch"] is False
+
+
+def test_a_date_alone_is_midnight_utc() -> None:
+    midnight = datetime(2026, 1, 1, tzinfo=UTC)
+    assert _parse_time("since", "2026-01-01") == midnight
+    assert _parse_time("until", "2026-01-01T00:00:00Z") == midnight
+    assert _parse_time("since", "2026-01-01T02:00:00+02:00") == midnight
+    assert _parse_time("since", None) is None
+    assert _parse_time("since", "") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2026-01-01T00:00", "since '2026-01-01T00:00' needs a time zone"),
+        ("2026-01-01 10:00", "since '2026-01-01 10:00' needs a time zone"),
+        ("yesterday", "since 'yesterday' is not an ISO date/time"),
+        ("2026-13-01", "since '2026-13-01' is not an ISO date/time"),
+        ("2026-01-01 ", "since '2026-01-01 ' is not an ISO date/time"),
+    ],
+)
+def test_malformed_times_are_refused_precisely(value: str, message: str) -> None:
+    with pytest.raises(ReportError) as caught:
+        _parse_time("since", value)
+    assert str(caught.value).startswith(message)
