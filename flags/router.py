@@ -107,18 +107,27 @@ class _FeaturesFile(msgspec.Struct):
 
 
 def load_flags_file(path: Path) -> dict[str, Any]:
-    """Read and check a flags file; raise FlagsError with a one-line reason."""
+    """Read and check a flags file; raise FlagsError with a one-line reason.
+
+    The file must define the ``withdrawals.cascade`` toggle (on or off): a server's answer
+    without it targets nobody, but a file without it is a mistake to refuse at start.
+    """
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise FlagsError(f"FLAGS_FILE {path}: cannot read ({exc.strerror})") from exc
     try:
-        msgspec.json.decode(raw, type=_FeaturesFile)
+        document = msgspec.json.decode(raw, type=_FeaturesFile)
         parsed: dict[str, Any] = msgspec.json.decode(raw)
     except msgspec.ValidationError as exc:
         raise FlagsError(f"FLAGS_FILE {path}: not an Unleash features file ({exc})") from exc
     except msgspec.DecodeError as exc:
         raise FlagsError(f"FLAGS_FILE {path}: not valid JSON ({exc})") from exc
+    # A misnamed toggle would otherwise start silently and route every withdrawal legacy.
+    names = [f.name for f in document.features]
+    if TOGGLE not in names:
+        has = ", ".join(repr(n) for n in names) if names else "none"
+        raise FlagsError(f"FLAGS_FILE {path}: no {TOGGLE!r} toggle (toggles in the file: {has})")
     return parsed
 
 

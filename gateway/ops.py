@@ -2,8 +2,9 @@
 
 - ``GET /ops/manual-checks`` — tasks waiting for a human, oldest first.
 - ``POST /ops/tasks/{task_id}/resolve`` ``{"decision":"positive"|"negative","reason":"…"}`` —
-  a typed, audited resolution: positive commits the frozen amount (the provider paid),
-  negative rolls it back and the cascade moves on.
+  with ``X-Operator: <name>`` (required: 422 without it), a typed, audited resolution:
+  positive commits the frozen amount (the provider paid), negative rolls it back and the
+  cascade moves on.
 - ``GET /ops/withdrawals/{withdrawal_id}`` — the queue, every task and the audit trail.
 
 Handlers parse, call the application service (:mod:`gateway.service`) and encode.
@@ -65,9 +66,13 @@ def _unavailable(_request: AnyRequest, _exc: Exception) -> Response[bytes]:
 _OPS_ERRORS: ExceptionHandlersMap = {Unavailable: _unavailable}
 
 
-def _actor(request: AnyRequest) -> str:
-    # The token says who may act; the operator header says who did (kept in the audit row).
-    return "ops:" + (request.headers.get("x-operator") or "unknown")[:64]
+def _operator(request: AnyRequest) -> str | None:
+    """Who resolves, from ``X-Operator``; None when the header is missing or blank.
+
+    The token says who may act; the operator header says who did (kept in the audit row), so
+    a resolution without one is refused rather than audited as nobody in particular."""
+    name = (request.headers.get("x-operator") or "").strip()
+    return name[:64] or None
 
 
 @get("/ops/manual-checks", exception_handlers=_OPS_ERRORS)
@@ -115,12 +120,19 @@ async def resolve_task(request: AnyRequest, task_id: FromPath[str]) -> Response[
         return _error(400, "malformed_json", "Request body is not valid JSON.")
     if not body.reason.strip():
         return _error(422, "validation_failed", "reason must not be empty")
+    operator = _operator(request)
+    if operator is None:
+        return _error(
+            422,
+            "validation_failed",
+            "X-Operator header is required: name who resolves (it is kept in the audit row)",
+        )
     try:
         task = await service_of(request).resolve(
             ident,
             positive=body.decision == "positive",
             reason=body.reason[:500],
-            actor=_actor(request),
+            actor="ops:" + operator,
             unverified=body.unverified,
         )
     except UnknownTask:

@@ -179,6 +179,30 @@ async def test_ops_api_refuses_bad_input(make_stack: StackFactory) -> None:
     assert (await _tasks(stack, wid))[0]["state"] == "EXECUTING"  # nothing moved
 
 
+async def test_a_resolution_without_an_operator_is_refused(make_stack: StackFactory) -> None:
+    """The audit names who resolved: without ``X-Operator`` (missing, empty or blank) the
+    answer is 422 naming the header, and the task, the ledger and the audit are unchanged."""
+    stack = await make_stack()
+    wid = await _create(stack, ["sbx_silent"])
+    task = await _wait_task_state(stack, wid, 0, "MANUAL_CHECK")
+    token = {"Authorization": OPS["Authorization"]}
+    for headers in (token, {**token, "X-Operator": ""}):  # blank: tests/unit/test_ops_operator
+        response = await stack.client.post(
+            f"/ops/tasks/{task['task_id']}/resolve",
+            headers=headers,
+            json={"decision": "positive", "reason": "statement says so"},
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "validation_failed"
+        assert "X-Operator" in error["message"]
+    assert (await _tasks(stack, wid))[0]["state"] == "MANUAL_CHECK"
+    assert (await stack.withdrawal(wid))["status"] == "processing"
+    events = (await stack.client.get(f"/ops/withdrawals/{wid}", headers=OPS)).json()["events"]
+    assert not [e for e in events if e["event"].startswith("manual.")]
+    assert "ops:unknown" not in {e["actor"] for e in events}
+
+
 async def _cancel(stack: Stack, wid: str) -> dict[str, Any]:
     response = await stack.client.post(f"/v1/withdrawals/{wid}/cancel", headers=stack.headers)
     assert response.status_code == 200, response.text

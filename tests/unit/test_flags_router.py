@@ -15,7 +15,8 @@ from UnleashClient.cache import FileCache
 from UnleashClient.clients.unleash_client import UnleashClient
 from UnleashClient.utils import InstanceAllowType
 
-from flags.router import TOGGLE, CohortRouter, FlagsError, load_flags_file
+from flags.router import TOGGLE, CohortRouter, FlagsError, _digest, load_flags_file
+from gateway.settings import DEFAULT_FLAGS_FILE, SettingsError, load_settings
 from tests.conftest import flags_document
 
 
@@ -150,11 +151,42 @@ def test_disabled_toggle_routes_everyone_legacy(
         assert decision.flag_state["enabled"] is False
 
 
-def test_a_missing_toggle_targets_nobody(routers: list[CohortRouter], tmp_path: Path) -> None:
-    router = _router(routers, tmp_path, {"version": 1, "features": []})
-    decision = router.decide("m_a")
-    assert (decision.cohort, decision.reason) == ("legacy", "not_targeted")
-    assert decision.flag_state["found"] is False
+def test_a_features_document_without_the_toggle_targets_nobody() -> None:
+    # A server's answer may lack the toggle (deleted in Unleash): nobody is targeted.
+    definition = _digest(json.dumps({"version": 1, "features": []}))
+    assert (definition.found, definition.enabled) == (False, False)
+    assert definition.state == {"toggle": TOGGLE, "found": False}
+
+
+@pytest.mark.parametrize(
+    ("features", "has"),
+    [
+        (["withdrawal.cascade"], "'withdrawal.cascade'"),
+        (["withdrawals.cascadE", "other"], "'withdrawals.cascadE', 'other'"),
+        ([], "none"),
+    ],
+)
+def test_a_flags_file_without_the_toggle_is_refused_naming_what_it_has(
+    tmp_path: Path, features: list[str], has: str
+) -> None:
+    document = flags_document(enabled=True, merchants=["m_a"])
+    toggle = document["features"][0]
+    document["features"] = [{**toggle, "name": name} for name in features]
+    path = _write(tmp_path, document)
+    expected = f"FLAGS_FILE {path}: no 'withdrawals.cascade' toggle (toggles in the file: {has})"
+    with pytest.raises(FlagsError) as caught:
+        load_flags_file(path)
+    assert str(caught.value) == expected
+    with pytest.raises(FlagsError):
+        CohortRouter(flags_file=path)
+    # At start: the settings refuse it, before any connection is attempted.
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"FLAGS_FILE": str(path)})
+    assert str(refused.value) == expected
+
+
+def test_the_shipped_flags_file_loads() -> None:
+    assert any(f["name"] == TOGGLE for f in load_flags_file(DEFAULT_FLAGS_FILE)["features"])
 
 
 @pytest.mark.parametrize(
