@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.metadata
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -180,8 +181,19 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, once installed)."""
+    try:
+        return importlib.metadata.version("cascade-gateway")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade-gateway", description=__doc__)
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the HTTP gateway (API, webhooks, ops, sandbox)")
     sub.add_parser("worker", help="run the orchestrator workers")

@@ -1,6 +1,7 @@
 """Dead-letter operations: list what failed and why; replay after a fix.
 
-``cascade-gateway dlq list`` prints one JSON object per dead letter, with its ``reason``
+``cascade-gateway dlq list`` prints one JSON object per dead letter (when there is none, one
+line on stderr says the DLQ is empty), with its ``reason``
 (``retries_exhausted``, ``unreadable_message``, ``illegal_transition``: see
 :class:`contracts.messages.DeadLetter`) and ``error``. ``dlq replay`` publishes each one back
 to its original subject and deletes it from the DLQ stream; handlers are idempotent, so
@@ -8,6 +9,8 @@ replaying something that was already handled changes nothing.
 """
 
 from __future__ import annotations
+
+import sys
 
 import msgspec
 
@@ -39,8 +42,13 @@ async def _read(settings: Settings, limit: int) -> list[tuple[int, DeadLetter]]:
 
 
 async def list_dead_letters(settings: Settings) -> int:
-    for seq, letter in await _read(settings, 100_000):
+    letters = await _read(settings, 100_000)
+    for seq, letter in letters:
         print(msgspec.json.encode({"seq": seq, **msgspec.to_builtins(letter)}).decode())  # noqa: T201
+    if not letters:
+        # On stderr: stdout stays JSON lines only (empty here), for scripts that parse it.
+        names = bus.Names(settings.nats_namespace)
+        print(f"the DLQ ({names.dlq_stream}) is empty", file=sys.stderr)  # noqa: T201
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from devstack.embedded import free_port
-from tests.conftest import API_TOKEN, ROOT, flags_document, new_id, withdrawal_body
+from orchestrator import bus
+from tests.conftest import API_TOKEN, ROOT, Services, flags_document, new_id, withdrawal_body
 from tests.waiting import wait_until_sync
 
 CLI = [sys.executable, "-m", "gateway.cli"]
@@ -104,6 +107,28 @@ def test_dlq_replay_limit_must_be_positive(limit: str) -> None:
     result = _run(["dlq", "replay", "--limit", limit], {"NATS_URL": "nats://127.0.0.1:1"})
     assert result.returncode == 2, result.stderr
     assert f"argument --limit: must be a whole number of at least 1, not '{limit}'" in result.stderr
+
+
+def test_version_prints_the_installed_version() -> None:
+    result = _run(["--version"], {})
+    assert result.returncode == 0, result.stderr
+    version = importlib.metadata.version("cascade-gateway")
+    assert result.stdout.strip() == f"cascade-gateway {version}"
+
+
+async def test_dlq_list_says_when_the_dlq_is_empty(services: Services) -> None:
+    """stdout stays JSON lines (none here); the one line saying it is empty is on stderr."""
+    namespace = f"t{secrets.token_hex(4)}."
+    nc = await bus.connect(services.nats_url, name="test-dlq-empty")
+    try:
+        await bus.ensure_streams(nc.jetstream(), bus.Names(namespace))
+    finally:
+        await nc.close()
+    result = _run(["dlq", "list"], {"NATS_URL": services.nats_url, "NATS_NAMESPACE": namespace})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [f"the DLQ ({bus.Names(namespace).dlq_stream}) is empty"], result.stderr
 
 
 def test_dev_outside_a_repository_checkout_is_one_line() -> None:
