@@ -8,7 +8,12 @@ from datetime import UTC, datetime
 
 import msgspec
 
-_STANDARD = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message"}
+# Left out of the JSON: the record's own attributes, and uvicorn's ``color_message`` (the
+# message again, with ANSI colour escapes for a terminal).
+_STANDARD = frozenset(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {
+    "message",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
