@@ -12,6 +12,7 @@ import gc
 import importlib.metadata
 import signal
 import sys
+import textwrap
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -189,31 +190,89 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+_FORMAT = argparse.RawDescriptionHelpFormatter
+_SERVE_ENV = (
+    "DATABASE_URL, NATS_URL, and CORE_URL unless SANDBOX_ENABLED=true;"
+    " optional: HTTP_HOST, HTTP_PORT, PUBLIC_URL, NATS_NAMESPACE, FLAGS_FILE,"
+    " UNLEASH_URL with UNLEASH_API_TOKEN, PROVIDERS_FILE, GATEWAY_API_TOKENS, OPS_API_TOKENS,"
+    " CORE_TOKEN, DATABASE_POOL_SIZE, LOG_LEVEL"
+)
+# Each command: its one-line summary. _NEEDS: the environment it reads.
+COMMANDS = {
+    "serve": "run the HTTP gateway (API, webhooks, ops, sandbox)",
+    "worker": "run the orchestrator workers",
+    "migrate": "apply database migrations",
+    "dev": "start the whole stack on embedded defaults (make run)",
+    "transitions": "print the task and queue transition tables",
+    "dlq": "inspect or replay dead-lettered messages",
+    "dlq list": "print dead letters as JSON lines",
+    "dlq replay": "send dead letters back to their subjects",
+    "report": "compare the cohorts",
+}
+_NEEDS = {
+    "serve": _SERVE_ENV,
+    "worker": "DATABASE_URL, NATS_URL, and CORE_URL unless SANDBOX_ENABLED=true;"
+    " optional: NATS_NAMESPACE, PROVIDERS_FILE, CORE_TOKEN, WORKER_CONCURRENCY,"
+    " WORKER_METRICS_PORT, JETSTREAM_ACK_WAIT_SECONDS, LOG_LEVEL",
+    "migrate": "DATABASE_URL",
+    "dev": "nothing: it starts embedded Postgres and NATS in a data folder of the checkout"
+    " and sets the variables for the gateway and workers it runs",
+    "transitions": "nothing: it reads no environment and connects to nothing",
+    "dlq": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
+    "dlq list": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
+    "dlq replay": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
+    "report": "DATABASE_URL",
+}
+
+
+def _describe(name: str, summary: str) -> str:
+    """The ``--help`` description: what the command does, then the environment it needs."""
+    what = f"{summary[0].upper()}{summary[1:]}."
+    needs = textwrap.fill(f"Environment: {_NEEDS[name]}.", width=78)
+    return f"{what}\n\n{needs}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade-gateway", description=__doc__)
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the HTTP gateway (API, webhooks, ops, sandbox)")
-    sub.add_parser("worker", help="run the orchestrator workers")
-    sub.add_parser("migrate", help="apply database migrations")
-    sub.add_parser("dev", help="start the whole stack on embedded defaults (make run)")
-    sub.add_parser("transitions", help="print the task and queue transition tables")
-    dlq = sub.add_parser("dlq", help="inspect or replay dead-lettered messages")
+    for name, summary in COMMANDS.items():
+        if name.startswith("dlq "):
+            continue
+        sub.add_parser(
+            name, help=summary, description=_describe(name, summary), formatter_class=_FORMAT
+        )
+    dlq = sub.choices["dlq"]
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_sub.add_parser("list", help="print dead letters as JSON lines")
-    replay = dlq_sub.add_parser("replay", help="send dead letters back to their subjects")
+    for name in ("list", "replay"):
+        summary = COMMANDS[f"dlq {name}"]
+        dlq_sub.add_parser(
+            name,
+            help=summary,
+            description=_describe(f"dlq {name}", summary),
+            formatter_class=_FORMAT,
+        )
+    replay = dlq_sub.choices["replay"]
     replay.add_argument(
         "--limit",
         type=_positive,
         default=1000,
         help="replay at most this many, oldest first (default 1000)",
     )
-    report = sub.add_parser("report", help="compare the cohorts")
+    report = sub.choices["report"]
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    report.add_argument("--since", help="ISO date/time, inclusive (created_at)")
-    report.add_argument("--until", help="ISO date/time, exclusive (created_at)")
+    report.add_argument(
+        "--since",
+        help="ISO date/time, inclusive (created_at); a date alone is midnight UTC,"
+        " a date/time must carry its zone (e.g. +00:00)",
+    )
+    report.add_argument(
+        "--until",
+        help="ISO date/time, exclusive (created_at); a date alone is midnight UTC,"
+        " a date/time must carry its zone (e.g. +00:00)",
+    )
     report.add_argument("--merchant", help="only this merchant")
     return parser
 

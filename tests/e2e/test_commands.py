@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -114,6 +115,51 @@ def test_version_prints_the_installed_version() -> None:
     assert result.returncode == 0, result.stderr
     version = importlib.metadata.version("cascade-gateway")
     assert result.stdout.strip() == f"cascade-gateway {version}"
+
+
+@pytest.mark.parametrize(
+    ("command", "needs"),
+    [
+        (["serve"], ["DATABASE_URL", "NATS_URL", "CORE_URL", "SANDBOX_ENABLED", "HTTP_PORT"]),
+        (["worker"], ["DATABASE_URL", "NATS_URL", "CORE_URL", "WORKER_CONCURRENCY"]),
+        (["migrate"], ["DATABASE_URL"]),
+        (["dev"], ["embedded Postgres and NATS"]),
+        (["transitions"], ["reads no environment"]),
+        (["dlq"], ["NATS_URL", "NATS_NAMESPACE"]),
+        (["dlq", "list"], ["NATS_URL", "NATS_NAMESPACE"]),
+        (["dlq", "replay"], ["NATS_URL", "NATS_NAMESPACE"]),
+        (["report"], ["DATABASE_URL", "a date alone is midnight UTC"]),
+    ],
+)
+def test_every_command_help_says_what_it_does_and_needs(
+    command: list[str], needs: list[str]
+) -> None:
+    result = _run([*command, "--help"], {})
+    assert result.returncode == 0, result.stderr
+    description = result.stdout.partition("\n\n")[2].split("options:")[0]  # after the usage
+    assert "Environment:" in description, result.stdout
+    text = " ".join(result.stdout.split())  # unwrapped
+    for word in needs:
+        assert word in text, result.stdout
+
+
+def test_help_describes_every_command() -> None:
+    """A command added later without a description fails here, not in an operator's shell."""
+    from gateway.cli import build_parser  # noqa: PLC0415
+
+    parser = build_parser()
+    pending = [parser]
+    seen = 0
+    while pending:
+        current = pending.pop()
+        for action in current._actions:  # argparse keeps its subparsers here
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    assert sub.description, sub.prog
+                    assert "Environment:" in sub.description, sub.prog
+                    pending.append(sub)
+                    seen += 1
+    assert seen >= 9
 
 
 async def test_dlq_list_says_when_the_dlq_is_empty(services: Services) -> None:
