@@ -72,6 +72,10 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     fix it: dead-lettered on its first delivery). A plain ``str``, not a ``Literal``, so that a
     letter written by a later version with a reason this one does not know still lists.
     Letters from before the field were all ``retries_exhausted``.
+
+    ``task_id`` (a task message's) and ``withdrawal_id`` (looked up when the letter is
+    written) say what the message was about; empty when unknown: an unreadable payload, a
+    withdrawal the lookup did not find, or a letter from before the fields.
     """
 
     subject: str
@@ -80,6 +84,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     deliveries: int
     failed_at: str
     reason: str = RETRIES_EXHAUSTED
+    withdrawal_id: str = ""
+    task_id: str = ""
 
 
 class _Tag(msgspec.Struct):

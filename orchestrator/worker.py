@@ -44,6 +44,8 @@ log = logging.getLogger("cascade.worker")
 
 FETCH_CHUNK = 64
 FETCH_MAX = 256
+# How long a failed message's withdrawal lookup may take (the database may be why it failed).
+_LOOKUP_TIMEOUT = 2.0
 _TIMER_KINDS: dict[str, TimerKind] = {
     bus.RECHECK_TICK: "recheck",
     bus.WEBHOOK_TIMEOUT: "webhook_timeout",
@@ -274,7 +276,14 @@ class Worker:
             try:
                 await msg.ack()
             except Exception as exc:  # noqa: BLE001 — redelivered later, then ignored as stale
-                log.warning("ack failed", extra={"error": repr(exc)})
+                log.warning(
+                    "ack failed",
+                    extra={
+                        "task_id": str(d.message.task_id),
+                        "queue_id": str(d.message.queue_id),
+                        "error": repr(exc),
+                    },
+                )
         # The batch's slot is free now: the rest (provider polls, mostly) queue for slots
         # like any other message, so the worker's concurrency bound holds.
         slot.release()
@@ -294,11 +303,13 @@ class Worker:
     async def _failed(self, msg: Msg, subject: str, exc: Exception) -> None:
         deliveries = msg.metadata.num_delivered
         reason = dead_letter_reason(exc, deliveries)
+        ids = await self._ids_of(subject, msg.data)
         if reason is None:
             delay = bus.BACKOFF[min(deliveries - 1, len(bus.BACKOFF) - 1)]
             log.warning(
                 "handler failed, will retry",
                 extra={
+                    **ids,
                     "subject": subject,
                     "error": repr(exc),
                     "deliveries": deliveries,
@@ -308,15 +319,58 @@ class Worker:
             await msg.nak(delay=delay)
             return
         try:
-            await self._dead_letter(msg, subject, exc, deliveries, reason)
+            await self._dead_letter(msg, subject, exc, deliveries, reason, ids=ids)
         except Exception as dlq_exc:  # keep it: nak, dead-letter it later
             log.exception(
                 "dead-lettering failed; will retry",
-                extra={"subject": subject, "error": repr(dlq_exc)},
+                extra={**ids, "subject": subject, "error": repr(dlq_exc)},
             )
             await msg.nak(delay=bus.BACKOFF[-1])
             return
         await msg.ack()
+
+    async def _ids_of(self, subject: str, data: bytes) -> dict[str, str]:
+        """The ids a failed message's log lines and dead letter carry: a task message's task
+        and queue, a webhook's provider, order and reference, and the withdrawal's, read from
+        the record. Only on failure paths, and best effort: an unreadable payload has none,
+        and a lookup that fails or finds nothing leaves the withdrawal out."""
+        try:
+            message = bus.decode(subject, data)
+        except bus.UnreadableMessage:
+            return {}
+        ids: dict[str, str]
+        try:
+            match message:
+                case TaskMessage():
+                    ids = {"task_id": str(message.task_id), "queue_id": str(message.queue_id)}
+                    lookup = functools.partial(
+                        sweeps.withdrawal_of_queue, queue_id=message.queue_id
+                    )
+                case WebhookMessage():
+                    ids = {
+                        "provider_id": message.provider_id,
+                        "order_id": message.order_id,
+                        "reference": message.reference,
+                    }
+                    lookup = functools.partial(
+                        sweeps.withdrawal_of_order,
+                        provider_id=message.provider_id,
+                        order_id=message.order_id,
+                    )
+                case unknown:
+                    assert_never(unknown)
+            async with asyncio.timeout(_LOOKUP_TIMEOUT):
+                async with self.engine.pool.acquire() as conn:
+                    withdrawal_id = await lookup(conn)
+        except Exception as exc:  # noqa: BLE001 — the ids are a help; the failure path goes on
+            log.warning(
+                "withdrawal lookup for a failed message failed",
+                extra={**ids, "subject": subject, "error": repr(exc)},
+            )
+            return ids
+        if withdrawal_id:
+            ids["withdrawal_id"] = withdrawal_id
+        return ids
 
     async def dispatch(self, subject: str, data: bytes, trace_id: str | None) -> None:
         """Decode one event and hand it to its handler (also used by ``dlq replay`` tests)."""
@@ -337,7 +391,14 @@ class Worker:
                 assert_never(unknown)
 
     async def _dead_letter(
-        self, msg: Msg, subject: str, exc: Exception, deliveries: int, reason: str
+        self,
+        msg: Msg,
+        subject: str,
+        exc: Exception,
+        deliveries: int,
+        reason: str,
+        *,
+        ids: dict[str, str],
     ) -> None:
         letter = DeadLetter(
             subject=subject,
@@ -346,11 +407,13 @@ class Worker:
             deliveries=deliveries,
             failed_at=datetime.now(UTC).isoformat(),
             reason=reason,
+            withdrawal_id=ids.get("withdrawal_id", ""),
+            task_id=ids.get("task_id", ""),
         )
         await self.js.publish(self.names.subject(bus.DLQ), msgspec.json.encode(letter))
         log.error(
             "message dead-lettered",
-            extra={"subject": subject, "reason": reason, "error": letter.error},
+            extra={**ids, "subject": subject, "reason": reason, "error": letter.error},
         )
 
     async def measure_dlq(self) -> None:

@@ -5,6 +5,8 @@
   unstarted or cut off mid-create (:func:`stranded_tasks`);
 - the notifier: notifications to send again (:func:`due_notifications`) and their outcome;
 - the outbox relay: rows the fast path did not publish (:func:`unpublished_outbox`);
+- the worker's failure paths: which withdrawal a failed message was about
+  (:func:`withdrawal_of_queue`, :func:`withdrawal_of_order`), for its log lines and dead letter;
 - the deferred bookkeeping writes (:mod:`orchestrator.deferred`): published outbox rows
   deleted, acknowledged notifications marked, in batches.
 
@@ -189,3 +191,25 @@ async def unpublished_outbox(
 async def delete_outbox(conn: Connection, ids: Sequence[int]) -> None:
     """Forget outbox rows JetStream has stored."""
     await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", ids)
+
+
+async def withdrawal_of_queue(conn: Connection, queue_id: uuid.UUID) -> str | None:
+    """The withdrawal whose queue is ``queue_id``, or None when there is no such queue. Read
+    only when a message failed (never on the hot path)."""
+    withdrawal_id: str | None = await conn.fetchval(
+        "SELECT withdrawal_id FROM order_queues WHERE queue_id = $1", queue_id
+    )
+    return withdrawal_id
+
+
+async def withdrawal_of_order(conn: Connection, provider_id: str, order_id: str) -> str | None:
+    """The withdrawal of the task with this provider order, or None when there is none. Read
+    only when a webhook message failed (never on the hot path)."""
+    withdrawal_id: str | None = await conn.fetchval(
+        "SELECT q.withdrawal_id FROM order_tasks t"
+        " JOIN order_queues q ON q.queue_id = t.queue_id"
+        " WHERE t.provider_id = $1 AND t.provider_order_id = $2 LIMIT 1",
+        provider_id,
+        order_id,
+    )
+    return withdrawal_id

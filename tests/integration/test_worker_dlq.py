@@ -7,6 +7,7 @@ with the reason; any other error keeps the retry with backoff.
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
@@ -120,6 +121,8 @@ async def test_an_illegal_transition_is_dead_lettered_at_once_and_other_errors_r
     assert (letter.subject, letter.deliveries) == (bus.WEBHOOK_RECEIVED, 1)
     assert letter.reason == messages.ILLEGAL_TRANSITION
     assert letter.error == "IllegalTransition: EXECUTING → PENDING (webhook.test)"
+    # A webhook's letter names the withdrawal of the task its provider order belongs to.
+    assert (letter.withdrawal_id, letter.task_id) == (wids[0], "")
     assert calls.count(illegal["provider_order_id"]) == 1
     # The connection error kept the retry path: handled on its third delivery.
     assert (await stack.wait_final(wids[1]))["status"] == "succeeded"
@@ -162,3 +165,34 @@ async def test_an_unreadable_timer_in_a_batch_is_dead_lettered_at_once(
     assert letter.payload == '{"type":"task"}'
     for wid in wids:
         assert [t["state"] for t in await tasks_of(stack, wid)] == ["MANUAL_CHECK"]
+
+
+async def test_a_dead_letter_and_the_worker_lines_carry_the_withdrawal_and_task_ids(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cascade.worker")
+    monkeypatch.setattr(bus, "BACKOFF", (0.05,) * 7)
+    stack = await make_stack(providers=parked_providers())
+    engine = stack.runtime.engine
+    wid = await create_withdrawal(stack, [SILENT])
+    task = await wait_task_state(stack, wid, 0, "EXECUTING")
+    await wait_consumed(stack)
+    starts: list[uuid.UUID] = []
+
+    async def start_task(queue_id: uuid.UUID, task_id: uuid.UUID, **_: object) -> None:
+        starts.append(task_id)
+        if len(starts) == 1:
+            raise ConnectionResetError("postgres went away")  # retried
+        raise IllegalTransition("EXECUTING → CREATING (start.test)")  # dead-lettered
+
+    monkeypatch.setattr(engine, "start_task", start_task)
+    await publish(stack, bus.TASK_START, task_message(task))
+
+    (letter,) = await _wait_dead_letters(stack, 1)
+    assert (letter.subject, letter.reason) == (bus.TASK_START, messages.ILLEGAL_TRANSITION)
+    assert (letter.withdrawal_id, letter.task_id) == (wid, str(task["task_id"]))
+    assert letter.deliveries == 2
+    ids = {"withdrawal_id": wid, "task_id": str(task["task_id"]), "queue_id": str(task["queue_id"])}
+    for line in ("handler failed, will retry", "message dead-lettered"):
+        (record,) = [r for r in caplog.records if r.getMessage() == line]
+        assert {key: getattr(record, key, None) for key in ids} == ids, line

@@ -112,6 +112,7 @@ def test_a_dead_letter_from_before_the_reason_reads_as_retries_exhausted() -> No
     )
     letter = msgspec.json.decode(previous, type=DeadLetter)
     assert letter.reason == messages.RETRIES_EXHAUSTED
+    assert (letter.withdrawal_id, letter.task_id) == ("", "")  # from before the ids
     unknown = msgspec.json.encode({**msgspec.to_builtins(letter), "reason": "from_the_future"})
     assert msgspec.json.decode(unknown, type=DeadLetter).reason == "from_the_future"
 
@@ -129,3 +130,19 @@ def test_other_errors_are_retried_until_the_last_delivery(
     assert dead_letter_reason(error, 1) is None
     assert dead_letter_reason(error, 2) is None
     assert dead_letter_reason(error, 3) == messages.RETRIES_EXHAUSTED
+
+
+def test_a_dead_letter_carries_the_ids_of_what_it_was_about() -> None:
+    letter = DeadLetter(
+        subject=bus.TASK_START,
+        payload="{}",
+        error="IllegalTransition: x",
+        deliveries=1,
+        failed_at="2026-12-01T10:00:00+00:00",
+        reason=messages.ILLEGAL_TRANSITION,
+        withdrawal_id="wd-1",
+        task_id=str(TASK.task_id),
+    )
+    data = msgspec.json.encode(letter)
+    assert msgspec.json.decode(data)["withdrawal_id"] == "wd-1"
+    assert msgspec.json.decode(data, type=DeadLetter) == letter
