@@ -12,12 +12,74 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from litestar import Router
+from litestar import Router, get
+from litestar.response import Response
 
 from contracts.providers_file import ProviderConfig
-from sandbox.core import CoreFaults, CoreSimulator, Ledger
+from sandbox.core import CoreFaults, CoreSimulator, Ledger, json_response
 from sandbox.providers import BEHAVIOURS, ProviderSimulator, WebhookSender, behaviour_of
 from sandbox.scenarios import Scenario
+
+ENDPOINTS: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/sandbox", "this index of the sandbox's endpoints"),
+    ("POST", "/sandbox/core/v1/balances/freeze", "cascade-core: hold an amount on a provider"),
+    ("POST", "/sandbox/core/v1/balances/commit", "cascade-core: debit a frozen operation"),
+    ("POST", "/sandbox/core/v1/balances/rollback", "cascade-core: release a frozen operation"),
+    (
+        "GET",
+        "/sandbox/core/v1/balances/operations/{operation_id}",
+        "cascade-core: one balance operation and its state",
+    ),
+    (
+        "POST",
+        "/sandbox/core/v1/withdrawal-notifications",
+        "cascade-core: record a withdrawal's final notification (once per key)",
+    ),
+    (
+        "GET",
+        "/sandbox/core/ledger",
+        "cascade-core: floats, operations, notifications and invariant breaches",
+    ),
+    ("PUT", "/sandbox/core/faults", "cascade-core: set the injected 500 and timeout ratios"),
+    (
+        "POST",
+        "/sandbox/providers/{provider_id}/orders",
+        "provider: create an order (Idempotency-Key: the order id)",
+    ),
+    ("GET", "/sandbox/providers/{provider_id}/orders/{order_id}", "provider: one order's status"),
+    (
+        "POST",
+        "/sandbox/providers/{provider_id}/orders/{order_id}/cancel",
+        "provider: cancel a pending order",
+    ),
+    (
+        "POST",
+        "/sandbox/providers/{provider_id}/orders/{reference}/status",
+        "set-status: move an order to a status and send its webhook to the gateway",
+    ),
+    (
+        "POST",
+        "/sandbox/providers/{provider_id}/script",
+        "flaky script: the next sbx_flaky create outcomes and errors",
+    ),
+)
+"""``GET /sandbox``: each endpoint's method, path and purpose (a test checks it against the
+routes the router registers)."""
+
+
+@get("/", sync_to_thread=False)
+def index() -> Response[bytes]:
+    """The sandbox's endpoints, so the ``make run`` banner's URL answers something useful."""
+    return json_response(
+        200,
+        {
+            "endpoints": [
+                {"method": method, "path": path, "purpose": purpose}
+                for method, path, purpose in ENDPOINTS
+            ],
+            "docs": "docs/sandbox.md",
+        },
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +196,7 @@ class Sandbox:
         )
         self.router = Router(
             path="/sandbox",
-            route_handlers=[self.core.router(), self.providers.router()],
+            route_handlers=[index, self.core.router(), self.providers.router()],
             include_in_schema=False,
         )
 

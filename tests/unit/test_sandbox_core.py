@@ -20,7 +20,7 @@ from litestar.testing import AsyncTestClient
 
 from contracts.providers_file import load_providers
 from sandbox.core import Ledger, LedgerError
-from sandbox.routes import Sandbox, SandboxConfig
+from sandbox.routes import ENDPOINTS, Sandbox, SandboxConfig
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -535,3 +535,30 @@ def test_config_rejects_nonsense() -> None:
         make_sandbox(core_fault_500_ratio=0.7, core_fault_timeout_ratio=0.7)
     with pytest.raises(ValueError, match="webhook_delay_seconds"):
         make_sandbox(webhook_delay_seconds=-1)
+
+
+async def test_sandbox_root_lists_its_endpoints(client: Client) -> None:
+    """``make run``'s banner advertises ``/sandbox``: it answers an index, not 404."""
+    response = await client.get("/sandbox")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    endpoints = response.json()["endpoints"]
+    listed = {(e["method"], e["path"]) for e in endpoints}
+    assert all(e["purpose"] for e in endpoints)
+    assert ("POST", "/sandbox/core/v1/balances/freeze") in listed
+    assert ("GET", "/sandbox/core/ledger") in listed
+    assert ("POST", "/sandbox/providers/{provider_id}/orders") in listed
+    assert ("POST", "/sandbox/providers/{provider_id}/orders/{reference}/status") in listed
+
+
+async def test_sandbox_index_matches_the_routes(sandbox: Sandbox) -> None:
+    """Every route the sandbox serves is in the index, and nothing else is."""
+    app = Litestar(route_handlers=[sandbox.router])
+    served = {
+        (method, route.path.replace(":str}", "}"))
+        for route in app.routes
+        for method in getattr(route, "methods", ())
+        if method not in ("HEAD", "OPTIONS") and route.path.startswith("/sandbox")
+    }
+    listed = {(method, path) for method, path, _ in ENDPOINTS}
+    assert listed == served
