@@ -3,7 +3,8 @@
 ``cascade-gateway dlq list`` prints one JSON object per dead letter (when there is none, one
 line on stderr says the DLQ is empty), with its ``reason``
 (``retries_exhausted``, ``unreadable_message``, ``illegal_transition``: see
-:class:`contracts.messages.DeadLetter`) and ``error``. ``dlq replay`` publishes each one back
+:class:`contracts.messages.DeadLetter`), ``error``, and the ``withdrawal_id`` and ``task_id``
+the message was about (empty when unknown). ``dlq replay`` publishes each one back
 to its original subject and deletes it from the DLQ stream; handlers are idempotent, so
 replaying something that was already handled changes nothing.
 """
