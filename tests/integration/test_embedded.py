@@ -246,6 +246,44 @@ async def test_postgres_data_survives_stop_and_kill_on_same_port(world_dir: Path
         pg.stop()
 
 
+def test_second_postgres_on_the_same_folder_says_a_stack_is_running(world_dir: Path) -> None:
+    """A second ``make run`` on one data folder: not Postgres's raw lock-file complaint."""
+    first = EmbeddedPostgres(world_dir / "pg", durable=False)
+    second = EmbeddedPostgres(world_dir / "pg", durable=False)
+    try:
+        first.start()
+        with pytest.raises(EmbeddedServiceError) as caught:
+            second.start()
+        message = str(caught.value)
+        assert f"already running on data folder {world_dir / 'pg'}" in message, message
+        assert f"pid {first.pid}" in message, message
+        assert "postmaster.pid" not in message, message
+        assert first.pid  # the running one is untouched
+        second.stop()  # nothing to stop
+        first.stop()
+        assert second.start()  # the folder is free again
+    finally:
+        second.stop()
+        first.stop()
+
+
+def test_dev_on_a_folder_a_stack_holds_says_so(
+    world_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``make run`` twice on one DATA_DIR: the supervisor stops before starting anything."""
+    from devstack.supervisor import run_dev  # noqa: PLC0415
+
+    monkeypatch.setenv("DATA_DIR", str(world_dir))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    with EmbeddedPostgres(world_dir / "postgres", durable=False) as pg:
+        assert run_dev() == 2
+        pid = pg.pid
+    err = capsys.readouterr().err
+    assert f"a stack is already running on data folder {world_dir} " in err, err
+    assert f"pid {pid}" in err, err
+    assert not (world_dir / "nats").exists()  # nothing else was started
+
+
 def test_postgres_context_manager_and_busy_port(world_dir: Path, listening_port: int) -> None:
     with EmbeddedPostgres(world_dir / "a", durable=False) as pg:
         pid = pg.pid
