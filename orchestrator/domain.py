@@ -1102,7 +1102,7 @@ class _Settling:
             return
         elif queue.cancel_requested:
             for t in pending:
-                self.task(t, Step(event="queue.cancelled", to=T.CANCELLED, changes=_CANCELLED))
+                self.task(t, _cancelled("queue.cancelled"))
             self._finish(QueueState.CANCELLED, "cancelled", skip=[])
         elif queue.stop_requested or not pending:
             last = next((t for t in reversed(tasks) if t.outcome is not None), None)
@@ -1137,9 +1137,6 @@ class _Settling:
             start=self.start,
             finished=self.finished,
         )
-
-
-_CANCELLED = Changes(outcome="cancelled")
 
 
 def settle(
