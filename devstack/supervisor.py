@@ -27,6 +27,7 @@ from devstack.embedded import (
     already_running_message,
     running_postmaster,
 )
+from gateway import stackfile
 from gateway.listen import port_free
 from gateway.settings import REPO_ROOT, SettingsError, load_settings
 
@@ -109,6 +110,7 @@ class _Stack:
                 return _fail("the gateway did not become healthy; see the log lines above")
             return 0
         self._announce(url, time.monotonic() - started)
+        stackfile.write(self.data_dir, {**self.env, "GATEWAY_URL": url})
         while not stopping():
             for child in self.children:
                 if child.poll() is not None:
@@ -162,6 +164,7 @@ class _Stack:
         _say("press Ctrl-C to stop")
 
     def stop(self) -> None:
+        stackfile.remove(self.data_dir)
         _stop_children(self.children)
         if self.postgres is not None:
             self.postgres.stop()

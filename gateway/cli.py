@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.metadata
+import os
 import signal
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from flags.router import FlagsError
-from gateway import logs
+from gateway import logs, stackfile
 from gateway.listen import port_free
 from gateway.runtime import DependencyError
 from gateway.settings import Settings, SettingsError, load_settings
@@ -277,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands run beside a stack: without DATABASE_URL and NATS_URL they use the running
+# `make run` stack's (see gateway/stackfile.py).
+CLIENT_COMMANDS = ("report", "dlq")
+
+
+def _use_running_stack() -> None:
+    """Complete this process's environment from the running dev stack, and say so."""
+    env, source = stackfile.with_running_stack(os.environ)
+    if source is None:
+        return
+    os.environ.update(env)
+    print(  # noqa: T201
+        f"cascade-gateway: using the make run stack recorded in {source}"
+        f" (database {stackfile.redact_dsn(env.get('DATABASE_URL', '?'))})",
+        file=sys.stderr,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "transitions":
@@ -286,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "dev":
         return _dev()
+    if args.command in CLIENT_COMMANDS:
+        _use_running_stack()
     try:
         settings = load_settings()
     except SettingsError as exc:

@@ -291,8 +291,15 @@ def test_dev_stack_serves_and_stops_without_orphans() -> None:
             what=f"withdrawal {wid} to be final",
         )
         assert final == "succeeded"
+        # A command in another terminal finds the stack's database by itself.
+        client_env = {"DATA_DIR": str(data), "DATABASE_URL": "", "NATS_URL": ""}
+        report = _run(["report", "--json"], client_env)
+        assert report.returncode == 0, report.stderr
+        assert f"using the make run stack recorded in {data / 'stack.json'}" in report.stderr
+        assert json.loads(report.stdout)["cohorts"], report.stdout
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+        assert not (data / "stack.json").exists()
         wait_until_sync(
             lambda: [pid for pid in family if _alive(pid)],
             done=lambda alive: not alive,
