@@ -55,6 +55,9 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     base_url: str
     webhook_secrets: tuple[str, ...] = ()
+    # False: the provider sends no webhooks (answers synchronously, or is polled); then it
+    # needs no secrets. True (the default) without secrets is refused: unverifiable.
+    webhooks: bool = True
     # None: no SLA — an accepted order with no webhook goes straight to manual check rules.
     webhook_sla_seconds: float | None = 900.0
     status_polling: StatusPolling | None = None
@@ -125,6 +128,7 @@ def load_providers(
                     f" (365 days), not {seconds:g}"
                 )
         _check_counts(config, where)
+        _check_webhooks(config, where)
     return parsed
 
 
@@ -143,6 +147,18 @@ def _durations(config: ProviderConfig) -> list[tuple[str, float | None]]:
         )
         durations.append(("status_polling.timeout_seconds", config.status_polling.timeout_seconds))
     return durations
+
+
+def _check_webhooks(config: ProviderConfig, where: str) -> None:
+    if config.webhooks and not config.webhook_secrets:
+        raise ProvidersFileError(
+            f"{where} has no webhook_secrets, so its webhooks could not be verified: add its"
+            ' signing secrets, or set "webhooks": false if it sends none'
+        )
+    if not config.webhooks and config.webhook_secrets:
+        raise ProvidersFileError(
+            f'{where} has "webhooks": false and webhook_secrets: remove one of the two'
+        )
 
 
 def _check_counts(config: ProviderConfig, where: str) -> None:

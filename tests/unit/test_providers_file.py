@@ -21,12 +21,13 @@ from orchestrator.domain import (
     recheck_delay,
 )
 
+SECRET = "whsec_dGVzdA=="
+
 
 def providers_file(status_polling: dict[str, Any] | None) -> bytes:
-    provider: dict[str, Any] = {"base_url": "https://psp.example", "webhook_sla_seconds": 900}
-    if status_polling is not None:
-        provider["status_polling"] = status_polling
-    return json.dumps({"providers": {"psp_a": provider}}).encode()
+    if status_polling is None:
+        return provider_file(webhook_sla_seconds=900)
+    return provider_file(webhook_sla_seconds=900, status_polling=status_polling)
 
 
 def test_timeout_seconds_is_optional_and_read_when_given() -> None:
@@ -84,7 +85,7 @@ def test_bad_status_polling_is_refused_in_one_line(
 
 
 def provider_file(**settings: Any) -> bytes:
-    provider = {"base_url": "https://psp.example", **settings}
+    provider = {"base_url": "https://psp.example", "webhook_secrets": [SECRET], **settings}
     return json.dumps({"providers": {"psp_a": provider}}).encode()
 
 
@@ -178,3 +179,19 @@ def test_every_shipped_sandbox_provider_has_a_polling_deadline() -> None:
     for provider_id, config in loaded.providers.items():
         assert config.status_polling is not None, provider_id
         assert config.status_polling.timeout_seconds is not None, provider_id
+
+
+def test_a_provider_whose_webhooks_cannot_be_verified_is_refused() -> None:
+    with pytest.raises(ProvidersFileError) as raised:
+        load_providers(provider_file(webhook_secrets=[]), {})
+    assert str(raised.value) == (
+        "PROVIDERS_FILE: psp_a has no webhook_secrets, so its webhooks could not be verified:"
+        ' add its signing secrets, or set "webhooks": false if it sends none'
+    )
+
+
+def test_a_provider_without_webhooks_needs_no_secrets() -> None:
+    loaded = load_providers(provider_file(webhook_secrets=[], webhooks=False), {})
+    assert loaded.providers["psp_a"].webhooks is False
+    with pytest.raises(ProvidersFileError, match="remove one of the two"):
+        load_providers(provider_file(webhooks=False), {})
