@@ -41,6 +41,13 @@ tools:
 	    { timeout 300 apt-get update -q >/dev/null 2>&1 && \
 	      DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }; }; } || \
 	  echo "promtool is not available: the alert-rule checks will be skipped"
+# chromium (Debian's) renders the cohort report's HTML page in its test, driven by playwright
+# without a browser download. Best effort too: where it cannot be installed, that test skips.
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { timeout 300 apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not available: the report page's browser test will be skipped"
 
 test: tools lint typecheck
 	$(VENV)/bin/pytest
