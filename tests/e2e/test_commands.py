@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.metadata
 import json
 import os
@@ -20,7 +21,15 @@ import pytest
 
 from devstack.embedded import free_port
 from orchestrator import bus
-from tests.conftest import API_TOKEN, ROOT, Services, flags_document, new_id, withdrawal_body
+from tests.conftest import (
+    API_TOKEN,
+    ROOT,
+    Services,
+    create_database,
+    flags_document,
+    new_id,
+    withdrawal_body,
+)
 from tests.waiting import wait_until_sync
 
 CLI = [sys.executable, "-m", "gateway.cli"]
@@ -99,8 +108,20 @@ def test_port_in_use_is_one_line() -> None:
     ],
 )
 def test_bad_settings_are_one_line(name: str, value: str, word: str) -> None:
-    result = _run(["migrate"], {"SANDBOX_ENABLED": "true", name: value})
+    result = _run(["worker"], {"SANDBOX_ENABLED": "true", name: value})
     _one_line_error(result, word)
+
+
+def test_migrate_needs_only_the_database_url(services: Services) -> None:
+    """The migration Job carries no providers file, flags or tokens: nothing else is read."""
+    empty = f"cg_{secrets.token_hex(6)}"
+    asyncio.run(create_database(services.admin_dsn, empty))
+    result = _run(
+        ["migrate"],
+        {"DATABASE_URL": services.dsn(empty), "PROVIDERS_FILE": "/nonexistent/providers.json"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "migrations applied"
 
 
 @pytest.mark.parametrize("limit", ["0", "-3", "ten"])

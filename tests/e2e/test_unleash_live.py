@@ -19,7 +19,7 @@ from tests.conftest import (
     Services,
     Stack,
     StackFactory,
-    _create_database,
+    create_database,
     flags_document,
     new_id,
     withdrawal_body,
@@ -71,7 +71,7 @@ async def test_release_manager_flips_merchants_on_a_live_unleash(
         pytest.skip("node and npm are not installed: cannot run a real unleash-server")
     began = time.monotonic()
     database = f"unleash_{secrets.token_hex(6)}"
-    await _create_database(services.admin_dsn, database)
+    await create_database(services.admin_dsn, database)
     async with running_unleash(services.dsn(database), services.workdir) as unleash:
         started = time.monotonic() - began
         admin = UnleashAdmin(unleash)

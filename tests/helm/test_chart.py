@@ -27,7 +27,7 @@ from kubernetes_validate import utils as kube_validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.messages import WebhookMessage
-from gateway.settings import load_settings
+from gateway.settings import load_settings, migration_url
 from tests.conftest import StackFactory, flags_document, new_id, withdrawal_body
 from tests.helm import promql
 from tests.waiting import wait_until
@@ -633,7 +633,6 @@ def settings_env(scenario: str, component: str, tmp_path: Path) -> dict[str, str
         "CORE_TOKEN": "core-secret",
     }
     files = {
-        "/app/config/providers.empty.json": '{"providers": {}}\n',
         "/app/config/providers.sandbox.json": (ROOT / "config/providers.sandbox.json").read_text(),
         "/etc/cascade-gateway/providers/providers.json": (
             ROOT / "config/providers.sandbox.json"
@@ -671,13 +670,13 @@ def test_the_app_accepts_the_environment_each_pod_gets(
     scenario: str, component: str, tmp_path: Path
 ) -> None:
     env = settings_env(scenario, component, tmp_path)
+    if component == "migrations":  # migrate reads DATABASE_URL (and LOG_LEVEL), nothing else
+        assert migration_url(env).startswith("postgresql+asyncpg://")
+        return
     settings = load_settings(env)  # raises SettingsError naming the problem
     values = SCENARIOS[scenario]
     assert settings.deployment_env == values.get("environment", "development")
     assert settings.database_url is not None
-    if component == "migrations":
-        assert settings.providers == {}
-        return
     assert settings.http_host == "0.0.0.0"  # inside the pod
     assert settings.nats_url is not None
     assert settings.sandbox_enabled is values.get("sandbox", {}).get("enabled", False)
@@ -1340,7 +1339,6 @@ def test_dockerfile_builds_every_package_and_runs_unprivileged() -> None:
     syncs = [i for i in builder if "uv sync" in i]
     assert syncs
     assert all("--frozen" in s and "--no-dev" in s for s in syncs)
-    assert any("providers.empty.json" in i for i in builder)
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
