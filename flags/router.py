@@ -12,7 +12,10 @@ Sources, in order of preference:
 * **backup** — the server stopped answering: the client keeps serving the last state it
   fetched (its backup file lives in a per-process directory, never shared between processes);
 * **bootstrap** — ``FLAGS_FILE`` (Unleash's ``/api/client/features`` format, so a file exported
-  from a server works as is): the only source offline, and the start state when live;
+  from a server works as is): the only source offline, and the start state when live. Offline,
+  the client reloads its cache every ``refresh_interval`` seconds and the router re-reads the
+  file then: an edit takes effect within the interval, and a file that does not parse or lacks
+  the toggle keeps the last good state (one error line per bad version of the file);
 * **fallback** — nothing loaded: every new withdrawal goes legacy.
 
 The reason is derived from the definition the client *currently* holds: every state the engine
@@ -107,15 +110,24 @@ class _FeaturesFile(msgspec.Struct):
 
 
 def load_flags_file(path: Path) -> dict[str, Any]:
-    """Read and check a flags file; raise FlagsError with a one-line reason.
+    """Read and check a flags file; raise FlagsError with a one-line reason."""
+    return parse_flags(read_flags_bytes(path), path)
+
+
+def read_flags_bytes(path: Path) -> bytes:
+    """The flags file's bytes; FlagsError when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FlagsError(f"FLAGS_FILE {path}: cannot read ({exc.strerror})") from exc
+
+
+def parse_flags(raw: bytes, path: Path) -> dict[str, Any]:
+    """Check a flags file's content (``path`` names it in the error); the parsed document.
 
     The file must define the ``withdrawals.cascade`` toggle (on or off): a server's answer
     without it targets nobody, but a file without it is a mistake to refuse at start.
     """
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise FlagsError(f"FLAGS_FILE {path}: cannot read ({exc.strerror})") from exc
     try:
         document = msgspec.json.decode(raw, type=_FeaturesFile)
         parsed: dict[str, Any] = msgspec.json.decode(raw)
@@ -323,7 +335,15 @@ class CohortRouter:
         request_timeout: int = 3,
         first_fetch_wait: float = 5.0,
     ) -> None:
-        self._bootstrap = load_flags_file(flags_file) if flags_file else None
+        self._flags_file = flags_file
+        self._file_raw: bytes | None = None
+        self._bootstrap: dict[str, Any] | None = None
+        if flags_file is not None:
+            self._file_raw = read_flags_bytes(flags_file)
+            self._bootstrap = parse_flags(self._file_raw, flags_file)
+        self._file_error: str | None = None
+        self._file_refused: str | None = None  # the bad version last reported
+        self._file_checks = 0
         self._url = unleash_url.rstrip("/") if unleash_url else None
         self._token = unleash_token
         self._refresh = refresh_interval
@@ -369,6 +389,9 @@ class CohortRouter:
             state["server_reachable"] = self._reachable
             state["last_error"] = self._last_error
             state["failed_polls"] = self._failed_polls
+        elif self._flags_file is not None:
+            state["file_checks"] = self._file_checks
+            state["file_error"] = self._file_error
         return state
 
     # -- lifecycle --
@@ -458,6 +481,53 @@ class CohortRouter:
         if self._cache_dir is not None:
             shutil.rmtree(self._cache_dir, ignore_errors=True)
             self._cache_dir = None
+
+    # -- offline, the flags file is re-read at every reload of the client's cache --
+
+    def _changed_flags_file(self) -> str | None:
+        """The flags file's content when it changed into a usable file, else None.
+
+        Called in the client's thread before each reload of its cache, so at the refresh
+        interval. A file that cannot be used keeps the last good state; each bad version
+        (content, or read error) is logged once, not at every check.
+        """
+        path = self._flags_file
+        if path is None or self._url is not None:
+            return None  # live: the server is the source, the file only the bootstrap
+        self._file_checks += 1
+        try:
+            raw = read_flags_bytes(path)
+        except FlagsError as exc:
+            self._refuse_flags_file(str(exc), version=str(exc))
+            return None
+        if raw == self._file_raw:
+            self._file_error = self._file_refused = None
+            return None
+        try:
+            parse_flags(raw, path)
+        except FlagsError as exc:
+            self._refuse_flags_file(str(exc), version=hashlib.sha256(raw).hexdigest())
+            return None
+        self._file_raw = raw
+        self._file_error = self._file_refused = None
+        text = raw.decode()
+        before = self._view.state.get("revision") if self._view else None
+        after = _digest(text).state.get("revision")
+        log.info(
+            "FLAGS_FILE %s changed: new withdrawals route by revision %s (was %s)",
+            path,
+            after,
+            before,
+        )
+        return text
+
+    def _refuse_flags_file(self, error: str, *, version: str) -> None:
+        self._file_error = error
+        if version == self._file_refused:
+            return
+        self._file_refused = version
+        revision = self._view.state.get("revision") if self._view else None
+        log.error("%s; routing keeps the last good flags (revision %s)", error, revision)
 
     # -- the cache reports every state the engine loads --
 
@@ -574,6 +644,8 @@ def _make_cache(router: CohortRouter, name: str, directory: str) -> Any:
                 self._fetched = True
 
         def get(self, key: str, default: Any = None) -> Any:
+            if key == _FEATURES_KEY and (text := router._changed_flags_file()) is not None:
+                FileCache.set(self, key, text)
             value = super().get(key, default)
             if key == _FEATURES_KEY:
                 fetched, self._fetched = self._fetched, False

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -18,6 +20,7 @@ from UnleashClient.utils import InstanceAllowType
 from flags.router import TOGGLE, CohortRouter, FlagsError, _digest, load_flags_file
 from gateway.settings import DEFAULT_FLAGS_FILE, SettingsError, load_settings
 from tests.conftest import flags_document
+from tests.waiting import wait_until
 
 
 def _write(tmp_path: Path, document: dict[str, Any] | str) -> Path:
@@ -243,3 +246,115 @@ def test_decide_cost(routers: list[CohortRouter], tmp_path: Path) -> None:
     p99 = statistics.quantiles(samples, n=100)[98]
     print(f"decide(): median {median:.1f} µs, p99 {p99:.1f} µs over {len(samples)} calls")
     assert median < 1000
+
+
+# --- FLAGS_FILE is re-read at the refresh interval (offline) ---------------------------------
+
+
+def _replace(path: Path, content: dict[str, Any] | str) -> None:
+    """Write the whole file at once, as an editor or the flags command does (temp + rename)."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(content if isinstance(content, str) else json.dumps(content))
+    temporary.replace(path)
+
+
+async def _checked_twice_more(router: CohortRouter) -> None:
+    """Two more checks of the file have begun, so at least one whole check has run."""
+    start = router.describe()["file_checks"]
+    await wait_until(
+        lambda: router.describe()["file_checks"] >= start + 2,
+        timeout=10,
+        what="two more checks of FLAGS_FILE",
+    )
+
+
+async def test_an_edited_flags_file_routes_new_withdrawals_without_a_restart(
+    routers: list[CohortRouter], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="cascade.flags")
+    path = _write(tmp_path, flags_document(enabled=True, merchants=["m_a"]))
+    router = CohortRouter(flags_file=path, refresh_interval=1)
+    await asyncio.to_thread(router.start)
+    routers.append(router)
+    assert router.decide("m_b").cohort == "legacy"
+    before = router.decide("m_a").flag_state["revision"]
+
+    _replace(path, flags_document(enabled=True, merchants=["m_a", "m_b"]))
+    moved = await wait_until(
+        lambda: router.decide("m_b"),
+        done=lambda decision: decision.cohort == "cascade",
+        timeout=10,
+        what="m_b to route cascade after the file was edited",
+    )
+    assert moved.reason == "allow_list"
+    assert moved.flag_state["source"] == "bootstrap"
+    after = moved.flag_state["revision"]
+    assert after != before
+    assert f"new withdrawals route by revision {after} (was {before})" in caplog.text
+
+    # The kill switch, by hand: the toggle off sends everyone legacy.
+    _replace(path, flags_document(enabled=False, merchants=["m_a", "m_b"]))
+    killed = await wait_until(
+        lambda: router.decide("m_a"),
+        done=lambda decision: decision.cohort == "legacy",
+        timeout=10,
+        what="m_a to route legacy once the toggle is off",
+    )
+    assert killed.reason == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ("{not json", "not valid JSON"),
+        (
+            flags_document(enabled=True, merchants=["m_b"])
+            | {"features": [{"name": "withdrawal.cascade", "enabled": True}]},
+            "no 'withdrawals.cascade' toggle (toggles in the file: 'withdrawal.cascade')",
+        ),
+        (None, "cannot read"),
+    ],
+)
+async def test_a_bad_flags_file_keeps_the_last_good_state_and_is_logged_once(
+    routers: list[CohortRouter],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    bad: dict[str, Any] | str | None,
+    expected: str,
+) -> None:
+    path = _write(tmp_path, flags_document(enabled=True, merchants=["m_a"]))
+    router = CohortRouter(flags_file=path, refresh_interval=1)
+    await asyncio.to_thread(router.start)
+    routers.append(router)
+    revision = router.decide("m_a").flag_state["revision"]
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+
+    if bad is None:
+        path.unlink()
+    else:
+        _replace(path, bad)
+    logged = await wait_until(errors, timeout=10, what="an error about the bad FLAGS_FILE")
+    assert len(logged) == 1
+    assert logged[0].startswith(f"FLAGS_FILE {path}: {expected}")
+    assert logged[0].endswith(f"; routing keeps the last good flags (revision {revision})")
+    assert router.describe()["file_error"].startswith(f"FLAGS_FILE {path}: {expected}")
+    await _checked_twice_more(router)
+    assert len(errors()) == 1, errors()  # once per bad version, not at every check
+    decision = router.decide("m_a")
+    assert (decision.cohort, decision.reason) == ("cascade", "allow_list")
+    assert decision.flag_state["revision"] == revision
+
+    # Another bad version is another error; a good file is taken and clears the error.
+    _replace(path, "[]")
+    await wait_until(lambda: len(errors()) == 2, timeout=10, what="an error about the new version")
+    assert "not an Unleash features file" in errors()[1]
+    _replace(path, flags_document(enabled=True, merchants=["m_a", "m_b"]))
+    await wait_until(
+        lambda: router.decide("m_b").cohort == "cascade",
+        timeout=10,
+        what="m_b to route cascade from the repaired file",
+    )
+    assert router.describe()["file_error"] is None
+    assert len(errors()) == 2
