@@ -15,6 +15,7 @@ import signal
 import sys
 import textwrap
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from flags.router import FlagsError
@@ -161,7 +162,12 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
         return fail("DATABASE_URL is not set")
     return _run(
         run_report(
-            settings, as_json=args.json, since=args.since, until=args.until, merchant=args.merchant
+            settings,
+            as_json=args.json,
+            since=args.since,
+            until=args.until,
+            merchant=args.merchant,
+            html=args.html,
         )
     )
 
@@ -211,7 +217,7 @@ COMMANDS = {
     "dlq": "inspect or replay dead-lettered messages",
     "dlq list": "print dead letters as JSON lines",
     "dlq replay": "send dead letters back to their subjects",
-    "report": "compare the cohorts",
+    "report": "compare the cohorts: a table, JSON (--json) or a page of charts (--html)",
 }
 _NEEDS = {
     "serve": _SERVE_ENV,
@@ -225,7 +231,7 @@ _NEEDS = {
     "dlq": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
     "dlq list": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
     "dlq replay": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
-    "report": "DATABASE_URL",
+    "report": "DATABASE_URL, else the running make run stack's database (DATA_DIR/stack.json)",
 }
 
 
@@ -234,6 +240,16 @@ def _describe(name: str, summary: str) -> str:
     what = f"{summary[0].upper()}{summary[1:]}."
     needs = textwrap.fill(f"Environment: {_NEEDS[name]}.", width=78)
     return f"{what}\n\n{needs}"
+
+
+_REPORT_UNITS = """\
+The table starts with the database read (password hidden) and the window
+covered.
+Units: rates in %, differences of rates in percentage points (pp), times in ms
+below a second, else s, min or h. --json keeps plain numbers (rates as fractions
+of 1, times in seconds); --html draws the same numbers.
+
+Example: cascade-gateway report --since 2026-11-01 --html cohorts.html"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay at most this many, oldest first (default 1000)",
     )
     report = sub.choices["report"]
+    report.epilog = _REPORT_UNITS
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     report.add_argument(
         "--since",
@@ -278,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         " a date/time must carry its zone (e.g. +00:00)",
     )
     report.add_argument("--merchant", help="only this merchant")
+    report.add_argument(
+        "--html",
+        type=Path,
+        metavar="FILE",
+        help="also write the comparison as a self-contained HTML page of charts (success rate"
+        " with its 95%% interval, attempts, time to final, per merchant) to FILE",
+    )
     return parser
 
 

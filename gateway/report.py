@@ -23,15 +23,18 @@ The statistics are plain functions over counts, computed with :mod:`math` only.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import msgspec
 
 from gateway.settings import Settings
+from gateway.stackfile import redact_dsn
 from orchestrator import store
 from orchestrator.store import reports
 
@@ -290,21 +293,24 @@ def _comparison(legacy: _Counts, cascade: _Counts, *, srm_mismatch: bool) -> dic
     elif min(n_l, n_c) < needed:
         result["verdict"] = "insufficient evidence"
         result["verdict_note"] = (
-            f"detecting a {MIN_DETECTABLE:.0%} difference (80 % power, α = {ALPHA}) needs "
+            f"detecting a {format_points(MIN_DETECTABLE, sign=False)} difference (80 % power, "
+            f"α = {ALPHA}) needs "
             f"{needed} finished withdrawals per cohort; have legacy {n_l}, cascade {n_c}"
         )
     elif test.p_value < ALPHA:
         better = "better" if diff[0] > 0 else "worse"
         result["verdict"] = f"cascade {better}"
         result["verdict_note"] = (
-            f"difference {diff[0]:+.1%} (95 % CI {diff[1]:+.1%} to {diff[2]:+.1%}), "
+            f"difference {format_points(diff[0])} (95 % CI {format_points(diff[1])} to "
+            f"{format_points(diff[2])}), "
             f"p = {test.p_value:.2g}"
         )
     else:
         result["verdict"] = "no difference detected"
         result["verdict_note"] = (
             f"p = {test.p_value:.2g}; the sample was large enough to detect "
-            f"{MIN_DETECTABLE:.0%}, and the 95 % CI is {diff[1]:+.1%} to {diff[2]:+.1%}"
+            f"{format_points(MIN_DETECTABLE, sign=False)}, and the 95 % CI is "
+            f"{format_points(diff[1])} to {format_points(diff[2])}"
         )
     return result
 
@@ -417,6 +423,7 @@ async def cohort_report(
     return {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "filters": {"since": since, "until": until, "merchant": merchant},
+        "window": _covered(window, by_reason),
         "cohorts": {c: _cohort(totals[c], times.get(c), reasons[c]) for c in COHORTS},
         "comparison": comparison,
         "sample_ratio": sample_ratio,
@@ -425,6 +432,23 @@ async def cohort_report(
             for r in by_merchant
         ],
     }
+
+
+def _covered(window: reports.Window, rows: list[asyncpg.Record]) -> dict[str, Any]:
+    """The window as read (bounds in UTC) and the first and last withdrawal found in it."""
+    firsts = [r["first_created"] for r in rows if r["first_created"] is not None]
+    lasts = [r["last_created"] for r in rows if r["last_created"] is not None]
+    return {
+        "since": _utc_text(window.since),
+        "until": _utc_text(window.until),
+        "merchant": window.merchant,
+        "first_created_at": _utc_text(min(firsts, default=None)),
+        "last_created_at": _utc_text(max(lasts, default=None)),
+    }
+
+
+def _utc_text(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
 def _cohort(
@@ -437,6 +461,7 @@ def _cohort(
         "time_to_final_seconds": {
             "p50": timing["p50"] if timing else None,
             "p95": timing["p95"] if timing else None,
+            "p99": timing["p99"] if timing else None,
         },
         "manual_checked": counts.manual_checked,
         "manual_check_rate": counts.manual_checked / counts.created if counts.created else None,
@@ -451,21 +476,66 @@ def _counts_of(row: asyncpg.Record) -> _Counts:
 
 
 # --- rendering -------------------------------------------------------------------------------
+# One unit per kind of number, in the table and the HTML page alike: rates in %, differences
+# of rates in percentage points (pp), times in the unit that keeps their precision.
 
 
-def _pct(value: float | None) -> str:
+def format_rate(value: float | None) -> str:
+    """A rate (a share of withdrawals) in percent: ``87.5%``."""
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _secs(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}s"
+def format_points(value: float | None, *, sign: bool = True) -> str:
+    """A difference of two rates in percentage points: ``+5.0 pp``."""
+    if value is None:
+        return "n/a"
+    return f"{value * 100:+.1f} pp" if sign else f"{value * 100:.1f} pp"
 
 
-def render_table(report: dict[str, Any]) -> str:
-    """The report as text for a terminal."""
-    filters = report["filters"]
-    scope = ", ".join(f"{k} {v}" for k, v in filters.items() if v) or "all withdrawals"
-    lines = [f"Cohort comparison ({scope})", ""]
+def format_seconds(value: float | None) -> str:
+    """A duration in ms below a second, then s, min and h, with three significant digits
+    at most, so that sub-second times keep their precision."""
+    if value is None:
+        return "n/a"
+    if value * 1000 < 9.995:
+        return f"{value * 1000:.1f} ms"
+    if value * 1000 < 999.5:
+        return f"{value * 1000:.0f} ms"
+    if value < 59.95:
+        return f"{value:.1f} s"
+    if value < 59.95 * 60:
+        return f"{value / 60:.1f} min"
+    return f"{value / 3600:.1f} h"
+
+
+def _when(text: str) -> str:
+    return datetime.fromisoformat(text).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def describe_window(window: dict[str, Any]) -> str:
+    """Which withdrawals the report covers, in words: the bounds asked for, then what was found."""
+    bounds = []
+    if window["since"]:
+        bounds.append(f"from {_when(window['since'])} (inclusive)")
+    if window["until"]:
+        bounds.append(f"until {_when(window['until'])} (exclusive)")
+    scope = "created " + " ".join(bounds) if bounds else "all withdrawals (no --since/--until)"
+    if window["merchant"]:
+        scope += f", merchant {window['merchant']}"
+    if window["first_created_at"] is None:
+        return f"{scope}; no withdrawals found"
+    return (
+        f"{scope}; found withdrawals created {_when(window['first_created_at'])} to "
+        f"{_when(window['last_created_at'])}"
+    )
+
+
+def render_table(report: dict[str, Any], *, database: str | None = None) -> str:
+    """The report as text for a terminal; ``database`` (redacted) names the source."""
+    lines = ["Cohort comparison"]
+    if database is not None:
+        lines.append(f"Database: {database}")
+    lines += [f"Window:   {describe_window(report['window'])}", ""]
     lines += _cohort_lines(report["cohorts"])
     comparison = report["comparison"]
     lines += ["", f"Design: {comparison['design']} — {comparison['design_note']}"]
@@ -482,10 +552,11 @@ def render_table(report: dict[str, Any]) -> str:
 def _cohort_lines(cohorts: dict[str, Any]) -> list[str]:
     lines = [
         f"{'cohort':<8} {'created':>7} {'succ':>6} {'fail':>6} {'canc':>6} {'proc':>6} "
-        f"{'success rate (95% CI)':>24} {'attempts':>8} {'final p50/p95':>15} {'manual':>7}"
+        f"{'success rate (95% CI)':>21} {'attempts':>8} {'time to final p50 / p95 / p99':>32} "
+        f"{'manual':>7}"
     ]
     for name, c in cohorts.items():
-        rate = _pct(c["success_rate"])
+        rate = format_rate(c["success_rate"])
         if c["success_rate_ci95"]:
             low, high = c["success_rate_ci95"]
             rate += f" ({low:.1%}–{high:.1%})"
@@ -495,11 +566,11 @@ def _cohort_lines(cohorts: dict[str, Any]) -> list[str]:
             else (f"{c['attempts_per_withdrawal']:.2f}")
         )
         timing = c["time_to_final_seconds"]
-        final = f"{_secs(timing['p50'])} / {_secs(timing['p95'])}"
+        final = " / ".join(format_seconds(timing[q]) for q in ("p50", "p95", "p99"))
         lines.append(
             f"{name:<8} {c['created']:>7} {c['succeeded']:>6} {c['failed']:>6} "
-            f"{c['cancelled']:>6} {c['processing']:>6} {rate:>24} {attempts:>8} {final:>15} "
-            f"{_pct(c['manual_check_rate']):>7}"
+            f"{c['cancelled']:>6} {c['processing']:>6} {rate:>21} {attempts:>8} {final:>32} "
+            f"{format_rate(c['manual_check_rate']):>7}"
         )
     for name, c in cohorts.items():
         reasons = ", ".join(f"{k} {v}" for k, v in c["routing_reasons"].items()) or "none"
@@ -534,7 +605,7 @@ def _merchant_lines(merchants: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"{m['merchant_id'][:20]:<20} {m['cohort']:<8} {m['created']:>7} "
             f"{m['succeeded']:>6} {m['failed']:>6} {m['cancelled']:>6} {m['processing']:>6} "
-            f"{_pct(m['success_rate']):>12}"
+            f"{format_rate(m['success_rate']):>12}"
         )
     if len(merchants) > TABLE_MERCHANTS:
         lines.append(f"… {len(merchants) - TABLE_MERCHANTS} more rows: use --json")
@@ -546,8 +617,8 @@ def _comparison_lines(comparison: dict[str, Any], indent: str) -> list[str]:
     if comparison["difference"] is not None:
         low, high = comparison["difference_ci95"]
         lines.append(
-            f"{indent}Difference cascade − legacy: {comparison['difference'] * 100:+.1f} points, "
-            f"95 % CI [{low * 100:+.1f}, {high * 100:+.1f}] (Newcombe)"
+            f"{indent}Difference cascade − legacy: {format_points(comparison['difference'])}, "
+            f"95 % CI [{format_points(low)}, {format_points(high)}] (Newcombe)"
         )
         lines.append(
             f"{indent}Two-proportion z-test: z = {comparison['z']:.2f}, "
@@ -555,26 +626,70 @@ def _comparison_lines(comparison: dict[str, Any], indent: str) -> list[str]:
         )
         lines.append(
             f"{indent}Power: {comparison['required_per_cohort']} finished withdrawals per cohort "
-            f"are needed to detect 5 points (80 % power, α = 0.05); have legacy "
-            f"{comparison['legacy_finished']}, cascade {comparison['cascade_finished']}"
+            f"are needed to detect {format_points(MIN_DETECTABLE, sign=False)} (80 % power, "
+            f"α = {ALPHA}); have legacy {comparison['legacy_finished']}, "
+            f"cascade {comparison['cascade_finished']}"
         )
     lines.append(f"{indent}Verdict: {comparison['verdict']} — {comparison['verdict_note']}")
     return lines
 
 
+def unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot take the HTML page, in one line; None when it can."""
+    if path.is_dir():
+        return f"--html {path} is a folder, not a file"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"--html {path}: the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"--html {path}: the folder {folder} is not writable"
+    return None
+
+
 async def run_report(
-    settings: Settings, *, as_json: bool, since: str | None, until: str | None, merchant: str | None
+    settings: Settings,
+    *,
+    as_json: bool,
+    since: str | None,
+    until: str | None,
+    merchant: str | None,
+    html: Path | None = None,
 ) -> int:
+    """``cascade-gateway report``: the table (or JSON) on stdout, and the page to ``html``."""
+    problem = None if html is None else unwritable(html)
+    if problem is not None:
+        return _refuse(problem)
     conn = await asyncpg.connect(settings.asyncpg_dsn)
     try:
         report = await cohort_report(conn, since=since, until=until, merchant=merchant)
     except ReportError as exc:
-        print(f"cascade-gateway: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
+        return _refuse(str(exc))
     finally:
         await conn.close()
+    database = redact_dsn(settings.asyncpg_dsn)
     if as_json:
         print(msgspec.json.encode(report).decode())  # noqa: T201
     else:
-        print(render_table(report))  # noqa: T201
+        print(render_table(report, database=database))  # noqa: T201
+    if html is not None:
+        problem = write_page(html, report, database=database)
+        if problem is not None:
+            return _refuse(problem)
+        print(f"cascade-gateway: wrote the cohort comparison to {html}", file=sys.stderr)  # noqa: T201
     return 0
+
+
+def write_page(path: Path, report: dict[str, Any], *, database: str | None) -> str | None:
+    """Write the report's HTML page to ``path``; why not, in one line, when it cannot."""
+    from gateway.report_page import render_page  # noqa: PLC0415 — only for --html
+
+    try:
+        path.write_text(render_page(report, database=database), encoding="utf-8")
+    except OSError as exc:
+        return f"cannot write --html {path}: {exc.strerror or exc}"
+    return None
+
+
+def _refuse(message: str) -> int:
+    print(f"cascade-gateway: {message}", file=sys.stderr)  # noqa: T201
+    return 2

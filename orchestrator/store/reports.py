@@ -67,7 +67,8 @@ _COHORT_COUNTS = f"""{_BASE}SELECT cohort, routing_reason AS reason,{_OUTCOME_CO
             AND t.state <> ALL($9::text[])
             AND NOT (t.state = $10 AND t.provider_reference IS NULL
                      AND t.outcome IS NULL)))
-           FILTER (WHERE state <> $7), 0)::bigint AS attempts
+           FILTER (WHERE state <> $7), 0)::bigint AS attempts,
+       min(created_at) AS first_created, max(created_at) AS last_created
 FROM base
 GROUP BY cohort, routing_reason
 """  # noqa: S608 — constant fragments, every value is a bind parameter
@@ -76,7 +77,9 @@ _TIME_TO_FINAL = f"""{_BASE}SELECT cohort,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
            AS p50,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
-           AS p95
+           AS p95,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - created_at))
+           AS p99
 FROM base
 WHERE state = ANY($4::text[]) AND finished_at IS NOT NULL
 GROUP BY cohort
@@ -109,7 +112,8 @@ def _values(states: Iterable[QueueState | TaskState]) -> list[str]:
 
 async def cohort_counts(conn: Connection, window: Window) -> list[asyncpg.Record]:
     """Per cohort and routing reason: created, succeeded, failed, cancelled, processing,
-    manual-checked withdrawals, and provider attempts of the finished ones."""
+    manual-checked withdrawals, provider attempts of the finished ones, and the first and
+    last ``created_at``."""
     rows: list[asyncpg.Record] = await conn.fetch(
         _COHORT_COUNTS,
         *window.args(),
@@ -122,7 +126,7 @@ async def cohort_counts(conn: Connection, window: Window) -> list[asyncpg.Record
 
 
 async def time_to_final(conn: Connection, window: Window) -> list[asyncpg.Record]:
-    """Per cohort: p50 and p95 seconds from creation to a final queue state."""
+    """Per cohort: p50, p95 and p99 seconds from creation to a final queue state."""
     rows: list[asyncpg.Record] = await conn.fetch(
         _TIME_TO_FINAL, *window.args(), _values(FINAL_QUEUE_STATES)
     )
