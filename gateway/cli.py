@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flags.router import FlagsError
-from gateway import logs, stackfile
+from gateway import logs, manual_checks, stackfile
 from gateway.listen import port_free
 from gateway.runtime import DependencyError
 from gateway.settings import Settings, SettingsError, load_settings, migration_url
@@ -217,6 +217,7 @@ COMMANDS = {
     "dlq": "inspect or replay dead-lettered messages",
     "dlq list": "print dead letters as JSON lines",
     "dlq replay": "send dead letters back to their subjects",
+    **manual_checks.SUMMARIES,
     "report": "compare the cohorts: a table, JSON (--json) or a page of charts (--html)",
 }
 _NEEDS = {
@@ -231,6 +232,7 @@ _NEEDS = {
     "dlq": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
     "dlq list": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
     "dlq replay": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
+    **dict.fromkeys(manual_checks.SUMMARIES, manual_checks.ENVIRONMENT),
     "report": "DATABASE_URL, else the running make run stack's database (DATA_DIR/stack.json)",
 }
 
@@ -259,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, summary in COMMANDS.items():
-        if name.startswith("dlq "):
+        if " " in name:  # a subcommand, added under its command below
             continue
         sub.add_parser(
             name, help=summary, description=_describe(name, summary), formatter_class=_FORMAT
@@ -302,12 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the comparison as a self-contained HTML page of charts (success rate"
         " with its 95%% interval, attempts, time to final, per merchant) to FILE",
     )
+    manual_checks.configure_parser(
+        sub.choices["manual-checks"], lambda name: _describe(name, COMMANDS[name]), _FORMAT
+    )
     return parser
 
 
 # Commands run beside a stack: without DATABASE_URL and NATS_URL they use the running
 # `make run` stack's (see gateway/stackfile.py).
-CLIENT_COMMANDS = ("report", "dlq")
+CLIENT_COMMANDS = ("report", "dlq", "manual-checks")
 
 
 def _use_running_stack() -> None:
@@ -336,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _migrate()
     if args.command in CLIENT_COMMANDS:
         _use_running_stack()
+    if args.command == "manual-checks":  # a client of the gateway's ops API: no settings
+        return manual_checks.run(args, os.environ)
     try:
         settings = load_settings()
     except SettingsError as exc:

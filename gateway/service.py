@@ -73,11 +73,14 @@ class UnknownTask(ServiceError):
 
 
 class ResolutionConflict(ServiceError):
-    """Support's decision was not applied (see ``orchestrator.engine.ResolutionRefused``)."""
+    """Support's decision was not applied (see ``orchestrator.engine.ResolutionRefused``);
+    ``evidence``: what the provider answered when it was asked (its audit row's details), if
+    it was."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, evidence: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.evidence = evidence
 
 
 class NotInManualCheck(ServiceError):
@@ -304,7 +307,11 @@ class WithdrawalService:
                     task_id, positive=positive, reason=reason, actor=actor, unverified=unverified
                 )
             except ResolutionRefused as exc:
-                raise ResolutionConflict(exc.code, str(exc)) from exc
+                evidence = None
+                if exc.code.startswith("provider_"):
+                    async with self._rt.pool.acquire() as conn:
+                        evidence = await views.refusal_details(conn, task_id, actor)
+                raise ResolutionConflict(exc.code, str(exc), evidence) from exc
         if task is None:
             raise UnknownTask
         return task
