@@ -177,7 +177,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
 def _sandbox(settings: Settings) -> Sandbox:
     """The simulators, imported here and only here: nothing else in the app needs them."""
     try:
-        from sandbox.routes import Sandbox, SandboxConfig  # noqa: PLC0415 — dev and test only
+        from sandbox.routes import Sandbox, config_from_settings  # noqa: PLC0415 — dev and test only
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.partition(".")[0] != "sandbox":
             raise
@@ -185,14 +185,4 @@ def _sandbox(settings: Settings) -> Sandbox:
             "SANDBOX_ENABLED is true but this installation has no sandbox: it runs from a"
             " repository checkout, not from the wheel or the image"
         ) from exc
-    return Sandbox(
-        SandboxConfig(
-            gateway_url=settings.public_url,
-            providers=settings.providers,
-            core_tokens=(settings.core_token,),
-            webhook_delay_seconds=settings.sandbox_webhook_delay,
-            fail_delay_seconds=settings.sandbox_fail_delay,
-            flaky_timeout_seconds=settings.sandbox_flaky_timeout,
-            flaky_success_delay_seconds=settings.sandbox_flaky_success_delay,
-        )
-    )
+    return Sandbox(config_from_settings(settings))

@@ -5,10 +5,10 @@ under ``/sandbox/core`` and checks the money-safety invariants of DESIGN.md as i
 breach it sees is kept as a :class:`Violation`, so a test (or a person reading
 ``GET /sandbox/core/ledger``) can assert that a run left none.
 
-The ledger itself (:class:`Ledger`) does no I/O and never awaits: each operation checks and
-mutates in one synchronous step, so concurrent requests on one event loop cannot interleave
-inside it. The HTTP layer (:class:`CoreSimulator`) adds authentication, fault injection and
-the wire format.
+The ledger itself (:class:`Ledger`) lives in the sandbox's Postgres schema
+(:mod:`sandbox.store`): it outlives the process, and several processes may share it. Each
+operation checks and mutates in one transaction under row and advisory locks. The HTTP layer
+(:class:`CoreSimulator`) adds authentication, fault injection and the wire format.
 
 Floats are per provider and currency-blind: a sandbox provider holds one number.
 """
@@ -16,19 +16,23 @@ Floats are per provider and currency-blind: a sandbox provider holds one number.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, TypeVar
 
+import asyncpg
 import msgspec
 from litestar import Request, Response, Router, get, post, put
 from litestar.params import FromPath
+
+from sandbox.store import Connection, SandboxDb
 
 log = logging.getLogger("sandbox.core")
 _T = TypeVar("_T")
@@ -73,72 +77,80 @@ class LedgerError(Exception):
         self.message = message
 
 
-@dataclass
-class Operation:
-    """One balance operation (one freeze and what became of it)."""
+_HISTORY = msgspec.json.Encoder()
 
-    operation_id: str
-    withdrawal_id: str
-    provider_id: str
-    amount: Decimal
-    currency: str
-    state: OperationState
-    frozen_at: float  # ledger clock, for the open-freeze bound
-    closed_at: float | None = None
-    history: list[dict[str, str]] = field(default_factory=list)
 
-    def record(self, action: str, result: str) -> None:
-        self.history.append({"action": action, "result": result, "at": _now_iso()})
+def _entry(action: str, result: str) -> str:
+    """One ``history`` entry as a one-element JSON array, to append with ``||``."""
+    return _HISTORY.encode([{"action": action, "result": result, "at": _now_iso()}]).decode()
 
 
 class Ledger:
-    """In-memory balances and notifications of one simulated cascade-core.
+    """Balances and notifications of one simulated cascade-core, kept in Postgres.
 
-    ``clock`` is monotonic seconds; tests may inject one to age freezes without sleeping.
+    Each call is one transaction. Calls on one ``operation_id`` are serialised by an advisory
+    lock on it, calls that judge a whole withdrawal (double commit, conflicting notifications)
+    by one on the withdrawal, taken second; a provider's float row is locked last. Every
+    process sharing the schema takes them in this order, so they cannot deadlock.
+
+    ``clock`` is wall-clock seconds (freezes outlive the process, so no monotonic clock);
+    tests may inject one to age freezes without sleeping.
     """
 
     def __init__(
         self,
+        db: SandboxDb,
         *,
         floats: Mapping[str, Decimal] | None = None,
         default_float: Decimal = Decimal("1000000"),
         open_freeze_bound_seconds: float = 3600.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self._floats: dict[str, Decimal] = dict(floats or {})
+        self._db = db
+        self._initial_floats = dict(floats or {})
         self._default_float = default_float
         self.open_freeze_bound_seconds = open_freeze_bound_seconds
         self._clock = clock
-        self.operations: dict[str, Operation] = {}
-        self.violations: list[Violation] = []
-        # Refused freezes are not operations (nothing is held); kept so that a later commit or
-        # rollback of one can say why it is unknown.
-        self.refusals: dict[str, str] = {}
-        self.notifications: list[Any] = []
-        self.notification_deliveries: dict[str, int] = {}
-        self._final_statuses: dict[str, list[str]] = {}
-        self._flagged_open: set[str] = set()
-        # Running indexes, so that a benchmark's hundred thousand operations stay O(1) each.
-        self._held: dict[str, Decimal] = {}
-        self._open: dict[str, Operation] = {}
-        self._committed: dict[str, list[str]] = {}
+
+    async def seed_floats(self) -> None:
+        """Give every configured provider its float, unless the ledger already holds one."""
+        await self._db.pool.execute(
+            "INSERT INTO floats (provider_id, amount)"
+            " SELECT * FROM unnest($1::text[], $2::numeric[]) ON CONFLICT DO NOTHING",
+            list(self._initial_floats),
+            list(self._initial_floats.values()),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        async with self._db.pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    async def _lock(self, conn: Connection, kind: str, key: str) -> None:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"{self._db.schema}:{kind}:{key}",
+        )
 
     # -- floats ----------------------------------------------------------------------------
 
-    def float_of(self, provider_id: str) -> Decimal:
+    async def float_of(self, provider_id: str) -> Decimal:
         """What the provider holds after commits (open freezes not subtracted)."""
-        return self._floats.setdefault(provider_id, self._default_float)
+        amount = await self._db.pool.fetchval(
+            "SELECT amount FROM floats WHERE provider_id = $1", provider_id
+        )
+        return self._default_float if amount is None else Decimal(amount)
 
-    def held(self, provider_id: str) -> Decimal:
-        """The sum of the provider's open freezes."""
-        return self._held.get(provider_id, Decimal(0))
-
-    def available(self, provider_id: str) -> Decimal:
-        return self.float_of(provider_id) - self.held(provider_id)
+    async def available(self, provider_id: str) -> Decimal:
+        """The float minus the provider's open freezes."""
+        row = await self._db.pool.fetchrow(
+            "SELECT amount - held FROM floats WHERE provider_id = $1", provider_id
+        )
+        return self._default_float if row is None else Decimal(row[0])
 
     # -- balance operations ----------------------------------------------------------------
 
-    def freeze(
+    async def freeze(
         self,
         operation_id: str,
         withdrawal_id: str,
@@ -147,139 +159,232 @@ class Ledger:
         currency: str,
     ) -> OperationState:
         """Hold ``amount`` on the provider's float; a repeat answers the current state."""
-        existing = self.operations.get(operation_id)
-        if existing is not None:
-            same = (
-                existing.withdrawal_id == withdrawal_id
-                and existing.provider_id == provider_id
-                and existing.amount == amount
-                and existing.currency == currency
+        terms = (withdrawal_id, provider_id, amount, currency)
+        async with self._transaction() as conn:
+            await self._lock(conn, "operation", operation_id)
+            existing = await conn.fetchrow(
+                "SELECT withdrawal_id, provider_id, amount, currency, state"
+                " FROM operations WHERE operation_id = $1",
+                operation_id,
             )
-            if not same:
-                existing.record("freeze", "409 operation_conflict")
-                self._violate(
-                    FREEZE_CONFLICT,
-                    "freeze repeated with a different withdrawal, provider, amount or currency",
-                    operation_id=operation_id,
-                    withdrawal_id=withdrawal_id,
-                )
-                raise LedgerError(
-                    409,
-                    "operation_conflict",
-                    "operation_id was already used for a different freeze",
-                )
-            # Idempotent replay: never a second hold for one operation_id.
-            existing.record("freeze", existing.state)
-            return existing.state
-        if amount > self.available(provider_id):
-            self.refusals[operation_id] = (
-                f"freeze of {amount} {currency} on {provider_id} refused: insufficient_balance"
+            if existing is None:
+                outcome = await self._hold(conn, operation_id, terms)
+            else:
+                outcome = await self._replay_freeze(conn, operation_id, existing, terms)
+        # Raised once the transaction committed: the violation and history it wrote stay.
+        if isinstance(outcome, LedgerError):
+            raise outcome
+        return outcome
+
+    async def _replay_freeze(
+        self,
+        conn: Connection,
+        operation_id: str,
+        existing: asyncpg.Record,
+        terms: tuple[str, str, Decimal, str],
+    ) -> OperationState | LedgerError:
+        same = (
+            existing["withdrawal_id"],
+            existing["provider_id"],
+            existing["amount"],
+            existing["currency"],
+        ) == terms
+        if not same:
+            await self._record(conn, operation_id, "freeze", "409 operation_conflict")
+            await self._violate(
+                conn,
+                FREEZE_CONFLICT,
+                "freeze repeated with a different withdrawal, provider, amount or currency",
+                operation_id=operation_id,
+                withdrawal_id=terms[0],
             )
-            raise LedgerError(
+            return LedgerError(
+                409, "operation_conflict", "operation_id was already used for a different freeze"
+            )
+        # Idempotent replay: never a second hold for one operation_id.
+        state: OperationState = existing["state"]
+        await self._record(conn, operation_id, "freeze", state)
+        return state
+
+    async def _hold(
+        self, conn: Connection, operation_id: str, terms: tuple[str, str, Decimal, str]
+    ) -> OperationState | LedgerError:
+        withdrawal_id, provider_id, amount, currency = terms
+        await conn.execute(
+            "INSERT INTO floats (provider_id, amount) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            provider_id,
+            self._default_float,
+        )
+        # Locked: two freezes on one provider cannot both see the same available amount.
+        available = await conn.fetchval(
+            "SELECT amount - held FROM floats WHERE provider_id = $1 FOR UPDATE", provider_id
+        )
+        if amount > available:
+            await conn.execute(
+                "INSERT INTO refusals (operation_id, detail) VALUES ($1, $2)"
+                " ON CONFLICT (operation_id) DO UPDATE SET detail = excluded.detail",
+                operation_id,
+                f"freeze of {amount} {currency} on {provider_id} refused: insufficient_balance",
+            )
+            return LedgerError(
                 409, "insufficient_balance", f"provider {provider_id} cannot cover {amount}"
             )
-        self.refusals.pop(operation_id, None)
-        op = Operation(
-            operation_id=operation_id,
-            withdrawal_id=withdrawal_id,
-            provider_id=provider_id,
-            amount=amount,
-            currency=currency,
-            state="frozen",
-            frozen_at=self._clock(),
+        await conn.execute("DELETE FROM refusals WHERE operation_id = $1", operation_id)
+        await conn.execute(
+            "UPDATE floats SET held = held + $2 WHERE provider_id = $1", provider_id, amount
         )
-        op.record("freeze", "frozen")
-        self.operations[operation_id] = op
-        self._open[operation_id] = op
-        self._held[provider_id] = self.held(provider_id) + amount
+        await conn.execute(
+            "INSERT INTO operations (operation_id, withdrawal_id, provider_id, amount, currency,"
+            " state, frozen_at, history) VALUES ($1, $2, $3, $4, $5, 'frozen', $6, $7::jsonb)",
+            operation_id,
+            withdrawal_id,
+            provider_id,
+            amount,
+            currency,
+            self._clock(),
+            _entry("freeze", "frozen"),
+        )
         return "frozen"
 
-    def commit(self, operation_id: str) -> OperationState:
+    async def commit(self, operation_id: str) -> OperationState:
         """Debit the provider's float for a frozen operation; a repeat answers committed."""
-        op = self._known(operation_id, "commit")
-        if op.state == "committed":
-            op.record("commit", "committed")
-            return "committed"
-        if op.state == "rolled_back":
-            op.record("commit", "409 invalid_state")
-            self._violate(
-                COMMIT_AFTER_ROLLBACK,
-                "commit of an operation that was rolled back",
-                operation_id=operation_id,
-                withdrawal_id=op.withdrawal_id,
+        return await self._settle(operation_id, "commit")
+
+    async def rollback(self, operation_id: str) -> OperationState:
+        """Release a frozen operation's hold; a repeat answers rolled_back."""
+        return await self._settle(operation_id, "rollback")
+
+    async def _settle(
+        self, operation_id: str, action: Literal["commit", "rollback"]
+    ) -> OperationState:
+        async with self._transaction() as conn:
+            await self._lock(conn, "operation", operation_id)
+            op = await conn.fetchrow(
+                "SELECT * FROM operations WHERE operation_id = $1 FOR UPDATE", operation_id
             )
-            raise LedgerError(409, "invalid_state", "operation was rolled back")
-        others = self._committed.setdefault(op.withdrawal_id, [])
+            if op is None:
+                outcome: OperationState | LedgerError = await self._unknown(
+                    conn, operation_id, action
+                )
+            else:
+                await self._lock(conn, "withdrawal", op["withdrawal_id"])
+                outcome = await self._apply(conn, op, action)
+        if isinstance(outcome, LedgerError):
+            raise outcome
+        return outcome
+
+    async def _apply(
+        self, conn: Connection, op: asyncpg.Record, action: Literal["commit", "rollback"]
+    ) -> OperationState | LedgerError:
+        target: OperationState = "committed" if action == "commit" else "rolled_back"
+        state: OperationState = op["state"]
+        if state == target:
+            await self._record(conn, op["operation_id"], action, state)
+            return state
+        if state != "frozen":
+            await self._record(conn, op["operation_id"], action, "409 invalid_state")
+            kind = COMMIT_AFTER_ROLLBACK if action == "commit" else ROLLBACK_AFTER_COMMIT
+            await self._violate(
+                conn,
+                kind,
+                f"{action} of an operation that was {state.replace('_', ' ')}",
+                operation_id=op["operation_id"],
+                withdrawal_id=op["withdrawal_id"],
+            )
+            return LedgerError(409, "invalid_state", f"operation was {state.replace('_', ' ')}")
+        if action == "commit":
+            await self._debit(conn, op)
+        else:
+            await conn.execute(
+                "UPDATE floats SET held = held - $2 WHERE provider_id = $1",
+                op["provider_id"],
+                op["amount"],
+            )
+        await self._close(conn, op, target, action)
+        return target
+
+    async def _debit(self, conn: Connection, op: asyncpg.Record) -> None:
+        """A commit's money movement, and the double commit it may be (withdrawal locked)."""
+        others = await conn.fetch(
+            "SELECT operation_id FROM operations"
+            " WHERE withdrawal_id = $1 AND state = 'committed' ORDER BY seq",
+            op["withdrawal_id"],
+        )
         if others:
             # Still committed: each operation is a separate hold, and recording what really
             # happened (the money moved twice) is the point of the violation.
-            self._violate(
+            await self._violate(
+                conn,
                 DOUBLE_COMMIT,
-                f"withdrawal already has committed operation(s) {', '.join(others)}",
-                operation_id=operation_id,
-                withdrawal_id=op.withdrawal_id,
+                "withdrawal already has committed operation(s) "
+                + ", ".join(r["operation_id"] for r in others),
+                operation_id=op["operation_id"],
+                withdrawal_id=op["withdrawal_id"],
             )
-        others.append(operation_id)
-        self._floats[op.provider_id] = self.float_of(op.provider_id) - op.amount
-        op.state = "committed"
-        self._close(op)
-        op.record("commit", "committed")
-        return "committed"
+        await conn.execute(
+            "UPDATE floats SET amount = amount - $2, held = held - $2 WHERE provider_id = $1",
+            op["provider_id"],
+            op["amount"],
+        )
 
-    def rollback(self, operation_id: str) -> OperationState:
-        """Release a frozen operation's hold; a repeat answers rolled_back."""
-        op = self._known(operation_id, "rollback")
-        if op.state == "rolled_back":
-            op.record("rollback", "rolled_back")
-            return "rolled_back"
-        if op.state == "committed":
-            op.record("rollback", "409 invalid_state")
-            self._violate(
-                ROLLBACK_AFTER_COMMIT,
-                "rollback of an operation that was committed",
-                operation_id=operation_id,
-                withdrawal_id=op.withdrawal_id,
-            )
-            raise LedgerError(409, "invalid_state", "operation was committed")
-        op.state = "rolled_back"
-        self._close(op)
-        op.record("rollback", "rolled_back")
-        return "rolled_back"
+    async def _close(
+        self, conn: Connection, op: asyncpg.Record, state: OperationState, action: str
+    ) -> None:
+        """Record a freeze's end; one closed after the bound was open too long even if nobody
+        read the ledger while it was open."""
+        seconds = self._clock() - op["frozen_at"]
+        late = seconds > self.open_freeze_bound_seconds and not op["flagged_open"]
+        await conn.execute(
+            "UPDATE operations SET state = $2, flagged_open = flagged_open OR $3,"
+            " history = history || $4::jsonb WHERE operation_id = $1",
+            op["operation_id"],
+            state,
+            late,
+            _entry(action, state),
+        )
+        if late:
+            await self._flag_open_too_long(conn, op["operation_id"], op["withdrawal_id"], seconds)
 
-    def state_of(self, operation_id: str) -> OperationState | None:
-        op = self.operations.get(operation_id)
-        return None if op is None else op.state
+    async def state_of(self, operation_id: str) -> OperationState | None:
+        state: OperationState | None = await self._db.pool.fetchval(
+            "SELECT state FROM operations WHERE operation_id = $1", operation_id
+        )
+        return state
 
-    def _known(self, operation_id: str, action: str) -> Operation:
-        op = self.operations.get(operation_id)
-        if op is None:
-            refused = self.refusals.get(operation_id)
-            detail = f"{action} of an operation that was never frozen"
-            if refused is not None:
-                detail += f" ({refused})"
-            self._violate(UNKNOWN_OPERATION, detail, operation_id=operation_id)
-            raise LedgerError(404, "not_found", "unknown operation_id")
-        return op
+    async def _unknown(self, conn: Connection, operation_id: str, action: str) -> LedgerError:
+        refused = await conn.fetchval(
+            "SELECT detail FROM refusals WHERE operation_id = $1", operation_id
+        )
+        detail = f"{action} of an operation that was never frozen"
+        if refused is not None:
+            detail += f" ({refused})"
+        await self._violate(conn, UNKNOWN_OPERATION, detail, operation_id=operation_id)
+        return LedgerError(404, "not_found", "unknown operation_id")
 
-    def _close(self, op: Operation) -> None:
-        """Release the hold of a freeze that was just committed or rolled back."""
-        self._open.pop(op.operation_id, None)
-        self._held[op.provider_id] = self.held(op.provider_id) - op.amount
-        op.closed_at = self._clock()
-        # A freeze closed after the bound was open too long even if nobody read the ledger
-        # while it was open.
-        if op.closed_at - op.frozen_at > self.open_freeze_bound_seconds:
-            self._flag_open_too_long(op, op.closed_at - op.frozen_at)
+    async def _record(self, conn: Connection, operation_id: str, action: str, result: str) -> None:
+        await conn.execute(
+            "UPDATE operations SET history = history || $2::jsonb WHERE operation_id = $1",
+            operation_id,
+            _entry(action, result),
+        )
 
     # -- notifications ---------------------------------------------------------------------
 
-    def notify(self, idempotency_key: str, body: Any) -> bool:
+    async def notify(self, idempotency_key: str, body: Any) -> bool:
         """Record a withdrawal notification once per key; ``True`` when it is the first."""
-        count = self.notification_deliveries.get(idempotency_key, 0)
-        self.notification_deliveries[idempotency_key] = count + 1
-        if count:
-            return False
-        self.notifications.append(body)
+        async with self._transaction() as conn:
+            deliveries = await conn.fetchval(
+                "INSERT INTO notifications (idempotency_key, body, deliveries)"
+                " VALUES ($1, $2, 1) ON CONFLICT (idempotency_key)"
+                " DO UPDATE SET deliveries = notifications.deliveries + 1 RETURNING deliveries",
+                idempotency_key,
+                msgspec.json.encode(body).decode(),
+            )
+            if deliveries == 1:
+                await self._judge_notification(conn, idempotency_key, body)
+        return bool(deliveries == 1)
+
+    async def _judge_notification(self, conn: Connection, idempotency_key: str, body: Any) -> None:
         withdrawal_id = body.get("withdrawal_id") if isinstance(body, dict) else None
         status = body.get("status") if isinstance(body, dict) else None
         if not isinstance(withdrawal_id, str) or not isinstance(status, str):
@@ -287,51 +392,75 @@ class Ledger:
             withdrawal_id = withdrawal_id if isinstance(withdrawal_id, str) else key_wid
             status = status if isinstance(status, str) else key_status
         if idempotency_key != f"{withdrawal_id}:{status}":
-            self._violate(
+            await self._violate(
+                conn,
                 NOTIFICATION_KEY_MISMATCH,
                 f"Idempotency-Key {idempotency_key!r} does not match body {withdrawal_id}:{status}",
                 withdrawal_id=withdrawal_id,
             )
         if status not in FINAL_NOTIFICATION_STATUSES:
-            self._violate(
+            await self._violate(
+                conn,
                 NON_FINAL_NOTIFICATION,
                 f"notification with non-final status {status!r}",
                 withdrawal_id=withdrawal_id,
             )
-            return True
-        seen = self._final_statuses.setdefault(withdrawal_id, [])
-        if status not in seen:
-            if seen:
-                self._violate(
-                    CONFLICTING_NOTIFICATIONS,
-                    f"final status {status} after {', '.join(seen)}",
-                    withdrawal_id=withdrawal_id,
-                )
-            seen.append(status)
-        return True
+            return
+        await self._lock(conn, "withdrawal", withdrawal_id)
+        seen = [
+            r["status"]
+            for r in await conn.fetch(
+                "SELECT status FROM final_statuses WHERE withdrawal_id = $1 ORDER BY seq",
+                withdrawal_id,
+            )
+        ]
+        if status in seen:
+            return
+        if seen:
+            await self._violate(
+                conn,
+                CONFLICTING_NOTIFICATIONS,
+                f"final status {status} after {', '.join(seen)}",
+                withdrawal_id=withdrawal_id,
+            )
+        await conn.execute(
+            "INSERT INTO final_statuses (withdrawal_id, status) VALUES ($1, $2)",
+            withdrawal_id,
+            status,
+        )
 
     # -- invariants and reading ------------------------------------------------------------
 
-    def check_open_freezes(self) -> None:
+    async def check_open_freezes(self) -> None:
         """Flag (once each) freezes open longer than the bound; runs on every read."""
         now = self._clock()
-        for op in self._open.values():
-            if now - op.frozen_at > self.open_freeze_bound_seconds:
-                self._flag_open_too_long(op, now - op.frozen_at)
+        async with self._transaction() as conn:
+            # One conditional UPDATE: however many readers race, each freeze is flagged once.
+            late = await conn.fetch(
+                "UPDATE operations SET flagged_open = true"
+                " WHERE state = 'frozen' AND NOT flagged_open AND frozen_at < $1"
+                " RETURNING operation_id, withdrawal_id, frozen_at",
+                now - self.open_freeze_bound_seconds,
+            )
+            for op in late:
+                await self._flag_open_too_long(
+                    conn, op["operation_id"], op["withdrawal_id"], now - op["frozen_at"]
+                )
 
-    def _flag_open_too_long(self, op: Operation, seconds: float) -> None:
-        if op.operation_id in self._flagged_open:
-            return
-        self._flagged_open.add(op.operation_id)
-        self._violate(
+    async def _flag_open_too_long(
+        self, conn: Connection, operation_id: str, withdrawal_id: str, seconds: float
+    ) -> None:
+        await self._violate(
+            conn,
             FREEZE_OPEN_TOO_LONG,
             f"freeze open {seconds:.3f}s, bound {self.open_freeze_bound_seconds}s",
-            operation_id=op.operation_id,
-            withdrawal_id=op.withdrawal_id,
+            operation_id=operation_id,
+            withdrawal_id=withdrawal_id,
         )
 
-    def _violate(
+    async def _violate(
         self,
+        conn: Connection,
         kind: str,
         detail: str,
         *,
@@ -346,32 +475,66 @@ class Ledger:
             at=_now_iso(),
         )
         log.warning("sandbox ledger violation: %s", msgspec.json.encode(violation).decode())
-        self.violations.append(violation)
+        await conn.execute(
+            "INSERT INTO violations (kind, detail, operation_id, withdrawal_id, at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            kind,
+            detail,
+            operation_id,
+            withdrawal_id,
+            violation.at,
+        )
 
-    def snapshot(self) -> dict[str, Any]:
+    async def violations(self) -> list[Violation]:
+        rows = await self._db.pool.fetch(
+            "SELECT kind, detail, operation_id, withdrawal_id, at FROM violations ORDER BY seq"
+        )
+        return [Violation(**dict(r)) for r in rows]
+
+    async def snapshot(self) -> dict[str, Any]:
         """The ledger as ``GET /sandbox/core/ledger`` shows it (open freezes checked first)."""
-        self.check_open_freezes()
-        providers = sorted(self._floats)  # every provider a freeze touched is in here
+        await self.check_open_freezes()
+        async with (
+            self._db.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            operations = await conn.fetch("SELECT * FROM operations ORDER BY seq")
+            refusals = await conn.fetch("SELECT operation_id, detail FROM refusals ORDER BY seq")
+            notifications = await conn.fetch(
+                "SELECT idempotency_key, body, deliveries FROM notifications ORDER BY seq"
+            )
+            violations = await conn.fetch(
+                "SELECT kind, detail, operation_id, withdrawal_id, at FROM violations ORDER BY seq"
+            )
+            floats = await conn.fetch("SELECT * FROM floats ORDER BY provider_id")
         return {
-            "operations": {op_id: op.state for op_id, op in self.operations.items()},
-            "operation_details": {
-                op_id: {
-                    "withdrawal_id": op.withdrawal_id,
-                    "provider_id": op.provider_id,
-                    "amount": str(op.amount),
-                    "currency": op.currency,
-                    "state": op.state,
-                    "history": list(op.history),
-                }
-                for op_id, op in self.operations.items()
+            "operations": {op["operation_id"]: op["state"] for op in operations},
+            "operation_details": {op["operation_id"]: _details(op) for op in operations},
+            "refusals": {r["operation_id"]: r["detail"] for r in refusals},
+            "notifications": [msgspec.json.decode(n["body"]) for n in notifications],
+            "notification_deliveries": {
+                n["idempotency_key"]: n["deliveries"] for n in notifications
             },
-            "refusals": dict(self.refusals),
-            "notifications": list(self.notifications),
-            "notification_deliveries": dict(self.notification_deliveries),
-            "violations": [msgspec.to_builtins(v) for v in self.violations],
-            "floats": {p: str(self.float_of(p)) for p in providers},
-            "available": {p: str(self.available(p)) for p in providers},
+            "violations": [msgspec.to_builtins(Violation(**dict(v))) for v in violations],
+            "floats": {f["provider_id"]: _decimal(f["amount"]) for f in floats},
+            "available": {f["provider_id"]: _decimal(f["amount"] - f["held"]) for f in floats},
         }
+
+
+def _decimal(value: Decimal) -> str:
+    """Positional notation: asyncpg may decode ``1000000`` as ``Decimal('1.00E+6')``."""
+    return format(value, "f")
+
+
+def _details(op: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "withdrawal_id": op["withdrawal_id"],
+        "provider_id": op["provider_id"],
+        "amount": _decimal(op["amount"]),
+        "currency": op["currency"],
+        "state": op["state"],
+        "history": msgspec.json.decode(op["history"]),
+    }
 
 
 # -- fault injection -----------------------------------------------------------------------
@@ -522,7 +685,7 @@ class CoreSimulator:
                     currency=body.currency,
                 )
                 amount = parse_amount(body.amount)
-                state = ledger.freeze(
+                state = await ledger.freeze(
                     body.operation_id, body.withdrawal_id, body.provider_id, amount, body.currency
                 )
             except BadRequestError as exc:
@@ -532,7 +695,8 @@ class CoreSimulator:
             return json_response(200, {"operation_id": body.operation_id, "state": state})
 
         async def settle(
-            request: Request[Any, Any, Any], apply: Callable[[str], OperationState]
+            request: Request[Any, Any, Any],
+            apply: Callable[[str], Awaitable[OperationState]],
         ) -> Response[bytes]:
             refused = await sim._guard(request)
             if refused is not None:
@@ -540,7 +704,7 @@ class CoreSimulator:
             try:
                 body = decode_body(await request.body(), _OperationBody)
                 _require_ids(operation_id=body.operation_id)
-                state = apply(body.operation_id)
+                state = await apply(body.operation_id)
             except BadRequestError as exc:
                 return exc.response()
             except LedgerError as exc:
@@ -562,7 +726,7 @@ class CoreSimulator:
             refused = await sim._guard(request)
             if refused is not None:
                 return refused
-            state = ledger.state_of(operation_id)
+            state = await ledger.state_of(operation_id)
             if state is None:
                 return error_response(404, "not_found", "unknown operation_id")
             return json_response(200, {"operation_id": operation_id, "state": state})
@@ -582,12 +746,12 @@ class CoreSimulator:
                 return error_response(400, "malformed_json", "request body is not valid JSON")
             if not isinstance(body, dict):
                 return error_response(422, "validation_failed", "body must be a Withdrawal object")
-            first = ledger.notify(key, body)
+            first = await ledger.notify(key, body)
             return json_response(200, {"status": "ok", "first_delivery": first})
 
         @get("/ledger")
         async def read_ledger() -> Response[bytes]:
-            snapshot = ledger.snapshot()
+            snapshot = await ledger.snapshot()
             snapshot["faults"] = sim.faults_view()
             return json_response(200, snapshot)
 

@@ -27,17 +27,19 @@ create is a fresh, again flaky, attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+import asyncpg
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.params import FromPath
@@ -53,6 +55,7 @@ from contracts.signatures import sign
 from orchestrator.http_client import HttpClient, Timeouts, TransportFailure
 from sandbox.core import error_response, json_response
 from sandbox.scenarios import Scenario, draw_attempt
+from sandbox.store import SandboxDb
 
 log = logging.getLogger("sandbox.providers")
 
@@ -153,6 +156,13 @@ class WebhookSender:
     @property
     def pending_tasks(self) -> int:
         return len(self._tasks)
+
+    @property
+    def longest_delivery_seconds(self) -> float:
+        """An upper bound of one :meth:`deliver`: every attempt timing out, every backoff."""
+        per_attempt = min(2.0, self._timeout) + self._timeout
+        backoffs = sum(self._backoff * 2.0**i for i in range(self._attempts - 1))
+        return self._attempts * per_attempt + backoffs + 1.0
 
     async def start(self) -> None:
         self._closed = False
@@ -264,12 +274,48 @@ class _FlakyState:
     attempts: int = 0
 
 
+@dataclass(frozen=True)
+class _Scheduled:
+    """A webhook to send at ``delay`` seconds from now, moving a pending order to ``status``."""
+
+    status: ProviderStatus
+    code: str | None
+    delay: float
+
+
+class OrderExistsError(Exception):
+    """A concurrent create with the same key opened the order first: answer it as a replay."""
+
+
+def _order_of(row: asyncpg.Record) -> SandboxOrder:
+    return SandboxOrder(
+        provider_id=row["provider_id"],
+        order_id=row["order_id"],
+        reference=row["reference"],
+        request=msgspec.json.decode(row["request"], type=CreateOrder),
+        status=row["status"],
+        code=row["code"],
+    )
+
+
+POLL_SECONDS = 1.0
+"""How often the delivery loop looks for webhooks other processes scheduled (its own wake it)."""
+
+
 class ProviderSimulator:
-    """All sandbox providers: their orders, behaviours and webhooks."""
+    """All sandbox providers: their orders, behaviours and webhooks.
+
+    Orders and the webhooks still to send live in the sandbox's schema. A scheduled webhook is
+    a row with its due time; :meth:`run_deliveries` claims due rows (a lease, so that another
+    process does not send them too), moves the order and sends, then deletes the row. A
+    process killed mid-send leaves the row: the next start sends it again under the same
+    ``webhook-id``, which the receiver deduplicates — a duplicate is harmless, a loss is not.
+    """
 
     def __init__(
         self,
         *,
+        db: SandboxDb,
         sender: WebhookSender,
         webhook_delay_seconds: float = 1.0,
         fail_delay_seconds: float = 2.0,
@@ -278,7 +324,9 @@ class ProviderSimulator:
         flaky_success_delay_seconds: float = 2.0,
         seed: int = 0,
         scenario: Scenario | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.db = db
         self.sender = sender
         self.scenario = scenario
         # Fresh creates per scenario order: a retry after an absent order is a new draw.
@@ -291,8 +339,9 @@ class ProviderSimulator:
         # Seeded on purpose: a run must be reproducible; nothing here is a secret.
         self._flaky_rng = random.Random(f"{seed}:sbx_flaky")  # noqa: S311
         self._flaky: dict[str, _FlakyState] = {}
-        self.orders: dict[tuple[str, str], SandboxOrder] = {}
-        self.by_reference: dict[str, SandboxOrder] = {}
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._running = False
 
     def behaviour(self, provider_id: str) -> Behaviour | None:
         """The behaviour behind a provider id, scenario providers included."""
@@ -302,15 +351,40 @@ class ProviderSimulator:
 
     # -- order book ------------------------------------------------------------------------
 
-    def order(self, provider_id: str, order_id: str) -> SandboxOrder | None:
-        return self.orders.get((provider_id, order_id))
+    async def order(self, provider_id: str, order_id: str) -> SandboxOrder | None:
+        row = await self.db.pool.fetchrow(
+            "SELECT * FROM orders WHERE provider_id = $1 AND order_id = $2",
+            provider_id,
+            order_id,
+        )
+        return None if row is None else _order_of(row)
 
-    def _open(
+    async def has_reference(self, provider_id: str, reference: str) -> bool:
+        found = await self.db.pool.fetchval(
+            "SELECT true FROM orders WHERE reference = $1 AND provider_id = $2",
+            reference,
+            provider_id,
+        )
+        return bool(found)
+
+    async def orders(self) -> list[SandboxOrder]:
+        """Every order of every provider, oldest first."""
+        rows = await self.db.pool.fetch("SELECT * FROM orders ORDER BY seq")
+        return [_order_of(row) for row in rows]
+
+    async def pending_webhooks(self) -> int:
+        """Webhooks scheduled and not yet sent (or given up on)."""
+        count: int = await self.db.pool.fetchval("SELECT count(*) FROM webhooks")
+        return count
+
+    async def _open(
         self,
         provider_id: str,
         request: CreateOrder,
         status: ProviderStatus,
+        then: _Scheduled | None = None,
     ) -> SandboxOrder:
+        """Open an order and, in the same transaction, schedule its webhook ``then``."""
         order = SandboxOrder(
             provider_id=provider_id,
             order_id=request.order_id,
@@ -318,31 +392,97 @@ class ProviderSimulator:
             request=request,
             status=status,
         )
-        self.orders[(provider_id, request.order_id)] = order
-        self.by_reference[order.reference] = order
+        async with self.db.pool.acquire() as conn, conn.transaction():
+            opened = await conn.fetchval(
+                "INSERT INTO orders (provider_id, order_id, reference, request, status)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true",
+                provider_id,
+                request.order_id,
+                order.reference,
+                msgspec.json.encode(request).decode(),
+                status,
+            )
+            if not opened:
+                raise OrderExistsError(request.order_id)
+            if then is not None:
+                await conn.execute(
+                    "INSERT INTO webhooks (provider_id, order_id, status, code, webhook_id,"
+                    " due_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    provider_id,
+                    request.order_id,
+                    then.status,
+                    then.code,
+                    f"msg_{uuid.uuid4().hex}",
+                    self._clock() + then.delay,
+                )
+        if then is not None:
+            self._wake.set()
         return order
 
-    def _settle_later(
-        self, order: SandboxOrder, status: ProviderStatus, code: str | None, delay: float
-    ) -> None:
-        self.sender.spawn(
-            self._settle(order, status, code, delay),
-            name=f"sandbox-settle-{order.reference}",
-        )
+    # -- webhook deliveries ----------------------------------------------------------------
 
-    async def _settle(
-        self, order: SandboxOrder, status: ProviderStatus, code: str | None, delay: float
-    ) -> None:
-        """After ``delay``: a still-pending order takes ``status``, then its webhook goes out."""
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if order.status == "pending":
-            order.status, order.code = status, code
-        if order.status != status:
+    def start(self) -> None:
+        """Start the delivery loop (idempotent); the sender's :meth:`~WebhookSender.close`
+        stops it."""
+        if not self._running:
+            self._running = True
+            self.sender.spawn(self.run_deliveries(), name="sandbox-webhook-deliveries")
+
+    async def run_deliveries(self) -> None:
+        """Send every scheduled webhook when it is due, those of earlier processes too."""
+        try:
+            # Claims of a process that died are released: see the class docstring.
+            await self.db.pool.execute("UPDATE webhooks SET claimed_until = NULL")
+            while True:
+                self._wake.clear()
+                for row in await self._claim_due():
+                    self.sender.spawn(self._settle(row), name=f"sandbox-settle-{row['order_id']}")
+                wait = await self._until_next_due()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+        finally:
+            self._running = False
+
+    async def _claim_due(self) -> list[Mapping[str, Any]]:
+        now = self._clock()
+        rows = await self.db.pool.fetch(
+            "UPDATE webhooks SET claimed_until = $2 WHERE id IN (SELECT id FROM webhooks"
+            " WHERE due_at <= $1 AND (claimed_until IS NULL OR claimed_until < $1)"
+            " ORDER BY due_at LIMIT 100 FOR UPDATE SKIP LOCKED)"
+            " RETURNING id, provider_id, order_id, status, code, webhook_id",
+            now,
+            now + self.sender.longest_delivery_seconds,
+        )
+        return [dict(row) for row in rows]
+
+    async def _until_next_due(self) -> float:
+        due = await self.db.pool.fetchval(
+            "SELECT min(coalesce(greatest(due_at, claimed_until), due_at)) FROM webhooks"
+        )
+        if due is None:
+            return POLL_SECONDS
+        return max(0.0, min(POLL_SECONDS, float(due) - self._clock()))
+
+    async def _settle(self, row: Mapping[str, Any]) -> None:
+        """A due webhook: a still-pending order takes its status, then the webhook goes out."""
+        status: ProviderStatus = row["status"]
+        order_row = await self.db.pool.fetchrow(
+            "UPDATE orders SET status = CASE WHEN status = 'pending' THEN $3 ELSE status END,"
+            " code = CASE WHEN status = 'pending' THEN $4 ELSE code END"
+            " WHERE provider_id = $1 AND order_id = $2 RETURNING *",
+            row["provider_id"],
+            row["order_id"],
+            status,
+            row["code"],
+        )
+        order = None if order_row is None else _order_of(order_row)
+        if order is None or order.status != status:
             # Cancelled or moved by set-status meanwhile: that outcome won, this one is void.
-            log.info("order %s is %s; scheduled %s dropped", order.reference, order.status, status)
-            return
-        await self.sender.deliver(order.provider_id, order.webhook())
+            log.info("order %s is %s; scheduled %s dropped", row["order_id"], order, status)
+        else:
+            await self.sender.deliver(order.provider_id, order.webhook(), row["webhook_id"])
+        # Only once sent (or given up on): a crash before this line sends it again.
+        await self.db.pool.execute("DELETE FROM webhooks WHERE id = $1", row["id"])
 
     # -- flaky -----------------------------------------------------------------------------
 
@@ -380,30 +520,30 @@ class ProviderSimulator:
                 decline = ProviderDecline(code="declined", message="sandbox provider declines")
                 return json_response(422, decline)
             case "sbx_sync_ok":
-                order = self._open(provider_id, request, "succeeded")
                 # Real synchronous providers still send the webhook, and the gateway must absorb
                 # the duplicate. Sent after the usual delay rather than at once, so it does not
                 # race the create response in every run (that race is sbx_ok's to exercise).
-                self._settle_later(order, "succeeded", None, self.webhook_delay_seconds)
+                then = _Scheduled("succeeded", None, self.webhook_delay_seconds)
+                order = await self._open(provider_id, request, "succeeded", then)
                 return _order_response(201, order)
             case "sbx_ok" | "sbx_no_funds":
-                order = self._open(provider_id, request, "pending")
-                self._settle_later(order, "succeeded", None, self.webhook_delay_seconds)
+                then = _Scheduled("succeeded", None, self.webhook_delay_seconds)
+                order = await self._open(provider_id, request, "pending", then)
                 return _order_response(201, order)
             case "sbx_accept_fail":
-                order = self._open(provider_id, request, "pending")
-                self._settle_later(order, "failed", "declined", self.fail_delay_seconds)
+                then = _Scheduled("failed", "declined", self.fail_delay_seconds)
+                order = await self._open(provider_id, request, "pending", then)
                 return _order_response(201, order)
             case "sbx_silent":
-                order = self._open(provider_id, request, "pending")
+                order = await self._open(provider_id, request, "pending")
                 return _order_response(201, order)
             case "sbx_flaky":
                 outcome, error = self._flaky_draw(provider_id)
                 if outcome == "created":
                     # Created before the failure is answered: the order exists whatever the
                     # client sees, which is exactly what makes the answer ambiguous.
-                    order = self._open(provider_id, request, "pending")
-                    self._settle_later(order, "succeeded", None, self.flaky_success_delay_seconds)
+                    then = _Scheduled("succeeded", None, self.flaky_success_delay_seconds)
+                    await self._open(provider_id, request, "pending", then)
                 log.info("sbx_flaky create %s: %s, answering %s", request.order_id, outcome, error)
                 if error == "timeout":
                     await asyncio.sleep(self.flaky_timeout_seconds)
@@ -432,11 +572,12 @@ class ProviderSimulator:
         order: SandboxOrder | None = None
         if attempt.order_exists:
             # Opened before the latency: a concurrent retry finds it, as at a real provider.
-            order = self._open(provider_id, request, "pending")
+            then = None
             if attempt.outcome == "succeeded":
-                self._settle_later(order, "succeeded", None, delay)
+                then = _Scheduled("succeeded", None, delay)
             elif attempt.outcome == "failed":
-                self._settle_later(order, "failed", attempt.code, delay)
+                then = _Scheduled("failed", attempt.code, delay)
+            order = await self._open(provider_id, request, "pending", then)
         await asyncio.sleep(attempt.latency_ms / 1000)
         match attempt.answer:
             case "declined":
@@ -453,16 +594,57 @@ class ProviderSimulator:
 
     async def set_status(
         self,
-        order: SandboxOrder,
-        status: ProviderStatus,
-        code: str | None,
-        webhook_id: str | None,
-    ) -> DeliveryResult:
-        """Move an order to ``status`` and send its webhook through the real intake."""
-        if status == "failed" and code is None:
-            code = "declined"
-        order.status, order.code = status, code
-        return await self.sender.deliver(order.provider_id, order.webhook(), webhook_id)
+        provider_id: str,
+        reference: str,
+        body: _SetStatusBody,
+    ) -> tuple[SandboxOrder, DeliveryResult] | None:
+        """Move an order to a status and send its webhook through the real intake; ``None``
+        when the provider has no order with this reference."""
+        code = "declined" if body.status == "failed" and body.code is None else body.code
+        row = await self.db.pool.fetchrow(
+            "UPDATE orders SET status = $3, code = $4 WHERE reference = $2 AND provider_id = $1"
+            " RETURNING *",
+            provider_id,
+            reference,
+            body.status,
+            code,
+        )
+        if row is None:
+            return None
+        order = _order_of(row)
+        result = await self.sender.deliver(provider_id, order.webhook(), body.webhook_id)
+        return order, result
+
+    async def cancel(self, provider_id: str, order_id: str) -> tuple[int, SandboxOrder] | None:
+        """Cancel a pending order: ``200`` and the order, ``409`` with the final one that won,
+        ``None`` when there is no such order."""
+        cancelled = await self.db.pool.fetchrow(
+            "UPDATE orders SET status = 'cancelled', code = NULL"
+            " WHERE provider_id = $1 AND order_id = $2 AND status = 'pending'"
+            " RETURNING *",
+            provider_id,
+            order_id,
+        )
+        if cancelled is not None:
+            return 200, _order_of(cancelled)
+        order = await self.order(provider_id, order_id)
+        if order is None:
+            return None
+        # Cancelled already: the same call again gets the same answer, not a conflict.
+        return (200 if order.status == "cancelled" else 409), order
+
+    async def replay(self, provider_id: str, body: CreateOrder) -> Response[bytes] | None:
+        """The answer to a create whose key already has an order, or ``None`` when it has none."""
+        existing = await self.order(provider_id, body.order_id)
+        if existing is None:
+            return None
+        if existing.request != body:
+            return error_response(
+                409,
+                "idempotency_conflict",
+                "Idempotency-Key was already used with a different request body",
+            )
+        return _order_response(200, existing)
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -494,22 +676,22 @@ class ProviderSimulator:
                 amount = Decimal(0)
             if not amount.is_finite() or amount <= 0:
                 return error_response(400, "invalid_request", "amount must be a positive decimal")
-            existing = sim.order(provider_id, key)
-            if existing is not None:
-                if existing.request != body:
-                    return error_response(
-                        409,
-                        "idempotency_conflict",
-                        "Idempotency-Key was already used with a different request body",
-                    )
-                return _order_response(200, existing)
-            return await sim.create(provider_id, behaviour, body)
+            replayed = await sim.replay(provider_id, body)
+            if replayed is not None:
+                return replayed
+            try:
+                return await sim.create(provider_id, behaviour, body)
+            except OrderExistsError:
+                # A concurrent create with this key won: this one is its replay.
+                replayed = await sim.replay(provider_id, body)
+                assert replayed is not None  # orders are never deleted
+                return replayed
 
         @get("/{provider_id:str}/orders/{order_id:str}")
         async def get_order(provider_id: FromPath[str], order_id: FromPath[str]) -> Response[bytes]:
             if sim.behaviour(provider_id) is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
-            order = sim.order(provider_id, order_id)
+            order = await sim.order(provider_id, order_id)
             if order is None:
                 return error_response(404, "not_found", "no such order")
             return _order_response(200, order)
@@ -523,16 +705,10 @@ class ProviderSimulator:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
             if behaviour not in CANCELLABLE:
                 return error_response(501, "not_supported", f"{provider_id} cannot cancel orders")
-            order = sim.order(provider_id, order_id)
-            if order is None:
+            outcome = await sim.cancel(provider_id, order_id)
+            if outcome is None:
                 return error_response(404, "not_found", "no such order")
-            if order.status == "pending":
-                order.status, order.code = "cancelled", None
-                return _order_response(200, order)
-            if order.status == "cancelled":
-                # The same call again: the same answer, not a conflict.
-                return _order_response(200, order)
-            return _order_response(409, order)
+            return _order_response(*outcome)
 
         @post("/{provider_id:str}/orders/{reference:str}/status")
         async def set_status(
@@ -540,14 +716,17 @@ class ProviderSimulator:
         ) -> Response[bytes]:
             if sim.behaviour(provider_id) is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
-            order = sim.by_reference.get(reference)
-            if order is None or order.provider_id != provider_id:
-                return error_response(404, "not_found", "no order with this reference")
+            missing = error_response(404, "not_found", "no order with this reference")
+            if not await sim.has_reference(provider_id, reference):
+                return missing
             try:
                 body = msgspec.json.decode(await request.body(), type=_SetStatusBody)
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 return error_response(422, "validation_failed", f"bad set-status body: {exc}")
-            result = await sim.set_status(order, body.status, body.code, body.webhook_id)
+            moved = await sim.set_status(provider_id, reference, body)
+            if moved is None:
+                return missing
+            order, result = moved
             return json_response(
                 200,
                 {

@@ -1,8 +1,10 @@
 """The sandbox as one Litestar router: the cascade-core simulator and the sandbox providers.
 
 The gateway mounts :attr:`Sandbox.router` (path ``/sandbox``) when ``SANDBOX_ENABLED``; never in
-production. Every handler answers its own errors as JSON, so the sandbox behaves the same
-whatever exception handlers the hosting app installs.
+production. ``cascade-gateway sandbox`` serves the same router in a process of its own
+(:mod:`sandbox.server`). Every handler answers its own errors as JSON, so the sandbox behaves the
+same whatever exception handlers the hosting app installs. Its state is in Postgres
+(:mod:`sandbox.store`): :meth:`Sandbox.start` opens it, before the first request.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from litestar import Router, get
 from litestar.response import Response
 
 from contracts.providers_file import ProviderConfig
+from gateway.settings import Settings, SettingsError
 from sandbox.core import CoreFaults, CoreSimulator, Ledger, json_response
 from sandbox.providers import BEHAVIOURS, ProviderSimulator, WebhookSender, behaviour_of
 from sandbox.scenarios import Scenario
+from sandbox.store import DEFAULT_SCHEMA, SandboxDb
 
 ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     ("GET", "/sandbox", "this index of the sandbox's endpoints"),
@@ -88,6 +92,10 @@ class SandboxConfig:
 
     gateway_url: str
     """Webhooks go to ``{gateway_url}/webhooks/{provider_id}``."""
+    database_url: str
+    """The Postgres holding the sandbox's state (the gateway's ``DATABASE_URL``)."""
+    schema: str = DEFAULT_SCHEMA
+    """The sandbox's own schema in that database, created at start."""
     providers: Mapping[str, ProviderConfig]
     """Provider configs; the first of ``webhook_secrets`` signs that provider's webhooks."""
     core_tokens: tuple[str, ...] = ("core-token",)
@@ -157,7 +165,9 @@ class Sandbox:
 
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
+        self.db = SandboxDb(config.database_url, schema=config.schema)
         self.ledger = Ledger(
+            self.db,
             floats=config.initial_floats(),
             default_float=config.default_float,
             open_freeze_bound_seconds=config.open_freeze_bound_seconds,
@@ -185,6 +195,7 @@ class Sandbox:
             timeout_seconds=config.webhook_timeout_seconds,
         )
         self.providers = ProviderSimulator(
+            db=self.db,
             sender=self.sender,
             webhook_delay_seconds=config.webhook_delay_seconds,
             fail_delay_seconds=config.fail_delay_seconds,
@@ -201,9 +212,30 @@ class Sandbox:
         )
 
     async def start(self) -> None:
-        """Open the webhook client; idempotent. Delayed sends also work before it is called."""
+        """Open the database (creating the schema), the webhook client and the delivery loop,
+        which sends the webhooks a previous process left due too; idempotent."""
+        await self.db.open()
+        await self.ledger.seed_floats()
         await self.sender.start()
+        self.providers.start()
 
     async def close(self) -> None:
-        """Cancel pending delayed webhooks and close the HTTP client."""
+        """Stop sending (scheduled webhooks stay in the database) and close the connections."""
         await self.sender.close()
+        await self.db.close()
+
+
+def config_from_settings(settings: Settings) -> SandboxConfig:
+    """The sandbox a gateway (or ``cascade-gateway sandbox``) with these settings runs."""
+    if settings.database_url is None:
+        raise SettingsError("the sandbox keeps its state in Postgres: DATABASE_URL is not set")
+    return SandboxConfig(
+        gateway_url=settings.public_url,
+        database_url=settings.asyncpg_dsn,
+        providers=settings.providers,
+        core_tokens=(settings.core_token,),
+        webhook_delay_seconds=settings.sandbox_webhook_delay,
+        fail_delay_seconds=settings.sandbox_fail_delay,
+        flaky_timeout_seconds=settings.sandbox_flaky_timeout,
+        flaky_success_delay_seconds=settings.sandbox_flaky_success_delay,
+    )

@@ -97,6 +97,17 @@ async def fresh_database(services: Services) -> str:
     return services.dsn(name)
 
 
+@pytest.fixture(scope="session")
+async def sandbox_dsn(services: Services) -> str:
+    """One database for the sandbox's own tests; each sandbox takes a schema of its own in it."""
+    return await fresh_database(services)
+
+
+def sandbox_schema() -> str:
+    """A fresh schema name for one sandbox (``SandboxConfig.schema``)."""
+    return f"sbx_{secrets.token_hex(6)}"
+
+
 def flags_document(
     *, enabled: bool, merchants: list[str] | None = None, rollout: int | None = None
 ) -> dict[str, Any]:

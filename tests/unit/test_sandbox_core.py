@@ -1,7 +1,8 @@
 """The cascade-core simulator: balances, notifications, invariant detection, fault injection.
 
-Driven through HTTP with Litestar's AsyncTestClient against an app that mounts the real
-``sandbox.router``; a few ledger-only tests inject a clock instead of waiting.
+Driven through HTTP (httpx's ASGI transport, in the test's event loop) against an app that
+mounts the real ``sandbox.router``; a few ledger-only tests inject a clock instead of waiting.
+The ledger is in Postgres: every sandbox here has a schema of its own in ``sandbox_dsn``.
 """
 
 from __future__ import annotations
@@ -13,19 +14,20 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from litestar import Litestar
-from litestar.testing import AsyncTestClient
 
 from contracts.providers_file import load_providers
-from sandbox.core import Ledger, LedgerError
+from sandbox.core import LedgerError
 from sandbox.routes import ENDPOINTS, Sandbox, SandboxConfig
+from tests.conftest import sandbox_schema
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": "Bearer core-token"}
-Client = AsyncTestClient[Litestar]
+Client = httpx.AsyncClient
 
 
 def providers() -> Any:
@@ -33,21 +35,34 @@ def providers() -> Any:
     return load_providers(raw, {"SANDBOX_URL": "http://127.0.0.1:9/sandbox"}).providers
 
 
-def make_sandbox(**overrides: Any) -> Sandbox:
+def make_sandbox(dsn: str = "postgresql://127.0.0.1:9/unused", **overrides: Any) -> Sandbox:
     return Sandbox(
-        SandboxConfig(gateway_url="http://127.0.0.1:9", providers=providers(), **overrides)
+        SandboxConfig(
+            gateway_url="http://127.0.0.1:9",
+            database_url=dsn,
+            schema=sandbox_schema(),
+            providers=providers(),
+            **overrides,
+        )
     )
 
 
 async def open_client(sandbox: Sandbox) -> Client:
-    client: Client = AsyncTestClient(app=Litestar(route_handlers=[sandbox.router]))
-    await client.__aenter__()
-    return client
+    """Start the sandbox (its schema) and a client of its router."""
+    await sandbox.start()
+    # Any: Litestar's precise ASGI signature does not match httpx's looser ASGIApp alias.
+    app: Any = Litestar(route_handlers=[sandbox.router])
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sandbox")
+
+
+async def close_client(client: Client, sandbox: Sandbox) -> None:
+    await client.aclose()
+    await sandbox.close()
 
 
 @pytest.fixture
-async def sandbox() -> AsyncIterator[Sandbox]:
-    sbx = make_sandbox(provider_floats={"float_100": Decimal("100")})
+async def sandbox(sandbox_dsn: str) -> AsyncIterator[Sandbox]:
+    sbx = make_sandbox(sandbox_dsn, provider_floats={"float_100": Decimal("100")})
     yield sbx
     await sbx.close()
 
@@ -56,7 +71,7 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 async def client(sandbox: Sandbox) -> AsyncIterator[Client]:
     c = await open_client(sandbox)
     yield c
-    await c.__aexit__(None, None, None)
+    await c.aclose()
 
 
 def new_id(prefix: str) -> str:
@@ -335,8 +350,8 @@ async def test_settling_a_refused_freeze_is_unknown_and_says_why(client: Client)
     assert "insufficient_balance" in violation["detail"]
 
 
-async def test_freeze_open_too_long_is_seen_when_the_ledger_is_read() -> None:
-    sandbox = make_sandbox(open_freeze_bound_seconds=0.05)
+async def test_freeze_open_too_long_is_seen_when_the_ledger_is_read(sandbox_dsn: str) -> None:
+    sandbox = make_sandbox(sandbox_dsn, open_freeze_bound_seconds=0.05)
     client = await open_client(sandbox)
     try:
         op, settled = new_id("op"), new_id("op")
@@ -355,29 +370,39 @@ async def test_freeze_open_too_long_is_seen_when_the_ledger_is_read() -> None:
         snapshot = await ledger(client)
         assert kinds(snapshot) == ["freeze_open_too_long"]
     finally:
-        await client.__aexit__(None, None, None)
+        await close_client(client, sandbox)
+
+
+async def test_freeze_closed_after_the_bound_is_flagged_without_a_read(sandbox_dsn: str) -> None:
+    sandbox = make_sandbox(sandbox_dsn, open_freeze_bound_seconds=10)
+    now = [100.0]
+    sandbox.ledger._clock = lambda: now[0]  # ages the freezes without sleeping
+    await sandbox.start()
+    try:
+        book = sandbox.ledger
+        await book.freeze("late", "w1", "p", Decimal(1), "EUR")
+        await book.freeze("prompt", "w2", "p", Decimal(1), "EUR")
+        now[0] += 5
+        await book.commit("prompt")
+        now[0] += 6
+        await book.rollback("late")
+        seen = [(v.kind, v.operation_id) for v in await book.violations()]
+        assert seen == [("freeze_open_too_long", "late")]
+        await book.check_open_freezes()
+        assert len(await book.violations()) == 1
+    finally:
         await sandbox.close()
 
 
-def test_freeze_closed_after_the_bound_is_flagged_without_a_read() -> None:
-    now = [100.0]
-    book = Ledger(open_freeze_bound_seconds=10, clock=lambda: now[0])
-    book.freeze("late", "w1", "p", Decimal(1), "EUR")
-    book.freeze("prompt", "w2", "p", Decimal(1), "EUR")
-    now[0] += 5
-    book.commit("prompt")
-    now[0] += 6
-    book.rollback("late")
-    assert [(v.kind, v.operation_id) for v in book.violations] == [("freeze_open_too_long", "late")]
-    book.check_open_freezes()
-    assert len(book.violations) == 1
-
-
-def test_ledger_errors_carry_wire_status_and_code() -> None:
-    book = Ledger(floats={"p": Decimal(5)})
-    with pytest.raises(LedgerError) as refused:
-        book.freeze("a", "w", "p", Decimal(6), "EUR")
-    assert (refused.value.status, refused.value.code) == (409, "insufficient_balance")
+async def test_ledger_errors_carry_wire_status_and_code(sandbox_dsn: str) -> None:
+    sandbox = make_sandbox(sandbox_dsn, provider_floats={"p": Decimal(5)})
+    await sandbox.start()
+    try:
+        with pytest.raises(LedgerError) as refused:
+            await sandbox.ledger.freeze("a", "w", "p", Decimal(6), "EUR")
+        assert (refused.value.status, refused.value.code) == (409, "insufficient_balance")
+    finally:
+        await sandbox.close()
 
 
 async def test_freeze_replayed_with_other_terms_is_refused_and_recorded(client: Client) -> None:
@@ -513,15 +538,14 @@ async def test_bad_fault_settings_are_4xx(client: Client, body: bytes) -> None:
     assert (await ledger(client))["faults"]["fault_500_ratio"] == 0.0
 
 
-async def test_configured_faults_are_seeded_and_reproducible() -> None:
+async def test_configured_faults_are_seeded_and_reproducible(sandbox_dsn: str) -> None:
     async def statuses(seed: int) -> list[int]:
-        sandbox = make_sandbox(core_fault_500_ratio=0.5, seed=seed)
+        sandbox = make_sandbox(sandbox_dsn, core_fault_500_ratio=0.5, seed=seed)
         client = await open_client(sandbox)
         try:
             return [(await freeze(client, f"op-{i}")).status_code for i in range(20)]
         finally:
-            await client.__aexit__(None, None, None)
-            await sandbox.close()
+            await close_client(client, sandbox)
 
     first = await statuses(7)
     assert first == await statuses(7)

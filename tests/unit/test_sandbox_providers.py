@@ -3,7 +3,8 @@
 The sandbox app and a tiny webhook receiver are both served by uvicorn on free ports inside the
 test's event loop. (Litestar's AsyncTestClient would run the sandbox on a portal thread with its
 own loop, where the sandbox's delayed-webhook tasks could not reach a receiver on this loop.)
-The receiver checks every signature with ``contracts.signatures.verify``.
+The receiver checks every signature with ``contracts.signatures.verify``. Orders and scheduled
+webhooks are in Postgres: every sandbox here has a schema of its own in ``sandbox_dsn``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from contracts.provider import ProviderWebhook
 from contracts.providers_file import ProviderConfig, load_providers
 from contracts.signatures import SignatureError, verify
 from sandbox.routes import Sandbox, SandboxConfig
+from tests.conftest import sandbox_schema
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,17 +102,18 @@ class Hosts:
     receiver_url: str
     sandbox: Swappable
     http: httpx.AsyncClient
+    dsn: str
 
 
 @pytest.fixture(scope="module")
-async def hosts() -> AsyncIterator[Hosts]:
+async def hosts(sandbox_dsn: str) -> AsyncIterator[Hosts]:
     receiver, sandbox = Swappable(), Swappable()
     async with (
         serve(receiver) as receiver_url,
         serve(sandbox) as sandbox_url,
         httpx.AsyncClient(base_url=sandbox_url, timeout=5.0) as http,
     ):
-        yield Hosts(receiver, receiver_url, sandbox, http)
+        yield Hosts(receiver, receiver_url, sandbox, http, sandbox_dsn)
 
 
 @dataclass
@@ -199,7 +202,7 @@ class Harness:
     async def settled(self) -> None:
         """Wait until no delayed webhook is pending (every scheduled send has finished)."""
         await wait_until(
-            lambda: self.sandbox.sender.pending_tasks,
+            self.sandbox.providers.pending_webhooks,
             done=lambda pending: pending == 0,
             timeout=5,
             what="every scheduled webhook to be sent",
@@ -220,7 +223,13 @@ async def running(hosts: Hosts, **overrides: Any) -> AsyncIterator[Harness]:
     }
     settings.update(overrides)
     sandbox = Sandbox(
-        SandboxConfig(gateway_url=hosts.receiver_url, providers=PROVIDERS, **settings)
+        SandboxConfig(
+            gateway_url=hosts.receiver_url,
+            database_url=hosts.dsn,
+            schema=sandbox_schema(),
+            providers=PROVIDERS,
+            **settings,
+        )
     )
     hosts.sandbox.app = Litestar(route_handlers=[sandbox.router], logging_config=None)
     await sandbox.start()
@@ -297,7 +306,7 @@ async def test_bad_create_is_400_and_creates_nothing(
     assert response.status_code == 400
     assert "error" in response.json()
     assert (await h.status_of("sbx_ok", "a")).status_code == 404
-    assert h.sandbox.providers.orders == {}
+    assert await h.sandbox.providers.orders() == []
 
 
 async def test_create_is_idempotent_on_the_key(h: Harness) -> None:
@@ -361,7 +370,7 @@ async def test_decline_is_422_and_leaves_no_order(h: Harness) -> None:
     assert (await h.status_of("sbx_decline", "cg-decline")).status_code == 404
     again = await h.create("sbx_decline", "cg-decline")
     assert again.status_code == 422
-    assert h.sandbox.sender.pending_tasks == 0
+    assert await h.sandbox.providers.pending_webhooks() == 0
     assert h.receiver.deliveries == []
 
 
@@ -382,7 +391,7 @@ async def test_silent_accepts_and_never_calls_back(h: Harness) -> None:
     silent = await h.create("sbx_silent", "cg-silent")
     assert silent.status_code == 201
     # Nothing is even scheduled for it; an sbx_ok order created after it is delivered first.
-    assert h.sandbox.sender.pending_tasks == 0
+    assert await h.sandbox.providers.pending_webhooks() == 0
     await h.create("sbx_ok", "cg-witness")
     await wait_until(
         lambda: h.receiver.for_order("cg-witness"), timeout=5, what="the webhook for cg-witness"
@@ -488,11 +497,11 @@ async def test_flaky_unscripted_alternates_503_and_timeout(hosts: Hosts) -> None
     async with running(hosts, flaky_created_ratio=1.0) as h:
         statuses = [(await h.create("sbx_flaky")).status_code for _ in range(4)]
         assert statuses == [503, 504, 503, 504]
-        assert len(h.sandbox.providers.orders) == 4
+        assert len(await h.sandbox.providers.orders()) == 4
     async with running(hosts, flaky_created_ratio=0.0) as h:
         for _ in range(3):
             await h.create("sbx_flaky")
-        assert h.sandbox.providers.orders == {}
+        assert await h.sandbox.providers.orders() == []
 
 
 async def test_flaky_outcomes_are_seeded(hosts: Hosts) -> None:
@@ -501,7 +510,7 @@ async def test_flaky_outcomes_are_seeded(hosts: Hosts) -> None:
             ids = [f"cg-{i}" for i in range(16)]
             for order_id in ids:
                 await h.create("sbx_flaky", order_id)
-            return [h.sandbox.providers.order("sbx_flaky", i) is not None for i in ids]
+            return [await h.sandbox.providers.order("sbx_flaky", i) is not None for i in ids]
 
     first = await outcomes(3)
     assert first == await outcomes(3)
@@ -654,7 +663,7 @@ async def test_webhook_retries_5xx_with_the_same_id_and_fresh_signatures(h: Harn
 
 
 async def test_webhook_gives_up_when_the_gateway_is_unreachable(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, sandbox_dsn: str
 ) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -663,11 +672,14 @@ async def test_webhook_gives_up_when_the_gateway_is_unreachable(
     sandbox = Sandbox(
         SandboxConfig(
             gateway_url=f"http://127.0.0.1:{dead_port}",
+            database_url=sandbox_dsn,
+            schema=sandbox_schema(),
             providers=PROVIDERS,
             webhook_attempts=3,
             webhook_backoff_seconds=0.01,
         )
     )
+    await sandbox.start()
     try:
         async with (
             serve(Litestar(route_handlers=[sandbox.router], logging_config=None)) as url,
@@ -699,10 +711,13 @@ async def test_webhook_gives_up_when_the_gateway_is_unreachable(
         await sandbox.close()
 
 
-async def test_close_cancels_pending_webhooks(hosts: Hosts) -> None:
+async def test_close_stops_sending_and_keeps_the_scheduled_webhooks(hosts: Hosts) -> None:
     async with running(hosts, webhook_delay_seconds=60) as h:
         await h.create("sbx_ok", "cg-later")
-        assert h.sandbox.sender.pending_tasks == 1
+        assert await h.sandbox.providers.pending_webhooks() == 1
         await h.sandbox.close()
         assert h.sandbox.sender.pending_tasks == 0
         assert h.receiver.deliveries == []
+        # Still scheduled, in the database: a later start sends it (test_sandbox_restart.py).
+        await h.sandbox.start()
+        assert await h.sandbox.providers.pending_webhooks() == 1

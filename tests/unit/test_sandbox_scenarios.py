@@ -28,6 +28,7 @@ from sandbox.scenarios import (
     plan,
     summarize,
 )
+from tests.conftest import sandbox_schema
 from tests.waiting import wait_until
 
 EXAMPLE: dict[str, Any] = {
@@ -271,11 +272,15 @@ def dead_port() -> int:
     return port
 
 
-async def open_sandbox(scn: Scenario | None, port: int) -> tuple[Sandbox, httpx.AsyncClient]:
+async def open_sandbox(
+    scn: Scenario | None, port: int, dsn: str
+) -> tuple[Sandbox, httpx.AsyncClient]:
     sandbox = Sandbox(
         SandboxConfig(
             # Nobody listens: deliveries fail fast, the order's own state is what is checked.
             gateway_url=f"http://127.0.0.1:{port}",
+            database_url=dsn,
+            schema=sandbox_schema(),
             providers={
                 "sbx_scn_p": ProviderConfig(
                     base_url="http://127.0.0.1:9/x", webhook_secrets=("whsec_c2Nu",)
@@ -285,6 +290,7 @@ async def open_sandbox(scn: Scenario | None, port: int) -> tuple[Sandbox, httpx.
             scenario=scn,
         )
     )
+    await sandbox.start()
     # Any: Litestar's precise ASGI signature does not match httpx's looser ASGIApp alias.
     app: Any = Litestar(route_handlers=[sandbox.router], logging_config=None)
     # ASGITransport runs the real app in this event loop, where the sandbox's tasks live.
@@ -293,11 +299,11 @@ async def open_sandbox(scn: Scenario | None, port: int) -> tuple[Sandbox, httpx.
 
 
 @pytest.fixture
-async def served(dead_port: int) -> AsyncIterator[Callable[..., Any]]:
+async def served(dead_port: int, sandbox_dsn: str) -> AsyncIterator[Callable[..., Any]]:
     opened: list[tuple[Sandbox, httpx.AsyncClient]] = []
 
     async def start(scn: Scenario | None) -> tuple[Sandbox, httpx.AsyncClient]:
-        pair = await open_sandbox(scn, dead_port)
+        pair = await open_sandbox(scn, dead_port, sandbox_dsn)
         opened.append(pair)
         return pair
 
