@@ -497,7 +497,7 @@ def format_seconds(value: float | None) -> str:
     at most, so that sub-second times keep their precision."""
     if value is None:
         return "n/a"
-    if value * 1000 < 9.995:
+    if value * 1000 < 9.95:
         return f"{value * 1000:.1f} ms"
     if value * 1000 < 999.5:
         return f"{value * 1000:.0f} ms"

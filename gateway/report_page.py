@@ -183,8 +183,10 @@ def _time_chart(cohorts: dict[str, Any]) -> Element:
         for quantile in PERCENTILES
     ]
     longest = max((b.value for b in bars if b.value is not None), default=1.0)
-    scale = _nice_ceiling(longest)
-    return _bar_chart(bars, scale=scale, ticks=_ticks(scale, format_seconds), name="time to final")
+    unit = _time_unit(longest)
+    scale = _nice_ceiling(longest / unit) * unit
+    ticks = _ticks(scale, format_seconds, unit)
+    return _bar_chart(bars, scale=scale, ticks=ticks, name="time to final")
 
 
 def _merchants(body: Element, merchants: list[dict[str, Any]]) -> None:
@@ -252,7 +254,8 @@ def _difference_chart(difference: float, interval: tuple[float, float]) -> Eleme
     point.set("data-value", repr(float(difference)))
     _label(svg, LABEL_WIDTH + PLOT_WIDTH + 8, y, format_points(difference), cls="value")
     for value in (-reach, -reach / 2, 0.0, reach / 2, reach):
-        _label(svg, at(value), TOP + ROW + 12, format_points(value), anchor="middle", cls="tick")
+        text = format_points(value) if value else "0 pp"
+        _label(svg, at(value), TOP + ROW + 12, text, anchor="middle", cls="tick")
     return svg
 
 
@@ -314,8 +317,24 @@ def _nice_ceiling(value: float) -> float:
     return next(step * power for step in (1.0, 2.0, 2.5, 5.0, 10.0) if step * power >= value)
 
 
-def _ticks(scale: float, text: Callable[[float], str]) -> list[tuple[float, str]]:
-    return [(scale * i / 4, text(scale * i / 4)) for i in range(5)]
+def _ticks(
+    scale: float, text: Callable[[float], str], unit: float = 1.0
+) -> list[tuple[float, str]]:
+    """Round ticks from 0 to ``scale``, a :func:`_nice_ceiling` counted in ``unit``: quarters
+    of 1 and 2 × 10ᵏ, fifths of 2.5, 5 and 10 × 10ᵏ."""
+    leading = scale / unit / 10.0 ** math.floor(math.log10(scale / unit))
+    count = 4 if round(leading, 6) in (1.0, 2.0) else 5
+    return [(0.0, "0")] + [
+        (scale * i / count, text(scale * i / count)) for i in range(1, count + 1)
+    ]
+
+
+def _time_unit(seconds: float) -> float:
+    """The unit (in seconds) :func:`gateway.report.format_seconds` shows ``seconds`` in above
+    a second: an axis of times is divided in that unit, so its ticks read round."""
+    if seconds < 59.95:
+        return 1.0
+    return 60.0 if seconds < 59.95 * 60 else 3600.0
 
 
 def _counts_table(body: Element, cohorts: dict[str, Any]) -> None:
