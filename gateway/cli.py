@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flags.router import FlagsError
-from gateway import logs, manual_checks, stackfile
+from gateway import flagcmd, logs, manual_checks, stackfile
 from gateway.listen import port_free
 from gateway.runtime import DependencyError
 from gateway.settings import Settings, SettingsError, load_settings, migration_url
@@ -218,6 +218,7 @@ COMMANDS = {
     "dlq list": "print dead letters as JSON lines",
     "dlq replay": "send dead letters back to their subjects",
     **manual_checks.SUMMARIES,
+    **flagcmd.SUMMARIES,
     "report": "compare the cohorts: a table, JSON (--json) or a page of charts (--html)",
 }
 _NEEDS = {
@@ -233,6 +234,7 @@ _NEEDS = {
     "dlq list": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
     "dlq replay": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
     **dict.fromkeys(manual_checks.SUMMARIES, manual_checks.ENVIRONMENT),
+    **dict.fromkeys(flagcmd.SUMMARIES, flagcmd.ENVIRONMENT),
     "report": "DATABASE_URL, else the running make run stack's database (DATA_DIR/stack.json)",
 }
 
@@ -307,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     manual_checks.configure_parser(
         sub.choices["manual-checks"], lambda name: _describe(name, COMMANDS[name]), _FORMAT
     )
+    flagcmd.configure_parser(
+        sub.choices["flags"], lambda name: _describe(name, COMMANDS[name]), _FORMAT
+    )
     return parser
 
 
@@ -343,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _use_running_stack()
     if args.command == "manual-checks":  # a client of the gateway's ops API: no settings
         return manual_checks.run(args, os.environ)
+    if args.command == "flags":  # the flags file or Unleash's Admin API: no settings
+        return flagcmd.run(args, os.environ)
     try:
         settings = load_settings()
     except SettingsError as exc:
