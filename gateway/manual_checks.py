@@ -258,10 +258,11 @@ def _case_lines(detail: dict[str, Any], waiting: dict[str, dict[str, Any]]) -> l
     tasks = detail["tasks"]
     for task in tasks:
         lines += ["", *_task_lines(task, len(tasks), waiting.get(task["task_id"]))]
-    if any(task["task_id"] in waiting for task in tasks):
+    deciding = [task["task_id"] for task in tasks if task["task_id"] in waiting]
+    if deciding:
         lines += [
             "",
-            "Decide with: cascade-gateway manual-checks resolve TASK_ID --decision"
+            f"Decide with: cascade-gateway manual-checks resolve {deciding[0]} --decision"
             " positive|negative --operator NAME --reason TEXT",
         ]
     return lines
