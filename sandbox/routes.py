@@ -10,7 +10,8 @@ same whatever exception handlers the hosting app installs. Its state is in Postg
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -117,6 +118,8 @@ class SandboxConfig:
     seed: int = 0
     scenario: Scenario | None = None
     """Serve its providers as ``sbx_scn_<name>`` (see :mod:`sandbox.scenarios`)."""
+    clock: Callable[[], float] = time.time
+    """Wall-clock seconds of freezes and webhook due times; tests move it instead of waiting."""
 
     def __post_init__(self) -> None:
         ratios = {
@@ -171,6 +174,7 @@ class Sandbox:
             floats=config.initial_floats(),
             default_float=config.default_float,
             open_freeze_bound_seconds=config.open_freeze_bound_seconds,
+            clock=config.clock,
         )
         self.core = CoreSimulator(
             self.ledger,
@@ -204,6 +208,7 @@ class Sandbox:
             flaky_success_delay_seconds=config.flaky_success_delay_seconds,
             seed=config.seed,
             scenario=config.scenario,
+            clock=config.clock,
         )
         self.router = Router(
             path="/sandbox",

@@ -374,9 +374,8 @@ async def test_freeze_open_too_long_is_seen_when_the_ledger_is_read(sandbox_dsn:
 
 
 async def test_freeze_closed_after_the_bound_is_flagged_without_a_read(sandbox_dsn: str) -> None:
-    sandbox = make_sandbox(sandbox_dsn, open_freeze_bound_seconds=10)
     now = [100.0]
-    sandbox.ledger._clock = lambda: now[0]  # ages the freezes without sleeping
+    sandbox = make_sandbox(sandbox_dsn, open_freeze_bound_seconds=10, clock=lambda: now[0])
     await sandbox.start()
     try:
         book = sandbox.ledger
