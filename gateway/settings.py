@@ -144,6 +144,8 @@ class Settings:
     sandbox_fail_delay: float
     sandbox_flaky_timeout: float
     sandbox_flaky_success_delay: float
+    sandbox_port: int
+    """Where ``cascade-gateway sandbox`` listens (on ``http_host``)."""
     log_level: str
     wait_for_schema_seconds: float
 
@@ -258,6 +260,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         core_token=env.get("CORE_TOKEN", "core-token"),
         http_host=http_host,
         http_port=http_port,
+        sandbox_port=_port(env, "SANDBOX_PORT", 8090),
         public_url=public_url,
         sandbox_enabled=sandbox_enabled,
         deployment_env=deployment_env,
