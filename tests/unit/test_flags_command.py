@@ -1,0 +1,293 @@
+"""``cascade-gateway flags`` on a flags file, read back by the router's real Unleash client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flags.admin import FlagsEditError, plan_allow
+from flags.router import CohortRouter, load_flags_file
+from flags.stores import FlagsFile
+from gateway import stackfile
+from gateway.cli import main
+from gateway.settings import DEFAULT_FLAGS_FILE
+from tests.conftest import flags_document
+from tests.waiting import wait_until
+
+WHEN = (
+    "New withdrawals see it within 5 s (the gateway re-reads FLAGS_FILE every"
+    " UNLEASH_REFRESH_SECONDS); withdrawals already created keep their cohort."
+)
+
+
+@pytest.fixture
+def flags_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A flags file as FLAGS_FILE, with a second toggle the command must leave alone."""
+    document = flags_document(enabled=True, merchants=["m_a"])
+    document["features"].append({"name": "other.toggle", "enabled": True, "strategies": []})
+    path = tmp_path / "flags.json"
+    path.write_text(json.dumps(document))
+    path.chmod(0o640)
+    for name in ("UNLEASH_URL", "UNLEASH_ADMIN_TOKEN", "UNLEASH_REFRESH_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLAGS_FILE", str(path))
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))  # no running make run stack
+    return path
+
+
+@pytest.fixture
+def routers() -> Iterator[list[CohortRouter]]:
+    started: list[CohortRouter] = []
+    yield started
+    for router in started:
+        router.close()
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], list[str]]:
+    status = main(["flags", *argv])
+    captured = capsys.readouterr()
+    return status, captured.out.splitlines(), captured.err.splitlines()
+
+
+def test_show(flags_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = _run(capsys, "show")
+    assert (status, err) == (0, [])
+    assert out == [
+        f"withdrawals.cascade in FLAGS_FILE {flags_file}",
+        "  kill switch: off (toggle enabled)",
+        "  allow-list: m_a",
+        "  rollout: none",
+        "  strategy 1: default, allow-list of 1 merchant(s)",
+    ]
+    status, out, _ = _run(capsys, "show", "--json")
+    shown = json.loads("\n".join(out))
+    assert shown["where"] == f"FLAGS_FILE {flags_file}"
+    assert (shown["kill_switch"], shown["allow_list"], shown["rollout"]) == ("off", ["m_a"], None)
+
+
+def test_allow_rewrites_the_file_whole_and_the_client_routes_by_it(
+    flags_file: Path, capsys: pytest.CaptureFixture[str], routers: list[CohortRouter]
+) -> None:
+    status, out, err = _run(capsys, "allow", "m_x")
+    assert (status, err) == (0, [])
+    assert out == [
+        f"withdrawals.cascade in FLAGS_FILE {flags_file}",
+        "  allow-list: m_a → m_a, m_x",
+        WHEN,
+    ]
+    document = load_flags_file(flags_file)  # what the gateway checks
+    assert document["features"][1] == {"name": "other.toggle", "enabled": True, "strategies": []}
+    assert flags_file.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in flags_file.parent.iterdir()) == ["flags.json"]  # no temp left
+    router = CohortRouter(flags_file=flags_file)
+    router.start()
+    routers.append(router)
+    decision = router.decide("m_x")
+    assert (decision.cohort, decision.reason) == ("cascade", "allow_list")
+
+    status, out, _ = _run(capsys, "allow", "m_x")
+    assert (status, out[1:]) == (0, ["  nothing changed: m_x is already on the allow-list"])
+
+
+async def test_a_running_router_follows_each_move_within_its_refresh(
+    flags_file: Path, routers: list[CohortRouter]
+) -> None:
+    router = CohortRouter(flags_file=flags_file, refresh_interval=1)
+    await asyncio.to_thread(router.start)
+    routers.append(router)
+
+    async def move(*argv: str) -> None:
+        assert await asyncio.to_thread(main, ["flags", *argv]) == 0
+
+    async def routed(merchant: str, cohort: str, reason: str) -> None:
+        await wait_until(
+            lambda: router.decide(merchant),
+            done=lambda d: (d.cohort, d.reason) == (cohort, reason),
+            timeout=10,
+            what=f"{merchant} to route {cohort} ({reason})",
+        )
+
+    await move("allow", "m_x")
+    await routed("m_x", "cascade", "allow_list")
+    await move("rollout", "100")
+    await routed("m_nobody", "cascade", "rollout")
+    await move("kill", "on")
+    await routed("m_x", "legacy", "disabled")
+    await move("kill", "off")
+    await move("rollout", "0")
+    await routed("m_nobody", "legacy", "not_targeted")
+    await move("disallow", "m_x")
+    await routed("m_x", "legacy", "not_targeted")
+    assert router.decide("m_a").cohort == "cascade"
+    assert router.describe()["file_error"] is None
+
+
+def test_each_change_prints_before_and_after(
+    flags_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(capsys, "rollout", "10%")[1][1:] == [
+        "  rollout: none → 10 % of merchants (stickiness merchantId)",
+        WHEN,
+    ]
+    assert _run(capsys, "kill", "on")[1][1:] == [
+        "  kill switch: off (toggle enabled) → on (every new withdrawal goes legacy)",
+        WHEN,
+    ]
+    assert _run(capsys, "disallow", "m_a")[1][1:] == [
+        "  allow-list: m_a → nobody",
+        "  note: m_a may still be routed to the cascade by the other strategies",
+        WHEN,
+    ]
+
+
+def test_the_last_strategy_gone_switches_the_toggle_off(
+    flags_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = _run(capsys, "disallow", "m_a")
+    assert status == 0
+    assert out[1:3] == [
+        "  kill switch: off (toggle enabled) → on (every new withdrawal goes legacy)",
+        "  allow-list: m_a → nobody",
+    ]
+    assert load_flags_file(flags_file)["features"][0]["enabled"] is False
+    status, out, err = _run(capsys, "kill", "off")
+    assert (status, out) == (2, [])
+    assert err == [
+        "cascade-gateway: flags kill: the toggle has no strategy, and enabled without one it"
+        " would send every merchant to the cascade: add merchants (flags allow) or a rollout"
+        " (flags rollout) first"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["rollout", "101"],
+            "flags rollout: the rollout must be a whole percentage from 0 to 100, not '101'",
+        ),
+        (
+            ["rollout", "-5"],
+            "flags rollout: the rollout must be a whole percentage from 0 to 100, not '-5'",
+        ),
+        (["allow", ""], "flags allow: the merchant id is empty"),
+        (["disallow", " "], "flags disallow: the merchant id is empty"),
+        (
+            ["allow", "m/x"],
+            "flags allow: merchant id 'm/x' is not 1-64 letters, digits, '_' or '-'"
+            " (the API's rule for merchant_id)",
+        ),
+        (["kill", "maybe"], "flags kill: the kill switch is on or off, not 'maybe'"),
+    ],
+)
+def test_a_bad_argument_is_one_line_and_exit_2(
+    flags_file: Path, capsys: pytest.CaptureFixture[str], argv: list[str], error: str
+) -> None:
+    before = flags_file.read_bytes()
+    assert _run(capsys, *argv) == (2, [], [f"cascade-gateway: {error}"])
+    assert flags_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("env", "error"),
+    [
+        (
+            {"UNLEASH_URL": "http://127.0.0.1:1/api"},
+            "UNLEASH_URL is set, so the gateway reads the toggle from Unleash: set"
+            " UNLEASH_ADMIN_TOKEN (an admin API token) to show or change it there",
+        ),
+        ({"UNLEASH_ADMIN_TOKEN": "*:*.x"}, "UNLEASH_ADMIN_TOKEN is set but UNLEASH_URL is not"),
+        (
+            {"UNLEASH_URL": "unleash:4242", "UNLEASH_ADMIN_TOKEN": "*:*.x"},
+            "UNLEASH_URL must start with http:// or https://, not 'unleash:4242'",
+        ),
+        (
+            {"UNLEASH_URL": "http://u/api", "UNLEASH_ADMIN_TOKEN": "*:*.x"},
+            "set UNLEASH_ENVIRONMENT to the Unleash environment the gateway reads"
+            " (e.g. production), or UNLEASH_API_TOKEN to its client token",
+        ),
+        (
+            {"UNLEASH_REFRESH_SECONDS": "0"},
+            "UNLEASH_REFRESH_SECONDS must be a whole number from 1 to 3600, not '0'",
+        ),
+    ],
+)
+def test_an_unusable_environment_is_one_line_and_exit_2(
+    flags_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    error: str,
+) -> None:
+    monkeypatch.delenv("UNLEASH_API_TOKEN", raising=False)
+    monkeypatch.delenv("UNLEASH_ENVIRONMENT", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _run(capsys, "show") == (2, [], [f"cascade-gateway: flags show: {error}"])
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("{not json", "not valid JSON"),
+        (
+            json.dumps({"features": [{"name": "withdrawal.cascade", "enabled": True}]}),
+            "no 'withdrawals.cascade' toggle",
+        ),
+    ],
+)
+def test_a_bad_flags_file_is_one_line_and_left_alone(
+    flags_file: Path, capsys: pytest.CaptureFixture[str], content: str, error: str
+) -> None:
+    flags_file.write_text(content)
+    status, out, err = _run(capsys, "allow", "m_x")
+    assert (status, out, len(err)) == (2, [], 1)
+    assert err[0].startswith(f"cascade-gateway: flags allow: FLAGS_FILE {flags_file}: {error}")
+    assert flags_file.read_text() == content
+
+
+def test_a_missing_flags_file_is_one_line(
+    flags_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags_file.unlink()
+    assert _run(capsys, "show") == (
+        2,
+        [],
+        [
+            f"cascade-gateway: flags show: FLAGS_FILE {flags_file}:"
+            " cannot read (No such file or directory)"
+        ],
+    )
+
+
+async def test_a_file_changed_while_the_command_ran_is_not_overwritten(flags_file: Path) -> None:
+    store = FlagsFile(flags_file)
+    toggle = await store.read()
+    edited = json.dumps(flags_document(enabled=False))
+    flags_file.write_text(edited)  # someone else's edit, between read and write
+    with pytest.raises(FlagsEditError, match="changed while this command ran: nothing written"):
+        await store.write(toggle, plan_allow(toggle, "m_x"))
+    assert flags_file.read_text() == edited
+
+
+def test_the_file_of_the_running_make_run_stack_else_the_default(
+    flags_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FLAGS_FILE")
+    assert _run(capsys, "show")[1][0] == f"withdrawals.cascade in FLAGS_FILE {DEFAULT_FLAGS_FILE}"
+    data = Path(os.environ["DATA_DIR"])
+    data.mkdir()
+    stackfile.write(data, {"FLAGS_FILE": str(flags_file)})  # this process plays the stack
+    assert _run(capsys, "show")[1][0] == f"withdrawals.cascade in FLAGS_FILE {flags_file}"
+
+
+def test_the_refresh_interval_it_names_is_the_one_set(
+    flags_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNLEASH_REFRESH_SECONDS", "2")
+    assert _run(capsys, "kill", "on")[1][-1].startswith("New withdrawals see it within 2 s ")
