@@ -172,6 +172,29 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def _sandbox(settings: Settings) -> int:
+    """The sandbox as its own process; it lives in the repository, not in the package."""
+    try:
+        from sandbox.server import (  # noqa: PLC0415 — dev and test only, never in production
+            SandboxUnavailableError,
+            serve_sandbox,
+        )
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] != "sandbox":
+            raise
+        return fail("`sandbox` runs from a repository checkout; this installation has no sandbox")
+    if settings.deployment_env == "production":
+        return fail("the sandbox cannot run when DEPLOYMENT_ENV is production")
+    if not port_free(settings.http_host, settings.sandbox_port):
+        return fail(
+            f"SANDBOX_PORT {settings.sandbox_port} on {settings.http_host} is already in use"
+        )
+    try:
+        return _run(serve_sandbox(settings))
+    except (SettingsError, SandboxUnavailableError) as exc:
+        return fail(str(exc))
+
+
 def _dev() -> int:
     """``make run``'s supervisor, which lives in the repository, not in the installed package."""
     try:
@@ -213,6 +236,7 @@ COMMANDS = {
     "worker": "run the orchestrator workers",
     "migrate": "apply database migrations",
     "dev": "start the whole stack on embedded defaults (make run)",
+    "sandbox": "run the sandbox (simulated cascade-core and providers) as its own process",
     "transitions": "print the task and queue transition tables",
     "dlq": "inspect or replay dead-lettered messages",
     "dlq list": "print dead letters as JSON lines",
@@ -227,6 +251,12 @@ _NEEDS = {
     " optional: NATS_NAMESPACE, PROVIDERS_FILE, CORE_TOKEN, WORKER_CONCURRENCY,"
     " WORKER_METRICS_PORT, JETSTREAM_ACK_WAIT_SECONDS, LOG_LEVEL",
     "migrate": "DATABASE_URL",
+    "sandbox": "DATABASE_URL (its state: the schema sandbox there, created at start);"
+    " PUBLIC_URL, the gateway that receives the webhooks (default"
+    " http://127.0.0.1:<HTTP_PORT>); PROVIDERS_FILE for the webhook secrets; optional:"
+    " SANDBOX_PORT (default 8090), HTTP_HOST, CORE_TOKEN, SANDBOX_WEBHOOK_DELAY_SECONDS,"
+    " SANDBOX_FAIL_DELAY_SECONDS, SANDBOX_FLAKY_TIMEOUT_SECONDS,"
+    " SANDBOX_FLAKY_SUCCESS_DELAY_SECONDS, LOG_LEVEL",
     "dev": "nothing: it starts embedded Postgres and NATS in a data folder of the checkout"
     " and sets the variables for the gateway and workers it runs",
     "transitions": "nothing: it reads no environment and connects to nothing",
@@ -365,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return fail(str(exc))
         if args.command == "serve":
             return _serve(settings)
+        if args.command == "sandbox":
+            return _sandbox(settings)
         if args.command == "worker":
             return _worker(settings)
     return 0

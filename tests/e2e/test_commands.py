@@ -71,6 +71,23 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     _one_line_error(result, "DATABASE_URL")
 
 
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/none"}, ["DATABASE_URL"]),
+        ({"DATABASE_URL": ""}, ["DATABASE_URL is not set"]),
+        (
+            {"DATABASE_URL": "postgresql://127.0.0.1:1/x", "DEPLOYMENT_ENV": "production"},
+            ["DEPLOYMENT_ENV is production"],
+        ),
+        ({"SANDBOX_PORT": "eighty"}, ["SANDBOX_PORT"]),
+    ],
+)
+def test_sandbox_that_cannot_start_is_one_line(env: dict[str, str], words: list[str]) -> None:
+    result = _run(["sandbox"], {"SANDBOX_PORT": str(free_port()), **env})
+    _one_line_error(result, *words)
+
+
 def test_malformed_flags_file_is_one_line(tmp_path: Path) -> None:
     flags = tmp_path / "flags.json"
     flags.write_text('{"features": [{"name": 1}]')
@@ -145,6 +162,7 @@ def test_version_prints_the_installed_version() -> None:
         (["worker"], ["DATABASE_URL", "NATS_URL", "CORE_URL", "WORKER_CONCURRENCY"]),
         (["migrate"], ["DATABASE_URL"]),
         (["dev"], ["embedded Postgres and NATS"]),
+        (["sandbox"], ["DATABASE_URL", "PUBLIC_URL", "PROVIDERS_FILE", "SANDBOX_PORT"]),
         (["transitions"], ["reads no environment"]),
         (["dlq"], ["NATS_URL", "NATS_NAMESPACE"]),
         (["dlq", "list"], ["NATS_URL", "NATS_NAMESPACE"]),
