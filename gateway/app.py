@@ -29,7 +29,7 @@ from litestar.types import (
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway import api, cohorts, ops, webhooks
+from gateway import api, cohorts, ops, ops_openapi, webhooks
 from gateway.protocol import (
     ApiProblem,
     json_response,
@@ -86,6 +86,12 @@ async def metrics() -> Response[bytes]:
 async def openapi_document() -> Response[bytes]:
     """The v1 API as it is on the wire (hand-written, checked against the contract)."""
     return json_response(OPENAPI_FILE.read_bytes())
+
+
+@get(ops_openapi.OPENAPI_PATH)
+async def ops_openapi_document() -> Response[bytes]:
+    """The ops API (``/ops``), generated from the Structs its handlers encode."""
+    return json_response(ops_openapi.document_bytes())
 
 
 UNROUTABLE = "/\x00"
@@ -155,6 +161,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
         readyz,
         metrics,
         openapi_document,
+        ops_openapi_document,
     ]
     if sandbox is not None:
         handlers.append(sandbox.router)

@@ -1,0 +1,247 @@
+"""The ops API's OpenAPI 3.1 document, served at ``/docs/ops-openapi.json``.
+
+Schemas come from the Structs the handlers encode (:mod:`gateway.ops_wire`), through msgspec's
+JSON Schema generator; the paths, parameters and statuses are written here, one entry per
+route, and a test checks them against the app's ``/ops`` routes and the live API. The
+legacy v1 API's document (``contracts/openapi.json``, ``/docs/openapi.json``) is a frozen
+contract of its own and says nothing about ``/ops``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from gateway import ops_wire as wire
+
+OPENAPI_PATH = "/docs/ops-openapi.json"
+_REF = "#/components/schemas/{name}"
+
+
+def _schema(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_schema("ErrorEnvelope"), description)
+
+
+UNAUTHORIZED = _error("Missing or invalid ops bearer token (`unauthorized`).")
+UNAVAILABLE = _error(
+    "The database did not answer (`unavailable`); nothing was recorded: send the request again."
+)
+
+# A cohort of the report: the fields DESIGN fixes; the report adds more (see the README).
+_COHORT = {
+    "type": "object",
+    "required": ["created", "succeeded", "failed", "cancelled", "processing", "success_rate"],
+    "properties": {
+        "created": {"type": "integer"},
+        "succeeded": {"type": "integer"},
+        "failed": {"type": "integer"},
+        "cancelled": {"type": "integer"},
+        "processing": {"type": "integer"},
+        "success_rate": {"type": ["number", "null"]},
+    },
+}
+COHORT_REPORT = {
+    "title": "CohortReport",
+    "description": "The cohort comparison, as `cascade-gateway report --json` prints it.",
+    "type": "object",
+    "required": ["generated_at", "filters", "cohorts", "comparison", "merchants"],
+    "properties": {
+        "generated_at": {"type": "string", "format": "date-time"},
+        "filters": {"type": "object"},
+        "cohorts": {
+            "type": "object",
+            "required": ["legacy", "cascade"],
+            "properties": {"legacy": _COHORT, "cascade": _COHORT},
+        },
+        "comparison": {"type": "object"},
+        "sample_ratio": {"type": "object"},
+        "merchants": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+_SINCE_UNTIL = (
+    "An ISO 8601 date/time with its zone (`2026-11-01T09:30:00+01:00`), or a date alone, which"
+    " means midnight UTC (`2026-11-01`); a time without a zone is refused (400)."
+)
+
+
+def _paths() -> dict[str, Any]:
+    bearer: list[dict[str, list[str]]] = [{"opsToken": []}]
+    return {
+        "/ops/manual-checks": {
+            "get": {
+                "operationId": "listManualChecks",
+                "summary": "Tasks waiting in MANUAL_CHECK, the longest waiting first",
+                "description": "Each with what support checks against a provider statement:"
+                " the withdrawal, merchant, amount, masked destination, our order id and the"
+                " provider's reference, how long it has waited and every answer of the"
+                " provider. At most 1,000.",
+                "security": bearer,
+                "responses": {
+                    "200": _json(_schema("ManualChecks"), "The waiting tasks."),
+                    "401": UNAUTHORIZED,
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/ops/tasks/{task_id}/resolve": {"post": _resolve_operation(bearer)},
+        "/ops/withdrawals/{withdrawal_id}": {
+            "get": {
+                "operationId": "getWithdrawalDetail",
+                "summary": "A withdrawal's queue, every attempt and the audit trail",
+                "security": bearer,
+                "parameters": [
+                    {
+                        "name": "withdrawal_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json(
+                        _schema("WithdrawalDetail"), "The withdrawal, as support sees it."
+                    ),
+                    "401": UNAUTHORIZED,
+                    "404": _error("No such withdrawal (`not_found`)."),
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/ops/cohorts": {
+            "get": {
+                "operationId": "getCohortReport",
+                "summary": "The cohort comparison (legacy against cascade)",
+                "security": bearer,
+                "parameters": [
+                    _query("since", "Inclusive lower bound on created_at. " + _SINCE_UNTIL),
+                    _query("until", "Exclusive upper bound on created_at. " + _SINCE_UNTIL),
+                    _query("merchant", "Only this merchant's withdrawals."),
+                ],
+                "responses": {
+                    "200": _json(_schema("CohortReport"), "The report."),
+                    "400": _error("A parameter cannot be read (`invalid_parameter`)."),
+                    "401": UNAUTHORIZED,
+                },
+            }
+        },
+    }
+
+
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _resolve_operation(bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "operationId": "resolveTask",
+        "summary": "Apply support's decision to a task in MANUAL_CHECK",
+        "description": "positive: the provider paid, the frozen amount is committed. negative:"
+        " it did not; the provider is asked first: `failed`, `cancelled` or never accepted"
+        " applies it (the amount is rolled back, the cascade moves on); `succeeded` refuses it"
+        " (409 `provider_paid`, the attempt is committed instead); `pending` cancels the order"
+        " at the provider where it can, else 409 `provider_pending`; no answer is 409"
+        " `provider_unreachable` unless sent again with `unverified: true`. Every decision,"
+        " applied or refused, has its audit row naming the operator.",
+        "security": bearer,
+        "parameters": [
+            {
+                "name": "task_id",
+                "in": "path",
+                "required": True,
+                "description": "A task id (a UUID) from the manual-check list; anything else"
+                " is 404.",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "X-Operator",
+                "in": "header",
+                "required": True,
+                "description": "Who decides (up to 64 characters), kept in the audit row as"
+                " `ops:<name>`. Missing or blank: 422 and nothing changes.",
+                "schema": {"type": "string"},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _schema("ResolveBody")}},
+        },
+        "responses": {
+            "200": _json(_schema("Resolved"), "The decision was applied."),
+            "400": _error("The body is not JSON (`malformed_json`)."),
+            "401": UNAUTHORIZED,
+            "404": _error("No such task (`not_found`)."),
+            "409": _error(
+                "The decision was not applied: `not_in_manual_check` (a colleague's decision"
+                " or the provider's answer came first), `provider_paid`, `provider_pending`,"
+                " `provider_unreachable` (with the provider's answer in `evidence`), or"
+                " `core_refused`."
+            ),
+            "413": _error("The body is larger than the limit (`payload_too_large`)."),
+            "422": _error(
+                "The body does not match ResolveBody, the reason is blank, or X-Operator is"
+                " missing or blank (`validation_failed`)."
+            ),
+            "503": _error(
+                "The database (`unavailable`) or cascade-core (`core_unavailable`) did not"
+                " answer; nothing changed: send it again."
+            ),
+        },
+    }
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    """The whole document (built once)."""
+    types = (
+        wire.ManualChecks,
+        wire.ResolveBody,
+        wire.Resolved,
+        wire.WithdrawalDetail,
+        wire.ErrorEnvelope,
+    )
+    _, schemas = msgspec.json.schema_components(types, ref_template=_REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "cascade-gateway ops API",
+            "version": "1",
+            "description": "For support and operators: manual checks, a withdrawal's record,"
+            " the cohort report. Bearer tokens from OPS_API_TOKENS (separate from the"
+            ' cascade-core tokens of the v1 API). Errors are `{"error": {"code", "message"}}`.'
+            " The v1 API is described by /docs/openapi.json.",
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "securitySchemes": {
+                "opsToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "One of the gateway's OPS_API_TOKENS.",
+                }
+            },
+            "schemas": {**schemas, "CohortReport": COHORT_REPORT},
+        },
+        "paths": _paths(),
+    }
+
+
+@functools.cache
+def document_bytes() -> bytes:
+    return msgspec.json.encode(document())
