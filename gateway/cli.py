@@ -277,8 +277,8 @@ def _describe(name: str, summary: str) -> str:
 
 
 _REPORT_UNITS = """\
-The table starts with the database read (password hidden) and the window
-covered.
+The table's first lines name the database read (password hidden) and the
+window covered.
 Units: rates in %, differences of rates in percentage points (pp), times in ms
 below a second, else s, min or h. --json keeps plain numbers (rates as fractions
 of 1, times in seconds); --html draws the same numbers.
