@@ -228,3 +228,25 @@ def test_an_unusable_html_path_is_one_line_and_exit_2(tmp_path: Path, where: str
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("cascade-gateway: --html "), lines[0]
+
+
+def test_report_help_names_the_units_and_the_page() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "report", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for words in (
+        "--html FILE",
+        "self-contained HTML page",
+        "percentage points (pp)",
+        "times in ms below a second",
+        "password hidden",
+        "DATA_DIR/stack.json",
+    ):
+        assert words in text, words
