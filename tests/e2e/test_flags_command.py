@@ -1,0 +1,222 @@
+"""``cascade-gateway flags`` (the installed console script) moves real routing: a running
+gateway's on a flags file, and a real Unleash server's, read by the router's real client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flags.router import TOGGLE, CohortRouter, RoutingDecision
+from tests.conftest import (
+    Services,
+    StackFactory,
+    create_database,
+    flags_document,
+    new_id,
+    withdrawal_body,
+)
+from tests.unleash_server import UnleashAdmin, running_unleash
+from tests.waiting import wait_until
+
+COMMAND = Path(sys.executable).parent / "cascade-gateway"
+OPS = {"Authorization": "Bearer ops-token"}
+# Variables of the developer's shell that would point the command elsewhere.
+_OWN = ("FLAGS_FILE", "UNLEASH_URL", "UNLEASH_ADMIN_TOKEN", "UNLEASH_API_TOKEN", "DATA_DIR")
+
+
+async def flags(env: Mapping[str, str], *argv: str) -> tuple[int, list[str], list[str]]:
+    """Run ``cascade-gateway flags ARGV``: exit status, stdout lines, stderr lines."""
+    base = {k: v for k, v in os.environ.items() if k not in _OWN and not k.startswith("UNLEASH")}
+    process = await asyncio.create_subprocess_exec(
+        str(COMMAND),
+        "flags",
+        *argv,
+        env={**base, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode().splitlines(), err.decode().splitlines()
+
+
+async def changed(env: Mapping[str, str], *argv: str) -> list[str]:
+    status, out, err = await flags(env, *argv)
+    assert (status, err) == (0, []), (argv, out, err)
+    return out
+
+
+@pytest.mark.e2e
+async def test_flags_allow_moves_a_running_gateway_through_its_flags_file(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    stack = await make_stack(
+        flags=flags_document(enabled=True, merchants=["m_a"]),
+        env={"UNLEASH_REFRESH_SECONDS": "1"},
+    )
+    merchant = new_id("m")
+
+    async def cohort() -> str:
+        wid = new_id()
+        body = withdrawal_body(wid, ["sbx_sync_ok"], merchant=merchant)
+        created = await stack.client.post("/v1/withdrawals", headers=stack.headers, json=body)
+        assert created.status_code == 201, created.text
+        detail = await stack.client.get(f"/ops/withdrawals/{wid}", headers=OPS)
+        value: str = detail.json()["cohort"]
+        return value
+
+    assert await cohort() == "legacy"
+    env = {"FLAGS_FILE": str(stack.settings.flags_file), "DATA_DIR": str(tmp_path)}
+    out = await changed(env, "allow", merchant)
+    assert out[1] == f"  allow-list: m_a → {', '.join(sorted(['m_a', merchant]))}"
+    await wait_until(
+        cohort, done=lambda c: c == "cascade", timeout=15, what=f"{merchant} to go cascade"
+    )
+
+
+def _decision(router: CohortRouter, merchant: str) -> RoutingDecision:
+    return router.decide(merchant)
+
+
+async def _routed(router: CohortRouter, merchant: str, cohort: str, reason: str) -> None:
+    await wait_until(
+        lambda: _decision(router, merchant),
+        done=lambda d: (d.cohort, d.reason) == (cohort, reason),
+        timeout=15,
+        interval=0.05,
+        what=f"the live router to route {merchant} {cohort} ({reason})",
+    )
+
+
+async def _strategies(router: CohortRouter, expected: list[dict[str, Any]]) -> None:
+    await wait_until(
+        lambda: _decision(router, "m_probe").flag_state.get("strategies"),
+        done=lambda s: s == expected,
+        timeout=15,
+        interval=0.05,
+        what=f"the live router to hold the strategies {expected}",
+    )
+
+
+@pytest.mark.e2e
+async def test_flags_command_drives_a_real_unleash_server(
+    services: Services, tmp_path: Path
+) -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed: cannot run a real unleash-server")
+    database = f"unleash_{secrets.token_hex(6)}"
+    await create_database(services.admin_dsn, database)
+    async with running_unleash(services.dsn(database), services.workdir) as unleash:
+        admin = UnleashAdmin(unleash)
+        try:
+            await admin.define_merchant_context()
+            await admin.create_toggle(TOGGLE)  # no strategy yet, off in every environment
+        finally:
+            await admin.aclose()
+        env = {
+            "UNLEASH_URL": unleash.api_url,
+            "UNLEASH_ADMIN_TOKEN": unleash.admin_token,
+            # The gateway's client token names the environment the command changes.
+            "UNLEASH_API_TOKEN": unleash.client_token,
+            "UNLEASH_REFRESH_SECONDS": "1",
+        }
+        bootstrap = tmp_path / "bootstrap.json"
+        bootstrap.write_text(json.dumps(flags_document(enabled=False)))
+        router = CohortRouter(
+            flags_file=bootstrap,
+            unleash_url=unleash.api_url,
+            unleash_token=unleash.client_token,
+            refresh_interval=1,
+        )
+        await asyncio.to_thread(router.start)
+        try:
+            await _drive(router, env, unleash.api_url, unleash.client_token)
+        finally:
+            await asyncio.to_thread(router.close)
+
+
+async def _drive(router: CohortRouter, env: dict[str, str], url: str, client_token: str) -> None:
+    where = f"withdrawals.cascade in Unleash {url} (project default, environment development)"
+    when = (
+        "New withdrawals see it within 1 s (the gateway polls Unleash every"
+        " UNLEASH_REFRESH_SECONDS); withdrawals already created keep their cohort."
+    )
+    assert await changed(env, "show") == [
+        where,
+        "  kill switch: on (every new withdrawal goes legacy)",
+        "  allow-list: nobody",
+        "  rollout: none",
+        "  strategies: none",
+    ]
+    # Unleash would add a 100 % rollout to a toggle switched on without strategies.
+    status, _, err = await flags(env, "kill", "off")
+    assert status == 2
+    assert err[0].startswith("cascade-gateway: flags kill: the toggle has no strategy")
+
+    assert await changed(env, "allow", "m_x") == [
+        where,
+        "  allow-list: nobody → m_x",
+        "  note: the kill switch is on: every new withdrawal stays legacy until `flags kill off`",
+        when,
+    ]
+    assert (await changed(env, "kill", "off"))[1] == (
+        "  kill switch: on (every new withdrawal goes legacy) → off (toggle enabled)"
+    )
+    await _routed(router, "m_x", "cascade", "allow_list")
+    assert _decision(router, "m_y").cohort == "legacy"
+    assert _decision(router, "m_x").flag_state["source"] == "server"
+
+    await changed(env, "allow", "m_y")
+    await _routed(router, "m_y", "cascade", "allow_list")
+    assert (await changed(env, "rollout", "30"))[1] == (
+        "  rollout: none → 30 % of merchants (stickiness merchantId)"
+    )
+    listed = {"name": "flexibleRollout", "kind": "allow_list", "merchants": 2}
+    rollout = {
+        "name": "flexibleRollout",
+        "kind": "rollout",
+        "rollout": 30,
+        "stickiness": "merchantId",
+    }
+    await _strategies(router, [listed, rollout])
+    merchants = [f"m_{i:04d}" for i in range(400)]
+    share = sum(_decision(router, m).cohort == "cascade" for m in merchants) / len(merchants)
+    # 400 Bernoulli(0.3) draws: sd 2.3 points; ±10 points is over 4 sd.
+    assert abs(share - 0.30) < 0.10, share
+    status, out, _ = await flags(env, "show", "--json")
+    shown = json.loads("\n".join(out))
+    assert (shown["allow_list"], shown["rollout"], shown["kill_switch"]) == (
+        ["m_x", "m_y"],
+        30,
+        "off",
+    )
+
+    await changed(env, "kill", "on")
+    await _routed(router, "m_x", "legacy", "disabled")
+    await changed(env, "kill", "off")
+    await _routed(router, "m_x", "cascade", "allow_list")
+
+    # Off the list: m_x's list keeps m_y; m_y's removal deletes the emptied strategy.
+    assert (await changed(env, "disallow", "m_x"))[1] == "  allow-list: m_x, m_y → m_y"
+    out = await changed(env, "disallow", "m_y")
+    assert out[1] == "  allow-list: m_y → nobody"
+    await _strategies(router, [rollout])
+    assert (await changed(env, "rollout", "0"))[1] == (
+        "  rollout: 30 % of merchants (stickiness merchantId) → 0 % of merchants"
+        " (stickiness merchantId)"
+    )
+    await _routed(router, "m_x", "legacy", "not_targeted")
+
+    # A client token is not an admin token: one line, exit 2.
+    status, out, err = await flags({**env, "UNLEASH_ADMIN_TOKEN": client_token}, "show")
+    assert (status, out, len(err)) == (2, [], 1)
+    assert err[0].startswith(f"cascade-gateway: flags show: Unleash at {url} refused the token")
