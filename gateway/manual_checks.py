@@ -52,7 +52,8 @@ SUMMARIES = {
     "manual-checks list": "the tasks waiting in MANUAL_CHECK, the longest waiting first",
     "manual-checks show": "one case: the withdrawal, each attempt and every answer of its"
     " provider (by task id or withdrawal id)",
-    "manual-checks resolve": "apply support's decision to a task in MANUAL_CHECK: positive"
+    "manual-checks resolve": "apply support's decision to a task in MANUAL_CHECK (by task id or"
+    " withdrawal id): positive"
     " (the provider paid: commit) or negative (it did not: roll back, the cascade moves on,"
     " once the provider confirms it)",
 }
@@ -316,7 +317,8 @@ def _resolve(client: OpsClient, args: argparse.Namespace, *, out: Callable[[str]
     body: dict[str, Any] = {"decision": args.decision, "reason": args.reason}
     if args.unverified:
         body["unverified"] = True
-    answer = client.post(f"/ops/tasks/{args.task_id}/resolve", body, args.operator)
+    task = _waiting_task(client, args.case)
+    answer = client.post(f"/ops/tasks/{task}/resolve", body, args.operator)
     if args.json:
         out(json.dumps(answer, indent=2))
         return 0
@@ -326,6 +328,22 @@ def _resolve(client: OpsClient, args: argparse.Namespace, *, out: Callable[[str]
         f" {args.operator}, kept in the audit trail"
     )
     return 0
+
+
+def _waiting_task(client: OpsClient, case: str) -> str:
+    """The task to decide: ``case`` itself (a task id), or the task of the withdrawal ``case``
+    that waits in manual check (a withdrawal has at most one: its attempts run one at a
+    time)."""
+    checks = client.get("/ops/manual-checks")["manual_checks"]
+    for check in checks:
+        if case in (check["task_id"], check["withdrawal_id"]):
+            return str(check["task_id"])
+    if _is_uuid(case):
+        return str(uuid.UUID(case))  # not waiting (any more): the gateway says why
+    raise OpsError(
+        f"no task waiting in manual check has the id {case!r}, nor has a withdrawal"
+        " waiting in one (see manual-checks list)"
+    )
 
 
 def _evidence_lines(refused: Refused) -> list[str]:
@@ -408,13 +426,6 @@ def _is_uuid(text: str) -> bool:
 # --- the parser -------------------------------------------------------------------------------
 
 
-def task_id(text: str) -> str:
-    """A task id: a UUID, as the manual-check list prints it."""
-    if not _is_uuid(text):
-        raise argparse.ArgumentTypeError(f"must be a task id (a UUID: see list), not {text!r}")
-    return str(uuid.UUID(text))
-
-
 def operator(text: str) -> str:
     """Who decides, for the audit row: printable ASCII (it travels in ``X-Operator``)."""
     name = text.strip()
@@ -457,7 +468,11 @@ def configure_parser(
         "case", metavar="TASK_OR_WITHDRAWAL_ID", help="a task id from list, or a withdrawal id"
     )
     resolve = parsers["resolve"]
-    resolve.add_argument("task_id", metavar="TASK_ID", type=task_id, help="the task, from list")
+    resolve.add_argument(
+        "case",
+        metavar="TASK_OR_WITHDRAWAL_ID",
+        help="the task waiting (from list), or its withdrawal's id",
+    )
     resolve.add_argument(
         "--decision",
         required=True,

@@ -157,11 +157,11 @@ async def test_resolve_needs_an_operator_and_names_them_in_the_audit(
     assert done.status == 0, done.err
     assert f"task {paid_task['task_id']} is SUCCEEDED" in done.out
     assert "by alice" in done.out
-    negative = await _cli(
+    negative = await _cli(  # by the withdrawal's id: its one task waiting
         stack.url,
         tmp_path,
         "resolve",
-        unpaid_task["task_id"],
+        unpaid,
         "--decision",
         "negative",
         "--operator",
@@ -247,9 +247,10 @@ async def test_errors_are_one_line_with_exit_status_2(
     )
     assert (unknown.status, unknown.err.count("\n")) == (2, 1), unknown.err
     assert "No such task. (404 not_found)" in unknown.err
-    bad_id = await _cli(stack.url, tmp_path, "resolve", "abc", "--decision", "positive")
-    assert bad_id.status == 2
-    assert "TASK_ID: must be a task id" in bad_id.err
+    decide = ("--decision", "positive", "--operator", "alice", "--reason", "x")
+    bad_id = await _cli(stack.url, tmp_path, "resolve", "wd_nobody", *decide)
+    assert (bad_id.status, bad_id.err.count("\n")) == (2, 1), bad_id.err
+    assert "no task waiting in manual check has the id 'wd_nobody'" in bad_id.err
     nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     unreachable = await _cli(nowhere, tmp_path, "list")
     assert (unreachable.status, unreachable.err.count("\n")) == (2, 1), unreachable.err
