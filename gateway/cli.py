@@ -168,6 +168,7 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
             until=args.until,
             merchant=args.merchant,
             html=args.html,
+            png=args.png,
         )
     )
 
@@ -243,7 +244,7 @@ COMMANDS = {
     "dlq replay": "send dead letters back to their subjects",
     **manual_checks.SUMMARIES,
     **flagcmd.SUMMARIES,
-    "report": "compare the cohorts: a table, JSON (--json) or a page of charts (--html)",
+    "report": "compare the cohorts: a table, JSON (--json), a page of charts (--html, --png)",
 }
 _NEEDS = {
     "serve": _SERVE_ENV,
@@ -335,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also write the comparison as a self-contained HTML page of charts (success rate"
         " with its 95%% interval, attempts, time to final, per merchant) to FILE",
+    )
+    report.add_argument(
+        "--png",
+        type=Path,
+        metavar="FILE",
+        help="also write that page as a PNG picture to FILE (needs chromium on PATH)",
     )
     manual_checks.configure_parser(
         sub.choices["manual-checks"], lambda name: _describe(name, COMMANDS[name]), _FORMAT

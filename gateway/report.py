@@ -634,15 +634,16 @@ def _comparison_lines(comparison: dict[str, Any], indent: str) -> list[str]:
     return lines
 
 
-def unwritable(path: Path) -> str | None:
-    """Why ``path`` cannot take the HTML page, in one line; None when it can."""
+def unwritable(option: str, path: Path) -> str | None:
+    """Why ``path`` cannot take the page (``--html``) or its picture (``--png``), in one line;
+    None when it can."""
     if path.is_dir():
-        return f"--html {path} is a folder, not a file"
+        return f"{option} {path} is a folder, not a file"
     folder = path.parent
     if not folder.is_dir():
-        return f"--html {path}: the folder {folder} does not exist"
+        return f"{option} {path}: the folder {folder} does not exist"
     if not os.access(folder, os.W_OK):
-        return f"--html {path}: the folder {folder} is not writable"
+        return f"{option} {path}: the folder {folder} is not writable"
     return None
 
 
@@ -654,11 +655,19 @@ async def run_report(
     until: str | None,
     merchant: str | None,
     html: Path | None = None,
+    png: Path | None = None,
 ) -> int:
-    """``cascade-gateway report``: the table (or JSON) on stdout, and the page to ``html``."""
-    problem = None if html is None else unwritable(html)
-    if problem is not None:
-        return _refuse(problem)
+    """``cascade-gateway report``: the table (or JSON) on stdout, the page to ``html``, its
+    picture to ``png``."""
+    for option, path in (("--html", html), ("--png", png)):
+        problem = None if path is None else unwritable(option, path)
+        if problem is not None:
+            return _refuse(problem)
+    if png is not None:
+        from gateway.report_page import NO_BROWSER, find_browser  # noqa: PLC0415 — --png only
+
+        if find_browser() is None:
+            return _refuse(NO_BROWSER)
     conn = await asyncpg.connect(settings.asyncpg_dsn)
     try:
         report = await cohort_report(conn, since=since, until=until, merchant=merchant)
@@ -671,23 +680,26 @@ async def run_report(
         print(msgspec.json.encode(report).decode())  # noqa: T201
     else:
         print(render_table(report, database=database))  # noqa: T201
+    return _write_pictures(report, database=database, html=html, png=png)
+
+
+def _write_pictures(
+    report: dict[str, Any], *, database: str, html: Path | None, png: Path | None
+) -> int:
+    from gateway.report_page import render_page, write_png  # noqa: PLC0415 — --html/--png only
+
     if html is not None:
-        problem = write_page(html, report, database=database)
+        try:
+            html.write_text(render_page(report, database=database), encoding="utf-8")
+        except OSError as exc:
+            return _refuse(f"cannot write --html {html}: {exc.strerror or exc}")
+        print(f"cascade-gateway: wrote the cohort comparison to {html}", file=sys.stderr)  # noqa: T201
+    if png is not None:
+        problem = write_png(report, png, database=database)
         if problem is not None:
             return _refuse(problem)
-        print(f"cascade-gateway: wrote the cohort comparison to {html}", file=sys.stderr)  # noqa: T201
+        print(f"cascade-gateway: drew the cohort comparison to {png}", file=sys.stderr)  # noqa: T201
     return 0
-
-
-def write_page(path: Path, report: dict[str, Any], *, database: str | None) -> str | None:
-    """Write the report's HTML page to ``path``; why not, in one line, when it cannot."""
-    from gateway.report_page import render_page  # noqa: PLC0415 — only for --html
-
-    try:
-        path.write_text(render_page(report, database=database), encoding="utf-8")
-    except OSError as exc:
-        return f"cannot write --html {path}: {exc.strerror or exc}"
-    return None
 
 
 def _refuse(message: str) -> int:

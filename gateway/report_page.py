@@ -1,4 +1,5 @@
-"""``cascade-gateway report --html FILE``: the cohort comparison as one self-contained page.
+"""``cascade-gateway report --html FILE``: the cohort comparison as one self-contained page
+(and ``--png FILE``: that page as a picture, drawn by headless chromium).
 
 The charts are inline SVG drawn here from the report's own numbers (no script, no stylesheet or
 font from elsewhere: the file opens offline and can be mailed as it is). Bars are horizontal,
@@ -13,8 +14,13 @@ The page is built as an :mod:`xml.etree.ElementTree` tree, so every name from th
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import Element, SubElement, tostring
 
@@ -36,6 +42,14 @@ TOP = 8
 AXIS = 28
 WIDTH = LABEL_WIDTH + PLOT_WIDTH + TEXT_WIDTH
 PERCENTILES = ("p50", "p95", "p99")
+# --png: the browsers that can draw the page, the window's width, how long one may take.
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+PAGE_WIDTH = 1000
+PNG_TIMEOUT = 120
+NO_BROWSER = "--png needs chromium to draw the page (Debian: apt-get install chromium)"
+CHARACTERS_PER_LINE = 110  # about 130 fit in the page's 932 px at 14 px: lines over-counted
+# Rendered line height and vertical margins (px) of the page's text, from _STYLE's fonts.
+_TEXT_BOXES = {"h1": (31, 19), "h2": (23, 31), "p": (20, 6)}
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; color: #1a202c; margin: 2em auto; max-width: 960px;
@@ -72,6 +86,74 @@ class Bar:
 
 def render_page(report: dict[str, Any], *, database: str | None = None) -> str:
     """The report (as :func:`gateway.report.cohort_report` returns it) as an HTML document."""
+    return _document(_page(report, database))
+
+
+def write_png(report: dict[str, Any], path: Path, *, database: str | None = None) -> str | None:
+    """The page as a PNG picture, drawn by headless chromium; why not, in one line."""
+    browser = find_browser()
+    if browser is None:
+        return NO_BROWSER
+    html = _page(report, database)
+    with tempfile.TemporaryDirectory(prefix="cascade-report-") as folder:
+        source = Path(folder) / "cohorts.html"
+        source.write_text(_document(html), encoding="utf-8")
+        path.unlink(missing_ok=True)  # so that a picture there afterwards is this one
+        command = [
+            browser,
+            "--headless",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={folder}/profile",
+            f"--window-size={PAGE_WIDTH},{_height(html)}",
+            f"--screenshot={path.resolve()}",
+            source.as_uri(),
+        ]
+        if os.geteuid() == 0:
+            # Chromium refuses to start as root with its sandbox; the page is ours, no script.
+            command.insert(1, "--no-sandbox")
+        try:
+            drawn = subprocess.run(  # noqa: S603 — a browser found on PATH, fixed arguments
+                command, capture_output=True, text=True, timeout=PNG_TIMEOUT, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return f"chromium did not draw --png {path} within {PNG_TIMEOUT} s"
+    if drawn.returncode != 0 or not path.is_file():
+        last = (drawn.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"chromium could not draw --png {path}: {last}"
+    return None
+
+
+def find_browser() -> str | None:
+    """The chromium that draws ``--png``, from PATH."""
+    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
+
+
+def _document(html: Element) -> str:
+    return "<!DOCTYPE html>\n" + tostring(html, encoding="unicode", method="html") + "\n"
+
+
+def _height(html: Element) -> int:
+    """An upper bound of the page's height at :data:`PAGE_WIDTH` pixels: chromium's screenshot
+    is of the window, so the window must hold the page (blank below it is harmless)."""
+    body = html.find("body")
+    assert body is not None
+    height = 120  # the body's margins (2 × 28 px), and room to spare
+    for element in body:
+        if element.tag == "svg":
+            height += int(float(element.get("height", "0"))) + 6
+        elif element.tag == "table":
+            height += 28 * len(element.findall(".//tr")) + 10
+        else:  # a heading or a paragraph: its lines (over-counted), and its margins
+            text = "".join(element.itertext())
+            lines = max(1, math.ceil(len(text) / CHARACTERS_PER_LINE))
+            line, margins = _TEXT_BOXES.get(element.tag, (20, 6))
+            extra = 28 if element.get("class") == "legend" else 0
+            height += line * lines + margins + extra
+    return height
+
+
+def _page(report: dict[str, Any], database: str | None) -> Element:
     html = Element("html", lang="en")
     head = SubElement(html, "head")
     SubElement(head, "meta", charset="utf-8")
@@ -94,7 +176,7 @@ def render_page(report: dict[str, Any], *, database: str | None = None) -> str:
     body.append(_time_chart(cohorts))
     _merchants(body, report["merchants"])
     _counts_table(body, cohorts)
-    return "<!DOCTYPE html>\n" + tostring(html, encoding="unicode", method="html") + "\n"
+    return html
 
 
 def _text(parent: Element, tag: str, text: str, *, cls: str = "", **attributes: str) -> Element:

@@ -7,6 +7,7 @@ against its axis must be the report's number, each interval's ends the report's 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -57,7 +58,9 @@ async def _both_cohorts(make_stack: StackFactory) -> tuple[Stack, str, str]:
 
 
 @asynccontextmanager
-async def _browser_page(path: Path) -> AsyncIterator[tuple[Page, list[str]]]:
+async def _browser_page(
+    path: Path, viewport: tuple[int, int] = (1000, 900)
+) -> AsyncIterator[tuple[Page, list[str]]]:
     """``path`` opened in headless chromium; also every URL the page requested."""
     if not CHROMIUM.exists():
         pytest.skip(
@@ -67,7 +70,7 @@ async def _browser_page(path: Path) -> AsyncIterator[tuple[Page, list[str]]]:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM))
         try:
-            page = await browser.new_page(viewport={"width": 1000, "height": 900})
+            page = await browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
             requested: list[str] = []
             page.on("request", lambda request: requested.append(request.url))
             await page.goto(path.as_uri())
@@ -212,11 +215,79 @@ async def test_the_table_names_its_database_and_window_and_keeps_its_units(
     assert report["window"]["since"] == "2026-01-01T00:00:00+00:00"
 
 
-@pytest.mark.parametrize("where", ["missing-folder/cohorts.html", "."])
-def test_an_unusable_html_path_is_one_line_and_exit_2(tmp_path: Path, where: str) -> None:
+_PIXELS = """async ([source, points]) => {
+    const image = new Image();
+    image.src = source;
+    await image.decode();
+    const canvas = document.createElement("canvas");
+    canvas.width = image.width;
+    canvas.height = image.height;
+    const context = canvas.getContext("2d");
+    context.drawImage(image, 0, 0);
+    return {
+        width: image.width,
+        height: image.height,
+        colors: points.map(
+            ([x, y]) => Array.from(context.getImageData(x, y, 1, 1).data.slice(0, 3))
+        ),
+    };
+}"""
+_BARS = """() => [...document.querySelectorAll('svg[data-chart="success rate"] rect.bar')].map(
+    (bar) => {
+        const b = bar.getBoundingClientRect();
+        const t = bar.parentNode.querySelector("rect.track").getBoundingClientRect();
+        return {cohort: bar.dataset.cohort, left: b.left, top: b.top, width: b.width,
+                track: t.width, page: document.body.getBoundingClientRect().bottom
+                    + parseFloat(getComputedStyle(document.body).marginBottom)};
+    })"""
+CASCADE_BLUE, LEGACY_GREY, TRACK = (43, 108, 176), (138, 148, 166), (244, 245, 247)
+
+
+async def test_the_png_is_the_page_as_chromium_draws_it(
+    make_stack: StackFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack, _, _ = await _both_cohorts(make_stack)
+    html, png = tmp_path / "cohorts.html", tmp_path / "cohorts.png"
+    code = await run_report(
+        stack.settings, as_json=False, since=None, until=None, merchant=None, html=html, png=png
+    )
+    assert code == 0, capsys.readouterr().err
+    assert f"drew the cohort comparison to {png}" in capsys.readouterr().err
+    picture = png.read_bytes()
+    assert picture[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(picture[16:20], "big"), int.from_bytes(picture[20:24], "big")
+    assert width == 1000
+
+    async with _browser_page(html, viewport=(width, height)) as (page, _):
+        bars = await page.evaluate(_BARS)
+        page_height = bars[0]["page"]
+        assert page_height <= height, "the picture cuts the page off"
+        assert height - page_height < 300, "the picture is mostly blank below the page"
+        legacy, cascade = bars
+        # Inside each bar, above the whisker; then the track past the legacy bar's end (1/3).
+        points = [
+            (legacy["left"] + legacy["width"] * 0.5, legacy["top"] + 3),
+            (cascade["left"] + cascade["width"] * 0.4, cascade["top"] + 3),
+            (legacy["left"] + legacy["track"] * 0.62, legacy["top"] + 3),
+        ]
+        source = "data:image/png;base64," + base64.b64encode(picture).decode()
+        drawn = await page.evaluate(_PIXELS, [source, [[round(x), round(y)] for x, y in points]])
+    assert (drawn["width"], drawn["height"]) == (width, height)
+    assert [tuple(color) for color in drawn["colors"]] == [LEGACY_GREY, CASCADE_BLUE, TRACK]
+
+
+@pytest.mark.parametrize(
+    ("option", "where"),
+    [
+        ("--html", "missing-folder/cohorts.html"),
+        ("--html", "."),
+        ("--png", "missing-folder/cohorts.png"),
+    ],
+)
+def test_an_unusable_path_is_one_line_and_exit_2(tmp_path: Path, option: str, where: str) -> None:
     # Refused before any database is read: this DSN answers nothing.
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "report", "--html", str(tmp_path / where)],
+        [sys.executable, "-m", "gateway.cli", "report", option, str(tmp_path / where)],
         env={**os.environ, "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/none"},
         capture_output=True,
         text=True,
@@ -227,7 +298,7 @@ def test_an_unusable_html_path_is_one_line_and_exit_2(tmp_path: Path, where: str
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("cascade-gateway: --html "), lines[0]
+    assert lines[0].startswith(f"cascade-gateway: {option} "), lines[0]
 
 
 def test_report_help_names_the_units_and_the_page() -> None:
