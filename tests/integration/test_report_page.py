@@ -315,6 +315,7 @@ def test_report_help_names_the_units_and_the_page() -> None:
     for words in (
         "--html FILE",
         "self-contained HTML page",
+        "--png FILE",
         "percentage points (pp)",
         "times in ms below a second",
         "password hidden",
