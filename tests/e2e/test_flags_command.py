@@ -4,19 +4,25 @@ gateway's on a flags file, and a real Unleash server's, read by the router's rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from devstack.embedded import free_port
 from flags.router import TOGGLE, CohortRouter, RoutingDecision
 from tests.conftest import (
+    ROOT,
     Services,
     StackFactory,
     create_database,
@@ -24,11 +30,13 @@ from tests.conftest import (
     new_id,
     withdrawal_body,
 )
+from tests.faultkit import stack_env
 from tests.unleash_server import UnleashAdmin, running_unleash
 from tests.waiting import wait_until
 
 COMMAND = Path(sys.executable).parent / "cascade-gateway"
 OPS = {"Authorization": "Bearer ops-token"}
+API = {"Authorization": "Bearer dev-token"}
 # Variables of the developer's shell that would point the command elsewhere.
 _OWN = ("FLAGS_FILE", "UNLEASH_URL", "UNLEASH_ADMIN_TOKEN", "UNLEASH_API_TOKEN", "DATA_DIR")
 
@@ -55,32 +63,81 @@ async def changed(env: Mapping[str, str], *argv: str) -> list[str]:
     return out
 
 
+@contextlib.asynccontextmanager
+async def serving(env: Mapping[str, str], log_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A ``cascade-gateway serve`` process, ready; a client of it. Stopped when the block ends."""
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [str(COMMAND), "serve"],
+            env=dict(env),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{env['HTTP_PORT']}", timeout=10)
+
+    async def ready() -> bool:
+        assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
+        try:
+            return (await client.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        await wait_until(ready, timeout=60, interval=0.05, what="the gateway process to be ready")
+        yield client
+    finally:
+        await client.aclose()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(process.wait, 15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait, 10)
+
+
 @pytest.mark.e2e
-async def test_flags_allow_moves_a_running_gateway_through_its_flags_file(
+async def test_flags_allow_moves_a_gateway_process_through_its_flags_file(
     make_stack: StackFactory, tmp_path: Path
 ) -> None:
-    stack = await make_stack(
-        flags=flags_document(enabled=True, merchants=["m_a"]),
-        env={"UNLEASH_REFRESH_SECONDS": "1"},
+    # The stack's database, broker and sandbox; the gateway under test is a process of its own.
+    stack = await make_stack()
+    flags_file = tmp_path / "flags.json"
+    flags_file.write_text(json.dumps(flags_document(enabled=True, merchants=["m_a"])))
+    env = stack_env(
+        stack,
+        HTTP_PORT=str(free_port()),
+        FLAGS_FILE=str(flags_file),
+        UNLEASH_REFRESH_SECONDS="1",
+        SANDBOX_ENABLED="false",
+        GATEWAY_API_TOKENS="dev-token",
+        DATA_DIR=str(tmp_path),
     )
     merchant = new_id("m")
+    async with serving(env, tmp_path / "serve.log") as gateway:
 
-    async def cohort() -> str:
-        wid = new_id()
-        body = withdrawal_body(wid, ["sbx_sync_ok"], merchant=merchant)
-        created = await stack.client.post("/v1/withdrawals", headers=stack.headers, json=body)
-        assert created.status_code == 201, created.text
-        detail = await stack.client.get(f"/ops/withdrawals/{wid}", headers=OPS)
-        value: str = detail.json()["cohort"]
-        return value
+        async def cohort() -> str:
+            wid = new_id()
+            body = withdrawal_body(wid, ["sbx_sync_ok"], merchant=merchant)
+            created = await gateway.post("/v1/withdrawals", headers=API, json=body)
+            assert created.status_code == 201, created.text
+            detail = await gateway.get(f"/ops/withdrawals/{wid}", headers=OPS)
+            value: str = detail.json()["cohort"]
+            return value
 
-    assert await cohort() == "legacy"
-    env = {"FLAGS_FILE": str(stack.settings.flags_file), "DATA_DIR": str(tmp_path)}
-    out = await changed(env, "allow", merchant)
-    assert out[1] == f"  allow-list: m_a → {', '.join(sorted(['m_a', merchant]))}"
-    await wait_until(
-        cohort, done=lambda c: c == "cascade", timeout=15, what=f"{merchant} to go cascade"
-    )
+        assert await cohort() == "legacy"
+        out = await changed(env, "allow", merchant)
+        assert out[1] == f"  allow-list: m_a → {', '.join(sorted(['m_a', merchant]))}"
+        await wait_until(
+            cohort, done=lambda c: c == "cascade", timeout=15, what=f"{merchant} to go cascade"
+        )
+        await changed(env, "kill", "on")
+        await wait_until(
+            cohort, done=lambda c: c == "legacy", timeout=15, what="every merchant to go legacy"
+        )
+    assert "changed: new withdrawals route by revision" in (tmp_path / "serve.log").read_text()
 
 
 def _decision(router: CohortRouter, merchant: str) -> RoutingDecision:
