@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import urllib.error
 import urllib.parse
@@ -186,8 +187,8 @@ def _list(client: OpsClient, *, as_json: bool, out: Callable[[str], None]) -> in
     rows = [_list_row(check) for check in checks]
     out(_table(LIST_COLUMNS, rows))
     out(
-        f"\n{len(checks)} waiting. Every answer of a provider:"
-        " cascade-gateway manual-checks show TASK_ID"
+        f"\n{len(checks)} waiting. A case with every answer of its provider:"
+        " cascade-gateway manual-checks show WITHDRAWAL_ID"
     )
     return 0
 
@@ -258,13 +259,18 @@ def _case_lines(detail: dict[str, Any], waiting: dict[str, dict[str, Any]]) -> l
     ]
     tasks = detail["tasks"]
     for task in tasks:
-        lines += ["", *_task_lines(task, len(tasks), waiting.get(task["task_id"]))]
-    deciding = [task["task_id"] for task in tasks if task["task_id"] in waiting]
-    if deciding:
+        decisions = [
+            event
+            for event in detail["events"]
+            if event.get("task_id") == task["task_id"] and str(event["event"]).startswith("manual.")
+        ]
+        lines += ["", *_task_lines(task, len(tasks), waiting.get(task["task_id"]), decisions)]
+    if any(task["task_id"] in waiting for task in tasks):
         lines += [
             "",
-            f"Decide with: cascade-gateway manual-checks resolve {deciding[0]} --decision"
-            " positive|negative --operator NAME --reason TEXT",
+            "Decide with: cascade-gateway manual-checks resolve"
+            f" {shlex.quote(detail['withdrawal_id'])} --decision positive|negative"
+            " --operator NAME --reason TEXT",
         ]
     return lines
 
@@ -278,7 +284,12 @@ def _queue_state(queue: dict[str, Any]) -> str:
     return text
 
 
-def _task_lines(task: dict[str, Any], count: int, check: dict[str, Any] | None) -> list[str]:
+def _task_lines(
+    task: dict[str, Any],
+    count: int,
+    check: dict[str, Any] | None,
+    decisions: list[dict[str, Any]],
+) -> list[str]:
     state = task["state"]
     if check is not None:
         state += f" for {duration(check['waited_seconds'])}"
@@ -293,13 +304,26 @@ def _task_lines(task: dict[str, Any], count: int, check: dict[str, Any] | None) 
         f"  provider answers    {len(answers) or 'none'}",
     ]
     lines += [f"    {_answer_line(answer)}" for answer in answers]
-    if task.get("resolved_by") or task.get("resolution"):
-        lines.append(f"  resolved by         {task.get('resolved_by')}: {task.get('resolution')}")
+    lines += [f"  decision            {_decision_line(event)}" for event in decisions]
     return lines
 
 
+def _decision_line(event: dict[str, Any]) -> str:
+    """Support's decision as its audit row keeps it: applied or refused, by whom, why."""
+    details = event.get("details") or {}
+    line = f"{details.get('decision', '?')} by {event['actor']} at {_time(event['created_at'])}"
+    line += f": {details.get('reason', '')}  [{event['event']}]"
+    if details.get("provider_check"):
+        line += f" (provider check: {details['provider_check']})"
+    return line
+
+
 def _answer_line(answer: dict[str, Any]) -> str:
-    parts = [_time(answer["at"]), f"{answer.get('source') or '-':<8}", _answer_status(answer)]
+    parts = [
+        _time(answer["at"]),
+        f"{answer.get('source') or '-':<8}",
+        f"{_answer_status(answer):<9}",
+    ]
     if answer.get("reference"):
         parts.append(f"reference {answer['reference']}")
     if answer.get("detail"):
