@@ -57,16 +57,20 @@ async def _both_cohorts(make_stack: StackFactory) -> tuple[Stack, str, str]:
     return stack, listed, other
 
 
-@asynccontextmanager
-async def _browser_page(
-    path: Path, viewport: tuple[int, int] = (1000, 900)
-) -> AsyncIterator[tuple[Page, list[str]]]:
-    """``path`` opened in headless chromium; also every URL the page requested."""
+def _need_chromium() -> None:
     if not CHROMIUM.exists():
         pytest.skip(
             f"{CHROMIUM} is missing: `make tools` installs Debian's chromium where it runs as "
             "root with apt-get; elsewhere install it to run this test"
         )
+
+
+@asynccontextmanager
+async def _browser_page(
+    path: Path, viewport: tuple[int, int] = (1000, 900)
+) -> AsyncIterator[tuple[Page, list[str]]]:
+    """``path`` opened in headless chromium; also every URL the page requested."""
+    _need_chromium()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM))
         try:
@@ -113,6 +117,7 @@ def _assert_drawn_to_scale(measured: dict[str, Any], values: list[float], scale:
 async def test_the_html_page_draws_the_reports_numbers_in_a_browser(
     make_stack: StackFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    _need_chromium()
     stack, listed, other = await _both_cohorts(make_stack)
     page_file = tmp_path / "cohorts.html"
     code = await run_report(
@@ -246,6 +251,7 @@ CASCADE_BLUE, LEGACY_GREY, TRACK = (43, 108, 176), (138, 148, 166), (244, 245, 2
 async def test_the_png_is_the_page_as_chromium_draws_it(
     make_stack: StackFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    _need_chromium()
     stack, _, _ = await _both_cohorts(make_stack)
     html, png = tmp_path / "cohorts.html", tmp_path / "cohorts.png"
     code = await run_report(
@@ -277,18 +283,24 @@ async def test_the_png_is_the_page_as_chromium_draws_it(
 
 
 @pytest.mark.parametrize(
-    ("option", "where"),
+    ("option", "where", "path"),
     [
-        ("--html", "missing-folder/cohorts.html"),
-        ("--html", "."),
-        ("--png", "missing-folder/cohorts.png"),
+        ("--html", "missing-folder/cohorts.html", None),
+        ("--html", ".", None),
+        ("--png", "missing-folder/cohorts.png", None),
+        ("--png", "cohorts.png", "/nonexistent"),  # no chromium on PATH: "--png needs chromium"
     ],
 )
-def test_an_unusable_path_is_one_line_and_exit_2(tmp_path: Path, option: str, where: str) -> None:
+def test_an_unusable_path_is_one_line_and_exit_2(
+    tmp_path: Path, option: str, where: str, path: str | None
+) -> None:
     # Refused before any database is read: this DSN answers nothing.
+    env = {**os.environ, "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/none"}
+    if path is not None:
+        env["PATH"] = path
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "report", option, str(tmp_path / where)],
-        env={**os.environ, "DATABASE_URL": "postgresql://u:p@127.0.0.1:1/none"},
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
