@@ -57,7 +57,8 @@ async def flags(env: Mapping[str, str], *argv: str) -> tuple[int, list[str], lis
     return process.returncode, out.decode().splitlines(), err.decode().splitlines()
 
 
-async def changed(env: Mapping[str, str], *argv: str) -> list[str]:
+async def run_ok(env: Mapping[str, str], *argv: str) -> list[str]:
+    """Run ``cascade-gateway flags ARGV``, which must succeed quietly on stderr: its stdout."""
     status, out, err = await flags(env, *argv)
     assert (status, err) == (0, []), (argv, out, err)
     return out
@@ -128,12 +129,12 @@ async def test_flags_allow_moves_a_gateway_process_through_its_flags_file(
             return value
 
         assert await cohort() == "legacy"
-        out = await changed(env, "allow", merchant)
+        out = await run_ok(env, "allow", merchant)
         assert out[1] == f"  allow-list: m_a → {', '.join(sorted(['m_a', merchant]))}"
         await wait_until(
             cohort, done=lambda c: c == "cascade", timeout=15, what=f"{merchant} to go cascade"
         )
-        await changed(env, "kill", "on")
+        await run_ok(env, "kill", "on")
         await wait_until(
             cohort, done=lambda c: c == "legacy", timeout=15, what="every merchant to go legacy"
         )
@@ -202,12 +203,22 @@ async def test_flags_command_drives_a_real_unleash_server(
 
 
 async def _drive(router: CohortRouter, env: dict[str, str], url: str, client_token: str) -> None:
+    await _first_merchant(router, env, url)
+    await _rollout_kill_and_back(router, env)
+    # A client token is not an admin token: one line, exit 2.
+    status, out, err = await flags({**env, "UNLEASH_ADMIN_TOKEN": client_token}, "show")
+    assert (status, out, len(err)) == (2, [], 1)
+    assert err[0].startswith(f"cascade-gateway: flags show: Unleash at {url} refused the token")
+
+
+async def _first_merchant(router: CohortRouter, env: dict[str, str], url: str) -> None:
+    """From a toggle without strategies to one merchant on the cascade."""
     where = f"withdrawals.cascade in Unleash {url} (project default, environment development)"
     when = (
         "New withdrawals see it within 1 s (the gateway polls Unleash every"
         " UNLEASH_REFRESH_SECONDS); withdrawals already created keep their cohort."
     )
-    assert await changed(env, "show") == [
+    assert await run_ok(env, "show") == [
         where,
         "  kill switch: on (every new withdrawal goes legacy)",
         "  allow-list: nobody",
@@ -219,22 +230,25 @@ async def _drive(router: CohortRouter, env: dict[str, str], url: str, client_tok
     assert status == 2
     assert err[0].startswith("cascade-gateway: flags kill: the toggle has no strategy")
 
-    assert await changed(env, "allow", "m_x") == [
+    assert await run_ok(env, "allow", "m_x") == [
         where,
         "  allow-list: nobody → m_x",
         "  note: the kill switch is on: every new withdrawal stays legacy until `flags kill off`",
         when,
     ]
-    assert (await changed(env, "kill", "off"))[1] == (
+    assert (await run_ok(env, "kill", "off"))[1] == (
         "  kill switch: on (every new withdrawal goes legacy) → off (toggle enabled)"
     )
     await _routed(router, "m_x", "cascade", "allow_list")
     assert _decision(router, "m_y").cohort == "legacy"
     assert _decision(router, "m_x").flag_state["source"] == "server"
 
-    await changed(env, "allow", "m_y")
+
+async def _rollout_kill_and_back(router: CohortRouter, env: dict[str, str]) -> None:
+    """A second merchant, a 30 % rollout, the kill switch, then everyone off again."""
+    await run_ok(env, "allow", "m_y")
     await _routed(router, "m_y", "cascade", "allow_list")
-    assert (await changed(env, "rollout", "30"))[1] == (
+    assert (await run_ok(env, "rollout", "30"))[1] == (
         "  rollout: none → 30 % of merchants (stickiness merchantId)"
     )
     listed = {"name": "flexibleRollout", "kind": "allow_list", "merchants": 2}
@@ -249,31 +263,25 @@ async def _drive(router: CohortRouter, env: dict[str, str], url: str, client_tok
     share = sum(_decision(router, m).cohort == "cascade" for m in merchants) / len(merchants)
     # 400 Bernoulli(0.3) draws: sd 2.3 points; ±10 points is over 4 sd.
     assert abs(share - 0.30) < 0.10, share
-    status, out, _ = await flags(env, "show", "--json")
-    shown = json.loads("\n".join(out))
+    shown = json.loads("\n".join(await run_ok(env, "show", "--json")))
     assert (shown["allow_list"], shown["rollout"], shown["kill_switch"]) == (
         ["m_x", "m_y"],
         30,
         "off",
     )
 
-    await changed(env, "kill", "on")
+    await run_ok(env, "kill", "on")
     await _routed(router, "m_x", "legacy", "disabled")
-    await changed(env, "kill", "off")
+    await run_ok(env, "kill", "off")
     await _routed(router, "m_x", "cascade", "allow_list")
 
     # Off the list: m_x's list keeps m_y; m_y's removal deletes the emptied strategy.
-    assert (await changed(env, "disallow", "m_x"))[1] == "  allow-list: m_x, m_y → m_y"
-    out = await changed(env, "disallow", "m_y")
+    assert (await run_ok(env, "disallow", "m_x"))[1] == "  allow-list: m_x, m_y → m_y"
+    out = await run_ok(env, "disallow", "m_y")
     assert out[1] == "  allow-list: m_y → nobody"
     await _strategies(router, [rollout])
-    assert (await changed(env, "rollout", "0"))[1] == (
+    assert (await run_ok(env, "rollout", "0"))[1] == (
         "  rollout: 30 % of merchants (stickiness merchantId) → 0 % of merchants"
         " (stickiness merchantId)"
     )
     await _routed(router, "m_x", "legacy", "not_targeted")
-
-    # A client token is not an admin token: one line, exit 2.
-    status, out, err = await flags({**env, "UNLEASH_ADMIN_TOKEN": client_token}, "show")
-    assert (status, out, len(err)) == (2, [], 1)
-    assert err[0].startswith(f"cascade-gateway: flags show: Unleash at {url} refused the token")
