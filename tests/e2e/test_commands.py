@@ -168,6 +168,10 @@ def test_version_prints_the_installed_version() -> None:
         (["dlq", "list"], ["NATS_URL", "NATS_NAMESPACE"]),
         (["dlq", "replay"], ["NATS_URL", "NATS_NAMESPACE"]),
         (["report"], ["DATABASE_URL", "a date alone is midnight UTC"]),
+        (["manual-checks"], ["GATEWAY_URL", "OPS_API_TOKEN", "stack.json"]),
+        (["manual-checks", "list"], ["GATEWAY_URL", "OPS_API_TOKENS"]),
+        (["manual-checks", "show"], ["GATEWAY_URL", "TASK_OR_WITHDRAWAL_ID"]),
+        (["manual-checks", "resolve"], ["GATEWAY_URL", "--operator", "--reason", "--unverified"]),
     ],
 )
 def test_every_command_help_says_what_it_does_and_needs(
