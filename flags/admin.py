@@ -242,7 +242,7 @@ def plan_disallow(toggle: Toggle, merchant: str) -> Plan:
             raise FlagsEditError(
                 f"{merchant} is on the allow-list through segment(s)"
                 f" {', '.join(map(str, r.strategy.segments))} (strategy {r.index + 1}):"
-                " edit the segment in Unleash, it may serve other toggles"
+                " edit the segment itself, it may serve other toggles"
             )
     edits = []
     for r in listing:
