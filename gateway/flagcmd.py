@@ -153,7 +153,7 @@ def _unleash_scope(env: Mapping[str, str]) -> tuple[str, str]:
     A client token reads ``<project>:<environment>.<secret>``: the environment it names is
     the one the gateway routes by, so the one to change."""
     scope = env.get("UNLEASH_API_TOKEN", "").partition(".")[0]
-    token_project, _, token_environment = scope.rpartition(":")
+    token_project, _, token_environment = scope.partition(":") if ":" in scope else ("", "", "")
     project = env.get("UNLEASH_PROJECT") or (
         token_project if token_project not in ("", "*", "[]") else "default"
     )

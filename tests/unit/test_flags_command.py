@@ -15,6 +15,7 @@ from flags.router import CohortRouter, load_flags_file
 from flags.stores import FlagsFile
 from gateway import stackfile
 from gateway.cli import main
+from gateway.flagcmd import _unleash_scope, _Usage
 from gateway.settings import DEFAULT_FLAGS_FILE
 from tests.conftest import flags_document
 from tests.waiting import wait_until
@@ -291,3 +292,28 @@ def test_the_refresh_interval_it_names_is_the_one_set(
 ) -> None:
     monkeypatch.setenv("UNLEASH_REFRESH_SECONDS", "2")
     assert _run(capsys, "kill", "on")[1][-1].startswith("New withdrawals see it within 2 s ")
+
+
+@pytest.mark.parametrize(
+    ("env", "scope"),
+    [
+        ({"UNLEASH_API_TOKEN": "default:production.abc"}, ("default", "production")),
+        ({"UNLEASH_API_TOKEN": "payments:staging.abc"}, ("payments", "staging")),
+        ({"UNLEASH_API_TOKEN": "*:production.abc"}, ("default", "production")),
+        (
+            {"UNLEASH_API_TOKEN": "default:production.abc", "UNLEASH_ENVIRONMENT": "staging"},
+            ("default", "staging"),
+        ),
+        ({"UNLEASH_PROJECT": "p", "UNLEASH_ENVIRONMENT": "e"}, ("p", "e")),
+    ],
+)
+def test_the_unleash_scope_is_the_client_tokens_unless_set(
+    env: dict[str, str], scope: tuple[str, str]
+) -> None:
+    assert _unleash_scope(env) == scope
+
+
+@pytest.mark.parametrize("token", ["", "an-old-style-secret", "*:*.abc"])
+def test_a_token_that_names_no_environment_needs_unleash_environment(token: str) -> None:
+    with pytest.raises(_Usage, match="set UNLEASH_ENVIRONMENT"):
+        _unleash_scope({"UNLEASH_API_TOKEN": token})
