@@ -1,4 +1,5 @@
-"""``cascade-gateway``: serve, worker, migrate, dev (``make run``), dlq, report, transitions.
+"""``cascade-gateway``: serve, worker, migrate, dev (``make run``), dlq, report, transitions,
+manual-checks (a client of the gateway's ops API, for support).
 
 Bad configuration fails fast with one line on stderr naming the problem and exit status 2.
 """
