@@ -134,13 +134,6 @@ class Ledger:
 
     # -- floats ----------------------------------------------------------------------------
 
-    async def float_of(self, provider_id: str) -> Decimal:
-        """What the provider holds after commits (open freezes not subtracted)."""
-        amount = await self._db.pool.fetchval(
-            "SELECT amount FROM floats WHERE provider_id = $1", provider_id
-        )
-        return self._default_float if amount is None else Decimal(amount)
-
     async def available(self, provider_id: str) -> Decimal:
         """The float minus the provider's open freezes."""
         row = await self._db.pool.fetchrow(

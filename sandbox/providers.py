@@ -435,9 +435,15 @@ class ProviderSimulator:
             await self.db.pool.execute("UPDATE webhooks SET claimed_until = NULL")
             while True:
                 self._wake.clear()
-                for row in await self._claim_due():
-                    self.sender.spawn(self._settle(row), name=f"sandbox-settle-{row['order_id']}")
-                wait = await self._until_next_due()
+                try:
+                    for row in await self._claim_due():
+                        name = f"sandbox-settle-{row['order_id']}"
+                        self.sender.spawn(self._settle(row), name=name)
+                    wait = await self._until_next_due()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    # Postgres restarting: the rows wait for it, and so does the loop.
+                    log.warning("sandbox webhook deliveries: database unavailable (%s)", exc)
+                    wait = POLL_SECONDS
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
         finally:
@@ -457,7 +463,8 @@ class ProviderSimulator:
 
     async def _until_next_due(self) -> float:
         due = await self.db.pool.fetchval(
-            "SELECT min(coalesce(greatest(due_at, claimed_until), due_at)) FROM webhooks"
+            # greatest() skips NULLs: an unclaimed row is due at due_at.
+            "SELECT min(greatest(due_at, claimed_until)) FROM webhooks"
         )
         if due is None:
             return POLL_SECONDS
