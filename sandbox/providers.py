@@ -6,6 +6,9 @@ providers that behave alike, or ``sbx_scn_<name>`` for a provider of the sandbox
 (:mod:`sandbox.scenarios`). Ids other than the exact :data:`BEHAVIOURS` need their own entry in
 the providers file for their webhook secret.
 
+Orders, and the webhooks still to be sent with their due times, are kept in the sandbox's
+Postgres schema (:mod:`sandbox.store`), so that they outlive the process.
+
 Webhooks are signed with the provider's first configured secret and delivered to
 ``{gateway_url}/webhooks/{provider_id}`` by :class:`WebhookSender`, which retries like a real
 provider does: a few attempts with exponential backoff on connection errors, timeouts, 429 and
@@ -299,7 +302,8 @@ def _order_of(row: asyncpg.Record) -> SandboxOrder:
 
 
 POLL_SECONDS = 1.0
-"""How often the delivery loop looks for webhooks other processes scheduled (its own wake it)."""
+"""How often the delivery loop looks for webhooks other processes scheduled (this process's
+own schedules wake it at once)."""
 
 
 class ProviderSimulator:
@@ -373,7 +377,7 @@ class ProviderSimulator:
         return [_order_of(row) for row in rows]
 
     async def pending_webhooks(self) -> int:
-        """Webhooks scheduled and not yet sent (or given up on)."""
+        """Webhooks scheduled and neither sent nor given up on yet."""
         count: int = await self.db.pool.fetchval("SELECT count(*) FROM webhooks")
         return count
 
