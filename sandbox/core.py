@@ -88,10 +88,10 @@ def _entry(action: str, result: str) -> str:
 class Ledger:
     """Balances and notifications of one simulated cascade-core, kept in Postgres.
 
-    Each call is one transaction. Calls on one ``operation_id`` are serialised by an advisory
-    lock on it, calls that judge a whole withdrawal (double commit, conflicting notifications)
-    by one on the withdrawal, taken second; a provider's float row is locked last. Every
-    process sharing the schema takes them in this order, so they cannot deadlock.
+    Each call is one transaction. Calls on one ``operation_id`` take turns on an advisory lock
+    on it, calls that judge a whole withdrawal (double commit, conflicting notifications) on
+    one on the withdrawal, taken second; a provider's float row is locked last. Every process
+    sharing the schema takes them in this order, so they cannot deadlock.
 
     ``clock`` is wall-clock seconds (freezes outlive the process, so no monotonic clock);
     tests may inject one to age freezes without sleeping.
@@ -154,16 +154,12 @@ class Ledger:
         """Hold ``amount`` on the provider's float; a repeat answers the current state."""
         terms = (withdrawal_id, provider_id, amount, currency)
         async with self._transaction() as conn:
-            await self._lock(conn, "operation", operation_id)
-            existing = await conn.fetchrow(
-                "SELECT withdrawal_id, provider_id, amount, currency, state"
-                " FROM operations WHERE operation_id = $1",
-                operation_id,
+            existing = await self._operation(conn, operation_id)
+            outcome = (
+                await self._hold(conn, operation_id, terms)
+                if existing is None
+                else await self._replay_freeze(conn, operation_id, existing, terms)
             )
-            if existing is None:
-                outcome = await self._hold(conn, operation_id, terms)
-            else:
-                outcome = await self._replay_freeze(conn, operation_id, existing, terms)
         # Raised once the transaction committed: the violation and history it wrote stay.
         if isinstance(outcome, LedgerError):
             raise outcome
@@ -199,20 +195,35 @@ class Ledger:
         await self._record(conn, operation_id, "freeze", state)
         return state
 
+    async def _operation(self, conn: Connection, operation_id: str) -> asyncpg.Record | None:
+        """The operation, locked until the transaction ends: calls on it take turns (the
+        advisory lock covers an operation that does not exist yet)."""
+        await self._lock(conn, "operation", operation_id)
+        row: asyncpg.Record | None = await conn.fetchrow(
+            "SELECT * FROM operations WHERE operation_id = $1 FOR UPDATE", operation_id
+        )
+        return row
+
+    async def _available(self, conn: Connection, provider_id: str) -> Decimal:
+        """The provider's float minus its open freezes, its row locked: two freezes on one
+        provider cannot both see the same available amount."""
+        select = "SELECT amount - held FROM floats WHERE provider_id = $1 FOR UPDATE"
+        available: Decimal | None = await conn.fetchval(select, provider_id)
+        if available is None:  # a provider the configuration did not name
+            await conn.execute(
+                "INSERT INTO floats (provider_id, amount) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                provider_id,
+                self._default_float,
+            )
+            available = await conn.fetchval(select, provider_id)
+        assert available is not None
+        return available
+
     async def _hold(
         self, conn: Connection, operation_id: str, terms: tuple[str, str, Decimal, str]
     ) -> OperationState | LedgerError:
         withdrawal_id, provider_id, amount, currency = terms
-        await conn.execute(
-            "INSERT INTO floats (provider_id, amount) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            provider_id,
-            self._default_float,
-        )
-        # Locked: two freezes on one provider cannot both see the same available amount.
-        available = await conn.fetchval(
-            "SELECT amount - held FROM floats WHERE provider_id = $1 FOR UPDATE", provider_id
-        )
-        if amount > available:
+        if amount > await self._available(conn, provider_id):
             await conn.execute(
                 "INSERT INTO refusals (operation_id, detail) VALUES ($1, $2)"
                 " ON CONFLICT (operation_id) DO UPDATE SET detail = excluded.detail",
@@ -222,12 +233,10 @@ class Ledger:
             return LedgerError(
                 409, "insufficient_balance", f"provider {provider_id} cannot cover {amount}"
             )
-        await conn.execute("DELETE FROM refusals WHERE operation_id = $1", operation_id)
         await conn.execute(
-            "UPDATE floats SET held = held + $2 WHERE provider_id = $1", provider_id, amount
-        )
-        await conn.execute(
-            "INSERT INTO operations (operation_id, withdrawal_id, provider_id, amount, currency,"
+            "WITH hold AS (UPDATE floats SET held = held + $4 WHERE provider_id = $3),"
+            " cleared AS (DELETE FROM refusals WHERE operation_id = $1)"
+            " INSERT INTO operations (operation_id, withdrawal_id, provider_id, amount, currency,"
             " state, frozen_at, history) VALUES ($1, $2, $3, $4, $5, 'frozen', $6, $7::jsonb)",
             operation_id,
             withdrawal_id,
@@ -251,17 +260,12 @@ class Ledger:
         self, operation_id: str, action: Literal["commit", "rollback"]
     ) -> OperationState:
         async with self._transaction() as conn:
-            await self._lock(conn, "operation", operation_id)
-            op = await conn.fetchrow(
-                "SELECT * FROM operations WHERE operation_id = $1 FOR UPDATE", operation_id
+            op = await self._operation(conn, operation_id)
+            outcome = (
+                await self._unknown(conn, operation_id, action)
+                if op is None
+                else await self._apply(conn, op, action)
             )
-            if op is None:
-                outcome: OperationState | LedgerError = await self._unknown(
-                    conn, operation_id, action
-                )
-            else:
-                await self._lock(conn, "withdrawal", op["withdrawal_id"])
-                outcome = await self._apply(conn, op, action)
         if isinstance(outcome, LedgerError):
             raise outcome
         return outcome
@@ -286,18 +290,15 @@ class Ledger:
             )
             return LedgerError(409, "invalid_state", f"operation was {state.replace('_', ' ')}")
         if action == "commit":
-            await self._debit(conn, op)
-        else:
-            await conn.execute(
-                "UPDATE floats SET held = held - $2 WHERE provider_id = $1",
-                op["provider_id"],
-                op["amount"],
-            )
+            await self._judge_commit(conn, op)
         await self._close(conn, op, target, action)
         return target
 
-    async def _debit(self, conn: Connection, op: asyncpg.Record) -> None:
-        """A commit's money movement, and the double commit it may be (withdrawal locked)."""
+    async def _judge_commit(self, conn: Connection, op: asyncpg.Record) -> None:
+        """A commit that is a double commit is recorded as one (and still made)."""
+        # Withdrawal-wide: two operations of one withdrawal committed at once must not both
+        # find the other still frozen.
+        await self._lock(conn, "withdrawal", op["withdrawal_id"])
         others = await conn.fetch(
             "SELECT operation_id FROM operations"
             " WHERE withdrawal_id = $1 AND state = 'committed' ORDER BY seq",
@@ -314,26 +315,27 @@ class Ledger:
                 operation_id=op["operation_id"],
                 withdrawal_id=op["withdrawal_id"],
             )
-        await conn.execute(
-            "UPDATE floats SET amount = amount - $2, held = held - $2 WHERE provider_id = $1",
-            op["provider_id"],
-            op["amount"],
-        )
 
     async def _close(
         self, conn: Connection, op: asyncpg.Record, state: OperationState, action: str
     ) -> None:
-        """Record a freeze's end; one closed after the bound was open too long even if nobody
-        read the ledger while it was open."""
+        """End a freeze: release its hold (a commit also debits the float) and record it; one
+        closed after the bound was open too long even if nobody read the ledger meanwhile."""
         seconds = self._clock() - op["frozen_at"]
         late = seconds > self.open_freeze_bound_seconds and not op["flagged_open"]
+        debit = op["amount"] if state == "committed" else Decimal(0)
         await conn.execute(
-            "UPDATE operations SET state = $2, flagged_open = flagged_open OR $3,"
+            "WITH released AS (UPDATE floats SET amount = amount - $5, held = held - $6"
+            " WHERE provider_id = $7)"
+            " UPDATE operations SET state = $2, flagged_open = flagged_open OR $3,"
             " history = history || $4::jsonb WHERE operation_id = $1",
             op["operation_id"],
             state,
             late,
             _entry(action, state),
+            debit,
+            op["amount"],
+            op["provider_id"],
         )
         if late:
             await self._flag_open_too_long(conn, op["operation_id"], op["withdrawal_id"], seconds)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 import time
@@ -345,6 +346,7 @@ class ProviderSimulator:
         self._flaky: dict[str, _FlakyState] = {}
         self._clock = clock
         self._wake = asyncio.Event()
+        self._next_wake = math.inf  # when the delivery loop looks next (clock seconds)
         self._running = False
 
     def behaviour(self, provider_id: str) -> Behaviour | None:
@@ -388,7 +390,7 @@ class ProviderSimulator:
         status: ProviderStatus,
         then: _Scheduled | None = None,
     ) -> SandboxOrder:
-        """Open an order and, in the same transaction, schedule its webhook ``then``."""
+        """Open an order and, in the same statement, schedule its webhook ``then``."""
         order = SandboxOrder(
             provider_id=provider_id,
             order_id=request.order_id,
@@ -396,31 +398,28 @@ class ProviderSimulator:
             request=request,
             status=status,
         )
-        async with self.db.pool.acquire() as conn, conn.transaction():
-            opened = await conn.fetchval(
-                "INSERT INTO orders (provider_id, order_id, reference, request, status)"
-                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING true",
-                provider_id,
-                request.order_id,
-                order.reference,
-                msgspec.json.encode(request).decode(),
-                status,
-            )
-            if not opened:
-                raise OrderExistsError(request.order_id)
-            if then is not None:
-                await conn.execute(
-                    "INSERT INTO webhooks (provider_id, order_id, status, code, webhook_id,"
-                    " due_at) VALUES ($1, $2, $3, $4, $5, $6)",
-                    provider_id,
-                    request.order_id,
-                    then.status,
-                    then.code,
-                    f"msg_{uuid.uuid4().hex}",
-                    self._clock() + then.delay,
-                )
-        if then is not None:
-            self._wake.set()
+        due = None if then is None else self._clock() + then.delay
+        opened = await self.db.pool.fetchval(
+            "WITH opened AS (INSERT INTO orders (provider_id, order_id, reference, request, status)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING provider_id, order_id),"
+            " scheduled AS (INSERT INTO webhooks (provider_id, order_id, status, code, webhook_id,"
+            " due_at) SELECT provider_id, order_id, $6, $7, $8, $9 FROM opened"
+            " WHERE $9::double precision IS NOT NULL)"
+            " SELECT count(*) FROM opened",
+            provider_id,
+            request.order_id,
+            order.reference,
+            msgspec.json.encode(request).decode(),
+            status,
+            None if then is None else then.status,
+            None if then is None else then.code,
+            f"msg_{uuid.uuid4().hex}",
+            due,
+        )
+        if not opened:
+            raise OrderExistsError(request.order_id)
+        if due is not None and due < self._next_wake:
+            self._wake.set()  # sooner than the delivery loop planned to look
         return order
 
     # -- webhook deliveries ----------------------------------------------------------------
@@ -448,8 +447,12 @@ class ProviderSimulator:
                     # Postgres restarting: the rows wait for it, and so does the loop.
                     log.warning("sandbox webhook deliveries: database unavailable (%s)", exc)
                     wait = POLL_SECONDS
+                self._next_wake = self._clock() + wait
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
+                # Awake: a schedule made before the next wait may be missed by this turn's
+                # queries, so it wakes the next wait at once.
+                self._next_wake = math.inf
         finally:
             self._running = False
 
