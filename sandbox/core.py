@@ -204,49 +204,55 @@ class Ledger:
         )
         return row
 
-    async def _available(self, conn: Connection, provider_id: str) -> Decimal:
-        """The provider's float minus its open freezes, its row locked: two freezes on one
-        provider cannot both see the same available amount."""
-        select = "SELECT amount - held FROM floats WHERE provider_id = $1 FOR UPDATE"
-        available: Decimal | None = await conn.fetchval(select, provider_id)
-        if available is None:  # a provider the configuration did not name
-            await conn.execute(
-                "INSERT INTO floats (provider_id, amount) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                provider_id,
-                self._default_float,
-            )
-            available = await conn.fetchval(select, provider_id)
-        assert available is not None
-        return available
-
     async def _hold(
         self, conn: Connection, operation_id: str, terms: tuple[str, str, Decimal, str]
     ) -> OperationState | LedgerError:
-        withdrawal_id, provider_id, amount, currency = terms
-        if amount > await self._available(conn, provider_id):
-            await conn.execute(
-                "INSERT INTO refusals (operation_id, detail) VALUES ($1, $2)"
-                " ON CONFLICT (operation_id) DO UPDATE SET detail = excluded.detail",
-                operation_id,
-                f"freeze of {amount} {currency} on {provider_id} refused: insufficient_balance",
-            )
-            return LedgerError(
-                409, "insufficient_balance", f"provider {provider_id} cannot cover {amount}"
-            )
-        await conn.execute(
-            "WITH hold AS (UPDATE floats SET held = held + $4 WHERE provider_id = $3),"
-            " cleared AS (DELETE FROM refusals WHERE operation_id = $1)"
-            " INSERT INTO operations (operation_id, withdrawal_id, provider_id, amount, currency,"
-            " state, frozen_at, history) VALUES ($1, $2, $3, $4, $5, 'frozen', $6, $7::jsonb)",
-            operation_id,
-            withdrawal_id,
+        _, provider_id, amount, currency = terms
+        held = await self._take_hold(conn, operation_id, terms)
+        if not held and await conn.fetchval(
+            # A provider the configuration did not name gets the default float, then a try.
+            "INSERT INTO floats (provider_id, amount) VALUES ($1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING true",
             provider_id,
-            amount,
-            currency,
+            self._default_float,
+        ):
+            held = await self._take_hold(conn, operation_id, terms)
+        if held:
+            return "frozen"
+        await conn.execute(
+            "INSERT INTO refusals (operation_id, detail) VALUES ($1, $2)"
+            " ON CONFLICT (operation_id) DO UPDATE SET detail = excluded.detail",
+            operation_id,
+            f"freeze of {amount} {currency} on {provider_id} refused: insufficient_balance",
+        )
+        return LedgerError(
+            409, "insufficient_balance", f"provider {provider_id} cannot cover {amount}"
+        )
+
+    async def _take_hold(
+        self, conn: Connection, operation_id: str, terms: tuple[str, str, Decimal, str]
+    ) -> bool:
+        """Hold the amount if the float covers it, and create the operation: one statement.
+
+        The conditional UPDATE locks the provider's float row until the transaction ends (the
+        next round trip): two freezes on one provider never both see the same available amount.
+        """
+        held: int = await conn.fetchval(
+            "WITH hold AS (UPDATE floats SET held = held + $4"
+            " WHERE provider_id = $3 AND amount - held >= $4 RETURNING provider_id),"
+            " op AS (INSERT INTO operations (operation_id, withdrawal_id, provider_id, amount,"
+            " currency, state, frozen_at, history)"
+            " SELECT $1::text, $2::text, provider_id, $4, $5::text, 'frozen',"
+            " $6::double precision, $7::jsonb FROM hold),"
+            " cleared AS (DELETE FROM refusals"
+            " WHERE operation_id = $1 AND EXISTS (SELECT FROM hold))"
+            " SELECT count(*) FROM hold",
+            operation_id,
+            *terms,
             self._clock(),
             _entry("freeze", "frozen"),
         )
-        return "frozen"
+        return held == 1
 
     async def commit(self, operation_id: str) -> OperationState:
         """Debit the provider's float for a frozen operation; a repeat answers committed."""

@@ -97,6 +97,14 @@ _TABLES = (
 _SCHEMA_LOCK = 0x5A4D_B0C5
 
 
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Release without asyncpg's default reset (one extra round trip per release).
+
+    Safe: the sandbox leaves no session state behind — its advisory locks are transaction
+    locks, and transactions are closed by their context managers before a release.
+    """
+
+
 class SandboxDb:
     """The sandbox's connection pool on its schema; :meth:`open` creates the schema."""
 
@@ -132,6 +140,7 @@ class SandboxDb:
             min_size=1,
             max_size=self._pool_size,
             server_settings={"search_path": self.schema},
+            reset=_keep_session,
         )
 
     async def close(self) -> None:
