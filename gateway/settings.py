@@ -167,6 +167,19 @@ def _database_url(env: Mapping[str, str]) -> str | None:
     return url
 
 
+def _nats_url(env: Mapping[str, str]) -> str | None:
+    """``NATS_URL``: one server, or several separated by commas (a cluster's seeds)."""
+    raw = env.get("NATS_URL")
+    if not raw:
+        return None
+    for part in raw.split(","):
+        if not part.strip().startswith(("nats://", "tls://")):
+            raise SettingsError(
+                f"NATS_URL must be nats:// or tls:// URLs separated by commas, not {raw!r}"
+            )
+    return raw
+
+
 def migration_url(env: Mapping[str, str]) -> str:
     """The SQLAlchemy URL ``migrate`` applies migrations to: all it reads is DATABASE_URL."""
     _log_level(env)
@@ -234,7 +247,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if sandbox_enabled and deployment_env == "production":
         raise SettingsError("SANDBOX_ENABLED cannot be true when DEPLOYMENT_ENV is production")
     database_url = _database_url(env)
-    nats_url = _url(env, "NATS_URL", ("nats://", "tls://"))
+    nats_url = _nats_url(env)
     nats_namespace = _namespace(env)
     flags_file = _flags_file(env)
     unleash_url, unleash_token = _unleash(env)

@@ -153,7 +153,10 @@ def trace_headers(trace_id: str | None) -> dict[str, str]:
 
 
 async def connect(url: str, *, name: str) -> NatsClient:
-    """Connect with endless reconnects: NATS outages are waited out, never fatal."""
+    """Connect with endless reconnects: NATS outages are waited out, never fatal.
+
+    ``url`` may list several servers separated by commas (a cluster's seeds): the client
+    connects to one and fails over to the others, and to those the cluster announces."""
     state = {"down": False}
     client: list[NatsClient] = []  # the callbacks need the client connect() returns
 
@@ -173,7 +176,7 @@ async def connect(url: str, *, name: str) -> NatsClient:
         log.warning("nats reconnected", extra={"client": name})
 
     nc = await nats.connect(
-        url,
+        [server.strip() for server in url.split(",")],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

@@ -73,6 +73,12 @@ from gateway.settings import SettingsError, load_settings
             " (e.g. 'test1.'), not 'a b'",
         ),
         (
+            "NATS_URL",
+            "nats://n1:4222,http://n2:4222",
+            "NATS_URL must be nats:// or tls:// URLs separated by commas,"
+            " not 'nats://n1:4222,http://n2:4222'",
+        ),
+        (
             "NATS_NAMESPACE",
             "team",
             "NATS_NAMESPACE must be empty or dot-terminated tokens of letters, digits, _ and -"
@@ -94,8 +100,10 @@ def test_good_values_are_read_in_their_canonical_form() -> None:
             "LOG_LEVEL": "warning",
             "DEPLOYMENT_ENV": "Staging",
             "NATS_NAMESPACE": "t1.blue.",
+            "NATS_URL": "nats://n1:4222, nats://n2:4222",
         }
     )
+    assert settings.nats_url == "nats://n1:4222, nats://n2:4222"
     assert settings.worker_concurrency == 64
     assert settings.ack_wait_seconds == 2.5
     assert settings.log_level == "WARNING"
