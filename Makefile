@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install tools run test lint typecheck unit bench bench-ab format clean
+.PHONY: install tools run test lint typecheck unit bench bench-ab chaos format clean
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ unit: install
 
 bench: install
 	$(VENV)/bin/python -m bench
+
+# Every fault at once on the whole stack (1,000 withdrawals; CHAOS_WITHDRAWALS, CHAOS_RATE).
+chaos: install
+	$(VENV)/bin/python -m bench chaos
 
 # The cascade benchmark on BASE (a commit) and on this checkout, alternately, in one run.
 bench-ab: install

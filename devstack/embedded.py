@@ -335,6 +335,29 @@ def _probe_jetstream(port: int, timeout: float) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
+@dataclass(frozen=True)
+class ClusterMember:
+    """One server's place in a nats-server cluster: its name, its route port, its peers'."""
+
+    cluster_name: str
+    server_name: str
+    route_port: int
+    peer_route_ports: tuple[int, ...]
+
+    def arguments(self) -> list[str]:
+        routes = ",".join(f"nats-route://{_HOST}:{port}" for port in self.peer_route_ports)
+        return [
+            "--cluster_name",
+            self.cluster_name,
+            "--server_name",
+            self.server_name,
+            "--cluster",
+            f"nats://{_HOST}:{self.route_port}",
+            "--routes",
+            routes,
+        ]
+
+
 class EmbeddedNats:
     """A JetStream-enabled nats-server on 127.0.0.1, as a direct child process.
 
@@ -352,12 +375,16 @@ class EmbeddedNats:
         *,
         start_timeout: float = 10.0,
         stop_timeout: float = 10.0,
+        cluster: ClusterMember | None = None,
     ) -> None:
         self._data_dir = Path(data_dir)
         self._port = port
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
+        self._cluster = cluster
         self._child: _Child | None = None
+        self._log_offset = 0
+        self._started = 0.0
 
     @property
     def data_dir(self) -> Path:
@@ -397,41 +424,50 @@ class EmbeddedNats:
 
     def start(self) -> str:
         """Start the server, wait until JetStream answers, and return its URL."""
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process without waiting: a cluster's servers only answer for JetStream
+        once a quorum of them runs, so :class:`EmbeddedNatsCluster` launches all, then waits."""
         if self._child is not None and not self._child.exited():
             raise EmbeddedServiceError(f"nats-server is already running at {self.url}")
         binary = nats_server_binary()
         self._data_dir.mkdir(parents=True, exist_ok=True)
         if self._port is not None:
             _check_port_free(self._port)
-        log_offset = _file_size(self.log_path)
-        started = time.monotonic()
-        popen = _popen(
-            [
-                str(binary),
-                "-js",
-                "-sd",
-                str(self.store_dir),
-                "-a",
-                _HOST,
-                "-p",
-                str(self._port) if self._port is not None else "-1",
-                "--ports_file_dir",
-                str(self._data_dir),
-            ],
-            log_path=self.log_path,
-            cwd=self._data_dir,
-            deathsig=signal.SIGTERM,
-        )
-        child = _Child(popen, "nats-server")
-        self._child = child
+        self._log_offset = _file_size(self.log_path)
+        self._started = time.monotonic()
+        args = [
+            str(binary),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "-a",
+            _HOST,
+            "-p",
+            str(self._port) if self._port is not None else "-1",
+            "--ports_file_dir",
+            str(self._data_dir),
+        ]
+        if self._cluster is not None:
+            args += self._cluster.arguments()
+        popen = _popen(args, log_path=self.log_path, cwd=self._data_dir, deathsig=signal.SIGTERM)
+        self._child = _Child(popen, "nats-server")
+
+    def wait_ready(self) -> str:
+        """Wait until the launched server's JetStream answers; returns its URL."""
+        child = self._child
+        if child is None:
+            raise EmbeddedServiceError("nats-server was not launched; call launch() first")
         try:
-            port = self._wait_ready(child, log_offset, started + self._start_timeout)
+            port = self._wait_ready(child, self._log_offset, self._started + self._start_timeout)
         except BaseException:
             child.kill()
             self._remove_ports_file(child.pid)
             raise
         self._port = port
-        _log.debug("nats-server ready on port %d in %.1f ms", port, _ms_since(started))
+        _log.debug("nats-server ready on port %d in %.1f ms", port, _ms_since(self._started))
         return self.url
 
     def _ports_file(self, pid: int) -> Path:
@@ -1087,6 +1123,14 @@ class EmbeddedPostgres:
             self._child = None
         self._cleanup_socket_dir()
 
+    def stop_immediately(self) -> None:
+        """Immediate shutdown (``pg_ctl stop -m immediate``, SIGQUIT): no checkpoint, clients
+        cut off at once; the next start runs crash recovery."""
+        if self._child is not None:
+            self._child.stop(signal.SIGQUIT, self._stop_timeout)
+            self._child = None
+        self._cleanup_socket_dir()
+
     def kill(self) -> None:
         """SIGKILL the postmaster and its processes, as in a crash; the next start recovers."""
         if self._child is not None:
@@ -1132,3 +1176,43 @@ class _PortTakenError(Exception):
 
 def _ms_since(start: float) -> float:
     return (time.monotonic() - start) * 1000
+
+
+class EmbeddedNatsCluster:
+    """``size`` JetStream-enabled nats-servers on 127.0.0.1 routed into one cluster, each a
+    direct child process with its store under ``data_dir/n<i>``. Streams created with
+    ``replicas=size`` survive the loss of any one server; :attr:`url` lists every server,
+    comma-separated, as clients take it (``NATS_URL``)."""
+
+    def __init__(self, data_dir: Path, size: int = 3, *, start_timeout: float = 30.0) -> None:
+        route_ports = [free_port() for _ in range(size)]
+        self.servers = [
+            EmbeddedNats(
+                Path(data_dir) / f"n{index + 1}",
+                free_port(),
+                start_timeout=start_timeout,
+                cluster=ClusterMember(
+                    cluster_name="cascade",
+                    server_name=f"n{index + 1}",
+                    route_port=port,
+                    peer_route_ports=tuple(p for p in route_ports if p != port),
+                ),
+            )
+            for index, port in enumerate(route_ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(server.url for server in self.servers)
+
+    def start(self) -> str:
+        """Launch every server, then wait for each (JetStream needs a quorum first)."""
+        for server in self.servers:
+            server.launch()
+        for server in self.servers:
+            server.wait_ready()
+        return self.url
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
