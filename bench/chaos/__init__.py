@@ -23,12 +23,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
-from bench.chaos.checks import dlq_size, money_checks
+from bench.chaos.checks import dlq_size, longest_stall, money_checks
 from bench.chaos.fleet import NAMESPACE, Fleet
 from bench.chaos.traffic import Clients, Tally
 from bench.registry import Report, benchmark
@@ -43,6 +44,8 @@ class Campaign:
     """Creates offered per second."""
     gateways: int = 1
     workers: int = 3
+    nats_nodes: int = 1
+    """1: one nats-server; 3: a cluster of three, streams with three replicas."""
     seed: int = 1
     core_500_ratio: float = 0.10
     core_timeout_ratio: float = 0.05
@@ -61,6 +64,8 @@ class Outcome:
     faults: list[str]
     settle_seconds: float
     worker_kills: int
+    longest_stall: float
+    """Seconds, while creates were offered, in which no withdrawal became final."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -73,7 +78,13 @@ def run_campaign(campaign: Campaign, workdir: Path | None = None) -> Outcome:
     own = workdir is None
     base = workdir or Path(tempfile.mkdtemp(prefix="cascade-chaos-", dir="/tmp"))
     base.chmod(0o755)  # the embedded Postgres runs as nobody when we are root
-    fleet = Fleet(base, gateways=campaign.gateways, workers=campaign.workers, seed=campaign.seed)
+    fleet = Fleet(
+        base,
+        gateways=campaign.gateways,
+        workers=campaign.workers,
+        nats_nodes=campaign.nats_nodes,
+        seed=campaign.seed,
+    )
     faults = FaultSchedule(fleet, campaign)
     try:
         fleet.start()
@@ -91,8 +102,10 @@ async def _campaign(campaign: Campaign, fleet: Fleet, faults: FaultSchedule) -> 
     async with Clients(fleet.gateway_urls, fleet.sandbox_url, seed=campaign.seed) as clients:
         support = asyncio.create_task(clients.work_manual_checks(stop_support))
         faults.start()
+        offered_from = datetime.now(UTC)
         await clients.offer(campaign.withdrawals, campaign.rate, uuid.uuid4().hex[:8])
-        await asyncio.to_thread(faults.finished.wait)
+        offered_until = datetime.now(UTC)
+        await asyncio.to_thread(faults.wait)
         started = time.monotonic()
         settled = await _settle(fleet.database_url)
         settle_seconds = time.monotonic() - started
@@ -105,7 +118,14 @@ async def _campaign(campaign: Campaign, fleet: Fleet, faults: FaultSchedule) -> 
         clients.tally.unexpected[:5],
     )
     checks["messages in the DLQ"] = (await dlq_size(fleet.nats.url, NAMESPACE), [])
-    outcome = Outcome(checks, clients.tally, faults.done, settle_seconds, fleet.worker_kills)
+    outcome = Outcome(
+        checks,
+        clients.tally,
+        faults.done,
+        settle_seconds,
+        fleet.worker_kills,
+        await longest_stall(fleet.database_url, offered_from, offered_until),
+    )
     if faults.error:
         outcome.notes.append(faults.error)
     if settled is not None:
@@ -123,40 +143,53 @@ async def _core_faults(fleet: Fleet, fault_500_ratio: float, timeout_ratio: floa
 
 
 class FaultSchedule:
-    """The faults, run in a thread of their own while the clients run on the event loop.
+    """The faults, in two threads of their own (the process faults in turn; a worker killed
+    every 2-3 s throughout) while the clients run on the event loop.
 
-    The thread stays alive until :meth:`release`: the processes it restarts got a parent-death
-    signal, which Linux sends when the *thread* that started them ends, not the process."""
+    The threads stay alive until :meth:`release`: the processes they restart got a parent-
+    death signal, which Linux sends when the *thread* that started them ends."""
 
     def __init__(self, fleet: Fleet, campaign: Campaign) -> None:
         self.fleet = fleet
         self.campaign = campaign
         self.done: list[str] = []
         self.error: str | None = None
-        self.finished = threading.Event()
+        self._events_over = threading.Event()
+        self._workers_over = threading.Event()
         self._released = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="chaos-faults", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._guarded, args=(self._events, self._events_over)),
+            threading.Thread(target=self._guarded, args=(self._kill_workers, self._workers_over)),
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def wait(self) -> None:
+        """Until both threads have done their part."""
+        self._events_over.wait()
+        self._workers_over.wait()
 
     def release(self) -> None:
-        """Let the thread end, once every process it started has been stopped."""
+        """Let the threads end, once every process they started has been stopped."""
         self._released.set()
 
-    def _run(self) -> None:
+    def _guarded(self, part: Callable[[], None], over: threading.Event) -> None:
         try:
-            self._schedule()
+            part()
         except Exception as exc:  # noqa: BLE001 — reported as the campaign's failure
             self.error = f"the fault schedule stopped: {type(exc).__name__}: {exc}"
         finally:
-            self.finished.set()
+            over.set()
             self._released.wait()
 
-    def _events(self) -> list[tuple[float, str, Callable[[], None]]]:
+    def _events(self) -> None:
+        """Each process fault at its share of the offer's length."""
         fleet, length = self.fleet, self.campaign.offer_seconds
         last = len(fleet.gateways) - 1
-        return [
+        events: list[tuple[float, str, Callable[[], object]]] = [
             (0.20 * length, "gateway 0 killed (-9)", lambda: fleet.kill_gateway(0)),
             (0.35 * length, "nats-server killed (-9)", lambda: fleet.kill_nats(wipe_store=False)),
             (0.50 * length, "Postgres stopped immediately", fleet.stop_postgres_immediately),
@@ -167,24 +200,21 @@ class FaultSchedule:
                 lambda: fleet.kill_nats(wipe_store=True),
             ),
         ]
-
-    def _schedule(self) -> None:
-        """The events at their share of the offer; a worker killed every 2-3 s throughout."""
-        events = self._events()
-        rng = random.Random(f"{self.campaign.seed}:schedule")
         started = time.monotonic()
-        next_worker_kill = rng.uniform(2, 3)
-        while events or time.monotonic() - started < self.campaign.offer_seconds:
+        for at, what, act in events:
+            time.sleep(max(0.0, started + at - time.monotonic()))
+            which = act()
             now = time.monotonic() - started
-            if events and events[0][0] <= now:
-                _, what, act = events.pop(0)
-                act()
-                self.done.append(f"{now:5.1f} s  {what}")
-            elif now >= next_worker_kill:
-                self.fleet.kill_a_worker()
-                next_worker_kill = now + rng.uniform(2, 3)
-            else:
-                time.sleep(min(0.05, max(0.0, next_worker_kill - now)))
+            self.done.append(f"{now:5.1f} s  {what}" + (f" ({which})" if which else ""))
+
+    def _kill_workers(self) -> None:
+        rng = random.Random(f"{self.campaign.seed}:workers")
+        deadline = time.monotonic() + self.campaign.offer_seconds
+        while True:
+            time.sleep(rng.uniform(2, 3))
+            if time.monotonic() > deadline:
+                return
+            self.fleet.kill_a_worker()
 
 
 async def _settle(database_url: str) -> str | None:
@@ -217,12 +247,15 @@ def summary(campaign: Campaign, outcome: Outcome) -> list[str]:
     """The lines a person reads: the faults, what the clients saw, then every check."""
     lines = [
         f"{campaign.withdrawals} withdrawals at {campaign.rate:g}/s over"
-        f" {campaign.gateways} gateway(s) and {campaign.workers} workers;"
+        f" {campaign.gateways} gateway(s), {campaign.workers} workers and"
+        f" {campaign.nats_nodes} nats-server(s);"
         f" {outcome.worker_kills} worker kills",
         *(f"fault at {line}" for line in outcome.faults),
         "answers: " + ", ".join(f"{k}: {n}" for k, n in sorted(outcome.tally.statuses.items())),
         "manual-check decisions: "
         + (", ".join(f"{k}: {n}" for k, n in sorted(outcome.tally.resolutions.items())) or "none"),
+        f"longest time without a withdrawal becoming final while the load ran:"
+        f" {outcome.longest_stall:.1f} s",
         f"settled in {outcome.settle_seconds:.1f} s after the last create",
     ]
     for name, (count, examples) in outcome.checks.items():
@@ -230,23 +263,36 @@ def summary(campaign: Campaign, outcome: Outcome) -> list[str]:
     return lines + outcome.notes
 
 
-def _from_environment() -> Campaign:
+def _from_environment(**fixed: int) -> Campaign:
     return Campaign(
         withdrawals=int(os.environ.get("CHAOS_WITHDRAWALS", "1000")),
         rate=float(os.environ.get("CHAOS_RATE", "20")),
+        **fixed,
     )
 
 
-@benchmark("chaos", "every fault at once on the whole stack; every money check must be 0")
-def chaos() -> Report:
-    campaign = _from_environment()
+def _run_and_report(campaign: Campaign) -> Report:
     outcome = run_campaign(campaign)
     report = Report(notes=summary(campaign, outcome))
     for name, (count, _) in outcome.checks.items():
         report.add(name.replace(" ", "_"), name, count, "")
+    report.add("longest_stall", "longest stall while loaded", outcome.longest_stall, "s")
     report.add(
         "settle_seconds", "time to settle after the last create", outcome.settle_seconds, "s"
     )
     if outcome.failures or outcome.notes:
         raise AssertionError("\n".join(summary(campaign, outcome)))
     return report
+
+
+@benchmark("chaos", "every fault at once on the whole stack; every money check must be 0")
+def chaos() -> Report:
+    return _run_and_report(_from_environment())
+
+
+@benchmark(
+    "chaos-cluster",
+    "the chaos campaign on a three-node NATS cluster, two gateways, three workers",
+)
+def chaos_cluster() -> Report:
+    return _run_and_report(_from_environment(nats_nodes=3, gateways=2))

@@ -7,7 +7,9 @@ named query or a walk over rows; :func:`money_checks` returns ``{name: (count, e
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -119,8 +121,25 @@ def _allowed(state: str) -> frozenset[str]:
     )
 
 
+async def longest_stall(database_url: str, start: datetime, end: datetime) -> float:
+    """The longest time, between ``start`` and ``end``, in which no withdrawal became final:
+    how long the faults held the fleet up (a worker's ack wait, an election, a restart)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        finished = await conn.fetch(
+            "SELECT finished_at FROM order_queues WHERE finished_at BETWEEN $1 AND $2"
+            " ORDER BY finished_at",
+            start,
+            end,
+        )
+    finally:
+        await conn.close()
+    moments: list[datetime] = [start, *(row[0] for row in finished), end]
+    return max((b - a).total_seconds() for a, b in itertools.pairwise(moments))
+
+
 async def dlq_size(nats_url: str, namespace: str) -> int:
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     try:
         return await bus.dlq_size(nc.jetstream(), bus.Names(namespace))
     finally:

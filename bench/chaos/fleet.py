@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from bench.stack import HOST, ROOT, Server, _die_with_parent
-from devstack.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from devstack.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, free_port
 from gateway.migrate import upgrade
 
 NAMESPACE = "chaos."
@@ -61,13 +61,22 @@ def providers_document() -> dict[str, Any]:
 class Fleet:
     """One stack of processes under ``workdir``; :meth:`close` stops what is left."""
 
-    def __init__(self, workdir: Path, *, gateways: int, workers: int, seed: int) -> None:
+    def __init__(
+        self, workdir: Path, *, gateways: int, workers: int, nats_nodes: int, seed: int
+    ) -> None:
         self.workdir = workdir
         self.rng = random.Random(f"{seed}:fleet")
         # Durable: with fsync and synchronous_commit off, an immediate stop loses commits the
         # gateway has already answered for, which a production Postgres never does.
         self.postgres = EmbeddedPostgres(workdir / "postgres")
-        self.nats = EmbeddedNats(workdir / "nats")
+        # One server, or a cluster whose streams keep a replica on every server.
+        self.nats = (
+            EmbeddedNatsCluster(workdir / "nats", nats_nodes)
+            if nats_nodes > 1
+            else EmbeddedNats(workdir / "nats")
+        )
+        self.replicas = nats_nodes
+        self._next_node = 0
         self.database_url = ""
         self.sandbox: Server | None = None
         self.gateways: list[Server | None] = [None] * gateways
@@ -116,6 +125,7 @@ class Fleet:
             "GATEWAY_API_TOKENS": API_TOKEN,
             "OPS_API_TOKENS": OPS_TOKEN,
             "JETSTREAM_ACK_WAIT_SECONDS": "3",
+            "JETSTREAM_REPLICAS": str(self.replicas),
             "WAIT_FOR_SCHEMA_SECONDS": "30",
             "LOG_LEVEL": "WARNING",
         }
@@ -190,13 +200,20 @@ class Fleet:
         time.sleep(down_seconds)
         self.start_gateway(index)
 
-    def kill_nats(self, *, wipe_store: bool, down_seconds: float = 1.0) -> None:
-        """kill -9 nats-server (and, with ``wipe_store``, lose its disk); start it again."""
-        self.nats.kill()
+    def kill_nats(self, *, wipe_store: bool, down_seconds: float = 1.0) -> str:
+        """kill -9 nats-server (and, with ``wipe_store``, lose its disk); start it again.
+        On a cluster: one server at a time, in turn. Returns which server it was."""
+        if isinstance(self.nats, EmbeddedNatsCluster):
+            server = self.nats.servers[self._next_node % len(self.nats.servers)]
+            self._next_node += 1
+        else:
+            server = self.nats
+        server.kill()
         if wipe_store:
-            self.nats.delete_store()
+            server.delete_store()
         time.sleep(down_seconds)
-        self.nats.start()
+        server.start()
+        return server.data_dir.name
 
     def stop_postgres_immediately(self, down_seconds: float = 2.0) -> None:
         """Postgres's immediate shutdown (SIGQUIT: no checkpoint, crash recovery at start)."""
