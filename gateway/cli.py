@@ -157,7 +157,7 @@ def _dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _report(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.report import run_report  # noqa: PLC0415
+    from gateway.report_command import run_report  # noqa: PLC0415
 
     if settings.database_url is None:
         return fail("DATABASE_URL is not set")

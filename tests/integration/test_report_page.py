@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from gateway.report import cohort_report, run_report
+from gateway.report import cohort_report
+from gateway.report_command import run_report
 from tests.conftest import Stack, StackFactory, flags_document, new_id, withdrawal_body
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -25,7 +25,8 @@ from UnleashClient.utils import InstanceAllowType
 
 from devstack.embedded import free_port
 from flags.router import TOGGLE, CohortRouter
-from gateway.report import cohort_report, run_report
+from gateway.report import cohort_report
+from gateway.report_command import run_report
 from tests.conftest import Stack, StackFactory, flags_document, new_id, withdrawal_body
 from tests.waiting import wait_until_sync
 
