@@ -1,5 +1,6 @@
-"""``cascade-gateway``: serve, worker, migrate, dev (``make run``), dlq, report, transitions,
-manual-checks (a client of the gateway's ops API, for support).
+"""``cascade-gateway``: serve, worker, migrate, sandbox, dev (``make run``), dlq, report,
+transitions, manual-checks (a client of the gateway's ops API, for support) and flags (the
+release manager's moves, on the flags file or Unleash).
 
 Bad configuration fails fast with one line on stderr naming the problem and exit status 2.
 """
@@ -366,7 +367,8 @@ def _use_running_stack() -> None:
     os.environ.update(env)
     print(  # noqa: T201
         f"cascade-gateway: using the make run stack recorded in {source}"
-        f" (database {stackfile.redact_dsn(env.get('DATABASE_URL', '?'))})",
+        f" (database {stackfile.redact_dsn(env.get('DATABASE_URL', '?'))},"
+        f" nats {env.get('NATS_URL', '?')}, gateway {env.get('GATEWAY_URL', '?')})",
         file=sys.stderr,
     )
 
