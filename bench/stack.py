@@ -98,7 +98,7 @@ class BenchStack:
     def start(self) -> None:
         self.nats_url = self.nats.start()
         admin = self.postgres.start()
-        asyncio.run(_create_database(admin, "bench"))
+        asyncio.run(create_database(admin, "bench"))
         self.database_url = admin.rpartition("/")[0] + "/bench"
         upgrade("postgresql+asyncpg://" + self.database_url.split("://", 1)[1])
 
@@ -167,7 +167,7 @@ class BenchStack:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-async def _create_database(admin_dsn: str, name: str) -> None:
+async def create_database(admin_dsn: str, name: str) -> None:
     conn = await asyncpg.connect(admin_dsn)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')

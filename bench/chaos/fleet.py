@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from bench.stack import HOST, ROOT, Server, _die_with_parent
+from bench.stack import HOST, ROOT, Server, _die_with_parent, create_database
 from devstack.embedded import EmbeddedNats, EmbeddedNatsCluster, EmbeddedPostgres, free_port
 from gateway.migrate import upgrade
 
@@ -90,7 +88,7 @@ class Fleet:
     def start(self) -> None:
         self.nats.start()
         admin = self.postgres.start()
-        asyncio.run(_create_database(admin, "chaos"))
+        asyncio.run(create_database(admin, "chaos"))
         self.database_url = admin.rpartition("/")[0] + "/chaos"
         upgrade("postgresql+asyncpg://" + self.database_url.split("://", 1)[1])
         (self.workdir / "flags.json").write_text(json.dumps(FLAGS))
@@ -240,11 +238,3 @@ class Fleet:
                 server.stop()
         self.postgres.stop()
         self.nats.stop()
-
-
-async def _create_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
