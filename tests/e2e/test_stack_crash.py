@@ -4,8 +4,9 @@ Gateway (``serve``, sandbox off), worker and sandbox (``cascade-gateway sandbox`
 processes on the suite's Postgres and nats-server, the gateway using the sandbox process as its
 cascade-core (``CORE_URL``) and providers (``SANDBOX_URL``). Withdrawals on a mix of sandbox
 behaviours are killed together with every process while freezes are open and webhooks are still
-to be sent; after the restart every withdrawal must end as its cascade says, with one commit per
-success, no freeze left open, every webhook sent and no violation in the sandbox's ledger.
+to be sent; after the restart every withdrawal must be final (as its cascade says, or failed
+where the kill cut off its last provider's create), with one commit per success, no freeze left
+open, every webhook sent, one notification each and no violation in the sandbox's ledger.
 """
 
 from __future__ import annotations
@@ -239,29 +240,38 @@ async def test_whole_stack_killed_mid_flight_recovers(stack: Stack) -> None:
     stack.start(generation=2)
     await stack.ready()
     try:
-        await _all_final(stack, expected)
-        await _settled(stack, expected)
+        final = await _all_final(stack, expected)
+        await _settled(stack, final)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{stack.logs_tail()}") from None
 
 
-async def _all_final(stack: Stack, expected: dict[str, str]) -> None:
+async def _all_final(stack: Stack, expected: dict[str, str]) -> dict[str, str]:
+    """Every withdrawal final; the statuses it ended with."""
+
     async def statuses() -> dict[str, str]:
         return {wid: await stack.status(wid) for wid in expected}
 
-    final = await wait_until(
+    final: dict[str, str] = await wait_until(
         statuses,
         done=lambda seen: "processing" not in seen.values(),
         timeout=120,
         interval=0.5,
         what="every withdrawal to be final after the restart",
     )
-    assert final == expected
+    for wid, status in expected.items():
+        # A create the kill cut off before the sandbox stored the order is proven absent
+        # afterwards: that attempt is skipped like a decline, and a cascade whose last
+        # provider it was fails. Money is checked either way (_settled); nothing else may fail.
+        allowed = {"failed"} if status == "failed" else {"succeeded", "failed"}
+        assert final[wid] in allowed, (wid, final[wid])
+    assert "succeeded" in final.values()
+    return final
 
 
-async def _settled(stack: Stack, expected: dict[str, str]) -> None:
+async def _settled(stack: Stack, final: dict[str, str]) -> None:
     """One commit per success, nothing left open, every webhook sent, one notification each."""
-    keys = {f"{wid}:{status}" for wid, status in expected.items()}
+    keys = {f"{wid}:{status}" for wid, status in final.items()}
     ledger = await wait_until(
         stack.ledger,
         done=lambda book: keys <= set(book["notification_deliveries"]),
@@ -273,7 +283,7 @@ async def _settled(stack: Stack, expected: dict[str, str]) -> None:
     details = ledger["operation_details"].values()
     assert "frozen" not in {d["state"] for d in details}
     commits = Counter(d["withdrawal_id"] for d in details if d["state"] == "committed")
-    for wid, status in expected.items():
+    for wid, status in final.items():
         assert commits[wid] == (1 if status == "succeeded" else 0), (wid, commits[wid])
     await wait_until(
         lambda: stack.count("SELECT count(*) FROM sandbox.webhooks"),
