@@ -130,7 +130,11 @@ class SandboxDb:
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-                await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                # Only when missing: a role that cannot create schemas may be given one.
+                if not await conn.fetchval(
+                    "SELECT true FROM pg_namespace WHERE nspname = $1", self.schema
+                ):
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
                 for statement in _TABLES:
                     await conn.execute(statement.format(s=f'"{self.schema}"'))
         finally:

@@ -2,7 +2,8 @@
 
 Two :class:`~sandbox.routes.Sandbox` objects on one schema stand for two processes: each has its
 own pool, so their calls reach Postgres on different connections at the same time and only the
-ledger's transactions and locks keep the books straight.
+ledger's transactions and locks keep the books straight. The last tests create the schema:
+from several processes at once, and as a role that may not create one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import pytest
 
 from sandbox.core import Ledger, LedgerError
@@ -175,3 +177,24 @@ async def test_schema_created_by_many_processes_at_once(sandbox_dsn: str) -> Non
         assert tables == 8
     finally:
         await asyncio.gather(*(store.close() for store in stores))
+
+
+async def test_a_role_that_cannot_create_schemas_may_be_given_one(sandbox_dsn: str) -> None:
+    """Staging: the role owns a schema made for it; it lacks CREATE on the database."""
+    schema, role = sandbox_schema(), f"r_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(sandbox_dsn)
+    try:
+        await admin.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'sandbox'")
+        await admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{role}"')
+    finally:
+        await admin.close()
+    scheme, _, rest = sandbox_dsn.partition("://")
+    as_role = f"{scheme}://{role}:sandbox@{rest.rpartition('@')[2]}"
+    given = SandboxDb(as_role, schema=schema, pool_size=1)
+    try:
+        await given.open()
+        assert await given.pool.fetchval("SELECT count(*) FROM floats") == 0
+    finally:
+        await given.close()
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await SandboxDb(as_role, schema=sandbox_schema(), pool_size=1).open()
