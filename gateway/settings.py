@@ -10,11 +10,12 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.providers_file import ProviderConfig, ProvidersFileError, load_providers
 from flags.router import FlagsError, load_flags_file
+from orchestrator.reconciliation import ReconPolicy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FLAGS_FILE = REPO_ROOT / "config" / "flags.json"
@@ -148,6 +149,8 @@ class Settings:
     """Where ``cascade-gateway sandbox`` listens (on ``http_host``)."""
     log_level: str
     wait_for_schema_seconds: float
+    recon: ReconPolicy = field(default_factory=ReconPolicy)
+    """The reconciliation job's knobs (``RECON_*``)."""
 
     @property
     def asyncpg_dsn(self) -> str:
@@ -292,4 +295,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         log_level=_log_level(env),
         wait_for_schema_seconds=_number(env, "WAIT_FOR_SCHEMA_SECONDS", 0, maximum=HOUR),
+        recon=_recon(env),
+    )
+
+
+def _recon(env: Mapping[str, str]) -> ReconPolicy:
+    day = 24 * HOUR
+    return ReconPolicy(
+        interval=_number(env, "RECON_INTERVAL_SECONDS", 300, minimum=1, maximum=day),
+        window=_number(env, "RECON_WINDOW_SECONDS", day, minimum=60, maximum=30 * day),
+        stale_margin=_number(env, "RECON_STALE_MARGIN_SECONDS", 600, maximum=day),
+        notify_after=_number(env, "RECON_NOTIFY_AFTER_SECONDS", 600, maximum=day),
+        ledger_budget=_integer(env, "RECON_LEDGER_BUDGET", 500, minimum=0, maximum=100_000),
+        max_new_alerts=_integer(env, "RECON_MAX_NEW_ALERTS", 200, minimum=1, maximum=100_000),
     )

@@ -144,6 +144,35 @@ class HttpCascadeCore:
             "/v1/balances/rollback", msgspec.json.encode({"operation_id": operation_id})
         )
 
+    async def operation(self, operation_id: str) -> FreezeState | None:
+        """cascade-core's view of one balance operation: its state, or None when it knows no
+        such operation (404). Read-only: reconciliation compares it with our record."""
+        last = "no attempt"
+        for attempt in range(self._attempts):
+            try:
+                answer = await self._client.request(
+                    "GET",
+                    f"{self._base}/v1/balances/operations/{operation_id}",
+                    headers=self._headers,
+                    timeouts=self._timeouts,
+                )
+            except TransportFailure as exc:
+                last = str(exc)
+            else:
+                if answer.status == 404:
+                    return None
+                if answer.status == 200:
+                    try:
+                        return msgspec.json.decode(answer.body, type=_Operation).state
+                    except msgspec.MsgspecError as exc:
+                        raise CoreUnavailable(f"cascade-core operation: {exc}") from exc
+                if 400 <= answer.status < 500 and answer.status not in (408, 429):
+                    raise CoreRefused(_error_code(answer.body), answer.status)
+                last = f"HTTP {answer.status}"
+            if attempt + 1 < self._attempts:
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise CoreUnavailable(f"cascade-core operation {operation_id}: {last}")
+
     async def notify(self, withdrawal_id: str, status: str, body: bytes) -> None:
         await self._post(
             "/v1/withdrawal-notifications",

@@ -83,3 +83,20 @@ broker_heals = Counter(
     "Times this process found the broker without its streams or work consumer (a store lost)"
     " and recreated them.",
 )
+recon_alerts_open = Gauge(
+    "recon_alerts_open",
+    "Reconciliation alerts neither resolved nor accepted (open or acknowledged), per rule.",
+    ["rule"],
+    multiprocess_mode="max",
+)
+recon_run_seconds = Histogram(
+    "recon_run_seconds",
+    "How long a reconciliation run took.",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+)
+recon_last_success = Gauge(
+    "recon_last_success_timestamp",
+    "Unix time the last reconciliation run of this process finished (the fleet's runner"
+    " takes turns: take the max across processes).",
+    multiprocess_mode="max",
+)

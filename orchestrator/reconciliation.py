@@ -1,0 +1,390 @@
+"""Reconciliation: compares our record with cascade-core's ledger and raises alerts.
+
+One run, under a fleet-wide Postgres advisory lock (one runner at a time), applies the rules:
+
+1. ``stale_freeze`` — a freeze open longer than its provider's webhook SLA + status-polling
+   deadline + ``stale_margin``: ``critical``; in the band of ``stale_margin`` before that,
+   ``warning``.
+2. ``double_success`` — two attempts of one withdrawal SUCCEEDED; ``success_after_final`` —
+   a verified success webhook for an attempt that had ended without success.
+3. ``ledger_parity`` — an attempt's freeze as we recorded it (committed, rolled back) against
+   cascade-core's ``GET /v1/balances/operations/{id}``, for up to ``ledger_budget`` attempts
+   per run: those settled since the last interval first, then a random sample of the window.
+5. ``notification`` — a final withdrawal whose notification cascade-core has not acknowledged
+   after ``notify_after`` seconds.
+
+(Rule 4, provider parity, and rule 6, returns after success, are not built yet: see the
+README.) Each finding is a fingerprinted alert (:class:`orchestrator.store.recon.Finding`): the
+same finding seen again updates its alert. At most ``max_new_alerts`` new alerts per run; the
+rest raise one ``alert_cap`` meta-alert naming how many were held back.
+
+Money safety: a run reads the engine's tables and cascade-core's read-only operation endpoint,
+and writes only the alert tables. It never changes a withdrawal, a task or a balance.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from contracts.providers_file import ProviderConfig
+from orchestrator import metrics as m
+from orchestrator.core_client import CoreRefused, CoreUnavailable, FreezeState
+from orchestrator.store import Connection, Pool
+from orchestrator.store import recon as store
+from orchestrator.store.recon import Finding
+
+log = logging.getLogger("cascade.recon")
+
+RULES = (
+    "stale_freeze",
+    "double_success",
+    "success_after_final",
+    "ledger_parity",
+    "notification",
+    "alert_cap",
+)
+ALERT_STATES = ("open", "acknowledged", "resolved", "accepted")
+# The alert lifecycle as data: state → action → next state. Resolved and accepted are final.
+ALERT_TRANSITIONS: dict[str, dict[str, str]] = {
+    "open": {"ack": "acknowledged", "resolve": "resolved", "accept": "accepted"},
+    "acknowledged": {"resolve": "resolved", "accept": "accepted"},
+    "resolved": {},
+    "accepted": {},
+}
+# How many rows one rule reads per run at most: the job stays bounded whatever the backlog.
+_ROWS_PER_RULE = 5000
+
+
+class IllegalAlertTransition(Exception):
+    """An action the alert's state does not allow (an operator's 409)."""
+
+    def __init__(self, state: str, action: str) -> None:
+        allowed = ", ".join(ALERT_TRANSITIONS[state]) or "nothing"
+        super().__init__(f"an alert in state {state} cannot take {action} (allowed: {allowed})")
+        self.state = state
+        self.action = action
+
+
+def next_state(state: str, action: str) -> str:
+    """The state ``action`` moves an alert in ``state`` to; raises IllegalAlertTransition."""
+    target = ALERT_TRANSITIONS[state].get(action)
+    if target is None:
+        raise IllegalAlertTransition(state, action)
+    return target
+
+
+class LedgerReader(Protocol):
+    async def operation(self, operation_id: str) -> FreezeState | None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconPolicy:
+    """The job's knobs (see the README's configuration table)."""
+
+    interval: float = 300.0
+    window: float = 86400.0
+    stale_margin: float = 600.0
+    notify_after: float = 600.0
+    ledger_budget: int = 500
+    max_new_alerts: int = 200
+
+
+@dataclass
+class RunReport:
+    """What one run did: alerts raised, re-detections, skipped checks; ``ran`` is False when
+    another runner held the lock."""
+
+    ran: bool
+    seconds: float = 0.0
+    new_alerts: list[int] = field(default_factory=list)
+    detections: int = 0
+    per_rule: dict[str, int] = field(default_factory=dict)
+    held_back: int = 0
+    ledger_checked: int = 0
+    ledger_unreachable: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ran": self.ran,
+            "seconds": round(self.seconds, 3),
+            "new_alerts": len(self.new_alerts),
+            "detections": self.detections,
+            "per_rule": self.per_rule,
+            "held_back": self.held_back,
+            "ledger_checked": self.ledger_checked,
+            "ledger_unreachable": self.ledger_unreachable,
+        }
+
+
+def freeze_deadline(config: ProviderConfig | None) -> float:
+    """Seconds a freeze may stay open on this provider before it is late: the webhook SLA
+    plus the status-polling deadline (unknown provider: none, only the margin)."""
+    if config is None:
+        return 0.0
+    seconds = config.webhook_sla_seconds or 0.0
+    polling = config.status_polling
+    if polling is not None:
+        seconds += polling.timeout_seconds or polling.interval_seconds * polling.max_polls
+    return seconds
+
+
+class Reconciler:
+    """Runs the rules; :meth:`run_once` is what the worker loop and ``recon run`` call."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        ledger: LedgerReader,
+        configs: Mapping[str, ProviderConfig],
+        policy: ReconPolicy | None = None,
+    ) -> None:
+        self.pool = pool
+        self.ledger = ledger
+        self.configs = configs
+        self.policy = policy or ReconPolicy()
+
+    async def run_once(self) -> RunReport:
+        """One run, if no other runner holds the lock; the alerts are written atomically."""
+        started = time.monotonic()
+        now = datetime.now(UTC)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await store.try_lock(conn):
+                return RunReport(ran=False)
+            report = RunReport(ran=True)
+            findings = await self._findings(conn, now, report)
+            await self._record(conn, findings, now, report)
+            report.seconds = time.monotonic() - started
+            await store.record_run(
+                conn,
+                started_at=now,
+                finished_at=now + timedelta(seconds=report.seconds),
+                new_alerts=len(report.new_alerts),
+                detections=report.detections,
+                details=report.as_dict(),
+            )
+            open_now = await store.open_per_rule(conn)
+        m.recon_run_seconds.observe(report.seconds)
+        m.recon_last_success.set(now.timestamp() + report.seconds)
+        for rule in RULES:
+            m.recon_alerts_open.labels(rule=rule).set(open_now.get(rule, 0))
+        log.info("reconciliation run", extra=report.as_dict())
+        return report
+
+    async def _findings(self, conn: Connection, now: datetime, report: RunReport) -> list[Finding]:
+        window = now - timedelta(seconds=self.policy.window)
+        findings = [
+            *await self.stale_freezes(conn, now),
+            *await self.double_successes(conn, window),
+            *await self.successes_after_final(conn, window),
+            *await self.ledger_parity(conn, now, report),
+            *await self.notifications(conn, now),
+        ]
+        report.per_rule = dict(Counter(f.rule for f in findings))
+        report.detections = len(findings)
+        return findings
+
+    async def _record(
+        self, conn: Connection, findings: Sequence[Finding], now: datetime, report: RunReport
+    ) -> None:
+        """Raise the new findings (up to the cap, then one meta-alert), update the others."""
+        unique = list({f.fingerprint: f for f in findings}.values())
+        known = await store.existing_alerts(conn, [f.fingerprint for f in unique])
+        fresh = [f for f in unique if f.fingerprint not in known]
+        cap = self.policy.max_new_alerts
+        kept, held = fresh[:cap], fresh[cap:]
+        seen = [f for f in unique if f.fingerprint in known]
+        if held:
+            report.held_back = len(held)
+            meta = _cap_finding(held, cap, now)
+            (seen if meta.fingerprint in known else kept).append(meta)
+        report.new_alerts = await store.raise_alerts(conn, kept, now)
+        await store.update_alerts(conn, seen, now)
+
+    async def stale_freezes(self, conn: Connection, now: datetime) -> list[Finding]:
+        """Rule 1: freezes open past their provider's deadline (warning within the margin)."""
+        margin = self.policy.stale_margin
+        findings = []
+        for freeze in await store.open_freezes(conn, limit=_ROWS_PER_RULE):
+            deadline = freeze_deadline(self.configs.get(freeze.provider_id))
+            age = (now - freeze.frozen_since).total_seconds()
+            if age <= deadline:
+                continue
+            severity = "critical" if age > deadline + margin else "warning"
+            findings.append(
+                Finding(
+                    fingerprint=f"stale_freeze:{freeze.task_id}",
+                    rule="stale_freeze",
+                    severity=severity,
+                    summary=f"{freeze.amount} {freeze.currency} frozen on {freeze.provider_id}"
+                    f" for {age:.0f} s (attempt in {freeze.state})",
+                    evidence={
+                        "checked_at": now.isoformat(),
+                        "frozen_since": freeze.frozen_since.isoformat(),
+                        "age_seconds": round(age),
+                        "deadline_seconds": deadline,
+                        "margin_seconds": margin,
+                        "task_state": freeze.state,
+                        "provider_id": freeze.provider_id,
+                        "amount": freeze.amount,
+                        "currency": freeze.currency,
+                    },
+                    withdrawal_id=freeze.withdrawal_id,
+                    task_id=freeze.task_id,
+                    reopens=True,
+                )
+            )
+        return findings
+
+    async def double_successes(self, conn: Connection, window: datetime) -> list[Finding]:
+        """Rule 2: more than one attempt of a withdrawal succeeded (paid out twice)."""
+        rows = await store.double_successes(conn, window, limit=_ROWS_PER_RULE)
+        return [
+            Finding(
+                fingerprint=f"double_success:{r['withdrawal_id']}",
+                rule="double_success",
+                severity="critical",
+                summary=f"withdrawal {r['withdrawal_id']}: {len(r['task_ids'])} attempts"
+                f" succeeded ({', '.join(r['providers'])})",
+                evidence={
+                    "checked_at": datetime.now(UTC).isoformat(),
+                    "task_ids": r["task_ids"],
+                    "providers": r["providers"],
+                    "provider_references": r["references"],
+                },
+                withdrawal_id=r["withdrawal_id"],
+            )
+            for r in rows
+        ]
+
+    async def successes_after_final(self, conn: Connection, window: datetime) -> list[Finding]:
+        """Rule 2b: a provider reported success for an attempt that had ended without one."""
+        rows = await store.successes_after_final(conn, window, limit=_ROWS_PER_RULE)
+        return [
+            Finding(
+                fingerprint=f"success_after_final:{r['provider_id']}:{r['order_id']}",
+                rule="success_after_final",
+                severity="critical",
+                summary=f"{r['provider_id']} reported order {r['order_id']} paid; our attempt"
+                f" had ended {r['state'] or '(unknown)'}",
+                evidence={
+                    "webhook_received_at": r["received_at"].isoformat(),
+                    "provider_id": r["provider_id"],
+                    "order_id": r["order_id"],
+                    "reference": r["reference"],
+                    "provider_status": "succeeded",
+                    "our_state": r["state"],
+                    "unmatched_webhook_id": r["id"],
+                },
+                withdrawal_id=r["withdrawal_id"],
+                task_id=r["task_id"],
+            )
+            for r in rows
+        ]
+
+    async def ledger_parity(
+        self, conn: Connection, now: datetime, report: RunReport
+    ) -> list[Finding]:
+        """Rule 3: our settled freezes against cascade-core's view of each operation."""
+        attempts = await store.settled_attempts(
+            conn,
+            recent_since=now - timedelta(seconds=self.policy.interval),
+            window_since=now - timedelta(seconds=self.policy.window),
+            budget=self.policy.ledger_budget,
+        )
+        findings = []
+        # The ledger's answers are the slow part: they get a third of the interval at most.
+        stop_at = time.monotonic() + self.policy.interval / 3
+        for attempt in attempts:
+            if time.monotonic() > stop_at:
+                report.ledger_unreachable += 1
+                continue
+            try:
+                theirs = await self.ledger.operation(str(attempt.task_id))
+            except (CoreUnavailable, CoreRefused) as exc:
+                # No answer is no evidence: counted, checked again in a later run.
+                report.ledger_unreachable += 1
+                log.warning(
+                    "ledger check failed",
+                    extra={"task_id": str(attempt.task_id), "error": repr(exc)},
+                )
+                continue
+            report.ledger_checked += 1
+            if theirs == attempt.freeze_state:
+                continue
+            findings.append(_ledger_finding(attempt, theirs, datetime.now(UTC)))
+        return findings
+
+    async def notifications(self, conn: Connection, now: datetime) -> list[Finding]:
+        """Rule 5: final-status notifications cascade-core has not acknowledged in time."""
+        older_than = now - timedelta(seconds=self.policy.notify_after)
+        rows = await store.unacknowledged_notifications(conn, older_than, limit=_ROWS_PER_RULE)
+        return [
+            Finding(
+                fingerprint=f"notification:{r['withdrawal_id']}:{r['status']}",
+                rule="notification",
+                severity="warning",
+                summary=f"cascade-core has not acknowledged the {r['status']} notification of"
+                f" {r['withdrawal_id']} after {r['attempts']} attempts",
+                evidence={
+                    "checked_at": now.isoformat(),
+                    "status": r["status"],
+                    "created_at": r["created_at"].isoformat(),
+                    "attempts": r["attempts"],
+                    "last_error": r["last_error"],
+                    "next_attempt_at": r["next_attempt_at"].isoformat(),
+                },
+                withdrawal_id=r["withdrawal_id"],
+                reopens=True,
+            )
+            for r in rows
+        ]
+
+
+def _ledger_finding(
+    attempt: store.SettledAttempt, theirs: FreezeState | None, at: datetime
+) -> Finding:
+    core = theirs or "absent"
+    return Finding(
+        fingerprint=f"ledger_parity:{attempt.task_id}",
+        rule="ledger_parity",
+        severity="critical",
+        summary=f"attempt {attempt.task_id} on {attempt.provider_id}: we recorded"
+        f" {attempt.freeze_state}, cascade-core says {core}",
+        evidence={
+            "checked_at": at.isoformat(),
+            "operation_id": str(attempt.task_id),
+            "ours": attempt.freeze_state,
+            "cascade_core": core,
+            "task_state": attempt.state,
+            "settled_at": attempt.settled_at.isoformat(),
+            "provider_id": attempt.provider_id,
+        },
+        withdrawal_id=attempt.withdrawal_id or None,
+        task_id=attempt.task_id,
+        reopens=True,
+    )
+
+
+def _cap_finding(held: Sequence[Finding], cap: int, now: datetime) -> Finding:
+    per_rule = dict(Counter(f.rule for f in held))
+    return Finding(
+        fingerprint="alert_cap",
+        rule="alert_cap",
+        severity="critical",
+        summary=f"{len(held)} more findings than the {cap} new alerts a run raises were held"
+        " back: they are raised by the next runs",
+        evidence={
+            "checked_at": now.isoformat(),
+            "cap": cap,
+            "held_back": len(held),
+            "per_rule": per_rule,
+            "sample": [f.fingerprint for f in held[:20]],
+        },
+        reopens=True,
+    )

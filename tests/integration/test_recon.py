@@ -1,0 +1,227 @@
+"""Reconciliation against a real stack: each rule sees its injected discrepancy in one run,
+a clean run raises nothing, re-detections update their alert, the cap holds, and a run never
+changes a withdrawal, a task or a balance.
+
+Discrepancies are injected where they would come from: the sandbox's cascade-core lies about
+an operation (ledger parity), a provider pays an attempt that had failed (success after
+final), a provider never calls back (stale freeze). Two cannot be produced by a correct
+engine, so the test writes them into the record as a bug would (double success, a
+notification cascade-core never acknowledged).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+
+from orchestrator.reconciliation import Reconciler, ReconPolicy, RunReport
+from tests.conftest import Stack, StackFactory, new_id, withdrawal_body
+from tests.waiting import wait_until
+
+OPS = {"Authorization": "Bearer ops-token", "X-Operator": "tester"}
+
+
+def _reconciler(stack: Stack, **policy: Any) -> Reconciler:
+    rt = stack.runtime
+    return Reconciler(rt.pool, rt.core, rt.engine.configs, ReconPolicy(**policy))
+
+
+async def _final(stack: Stack, providers: list[str]) -> tuple[str, dict[str, Any]]:
+    """A new withdrawal through ``providers``, once final: its id and its body."""
+    wid = new_id()
+    created = await stack.client.post(
+        "/v1/withdrawals", json=withdrawal_body(wid, providers), headers=stack.headers
+    )
+    assert created.status_code in (200, 201, 202), created.text
+    return wid, await stack.wait_final(wid)
+
+
+async def _tasks(stack: Stack, wid: str) -> list[dict[str, Any]]:
+    detail = await stack.client.get(f"/ops/withdrawals/{wid}", headers=OPS)
+    assert detail.status_code == 200, detail.text
+    tasks: list[dict[str, Any]] = detail.json()["tasks"]
+    return tasks
+
+
+async def _alerts(stack: Stack) -> list[dict[str, Any]]:
+    async with stack.runtime.pool.acquire() as conn:
+        rows = await conn.fetch("SELECT * FROM recon_alerts ORDER BY alert_id")
+    return [dict(r) for r in rows]
+
+
+async def _snapshot(stack: Stack) -> tuple[list[asyncpg.Record], dict[str, Any]]:
+    """The engine's record of every task and cascade-core's operations: a run changes neither."""
+    async with stack.runtime.pool.acquire() as conn:
+        tasks = await conn.fetch(
+            "SELECT task_id, state, version, freeze_state FROM order_tasks ORDER BY task_id"
+        )
+    return list(tasks), (await stack.ledger())["operations"]
+
+
+async def _run(stack: Stack, reconciler: Reconciler) -> RunReport:
+    before = await _snapshot(stack)
+    report = await reconciler.run_once()
+    assert report.ran
+    assert await _snapshot(stack) == before, "a reconciliation run changed the record"
+    return report
+
+
+async def test_a_clean_run_raises_no_alert(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    for providers in (["sbx_ok"], ["sbx_sync_ok"], ["sbx_decline", "sbx_ok"], ["sbx_decline"]):
+        await _final(stack, providers)
+    report = await _run(stack, _reconciler(stack))
+    assert report.detections == 0, report.as_dict()
+    assert report.ledger_checked >= 4
+    assert await _alerts(stack) == []
+
+
+async def test_ledger_parity_sees_a_lost_a_flipped_and_a_delayed_operation(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    faults = {"lose": ["sbx_ok"], "flip": ["sbx_sync_ok"], "delay": ["sbx_decline", "sbx_ok"]}
+    operation_of: dict[str, str] = {}
+    for fault, providers in faults.items():
+        wid, _ = await _final(stack, providers)
+        task = (await _tasks(stack, wid))[-1]
+        operation_of[fault] = task["task_id"]
+        answer = await stack.client.put(
+            f"/sandbox/core/operations/{task['task_id']}/fault",
+            json={"fault": fault, "seconds": 600},
+        )
+        assert answer.status_code == 200, answer.text
+    await _final(stack, ["sbx_ok"])  # one the ledger agrees with
+    report = await _run(stack, _reconciler(stack))
+    alerts = {a["task_id"]: a for a in await _alerts(stack)}
+    assert report.per_rule == {"ledger_parity": 3}
+    expected = {"lose": "absent", "flip": "rolled_back", "delay": "frozen"}
+    for fault, operation in operation_of.items():
+        alert = alerts[uuid.UUID(operation)]
+        assert alert["rule"] == "ledger_parity"
+        assert alert["state"] == "open"
+        assert alert["evidence"]["ours"] == "committed"
+        assert alert["evidence"]["cascade_core"] == expected[fault], fault
+
+
+async def test_a_success_after_final_and_a_double_success_are_raised(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    failed, _ = await _final(stack, ["sbx_accept_fail"])
+    task = (await _tasks(stack, failed))[0]
+    paid = await stack.client.post(
+        f"/sandbox/providers/sbx_accept_fail/orders/{task['provider_reference']}/status",
+        json={"status": "succeeded"},
+    )
+    assert paid.status_code == 200, paid.text
+
+    async def unmatched() -> int:
+        async with stack.runtime.pool.acquire() as conn:
+            n: int = await conn.fetchval(
+                "SELECT count(*) FROM unmatched_webhooks WHERE reason = 'success_after_final'"
+            )
+        return n
+
+    await wait_until(unmatched, timeout=20, what="the late success webhook to be kept")
+    twice, _ = await _final(stack, ["sbx_decline", "sbx_ok"])
+    skipped = (await _tasks(stack, twice))[0]
+    async with stack.runtime.pool.acquire() as conn:  # a bug would leave this behind
+        await conn.execute(
+            "UPDATE order_tasks SET state = 'SUCCEEDED' WHERE task_id = $1",
+            uuid.UUID(skipped["task_id"]),
+        )
+    report = await _run(stack, _reconciler(stack, ledger_budget=0))
+    assert report.per_rule == {"success_after_final": 1, "double_success": 1}
+    by_rule = {a["rule"]: a for a in await _alerts(stack)}
+    assert by_rule["success_after_final"]["withdrawal_id"] == failed
+    assert by_rule["success_after_final"]["evidence"]["our_state"] == "FAILED"
+    assert by_rule["double_success"]["withdrawal_id"] == twice
+    assert len(by_rule["double_success"]["evidence"]["task_ids"]) == 2
+
+
+async def test_a_stale_freeze_warns_then_goes_critical(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    wid = new_id()
+    created = await stack.client.post(
+        "/v1/withdrawals", json=withdrawal_body(wid, ["sbx_silent"]), headers=stack.headers
+    )
+    assert created.status_code in (200, 201, 202)
+
+    async def frozen_task() -> dict[str, Any] | None:
+        tasks = await _tasks(stack, wid)
+        return tasks[0] if tasks and tasks[0]["state"] == "MANUAL_CHECK" else None
+
+    await wait_until(frozen_task, timeout=30, what="the silent attempt to reach MANUAL_CHECK")
+
+    async def past_deadline() -> bool:
+        async with stack.runtime.pool.acquire() as conn:
+            late: bool = await conn.fetchval(
+                "SELECT min(created_at) < now() - interval '3.5 seconds' FROM order_task_events"
+                " WHERE withdrawal_id = $1 AND to_state = 'CREATING'",
+                wid,
+            )
+        return late
+
+    await wait_until(past_deadline, timeout=10, what="the freeze to outlive its 3 s deadline")
+    # The test providers' deadline is 3 s (SLA 2 s + one 1 s poll): past it, within an hour's
+    # margin is a warning; with no margin, critical.
+    report = await _run(stack, _reconciler(stack, stale_margin=3600, ledger_budget=0))
+    assert report.per_rule == {"stale_freeze": 1}
+    (alert,) = await _alerts(stack)
+    assert (alert["severity"], alert["withdrawal_id"]) == ("warning", wid)
+    await _run(stack, _reconciler(stack, stale_margin=0, ledger_budget=0))
+    (again,) = await _alerts(stack)
+    assert (again["alert_id"], again["severity"], again["detections"]) == (
+        alert["alert_id"],
+        "critical",
+        2,
+    )
+    assert again["evidence"] == alert["evidence"], "the first detection's evidence is frozen"
+
+
+async def test_an_unacknowledged_notification_is_raised(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    wid, _ = await _final(stack, ["sbx_ok"])
+    async with stack.runtime.pool.acquire() as conn:  # cascade-core never acknowledged it
+        await conn.execute(
+            "UPDATE notifications SET acked_at = NULL, created_at = now() - interval '1 hour',"
+            " next_attempt_at = now() + interval '1 hour' WHERE withdrawal_id = $1",
+            wid,
+        )
+    report = await _run(stack, _reconciler(stack, notify_after=600, ledger_budget=0))
+    assert report.per_rule == {"notification": 1}
+    (alert,) = await _alerts(stack)
+    assert alert["fingerprint"] == f"notification:{wid}:succeeded"
+
+
+async def test_the_cap_holds_new_alerts_back_behind_one_meta_alert(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    wids = [(await _final(stack, ["sbx_ok"]))[0] for _ in range(4)]
+    async with stack.runtime.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE notifications SET acked_at = NULL, created_at = now() - interval '1 hour',"
+            " next_attempt_at = now() + interval '1 hour' WHERE withdrawal_id = ANY($1)",
+            wids,
+        )
+    reconciler = _reconciler(stack, max_new_alerts=2, ledger_budget=0)
+    report = await _run(stack, reconciler)
+    assert (len(report.new_alerts), report.held_back) == (3, 2)
+    rules = sorted(a["rule"] for a in await _alerts(stack))
+    assert rules == ["alert_cap", "notification", "notification"]
+    await _run(stack, reconciler)  # the next run raises the held-back ones
+    rules = sorted(a["rule"] for a in await _alerts(stack))
+    assert rules == ["alert_cap", *["notification"] * 4]
+
+
+async def test_one_runner_at_a_time(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    reconciler = _reconciler(stack)
+    async with stack.runtime.pool.acquire() as conn, conn.transaction():
+        assert await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", 0x7265636F6E)
+        assert not (await reconciler.run_once()).ran
+    assert (await reconciler.run_once()).ran
