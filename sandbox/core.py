@@ -561,6 +561,32 @@ class CoreFaults:
         return "none"
 
 
+OperationFault = Literal["lose", "flip", "delay"]
+_FLIPPED: dict[str, OperationState] = {
+    "committed": "rolled_back",
+    "rolled_back": "committed",
+    "frozen": "committed",
+}
+
+
+@dataclass(frozen=True)
+class OperationView:
+    """A distortion of what ``GET /v1/balances/operations/{id}`` answers about one operation,
+    so that reconciliation's ledger-parity rule can be triggered on purpose. The ledger itself
+    is untouched: only the answer lies. ``lose``: 404; ``flip``: committed and rolled back
+    swapped (a hold reads committed); ``delay``: still ``frozen`` until ``until`` (monotonic)."""
+
+    fault: OperationFault
+    until: float = 0.0
+
+    def apply(self, state: OperationState, now: float) -> OperationState | None:
+        if self.fault == "lose":
+            return None
+        if self.fault == "flip":
+            return _FLIPPED[state]
+        return "frozen" if now < self.until else state
+
+
 # -- HTTP ----------------------------------------------------------------------------------
 
 
@@ -585,6 +611,11 @@ class _FreezeBody(msgspec.Struct, frozen=True):
 
 class _OperationBody(msgspec.Struct, frozen=True):
     operation_id: str
+
+
+class _OperationFaultBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    fault: Literal["lose", "flip", "delay", "none"]
+    seconds: float = 60.0
 
 
 class _FaultsBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -645,6 +676,8 @@ class CoreSimulator:
         self.ledger = ledger
         self.faults = faults
         self._tokens = tokens
+        # Per operation, in this process only (like ``faults``): operation_id → distortion.
+        self.views: dict[str, OperationView] = {}
 
     def _authorized(self, request: Request[Any, Any, Any]) -> bool:
         header = request.headers.get("authorization", "")
@@ -728,9 +761,30 @@ class CoreSimulator:
             if refused is not None:
                 return refused
             state = await ledger.state_of(operation_id)
+            view = sim.views.get(operation_id)
+            if state is not None and view is not None:
+                state = view.apply(state, time.monotonic())
             if state is None:
                 return error_response(404, "not_found", "unknown operation_id")
             return json_response(200, {"operation_id": operation_id, "state": state})
+
+        @put("/operations/{operation_id:str}/fault")
+        async def set_operation_fault(
+            request: Request[Any, Any, Any], operation_id: FromPath[str]
+        ) -> Response[bytes]:
+            try:
+                body = decode_body(await request.body(), _OperationFaultBody)
+                _require_ids(operation_id=operation_id)
+            except BadRequestError as exc:
+                return exc.response()
+            if not 0 <= body.seconds <= 86400:
+                return error_response(422, "validation_failed", "seconds must be within 0..86400")
+            if body.fault == "none":
+                sim.views.pop(operation_id, None)
+            else:
+                until = time.monotonic() + body.seconds
+                sim.views[operation_id] = OperationView(body.fault, until)
+            return json_response(200, {"operation_id": operation_id, "fault": body.fault})
 
         @post("/v1/withdrawal-notifications")
         async def notification(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -784,6 +838,7 @@ class CoreSimulator:
                 commit,
                 rollback,
                 operation,
+                set_operation_fault,
                 notification,
                 read_ledger,
                 set_faults,

@@ -47,6 +47,11 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     ),
     ("PUT", "/sandbox/core/faults", "cascade-core: set the injected 500 and timeout ratios"),
     (
+        "PUT",
+        "/sandbox/core/operations/{operation_id}/fault",
+        "cascade-core: lose, flip or delay what one operation's lookup answers",
+    ),
+    (
         "POST",
         "/sandbox/providers/{provider_id}/orders",
         "provider: create an order (Idempotency-Key: the order id)",
