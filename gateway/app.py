@@ -29,7 +29,7 @@ from litestar.types import (
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway import api, cohorts, ops, ops_openapi, webhooks
+from gateway import api, cohorts, ops, ops_openapi, ops_recon, webhooks
 from gateway.protocol import (
     ApiProblem,
     json_response,
@@ -157,6 +157,10 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
         ops.manual_checks,
         ops.resolve_task,
         ops.withdrawal_detail,
+        ops_recon.list_alerts,
+        ops_recon.ack_alert,
+        ops_recon.resolve_alert,
+        ops_recon.accept_alert,
         cohorts.cohorts,
         readyz,
         metrics,

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import ops_recon
 from gateway import ops_wire as wire
 
 OPENAPI_PATH = "/docs/ops-openapi.json"
@@ -118,6 +119,11 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/ops/recon/alerts": {"get": _alerts_operation(bearer)},
+        **{
+            f"/ops/recon/alerts/{{alert_id}}/{action}": {"post": _alert_action(bearer, action)}
+            for action in ("ack", "resolve", "accept")
+        },
         "/ops/cohorts": {
             "get": {
                 "operationId": "getCohortReport",
@@ -145,6 +151,93 @@ def _query(name: str, description: str) -> dict[str, Any]:
         "required": False,
         "description": description,
         "schema": {"type": "string"},
+    }
+
+
+def _alerts_operation(bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "operationId": "listReconAlerts",
+        "summary": "Reconciliation alerts, the newest first",
+        "description": "Every finding of the reconciliation job, each with its frozen"
+        " evidence (see the README's finance guide to the alerts).",
+        "security": bearer,
+        "parameters": [
+            _query(
+                "state",
+                "Comma-separated: open, acknowledged, resolved, accepted (all when absent).",
+            ),
+            _query(
+                "rule",
+                "One rule: stale_freeze, double_success, success_after_final,"
+                " ledger_parity, notification, alert_cap.",
+            ),
+            _query("limit", "At most this many, 1..1000 (default 200)."),
+        ],
+        "responses": {
+            "200": _json(_schema("Alerts"), "The alerts."),
+            "400": _error("A parameter is not one of its values (`invalid_parameter`)."),
+            "401": UNAUTHORIZED,
+            "503": UNAVAILABLE,
+        },
+    }
+
+
+_ACTIONS = {
+    "ack": ("ackReconAlert", "Acknowledge an open alert (someone is on it)", "open"),
+    "resolve": (
+        "resolveReconAlert",
+        "Resolve an alert as fixed; `reference` (a ticket, a correction) is required",
+        "open or acknowledged",
+    ),
+    "accept": (
+        "acceptReconAlert",
+        "Accept an alert as not to be fixed; `note` (why) is required",
+        "open or acknowledged",
+    ),
+}
+
+
+def _alert_action(bearer: list[dict[str, list[str]]], action: str) -> dict[str, Any]:
+    operation_id, summary, allowed = _ACTIONS[action]
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "description": f"Allowed from {allowed}; the alert's log gets an event naming the"
+        " operator. Changes the alert only, never a withdrawal, a task or a balance.",
+        "security": bearer,
+        "parameters": [
+            {
+                "name": "alert_id",
+                "in": "path",
+                "required": True,
+                "description": "An alert id from the list; anything else is 404.",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "X-Operator",
+                "in": "header",
+                "required": True,
+                "description": "Who acts (up to 64 characters). Missing or blank: 422.",
+                "schema": {"type": "string"},
+            },
+        ],
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": _schema("AlertActionBody")}},
+        },
+        "responses": {
+            "200": _json(_schema("Alert"), "The alert after the action, with its log."),
+            "400": _error("The body is not JSON (`malformed_json`)."),
+            "401": UNAUTHORIZED,
+            "404": _error("No such alert (`not_found`)."),
+            "409": _error("The alert's state does not allow this action (`illegal_transition`)."),
+            "413": _error("The body is larger than the limit (`payload_too_large`)."),
+            "422": _error(
+                "The body does not match AlertActionBody, the reference or note is missing,"
+                " or X-Operator is missing or blank (`validation_failed`)."
+            ),
+            "503": UNAVAILABLE,
+        },
     }
 
 
@@ -215,6 +308,9 @@ def document() -> dict[str, Any]:
         wire.Resolved,
         wire.WithdrawalDetail,
         wire.ErrorEnvelope,
+        ops_recon.Alerts,
+        ops_recon.Alert,
+        ops_recon.AlertActionBody,
     )
     _, schemas = msgspec.json.schema_components(types, ref_template=_REF)
     return {

@@ -42,6 +42,8 @@ LIST = "GET /ops/manual-checks"
 RESOLVE = "POST /ops/tasks/{task_id}/resolve"
 DETAIL = "GET /ops/withdrawals/{withdrawal_id}"
 COHORTS = "GET /ops/cohorts"
+ALERTS = "GET /ops/recon/alerts"
+ALERT_ACTIONS = [f"POST /ops/recon/alerts/{{alert_id}}/{a}" for a in ("ack", "resolve", "accept")]
 
 
 @dataclass
@@ -109,6 +111,10 @@ def _anchors(run: Run, wid: str, task_id: str) -> None:
     run.send(run.case(RESOLVE, body=body, **with_operator), 409)
     unknown = {**with_operator, "path_parameters": {"task_id": new_id()}}
     run.send(run.case(RESOLVE, body=body, **unknown), 404)
+    run.send(run.case(ALERTS, query={"state": "open"}), 200)
+    run.send(run.case(ALERTS, query={"state": "closed"}), 400)
+    alert = {"path_parameters": {"alert_id": "42"}, "media_type": "application/json"}
+    run.send(run.case(ALERT_ACTIONS[0], body={}, headers={"X-Operator": "alice"}, **alert), 404)
 
 
 def _fuzz(run: Run) -> None:
@@ -154,7 +160,7 @@ async def test_the_live_ops_api_answers_as_its_document_says(make_stack: StackFa
     assert served.json() == json.loads(json.dumps(document()))
     schema: Any = schemathesis.openapi.from_dict(served.json())
     operations = {op.label: op for op in (result.ok() for result in schema.get_all_operations())}
-    assert sorted(operations) == sorted([LIST, RESOLVE, DETAIL, COHORTS])
+    assert sorted(operations) == sorted([LIST, RESOLVE, DETAIL, COHORTS, ALERTS, *ALERT_ACTIONS])
     wid, task_id = await _waiting(stack)
     run = Run(url=stack.url, operations=operations)
     try:
