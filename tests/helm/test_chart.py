@@ -27,6 +27,7 @@ from kubernetes_validate import utils as kube_validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.messages import WebhookMessage
+from contracts.providers_file import load_providers
 from gateway.settings import load_settings, migration_url
 from tests.conftest import StackFactory, flags_document, new_id, withdrawal_body
 from tests.helm import promql
@@ -814,6 +815,15 @@ def test_the_schema_accepts_the_shipped_sandbox_providers_file() -> None:
     shipped = json.loads((ROOT / "config" / "providers.sandbox.json").read_text())
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values({"providers": {"config": shipped["providers"]}}))
+
+
+def test_the_schema_accepts_a_provider_without_webhooks() -> None:
+    """A provider that sends no webhooks says so instead of listing secrets (the app refuses
+    a provider with neither)."""
+    provider = {"base_url": "https://psp.example", "webhooks": False}
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values({"providers": {"config": {"psp_a": provider}}}))
+    load_providers(json.dumps({"providers": {"psp_a": provider}}).encode(), {})
 
 
 @pytest.mark.parametrize(("case", "values", "expected"), BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
