@@ -1,6 +1,7 @@
 """``cascade-gateway``: serve, worker, migrate, sandbox, dev (``make run``), dlq, report,
-transitions, manual-checks (a client of the gateway's ops API, for support) and flags (the
-release manager's moves, on the flags file or Unleash).
+transitions, manual-checks (a client of the gateway's ops API, for support), flags (the
+release manager's moves, on the flags file or Unleash) and recon (reconciliation: run it now,
+work its alerts).
 
 Bad configuration fails fast with one line on stderr naming the problem and exit status 2.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flags.router import FlagsError
-from gateway import flagcmd, logs, manual_checks, stackfile
+from gateway import flagcmd, logs, manual_checks, recon_command, stackfile
 from gateway.listen import port_free
 from gateway.runtime import DependencyError
 from gateway.settings import Settings, SettingsError, load_settings, migration_url
@@ -72,6 +73,7 @@ def _serve(settings: Settings) -> int:
 
 def _worker(settings: Settings) -> int:
     from gateway.runtime import open_runtime  # noqa: PLC0415
+    from orchestrator.reconciliation import Reconciler  # noqa: PLC0415
     from orchestrator.worker import Worker  # noqa: PLC0415
 
     async def main() -> int:
@@ -91,6 +93,7 @@ def _worker(settings: Settings) -> int:
             js=runtime.js,
             core=runtime.core,
             concurrency=settings.worker_concurrency,
+            reconciler=Reconciler(runtime.pool, runtime.core, settings.providers, settings.recon),
         )
         _settle_heap()
         stop = asyncio.Event()
@@ -246,6 +249,7 @@ COMMANDS = {
     "dlq replay": "send dead letters back to their subjects",
     **manual_checks.SUMMARIES,
     **flagcmd.SUMMARIES,
+    **recon_command.SUMMARIES,
     "report": "compare the cohorts: a table, JSON (--json), a page of charts (--html, --png)",
 }
 _NEEDS = {
@@ -268,6 +272,7 @@ _NEEDS = {
     "dlq replay": "NATS_URL, NATS_NAMESPACE (optional, empty by default)",
     **dict.fromkeys(manual_checks.SUMMARIES, manual_checks.ENVIRONMENT),
     **dict.fromkeys(flagcmd.SUMMARIES, flagcmd.ENVIRONMENT),
+    **recon_command.NEEDS,
     "report": "DATABASE_URL, else the running make run stack's database (DATA_DIR/stack.json)",
 }
 
@@ -351,12 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     flagcmd.configure_parser(
         sub.choices["flags"], lambda name: _describe(name, COMMANDS[name]), _FORMAT
     )
+    recon_command.configure_parser(
+        sub.choices["recon"], lambda name: _describe(name, COMMANDS[name]), _FORMAT
+    )
     return parser
 
 
 # Commands run beside a stack: without DATABASE_URL and NATS_URL they use the running
 # `make run` stack's (see gateway/stackfile.py).
-CLIENT_COMMANDS = ("report", "dlq", "manual-checks")
+CLIENT_COMMANDS = ("report", "dlq", "manual-checks", "recon")
 
 
 def _use_running_stack() -> None:
@@ -390,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return manual_checks.run(args, os.environ)
     if args.command == "flags":  # the flags file or Unleash's Admin API: no settings
         return flagcmd.run(args, os.environ)
+    if args.command == "recon" and args.recon_command != "run":  # an ops API client
+        return recon_command.run_client(args, os.environ)
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -409,6 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sandbox(settings)
         if args.command == "worker":
             return _worker(settings)
+        if args.command == "recon":
+            try:
+                return _run(recon_command.run_now(settings))
+            except (OSError, TimeoutError) as exc:
+                return fail(f"cannot reach a dependency ({type(exc).__name__}: {exc})")
+            except ValueError as exc:
+                return fail(str(exc))
     return 0
 
 

@@ -155,6 +155,8 @@ class Reconciler:
         now = datetime.now(UTC)
         async with self.pool.acquire() as conn, conn.transaction():
             if not await store.try_lock(conn):
+                # Another process runs it: the gauges show the fleet's view all the same.
+                await self._measure(conn, await store.last_success(conn))
                 return RunReport(ran=False)
             report = RunReport(ran=True)
             findings = await self._findings(conn, now, report)
@@ -168,13 +170,18 @@ class Reconciler:
                 detections=report.detections,
                 details=report.as_dict(),
             )
-            open_now = await store.open_per_rule(conn)
+            await self._measure(conn, now + timedelta(seconds=report.seconds))
         m.recon_run_seconds.observe(report.seconds)
-        m.recon_last_success.set(now.timestamp() + report.seconds)
-        for rule in RULES:
-            m.recon_alerts_open.labels(rule=rule).set(open_now.get(rule, 0))
         log.info("reconciliation run", extra=report.as_dict())
         return report
+
+    @staticmethod
+    async def _measure(conn: Connection, last_success: datetime | None) -> None:
+        open_now = await store.open_per_rule(conn)
+        for rule in RULES:
+            m.recon_alerts_open.labels(rule=rule).set(open_now.get(rule, 0))
+        if last_success is not None:
+            m.recon_last_success.set(last_success.timestamp())
 
     async def _findings(self, conn: Connection, now: datetime, report: RunReport) -> list[Finding]:
         window = now - timedelta(seconds=self.policy.window)

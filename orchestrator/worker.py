@@ -10,6 +10,8 @@
   crash after commit and before publish, or mid-create) are started again. Handlers ignore
   whatever no longer applies, so sweeping something that was merely slow is harmless.
 - Notifier: final-status notifications to cascade-core, retried with backoff until a 2xx.
+- Reconciliation (:mod:`orchestrator.reconciliation`), when given a reconciler: one run every
+  ``recon_interval`` seconds; the fleet-wide advisory lock lets one worker at a time run it.
 - A broker that lost its streams (its store wiped) is repaired while the worker runs: a fetch
   or a pass failing the way a missing stream or consumer fails asks :class:`bus.Streams` to
   recreate them, the fetch loop binds again, and the sweeper and the outbox relay re-publish
@@ -38,6 +40,7 @@ from orchestrator import metrics as m
 from orchestrator.core_client import CascadeCore
 from orchestrator.domain import FINAL_TASK_STATES, IllegalTransition, TaskState, TimerKind
 from orchestrator.engine import Engine, TimerDue
+from orchestrator.reconciliation import Reconciler
 from orchestrator.store import sweeps
 
 log = logging.getLogger("cascade.worker")
@@ -103,8 +106,10 @@ class Worker:
         stranded_after: float = 10.0,
         timer_grace: float = 15.0,
         streams: bus.Streams | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.engine = engine
+        self.reconciler = reconciler
         self.js = js
         self.names = engine.names
         self.core = core
@@ -137,6 +142,9 @@ class Worker:
             asyncio.create_task(self._loop(self.notify_once, 1.0), name="notifier"),
             asyncio.create_task(self._loop(self.measure_dlq, 5.0), name="dlq-gauge"),
         ]
+        if self.reconciler is not None:
+            run, every = self.reconciler.run_once, self.reconciler.policy.interval
+            self._tasks.append(asyncio.create_task(self._loop(run, every), name="reconciliation"))
 
     async def stop(self, grace: float = 8.0) -> None:
         """Stop fetching, let in-flight handlers finish (unacked ones are redelivered)."""

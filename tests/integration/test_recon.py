@@ -12,11 +12,14 @@ notification cascade-core never acknowledged).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from prometheus_client import REGISTRY
 
 from orchestrator.reconciliation import Reconciler, ReconPolicy, RunReport
+from orchestrator.worker import Worker
 from tests.conftest import Stack, StackFactory, new_id, withdrawal_body
 from tests.waiting import wait_until
 
@@ -225,3 +228,30 @@ async def test_one_runner_at_a_time(make_stack: StackFactory) -> None:
         assert await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", 0x7265636F6E)
         assert not (await reconciler.run_once()).ran
     assert (await reconciler.run_once()).ran
+
+
+async def test_the_worker_runs_it_every_interval_and_reports_it(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    rt = stack.runtime
+    worker = Worker(
+        engine=rt.engine,
+        js=rt.js,
+        core=rt.core,
+        reconciler=_reconciler(stack, interval=0.2, ledger_budget=0),
+    )
+    await worker.start()
+    try:
+
+        async def runs() -> int:
+            async with rt.pool.acquire() as conn:
+                n: int = await conn.fetchval("SELECT count(*) FROM recon_runs")
+            return n
+
+        await wait_until(lambda: _at_least(runs, 2), timeout=20, what="two runs by the worker")
+    finally:
+        await worker.stop(grace=3)
+    assert (REGISTRY.get_sample_value("recon_last_success_timestamp") or 0) > 0
+
+
+async def _at_least(check: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await check() >= n
