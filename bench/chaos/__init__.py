@@ -117,7 +117,11 @@ async def _campaign(campaign: Campaign, fleet: Fleet, faults: FaultSchedule) -> 
         len(clients.tally.unexpected),
         clients.tally.unexpected[:5],
     )
-    checks["messages in the DLQ"] = (await dlq_size(fleet.nats.url, NAMESPACE), [])
+    dead_letters = await dlq_size(fleet.nats.url, NAMESPACE)
+    checks["messages in the DLQ (before the store wipe, and at the end)"] = (
+        faults.dead_letters_before_wipe + dead_letters,
+        [],
+    )
     outcome = Outcome(
         checks,
         clients.tally,
@@ -154,6 +158,7 @@ class FaultSchedule:
         self.campaign = campaign
         self.done: list[str] = []
         self.error: str | None = None
+        self.dead_letters_before_wipe = 0
         self._events_over = threading.Event()
         self._workers_over = threading.Event()
         self._released = threading.Event()
@@ -194,11 +199,7 @@ class FaultSchedule:
             (0.35 * length, "nats-server killed (-9)", lambda: fleet.kill_nats(wipe_store=False)),
             (0.50 * length, "Postgres stopped immediately", fleet.stop_postgres_immediately),
             (0.65 * length, f"gateway {last} killed (-9)", lambda: fleet.kill_gateway(last)),
-            (
-                0.80 * length,
-                "nats-server killed (-9), its store deleted",
-                lambda: fleet.kill_nats(wipe_store=True),
-            ),
+            (0.80 * length, "nats-server killed (-9), its store deleted", self._wipe_nats),
         ]
         started = time.monotonic()
         for at, what, act in events:
@@ -206,6 +207,11 @@ class FaultSchedule:
             which = act()
             now = time.monotonic() - started
             self.done.append(f"{now:5.1f} s  {what}" + (f" ({which})" if which else ""))
+
+    def _wipe_nats(self) -> str:
+        """Count the dead letters the wipe is about to lose, then kill and wipe."""
+        self.dead_letters_before_wipe = asyncio.run(dlq_size(self.fleet.nats.url, NAMESPACE))
+        return self.fleet.kill_nats(wipe_store=True)
 
     def _kill_workers(self) -> None:
         rng = random.Random(f"{self.campaign.seed}:workers")
@@ -232,11 +238,16 @@ async def _settle(database_url: str) -> str | None:
                 unacked = await conn.fetchval(
                     "SELECT count(*) FROM notifications WHERE acked_at IS NULL"
                 )
+                # Webhooks the sandbox still has to send: an order's status changes with them.
+                unsent = await conn.fetchval("SELECT count(*) FROM sandbox.webhooks")
             finally:
                 await conn.close()
-            if open_queues == 0 and unacked == 0:
+            if open_queues == 0 and unacked == 0 and unsent == 0:
                 return None
-            left = f"{open_queues} withdrawals open, {unacked} notifications unacknowledged"
+            left = (
+                f"{open_queues} withdrawals open, {unacked} notifications unacknowledged,"
+                f" {unsent} sandbox webhooks unsent"
+            )
         except (OSError, asyncpg.PostgresError):
             pass
         await asyncio.sleep(0.5)

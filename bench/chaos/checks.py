@@ -37,10 +37,21 @@ QUERIES = {
         JOIN order_tasks t ON t.provider_id = o.provider_id AND t.provider_order_id = o.order_id
         JOIN order_queues q ON q.queue_id = t.queue_id
         WHERE o.status = 'succeeded' GROUP BY q.withdrawal_id HAVING count(*) > 1""",
-    "freezes open on final attempts": """
-        SELECT t.task_id::text FROM order_tasks t
-        JOIN sandbox.operations op ON op.operation_id = t.task_id::text
-        WHERE op.state = 'frozen' AND t.state IN {final_tasks}""",
+    # Run once every withdrawal is final: any freeze still open is a leak.
+    "freezes left open": "SELECT operation_id FROM sandbox.operations WHERE state = 'frozen'",
+    "commits without a payout": """
+        SELECT op.operation_id FROM sandbox.operations op
+        JOIN order_tasks t ON op.operation_id = t.task_id::text
+        LEFT JOIN sandbox.orders o
+            ON o.provider_id = t.provider_id AND o.order_id = t.provider_order_id
+        WHERE op.state = 'committed' AND o.status IS DISTINCT FROM 'succeeded'""",
+    "attempts not final in final withdrawals": """
+        SELECT t.task_id::text FROM order_tasks t JOIN order_queues q USING (queue_id)
+        WHERE q.state IN {final_queues} AND t.state NOT IN {final_tasks}""",
+    "orders pending at a provider for attempts ended without success": """
+        SELECT o.provider_id || ' ' || o.order_id FROM sandbox.orders o
+        JOIN order_tasks t ON t.provider_id = o.provider_id AND t.provider_order_id = o.order_id
+        WHERE o.status = 'pending' AND t.state IN ('FAILED', 'CANCELLED', 'SKIPPED')""",
     "withdrawals neither final nor in MANUAL_CHECK": """
         SELECT q.withdrawal_id FROM order_queues q WHERE q.state NOT IN {final_queues}
         AND NOT EXISTS (SELECT 1 FROM order_tasks t

@@ -190,8 +190,9 @@ class Clients:
         gateway checks with the provider before the cascade moves on."""
         task_id = case["task_id"]
         positive = zlib.crc32(task_id.encode()) % 2 == 0 and case.get("provider_reference")
-        if positive:
-            await self._pay_at_sandbox(case)
+        if positive and not await self._pay_at_sandbox(case):
+            return  # the provider did not pay: no positive decision; the next round decides
+        decision = "positive" if positive else "negative"
         status, answer = await self.call(
             "resolve",
             "POST",
@@ -202,18 +203,16 @@ class Clients:
                 "Content-Type": "application/json",
             },
             json.dumps(
-                {
-                    "decision": "positive" if positive else "negative",
-                    "reason": "chaos campaign: provider statement checked",
-                }
+                {"decision": decision, "reason": "chaos campaign: provider statement checked"}
             ).encode(),
         )
         code = (answer or {}).get("error", {}).get("code") if status != 200 else None
-        self.tally.resolutions[f"{status} {code or ''}".strip()] += 1
+        self.tally.resolutions[f"{decision} {status} {code or ''}".strip()] += 1
         if status not in (200, 409):
             self.tally.unexpected.append(f"resolve {task_id}: {status} {answer}")
 
-    async def _pay_at_sandbox(self, case: dict[str, Any]) -> None:
+    async def _pay_at_sandbox(self, case: dict[str, Any]) -> bool:
+        """The provider pays the order (its webhook goes out); whether it did."""
         assert self.session is not None
         url = (
             f"{self.sandbox_url}/providers/{case['provider_id']}/orders/"
@@ -221,3 +220,6 @@ class Clients:
         )
         async with self.session.post(url, json={"status": "succeeded"}) as response:
             self.tally.statuses[f"sandbox-pay {response.status}"] += 1
+            if response.status != 200:
+                self.tally.unexpected.append(f"sandbox set-status {url}: {response.status}")
+            return response.status == 200
