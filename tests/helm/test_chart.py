@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from contracts.messages import WebhookMessage
 from contracts.providers_file import load_providers
 from gateway.settings import load_settings, migration_url
+from orchestrator.reconciliation import Reconciler
 from tests.conftest import StackFactory, flags_document, new_id, withdrawal_body
 from tests.helm import promql
 from tests.waiting import wait_until
@@ -274,6 +275,7 @@ def test_prometheus_rule_shape() -> None:
         "CascadeGatewayCoreNotificationFailures",
         "CascadeGatewayWebhookSignatureFailures",
         "CascadeGatewayPaidAfterFinal",
+        "CascadeGatewayReconciliationStalled",
     } <= alerts
     # Every rule is scoped to the release's namespace.
     for r in rules_of("production"):
@@ -963,6 +965,9 @@ async def test_dashboard_and_alerts_use_only_metrics_the_app_exports(
     # The worker (in this process, so on the gateway's /metrics) sets the task gauges every
     # 5 s; one pass now rather than waiting for the next.
     await stack.worker.measure_dlq()
+    # Reconciliation sets its gauges (every rule, 0 when none is open) once it has run.
+    rt = stack.runtime
+    assert (await Reconciler(rt.pool, rt.core, rt.engine.configs).run_once()).ran
     assert {"tasks_in_state", "task_oldest_in_state_seconds"} <= needed
 
     async def scrape() -> dict[str, dict[str, set[str]]]:
@@ -1145,10 +1150,31 @@ def stuck_task_tests() -> list[dict[str, Any]]:
     ]
 
 
+def recon_stalled_test() -> dict[str, Any]:
+    """Runs every 5 minutes (the default interval) until minute 20, then none: silent while
+    the last success is under 3 intervals (15 min) old, firing after."""
+    values = " ".join(str(300 * (min(minute, 20) // 5)) for minute in range(61))
+    series = f'recon_last_success_timestamp{{namespace="{NAMESPACE}",pod="worker-a"}}'
+    alert = "CascadeGatewayReconciliationStalled"
+    return {
+        "interval": "1m",
+        "input_series": [{"series": series, "values": values}],
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": alert, "exp_alerts": []},
+            {
+                "eval_time": "40m",
+                "alertname": alert,
+                "exp_alerts": [{"exp_labels": {"namespace": NAMESPACE, "severity": "critical"}}],
+            },
+        ],
+    }
+
+
 def alert_tests() -> list[dict[str, Any]]:
     at = "90m"
     return [
         *stuck_task_tests(),
+        recon_stalled_test(),
         {  # cascade 1/3 vs legacy 2/3 over ~270 withdrawals each: z ≈ -7.7, fires
             "interval": "1m",
             "input_series": cohort_series((1, 2), (2, 1)),
