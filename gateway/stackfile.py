@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from gateway.settings import REPO_ROOT
 
@@ -37,12 +37,17 @@ def data_dir(env: Mapping[str, str]) -> Path:
 
 
 def write(folder: Path, variables: Mapping[str, str]) -> None:
-    """Record the stack this process supervises (owner-only: it holds the ops token)."""
+    """Record the stack this process supervises: owner-only from its first byte (it holds the
+    ops token, maybe a database password), in a file of its own (a leftover or planted
+    temporary file, or a symlink in its place, is replaced, never written through)."""
     shared = {name: variables[name] for name in SHARED_VARIABLES if variables.get(name)}
     path = folder / STACK_FILE
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"pid": os.getpid(), "env": shared}, indent=2) + "\n")
-    temporary.chmod(0o600)
+    temporary.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    descriptor = os.open(temporary, flags, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(json.dumps({"pid": os.getpid(), "env": shared}, indent=2) + "\n")
     temporary.replace(path)
 
 
@@ -56,6 +61,8 @@ def remove(folder: Path) -> None:
 def running_stack(env: Mapping[str, str]) -> tuple[Path, dict[str, str]] | None:
     """The live dev stack's file and variables, or ``None`` when no stack runs there."""
     path = data_dir(env) / STACK_FILE
+    if not _mine(path):
+        return None
     pid = _owner(path)
     if pid is None or not _alive(pid):
         return None
@@ -86,12 +93,25 @@ def with_running_stack(env: Mapping[str, str]) -> tuple[dict[str, str], Path | N
 
 
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` without its password, for a line a person reads."""
+    """``dsn`` without its password, in the user info or a ``password`` query parameter, for
+    a line a person reads."""
     parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        parts = parts._replace(netloc=netloc)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(name.strip().lower() == "password" for name, _ in query):
+        masked = [(n, "***" if n.strip().lower() == "password" else v) for n, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
+
+
+def _mine(path: Path) -> bool:
+    """Whether ``path`` is a file of this user's (another's could name any database)."""
+    try:
+        return path.stat().st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _owner(path: Path) -> int | None:
