@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install tools run test lint typecheck unit bench bench-ab chaos format clean
+.PHONY: install tools run test lint typecheck unit bench bench-ab bench-peers chaos format clean
 
 install: $(STAMP)
 
@@ -61,6 +61,12 @@ bench: install
 # Every fault at once on the whole stack (1,000 withdrawals; CHAOS_WITHDRAWALS, CHAOS_RATE).
 chaos: install
 	$(VENV)/bin/python -m bench chaos
+
+# Ours against the same cascade on Temporal and on DBOS (bench/peers/). The peers group is
+# installed here and never by `make install`; the next `make install` removes it again.
+bench-peers: install
+	$(UV) sync --frozen --group peers --python $(PYTHON) --quiet
+	$(VENV)/bin/python -m bench peers
 
 # The cascade benchmark on BASE (a commit) and on this checkout, alternately, in one run.
 bench-ab: install
