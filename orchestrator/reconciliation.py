@@ -5,11 +5,12 @@ One run, under a fleet-wide Postgres advisory lock (one runner at a time), appli
 1. ``stale_freeze`` — a freeze open longer than its provider's webhook SLA + status-polling
    deadline + ``stale_margin``: ``critical``; in the band of ``stale_margin`` before that,
    ``warning``.
-2. ``double_success`` — two attempts of one withdrawal SUCCEEDED; ``success_after_final`` —
+2. ``double_success`` — two attempts of one withdrawal SUCCEEDED (checked for every success
+   since the previous run); ``success_after_final`` —
    a verified success webhook for an attempt that had ended without success.
 3. ``ledger_parity`` — an attempt's freeze as we recorded it (committed, rolled back) against
    cascade-core's ``GET /v1/balances/operations/{id}``, for up to ``ledger_budget`` attempts
-   per run: those settled since the last interval first, then a random sample of the window.
+   per run: those settled since the previous run first, then a random sample of the window.
 5. ``notification`` — a final withdrawal whose notification cascade-core has not acknowledged
    after ``notify_after`` seconds.
 
@@ -159,7 +160,7 @@ class Reconciler:
                 await self._measure(conn, await store.last_success(conn))
                 return RunReport(ran=False)
             report = RunReport(ran=True)
-            findings = await self._findings(conn, now, report)
+            findings = await self.findings(conn, now, report)
             await self._record(conn, findings, now, report)
             report.seconds = time.monotonic() - started
             await store.record_run(
@@ -183,13 +184,18 @@ class Reconciler:
         if last_success is not None:
             m.recon_last_success.set(last_success.timestamp())
 
-    async def _findings(self, conn: Connection, now: datetime, report: RunReport) -> list[Finding]:
+    async def findings(self, conn: Connection, now: datetime, report: RunReport) -> list[Finding]:
+        """Every rule's findings now (what a run records; the bench explains its queries)."""
         window = now - timedelta(seconds=self.policy.window)
+        # What changed since the previous run (an interval's overlap, within the window): a
+        # run after an outage catches up on everything the outage left unchecked.
+        last = await store.last_success(conn)
+        since = max(window, (last or window) - timedelta(seconds=self.policy.interval))
         findings = [
             *await self.stale_freezes(conn, now),
-            *await self.double_successes(conn, window),
+            *await self.double_successes(conn, since),
             *await self.successes_after_final(conn, window),
-            *await self.ledger_parity(conn, now, report),
+            *await self.ledger_parity(conn, now, since, report),
             *await self.notifications(conn, now),
         ]
         report.per_rule = dict(Counter(f.rule for f in findings))
@@ -295,12 +301,13 @@ class Reconciler:
         ]
 
     async def ledger_parity(
-        self, conn: Connection, now: datetime, report: RunReport
+        self, conn: Connection, now: datetime, since: datetime, report: RunReport
     ) -> list[Finding]:
-        """Rule 3: our settled freezes against cascade-core's view of each operation."""
+        """Rule 3: our settled freezes against cascade-core's view of each operation: those
+        settled ``since`` the previous run first, then a sample of the window."""
         attempts = await store.settled_attempts(
             conn,
-            recent_since=now - timedelta(seconds=self.policy.interval),
+            recent_since=since,
             window_since=now - timedelta(seconds=self.policy.window),
             budget=self.policy.ledger_budget,
         )

@@ -42,13 +42,19 @@ class OpenFreeze:
 async def open_freezes(conn: Connection, *, limit: int) -> list[OpenFreeze]:
     """Every open freeze (the oldest first, at most ``limit``), with when it was placed: the
     task's first entry into CREATING, where the engine freezes."""
+    # LATERAL … LIMIT 1 keeps the lookups per open freeze (index probes): a hash join would
+    # read every queue and withdrawal of the table for a few hundred freezes.
     rows = await conn.fetch(
         "SELECT t.task_id, q.withdrawal_id, t.provider_id, t.state, w.amount, w.currency,"
         " coalesce((SELECT min(e.created_at) FROM order_task_events e"
         "   WHERE e.task_id = t.task_id AND e.to_state = 'CREATING'), t.created_at) AS since"
-        " FROM order_tasks t JOIN order_queues q USING (queue_id)"
-        " JOIN withdrawals w USING (withdrawal_id)"
-        " WHERE t.freeze_state = 'frozen' ORDER BY t.state_entered_at LIMIT $1",
+        " FROM (SELECT task_id, queue_id, provider_id, state, created_at, state_entered_at"
+        "   FROM order_tasks WHERE freeze_state = 'frozen' ORDER BY state_entered_at LIMIT $1) t"
+        " CROSS JOIN LATERAL (SELECT withdrawal_id FROM order_queues"
+        "   WHERE queue_id = t.queue_id LIMIT 1) q"
+        " CROSS JOIN LATERAL (SELECT amount, currency FROM withdrawals"
+        "   WHERE withdrawal_id = q.withdrawal_id LIMIT 1) w"
+        " ORDER BY t.state_entered_at",
         limit,
     )
     return [
@@ -68,17 +74,21 @@ async def open_freezes(conn: Connection, *, limit: int) -> list[OpenFreeze]:
 async def double_successes(
     conn: Connection, since: datetime, *, limit: int
 ) -> list[dict[str, Any]]:
-    """Withdrawals with more than one SUCCEEDED attempt, one of them succeeded since ``since``."""
+    """Withdrawals with more than one SUCCEEDED attempt, one of them succeeded since ``since``
+    (the previous run: a second success is seen by the first run after it)."""
     rows = await conn.fetch(
-        "SELECT q.withdrawal_id, q.queue_id,"
-        " array_agg(o.task_id::text ORDER BY o.position) AS task_ids,"
-        " array_agg(o.provider_id ORDER BY o.position) AS providers,"
-        " array_agg(o.provider_reference ORDER BY o.position) AS references"
+        "SELECT q.withdrawal_id, d.queue_id, d.task_ids, d.providers, d.references"
         " FROM (SELECT DISTINCT queue_id FROM order_tasks"
         "   WHERE state = 'SUCCEEDED' AND state_entered_at >= $1) AS recent"
-        " JOIN order_queues q USING (queue_id)"
-        " JOIN order_tasks o ON o.queue_id = q.queue_id AND o.state = 'SUCCEEDED'"
-        " GROUP BY q.withdrawal_id, q.queue_id HAVING count(*) > 1 LIMIT $2",
+        " CROSS JOIN LATERAL (SELECT recent.queue_id,"
+        "   array_agg(o.task_id::text ORDER BY o.position) AS task_ids,"
+        "   array_agg(o.provider_id ORDER BY o.position) AS providers,"
+        "   array_agg(o.provider_reference ORDER BY o.position) AS references"
+        "   FROM order_tasks o WHERE o.queue_id = recent.queue_id AND o.state = 'SUCCEEDED'"
+        "   HAVING count(*) > 1) d"
+        " CROSS JOIN LATERAL (SELECT withdrawal_id FROM order_queues"
+        "   WHERE queue_id = d.queue_id LIMIT 1) q"
+        " LIMIT $2",
         since,
         limit,
     )
@@ -122,17 +132,30 @@ async def settled_attempts(
 ) -> list[SettledAttempt]:
     """Up to ``budget`` settled attempts to compare with the ledger: those settled since
     ``recent_since`` first (the newest first), then a random sample of the rest of the window."""
+    # The sample: ``budget`` random instants of the rest of the window, each the first
+    # settlement at or after it: one index probe each (the instants are drawn in a subquery
+    # of their own, so each is a constant to its probe). Not uniform per attempt — one after
+    # a quiet spell weighs more — but each run looks at other attempts, none reads the window.
     rows = await conn.fetch(
         "(SELECT task_id, queue_id, provider_id, state, freeze_state, state_entered_at"
         "  FROM order_tasks WHERE freeze_state IN ('committed', 'rolled_back')"
         "  AND state_entered_at >= $1 ORDER BY state_entered_at DESC LIMIT $3)"
-        " UNION ALL"
-        " (SELECT task_id, queue_id, provider_id, state, freeze_state, state_entered_at"
-        "  FROM order_tasks WHERE freeze_state IN ('committed', 'rolled_back')"
-        "  AND state_entered_at >= $2 AND state_entered_at < $1 ORDER BY random() LIMIT $3)",
+        " UNION"
+        " (SELECT s.* FROM (SELECT $2::timestamptz"
+        "   + random() * ($1::timestamptz - $2::timestamptz) AS at"
+        "   FROM generate_series(1, $3)) AS g CROSS JOIN LATERAL"
+        "  (SELECT task_id, queue_id, provider_id, state, freeze_state, state_entered_at"
+        "   FROM order_tasks WHERE freeze_state IN ('committed', 'rolled_back')"
+        "   AND state_entered_at >= g.at AND state_entered_at < $1"
+        "   ORDER BY state_entered_at LIMIT 1) s)",
         recent_since,
         window_since,
         budget,
+    )
+    # The recent ones first, the newest first.
+    rows = sorted(
+        rows,
+        key=lambda r: (r["state_entered_at"] < recent_since, -r["state_entered_at"].timestamp()),
     )
     queues = {r["queue_id"] for r in rows[:budget]}
     owners: dict[uuid.UUID, str] = {

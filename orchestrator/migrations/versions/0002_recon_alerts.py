@@ -77,11 +77,12 @@ CREATE INDEX order_tasks_succeeded ON order_tasks (state_entered_at, queue_id)
 CREATE INDEX order_tasks_settled ON order_tasks (state_entered_at)
     WHERE freeze_state IN ('committed', 'rolled_back');
 CREATE INDEX notifications_unacked ON notifications (created_at) WHERE acked_at IS NULL;
-CREATE INDEX unmatched_webhooks_received ON unmatched_webhooks (received_at);
+CREATE INDEX unmatched_webhooks_paid_after_final ON unmatched_webhooks (received_at)
+    WHERE reason = 'success_after_final';
 """
 
 DOWNGRADE = """
-DROP INDEX unmatched_webhooks_received;
+DROP INDEX unmatched_webhooks_paid_after_final;
 DROP INDEX notifications_unacked;
 DROP INDEX order_tasks_settled;
 DROP INDEX order_tasks_succeeded;
