@@ -93,7 +93,13 @@ def _worker(settings: Settings) -> int:
             js=runtime.js,
             core=runtime.core,
             concurrency=settings.worker_concurrency,
-            reconciler=Reconciler(runtime.pool, runtime.core, settings.providers, settings.recon),
+            reconciler=Reconciler(
+                runtime.pool,
+                runtime.core,
+                settings.providers,
+                settings.recon,
+                providers=runtime.provider_adapter,
+            ),
         )
         _settle_heap()
         stop = asyncio.Event()

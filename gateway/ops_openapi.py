@@ -169,7 +169,7 @@ def _alerts_operation(bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
             _query(
                 "rule",
                 "One rule: stale_freeze, double_success, success_after_final,"
-                " ledger_parity, notification, alert_cap.",
+                " ledger_parity, provider_parity, notification, alert_cap.",
             ),
             _query("limit", "At most this many, 1..1000 (default 200)."),
         ],

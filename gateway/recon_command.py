@@ -34,7 +34,8 @@ SUMMARIES = {
 RUN_ENVIRONMENT = (
     "DATABASE_URL, and CORE_URL unless SANDBOX_ENABLED=true; optional: PROVIDERS_FILE,"
     " CORE_TOKEN, RECON_INTERVAL_SECONDS, RECON_WINDOW_SECONDS, RECON_STALE_MARGIN_SECONDS,"
-    " RECON_NOTIFY_AFTER_SECONDS, RECON_LEDGER_BUDGET, RECON_MAX_NEW_ALERTS"
+    " RECON_NOTIFY_AFTER_SECONDS, RECON_LEDGER_BUDGET, RECON_PROVIDER_BUDGET,"
+    " RECON_MAX_NEW_ALERTS"
 )
 NEEDS = {
     "recon": CLIENT_ENVIRONMENT,
@@ -49,6 +50,7 @@ _ACTIONS = ("ack", "resolve", "accept")
 async def run_now(settings: Settings, out: Callable[[str], None] = print) -> int:
     """``recon run``: one run from this process; its report as JSON."""
     from orchestrator.core_client import HttpCascadeCore  # noqa: PLC0415
+    from orchestrator.provider_client import HttpProviderAdapter  # noqa: PLC0415
     from orchestrator.reconciliation import Reconciler  # noqa: PLC0415
     from orchestrator.store import create_pool  # noqa: PLC0415
 
@@ -58,10 +60,12 @@ async def run_now(settings: Settings, out: Callable[[str], None] = print) -> int
         raise ValueError("CORE_URL is not set (and SANDBOX_ENABLED is not true)")
     pool = await create_pool(settings.asyncpg_dsn, min_size=1, max_size=2)
     core = HttpCascadeCore(settings.core_url, settings.core_token)
+    providers = HttpProviderAdapter()
     try:
-        reconciler = Reconciler(pool, core, settings.providers, settings.recon)
+        reconciler = Reconciler(pool, core, settings.providers, settings.recon, providers=providers)
         report = await reconciler.run_once()
     finally:
+        await providers.aclose()
         await core.aclose()
         await pool.close()
     out(json.dumps(report.as_dict(), indent=2))

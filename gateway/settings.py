@@ -307,5 +307,6 @@ def _recon(env: Mapping[str, str]) -> ReconPolicy:
         stale_margin=_number(env, "RECON_STALE_MARGIN_SECONDS", 600, maximum=day),
         notify_after=_number(env, "RECON_NOTIFY_AFTER_SECONDS", 600, maximum=day),
         ledger_budget=_integer(env, "RECON_LEDGER_BUDGET", 500, minimum=0, maximum=100_000),
+        provider_budget=_integer(env, "RECON_PROVIDER_BUDGET", 20, minimum=0, maximum=10_000),
         max_new_alerts=_integer(env, "RECON_MAX_NEW_ALERTS", 200, minimum=1, maximum=100_000),
     )

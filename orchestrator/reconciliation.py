@@ -11,16 +11,21 @@ One run, under a fleet-wide Postgres advisory lock (one runner at a time), appli
 3. ``ledger_parity`` — an attempt's freeze as we recorded it (committed, rolled back) against
    cascade-core's ``GET /v1/balances/operations/{id}``, for up to ``ledger_budget`` attempts
    per run: those settled since the previous run first, then a random sample of the window.
+4. ``provider_parity`` — our state of an attempt against its provider's status endpoint, for
+   attempts the provider accepted that became final since the previous run and attempts
+   waiting (EXECUTING, MANUAL_CHECK) past their webhook SLA: at most ``provider_budget``
+   status calls per provider per run, one at a time.
 5. ``notification`` — a final withdrawal whose notification cascade-core has not acknowledged
    after ``notify_after`` seconds.
 
-(Rule 4, provider parity, and rule 6, returns after success, are not built yet: see the
-README.) Each finding is a fingerprinted alert (:class:`orchestrator.store.recon.Finding`): the
-same finding seen again updates its alert. At most ``max_new_alerts`` new alerts per run; the
+(Rule 6, returns after success, is not built yet: see the README.) Each finding is a
+fingerprinted alert (:class:`orchestrator.store.recon.Finding`): the same finding seen again
+updates its alert. At most ``max_new_alerts`` new alerts per run; the
 rest raise one ``alert_cap`` meta-alert naming how many were held back.
 
-Money safety: a run reads the engine's tables and cascade-core's read-only operation endpoint,
-and writes only the alert tables. It never changes a withdrawal, a task or a balance.
+Money safety: a run reads the engine's tables, cascade-core's read-only operation endpoint and
+the providers' status endpoints (GET), and writes only the alert tables. It never changes a
+withdrawal, a task or a balance.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from typing import Any, Protocol
 from contracts.providers_file import ProviderConfig
 from orchestrator import metrics as m
 from orchestrator.core_client import CoreRefused, CoreUnavailable, FreezeState
+from orchestrator.domain import Ambiguous
+from orchestrator.provider_client import ProviderAdapter
 from orchestrator.store import Connection, Pool
 from orchestrator.store import recon as store
 from orchestrator.store.recon import Finding
@@ -47,6 +54,7 @@ RULES = (
     "double_success",
     "success_after_final",
     "ledger_parity",
+    "provider_parity",
     "notification",
     "alert_cap",
 )
@@ -93,6 +101,7 @@ class ReconPolicy:
     stale_margin: float = 600.0
     notify_after: float = 600.0
     ledger_budget: int = 500
+    provider_budget: int = 20
     max_new_alerts: int = 200
 
 
@@ -109,6 +118,8 @@ class RunReport:
     held_back: int = 0
     ledger_checked: int = 0
     ledger_unreachable: int = 0
+    provider_checked: int = 0
+    provider_unreachable: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +131,8 @@ class RunReport:
             "held_back": self.held_back,
             "ledger_checked": self.ledger_checked,
             "ledger_unreachable": self.ledger_unreachable,
+            "provider_checked": self.provider_checked,
+            "provider_unreachable": self.provider_unreachable,
         }
 
 
@@ -144,11 +157,14 @@ class Reconciler:
         ledger: LedgerReader,
         configs: Mapping[str, ProviderConfig],
         policy: ReconPolicy | None = None,
+        providers: ProviderAdapter | None = None,
     ) -> None:
         self.pool = pool
         self.ledger = ledger
         self.configs = configs
         self.policy = policy or ReconPolicy()
+        # None: no provider is asked (rule 4 off).
+        self.providers = providers
 
     async def run_once(self) -> RunReport:
         """One run, if no other runner holds the lock; the alerts are written atomically."""
@@ -196,6 +212,7 @@ class Reconciler:
             *await self.double_successes(conn, since),
             *await self.successes_after_final(conn, window),
             *await self.ledger_parity(conn, now, since, report),
+            *await self.provider_parity(conn, now, since, report),
             *await self.notifications(conn, now),
         ]
         report.per_rule = dict(Counter(f.rule for f in findings))
@@ -334,6 +351,41 @@ class Reconciler:
             findings.append(_ledger_finding(attempt, theirs, datetime.now(UTC)))
         return findings
 
+    async def provider_parity(
+        self, conn: Connection, now: datetime, since: datetime, report: RunReport
+    ) -> list[Finding]:
+        """Rule 4: our state of an attempt against its provider's status endpoint."""
+        if self.providers is None or self.policy.provider_budget == 0:
+            return []
+        candidates = await store.provider_checks(
+            conn, final_since=since, in_flight_before=now, limit=_ROWS_PER_RULE
+        )
+        asked: Counter[str] = Counter()
+        stop_at = time.monotonic() + self.policy.interval / 3
+        findings = []
+        for check in candidates:
+            config = self.configs.get(check.provider_id)
+            if config is None or asked[check.provider_id] >= self.policy.provider_budget:
+                continue
+            # An attempt in MANUAL_CHECK is past its SLA by definition; one EXECUTING may
+            # still get its webhook within the SLA.
+            executing_for = (now - check.since).total_seconds()
+            if check.state == "EXECUTING" and executing_for <= (config.webhook_sla_seconds or 0):
+                continue
+            if time.monotonic() > stop_at:
+                report.provider_unreachable += 1
+                continue
+            asked[check.provider_id] += 1
+            answer = await self.providers.status(config, check.provider_order_id)
+            if isinstance(answer, Ambiguous):
+                report.provider_unreachable += 1  # proves nothing: asked again later
+                continue
+            report.provider_checked += 1
+            severity = provider_disagreement(check.state, answer.status)
+            if severity is not None:
+                findings.append(_provider_finding(check, answer.status, severity, now))
+        return findings
+
     async def notifications(self, conn: Connection, now: datetime) -> list[Finding]:
         """Rule 5: final-status notifications cascade-core has not acknowledged in time."""
         older_than = now - timedelta(seconds=self.policy.notify_after)
@@ -358,6 +410,56 @@ class Reconciler:
             )
             for r in rows
         ]
+
+
+_WAITING = frozenset({"EXECUTING", "MANUAL_CHECK"})
+_NOT_PAID = frozenset({"FAILED", "CANCELLED", "SKIPPED"})
+# Our state → the provider's statuses that disagree with it → severity. Critical where money
+# may be wrong (paid on one side only, or a payout still possible after we gave up); a
+# warning where we merely wait for an outcome the provider already has.
+_PAID_HERE_ONLY = {"failed": "critical", "cancelled": "critical", "absent": "critical"}
+PROVIDER_DISAGREEMENTS: dict[str, dict[str, str]] = {
+    "SUCCEEDED": {**_PAID_HERE_ONLY, "pending": "warning"},
+    **{state: {"succeeded": "critical", "pending": "critical"} for state in _NOT_PAID},
+    **{
+        state: {
+            "succeeded": "warning",
+            "failed": "warning",
+            "cancelled": "warning",
+            "absent": "warning",
+        }
+        for state in _WAITING
+    },
+}
+
+
+def provider_disagreement(ours: str, theirs: str) -> str | None:
+    """The severity of the provider answering ``theirs`` for an attempt in ``ours``; None
+    when the two agree."""
+    return PROVIDER_DISAGREEMENTS.get(ours, {}).get(theirs)
+
+
+def _provider_finding(
+    check: store.ProviderCheck, theirs: str, severity: str, at: datetime
+) -> Finding:
+    return Finding(
+        fingerprint=f"provider_parity:{check.task_id}",
+        rule="provider_parity",
+        severity=severity,
+        summary=f"attempt {check.task_id} on {check.provider_id}: we have {check.state},"
+        f" the provider says {theirs}",
+        evidence={
+            "checked_at": at.isoformat(),
+            "provider_id": check.provider_id,
+            "order_id": check.provider_order_id,
+            "ours": check.state,
+            "provider_status": theirs,
+            "state_since": check.since.isoformat(),
+        },
+        withdrawal_id=check.withdrawal_id or None,
+        task_id=check.task_id,
+        reopens=True,
+    )
 
 
 def _ledger_finding(

@@ -178,6 +178,59 @@ async def settled_attempts(
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderCheck:
+    """An attempt whose provider is asked for its view of the order."""
+
+    task_id: uuid.UUID
+    withdrawal_id: str
+    provider_id: str
+    provider_order_id: str
+    state: str
+    since: datetime
+
+
+async def provider_checks(
+    conn: Connection, *, final_since: datetime, in_flight_before: datetime, limit: int
+) -> list[ProviderCheck]:
+    """Attempts to compare with their provider: those the provider accepted that became
+    final since ``final_since`` (the newest first), then those waiting (EXECUTING,
+    MANUAL_CHECK) since before ``in_flight_before`` (the oldest first); each part at most
+    ``limit``."""
+    rows = await conn.fetch(
+        "(SELECT task_id, queue_id, provider_id, provider_order_id, state, state_entered_at"
+        "  FROM order_tasks WHERE freeze_state IN ('committed', 'rolled_back')"
+        "  AND state_entered_at >= $1 AND provider_reference IS NOT NULL"
+        "  ORDER BY state_entered_at DESC LIMIT $3)"
+        " UNION ALL"
+        " (SELECT task_id, queue_id, provider_id, provider_order_id, state, state_entered_at"
+        "  FROM order_tasks WHERE freeze_state = 'frozen'"
+        "  AND state IN ('EXECUTING', 'MANUAL_CHECK') AND state_entered_at < $2"
+        "  ORDER BY state_entered_at LIMIT $3)",
+        final_since,
+        in_flight_before,
+        limit,
+    )
+    owners: dict[uuid.UUID, str] = {
+        r["queue_id"]: r["withdrawal_id"]
+        for r in await conn.fetch(
+            "SELECT queue_id, withdrawal_id FROM order_queues WHERE queue_id = ANY($1::uuid[])",
+            list({r["queue_id"] for r in rows}),
+        )
+    }
+    return [
+        ProviderCheck(
+            task_id=r["task_id"],
+            withdrawal_id=owners.get(r["queue_id"], ""),
+            provider_id=r["provider_id"],
+            provider_order_id=r["provider_order_id"],
+            state=r["state"],
+            since=r["state_entered_at"],
+        )
+        for r in rows
+    ]
+
+
 async def freeze_state_of(conn: Connection, task_id: uuid.UUID) -> str | None:
     """Our record of one attempt's freeze now (to tell a discrepancy from a settlement in
     flight when the ledger disagrees)."""

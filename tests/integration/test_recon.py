@@ -26,9 +26,21 @@ from tests.waiting import wait_until
 OPS = {"Authorization": "Bearer ops-token", "X-Operator": "tester"}
 
 
-def _reconciler(stack: Stack, **policy: Any) -> Reconciler:
+def _reconciler(stack: Stack, *, ask_providers: bool = False, **policy: Any) -> Reconciler:
     rt = stack.runtime
-    return Reconciler(rt.pool, rt.core, rt.engine.configs, ReconPolicy(**policy))
+    providers = rt.provider_adapter if ask_providers else None
+    return Reconciler(
+        rt.pool, rt.core, rt.engine.configs, ReconPolicy(**policy), providers=providers
+    )
+
+
+async def _provider_says(stack: Stack, reference: str, status: str) -> None:
+    """The sandbox provider changes its order's status without telling us (a lost webhook)."""
+    assert stack.sandbox is not None
+    moved = await stack.sandbox.db.pool.execute(
+        "UPDATE orders SET status = $2 WHERE reference = $1", reference, status
+    )
+    assert moved == "UPDATE 1"
 
 
 async def _final(stack: Stack, providers: list[str]) -> tuple[str, dict[str, Any]]:
@@ -75,9 +87,10 @@ async def test_a_clean_run_raises_no_alert(make_stack: StackFactory) -> None:
     stack = await make_stack()
     for providers in (["sbx_ok"], ["sbx_sync_ok"], ["sbx_decline", "sbx_ok"], ["sbx_decline"]):
         await _final(stack, providers)
-    report = await _run(stack, _reconciler(stack))
+    report = await _run(stack, _reconciler(stack, ask_providers=True))
     assert report.detections == 0, report.as_dict()
     assert report.ledger_checked >= 4
+    assert report.provider_checked >= 2  # the accepted ones: sbx_ok twice
     assert await _alerts(stack) == []
 
 
@@ -255,3 +268,43 @@ async def test_the_worker_runs_it_every_interval_and_reports_it(make_stack: Stac
 
 async def _at_least(check: Callable[[], Awaitable[int]], n: int) -> bool:
     return await check() >= n
+
+
+async def test_provider_parity_sees_a_payout_we_never_heard_of(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    failed, _ = await _final(stack, ["sbx_accept_fail"])
+    task = (await _tasks(stack, failed))[0]
+    await _provider_says(stack, task["provider_reference"], "succeeded")
+    report = await _run(stack, _reconciler(stack, ask_providers=True, ledger_budget=0))
+    assert report.per_rule == {"provider_parity": 1}, report.as_dict()
+    (alert,) = await _alerts(stack)
+    assert (alert["severity"], alert["withdrawal_id"]) == ("critical", failed)
+    assert (alert["evidence"]["ours"], alert["evidence"]["provider_status"]) == (
+        "FAILED",
+        "succeeded",
+    )
+
+
+async def test_provider_parity_warns_of_an_outcome_a_waiting_attempt_missed(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    wid = new_id()
+    created = await stack.client.post(
+        "/v1/withdrawals", json=withdrawal_body(wid, ["sbx_silent"]), headers=stack.headers
+    )
+    assert created.status_code == 201
+
+    async def waiting() -> dict[str, Any] | None:
+        tasks = await _tasks(stack, wid)
+        return tasks[0] if tasks and tasks[0]["state"] == "MANUAL_CHECK" else None
+
+    task = await wait_until(waiting, timeout=30, what="the silent attempt in MANUAL_CHECK")
+    clean = await _run(stack, _reconciler(stack, ask_providers=True, ledger_budget=0))
+    assert "provider_parity" not in clean.per_rule  # pending at the provider: agreed
+    await _provider_says(stack, task["provider_reference"], "failed")
+    report = await _run(stack, _reconciler(stack, ask_providers=True, ledger_budget=0))
+    assert report.per_rule.get("provider_parity") == 1, report.as_dict()
+    (alert,) = [a for a in await _alerts(stack) if a["rule"] == "provider_parity"]
+    assert alert["severity"] == "warning"
+    assert alert["evidence"]["ours"] == "MANUAL_CHECK"
