@@ -32,13 +32,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
@@ -126,8 +127,14 @@ def parse_flags(raw: bytes, path: Path) -> dict[str, Any]:
     """Check a flags file's content (``path`` names it in the error); the parsed document.
 
     The file must define the ``withdrawals.cascade`` toggle (on or off): a server's answer
-    without it targets nobody, but a file without it is a mistake to refuse at start.
+    without it targets nobody, but a file without it is a mistake to refuse at start. And the
+    Unleash engine must take it: the engine ignores a document it cannot read and keeps its
+    old state, so a file it refuses would route by the old flags while reporting the new.
     """
+    try:
+        raw.decode()
+    except UnicodeDecodeError as exc:
+        raise FlagsError(f"FLAGS_FILE {path}: not UTF-8 (byte {exc.start}: {exc.reason})") from exc
     try:
         document = msgspec.json.decode(raw, type=_FeaturesFile)
         parsed: dict[str, Any] = msgspec.json.decode(raw)
@@ -140,7 +147,83 @@ def parse_flags(raw: bytes, path: Path) -> dict[str, Any]:
     if TOGGLE not in names:
         has = ", ".join(repr(n) for n in names) if names else "none"
         raise FlagsError(f"FLAGS_FILE {path}: no {TOGGLE!r} toggle (toggles in the file: {has})")
+    try:
+        msgspec.json.decode(raw, type=_EngineFile)
+    except msgspec.ValidationError as exc:
+        raise FlagsError(f"FLAGS_FILE {path}: not an Unleash features file ({exc})") from exc
+    refusal = engine_refusal(raw)
+    if refusal is not None:
+        raise FlagsError(f"FLAGS_FILE {path}: the Unleash engine refuses it ({refusal})")
     return parsed
+
+
+# What the Unleash engine (yggdrasil) requires where the router's digest is lenient: checked
+# first for an error that names the field; the engine itself has the last word.
+
+
+class _EngineConstraint(msgspec.Struct):
+    contextName: str  # noqa: N815 — Unleash's wire names
+    operator: str
+    values: list[str] | None = None
+    value: str | None = None
+    inverted: bool = False
+    caseInsensitive: bool = False  # noqa: N815
+
+
+class _EngineStrategy(msgspec.Struct):
+    name: str
+    parameters: dict[str, str] | None = None
+    constraints: list[_EngineConstraint] | None = None
+    segments: list[int] | None = None
+    variants: list[dict[str, Any]] | None = None
+
+
+class _EngineFeature(msgspec.Struct):
+    name: str
+    enabled: bool
+    type: str | None = None
+    description: str | None = None
+    stale: bool | None = None
+    impressionData: bool | None = None  # noqa: N815
+    strategies: list[_EngineStrategy] | None = None
+    variants: list[dict[str, Any]] | None = None
+
+
+class _EngineSegment(msgspec.Struct):
+    id: int
+    constraints: list[_EngineConstraint]
+
+
+class _EngineFile(msgspec.Struct):
+    version: Annotated[int, msgspec.Meta(ge=0)]
+    features: list[_EngineFeature]
+    segments: list[_EngineSegment] | None = None
+
+
+_ENGINE_WARNING = re.compile(r'toggle_name: "([^"]*)", message: "((?:[^"\\]|\\.)*)"')
+
+
+def engine_refusal(raw: bytes) -> str | None:
+    """Why a scratch Unleash engine does not take this features document cleanly, or None.
+
+    The engine the client runs drops a document it cannot read (and keeps its old state)
+    and compiles a toggle it cannot evaluate to "always off", both without raising."""
+    from yggdrasil_engine.engine import (  # type: ignore[import-untyped]  # noqa: PLC0415 — heavy
+        StatusCode,
+        UnleashEngine,
+    )
+
+    engine = UnleashEngine()
+    pointer = engine.lib.take_state(engine.state, raw)
+    with engine.materialize_pointer(pointer, list) as response:
+        if response.status_code == StatusCode.OK:
+            return None
+        message = str(response.error_message or response.status_code.value)
+    warning = _ENGINE_WARNING.search(message)
+    if warning is not None:
+        detail = warning.group(2).replace('\\"', '"')
+        message = f"toggle {warning.group(1)!r}: {detail}"
+    return " ".join(message.split())[:300]
 
 
 @dataclass(frozen=True)

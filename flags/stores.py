@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,17 +76,37 @@ class FlagsFile:
         feature["enabled"] = after.enabled
         feature["strategies"] = list(after.strategies)
         content = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
-        with contextlib.suppress(FlagsError):
-            if read_flags_bytes(self.path) != self._raw:
-                raise FlagsEditError(
-                    f"{self.where} changed while this command ran: nothing written, run it again"
-                )
-        _replace_atomically(self.path, content)
+        # Compare and rename under the sidecar lock: another command's edit made after this
+        # one read the file is refused, never silently undone.
+        with _locked(self.path):
+            with contextlib.suppress(FlagsError):
+                if read_flags_bytes(self.path) != self._raw:
+                    raise FlagsEditError(
+                        f"{self.where} changed while this command ran: nothing written,"
+                        " run it again"
+                    )
+            _replace_atomically(self.path, content)
 
 
 def _feature(document: dict[str, Any]) -> dict[str, Any]:
     feature: dict[str, Any] = next(f for f in document["features"] if f["name"] == TOGGLE)
     return feature
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``<FLAGS_FILE>.lock`` (kept: removing it would race)."""
+    target = path.resolve()
+    lock = target.with_name(target.name + ".lock")
+    try:
+        descriptor = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise FlagsEditError(f"FLAGS_FILE {path}: cannot lock {lock} ({exc.strerror})") from exc
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _replace_atomically(path: Path, content: bytes) -> None:
@@ -104,12 +126,22 @@ def _replace_atomically(path: Path, content: bytes) -> None:
         temporary.chmod(mode)
         parse_flags(temporary.read_bytes(), path)  # what the gateway will check
         temporary.replace(target)
+        _sync_directory(target.parent)
     except FlagsError as exc:
         raise FlagsEditError(f"nothing written: the edited file would be refused ({exc})") from exc
     except OSError as exc:
         raise FlagsEditError(f"FLAGS_FILE {path}: cannot write ({exc.strerror})") from exc
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the rename itself durable."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 # --- Unleash's Admin API --------------------------------------------------------------------
@@ -143,7 +175,7 @@ class UnleashFlags:
 
     async def read(self) -> Toggle:
         missing = f"Unleash at {self.url} has no toggle {TOGGLE!r} in project {self.project!r}"
-        feature = await self._call("GET", self._feature, missing=missing)
+        feature = await self._call("GET", self._feature, missing=missing) or {}
         environments = feature.get("environments", [])
         env = next((e for e in environments if e.get("name") == self.environment), None)
         if env is None:
@@ -155,7 +187,7 @@ class UnleashFlags:
         strategies = tuple(env.get("strategies", []))
         segments: dict[int, dict[str, Any]] = {}
         if any(s.get("segments") for s in strategies):
-            listed = await self._call("GET", "/admin/segments")
+            listed = await self._call("GET", "/admin/segments") or {}
             segments = {s["id"]: s for s in listed.get("segments", [])}
         return Toggle(enabled=bool(env.get("enabled")), strategies=strategies, segments=segments)
 
@@ -181,8 +213,8 @@ class UnleashFlags:
 
     async def _call(
         self, method: str, path: str, body: Any = None, *, missing: str | None = None
-    ) -> Any:
-        """The answer's JSON; FlagsEditError in one line (``missing`` for a 404)."""
+    ) -> dict[str, Any] | None:
+        """The answer's JSON object; FlagsEditError in one line (``missing`` for a 404)."""
         import aiohttp  # noqa: PLC0415 — only this store speaks HTTP
 
         timeout = aiohttp.ClientTimeout(total=self._timeout)
@@ -196,10 +228,28 @@ class UnleashFlags:
                 if response.status == 404 and missing is not None:
                     raise FlagsEditError(missing)
                 _check(self.url, method, path, response.status, text)
-                return json.loads(text) if text.strip() else None
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
             raise FlagsEditError(f"cannot reach Unleash at {self.url} ({reason})") from exc
+        return _answer(self.url, method, path, text)
+
+
+def _answer(url: str, method: str, path: str, text: str) -> dict[str, Any] | None:
+    """A 2xx answer's JSON object (None when empty); else FlagsEditError with a hint: the
+    Unleash UI at the server's root answers 200 with its HTML page."""
+    if not text.strip():
+        return None
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        start = " ".join(text.split())[:60]
+        raise FlagsEditError(
+            f"Unleash {method} {path} answered with no JSON object ({start!r}): UNLEASH_URL"
+            f" must be the API root, e.g. http://unleash:4242/api (it is {url})"
+        )
+    return answer
 
 
 def _body(strategy: dict[str, Any] | None) -> dict[str, Any]:

@@ -138,13 +138,29 @@ def _refresh_seconds(env: Mapping[str, str]) -> str:
 
 
 def _flags_file(env: Mapping[str, str]) -> Path:
-    """``FLAGS_FILE``, else the running make run stack's, else the default the gateway uses."""
-    if env.get("FLAGS_FILE"):
-        return Path(env["FLAGS_FILE"])
+    """``FLAGS_FILE``, else the running make run stack's, else the default the gateway uses.
+
+    A stack that routes from Unleash never re-reads its FLAGS_FILE: refused, not edited."""
     running = stackfile.running_stack(env)
-    if running is not None and running[1].get("FLAGS_FILE"):
-        return Path(running[1]["FLAGS_FILE"])
-    return DEFAULT_FLAGS_FILE
+    if running is None:
+        return Path(env.get("FLAGS_FILE") or DEFAULT_FLAGS_FILE)
+    stack_json, recorded = running
+    stack_file = Path(recorded.get("FLAGS_FILE") or DEFAULT_FLAGS_FILE)
+    path = Path(env["FLAGS_FILE"]) if env.get("FLAGS_FILE") else stack_file
+    if recorded.get("UNLEASH_URL") and _same(path, stack_file):
+        raise _Usage(
+            f"the make run stack recorded in {stack_json} routes from Unleash at"
+            f" {recorded['UNLEASH_URL']}, not from {path}: set UNLEASH_URL and"
+            " UNLEASH_ADMIN_TOKEN (an admin API token) to show or change the toggle there"
+        )
+    return path
+
+
+def _same(one: Path, other: Path) -> bool:
+    try:
+        return one.samefile(other)
+    except OSError:
+        return one.resolve() == other.resolve()
 
 
 def _unleash_scope(env: Mapping[str, str]) -> tuple[str, str]:

@@ -28,7 +28,11 @@ SHARED_VARIABLES = (
     "OPS_API_TOKENS",
     "FLAGS_FILE",
     "UNLEASH_REFRESH_SECONDS",
+    "UNLEASH_URL",  # never its token: `flags` only needs to know the stack reads Unleash
 )
+# Recorded for `flags`, not merged by with_running_stack: without UNLEASH_API_TOKEN the
+# settings of a command given it would refuse to load.
+RECORDED_ONLY = ("UNLEASH_URL",)
 
 
 def data_dir(env: Mapping[str, str]) -> Path:
@@ -87,7 +91,7 @@ def with_running_stack(env: Mapping[str, str]) -> tuple[dict[str, str], Path | N
         return merged, None
     path, recorded = found
     for name, value in recorded.items():
-        if not merged.get(name):
+        if name not in RECORDED_ONLY and not merged.get(name):
             merged[name] = value
     return merged, path
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from flags.admin import FlagsEditError, plan_allow
+from flags import stores
+from flags.admin import Edit, FlagsEditError, Plan, plan_allow, plan_kill
 from flags.router import CohortRouter, load_flags_file
 from flags.stores import FlagsFile
 from gateway import stackfile
@@ -84,7 +90,8 @@ def test_allow_rewrites_the_file_whole_and_the_client_routes_by_it(
     document = load_flags_file(flags_file)  # what the gateway checks
     assert document["features"][1] == {"name": "other.toggle", "enabled": True, "strategies": []}
     assert flags_file.stat().st_mode & 0o777 == 0o640
-    assert sorted(p.name for p in flags_file.parent.iterdir()) == ["flags.json"]  # no temp left
+    # No temporary file left; the lock file beside it stays (removing it would race).
+    assert sorted(p.name for p in flags_file.parent.iterdir()) == ["flags.json", "flags.json.lock"]
     router = CohortRouter(flags_file=flags_file)
     router.start()
     routers.append(router)
@@ -232,24 +239,59 @@ def test_an_unusable_environment_is_one_line_and_exit_2(
     assert _run(capsys, "show") == (2, [], [f"cascade-gateway: flags show: {error}"])
 
 
+def _numeric_rollout() -> bytes:
+    """The kill switch on by hand, the rollout a JSON number: the engine would ignore it."""
+    document = flags_document(enabled=False, merchants=["m_a"], rollout=100)
+    document["features"][0]["strategies"][1]["parameters"]["rollout"] = 100
+    return json.dumps(document).encode()
+
+
 @pytest.mark.parametrize(
     ("content", "error"),
     [
-        ("{not json", "not valid JSON"),
+        (b"{not json", "not valid JSON"),
         (
-            json.dumps({"features": [{"name": "withdrawal.cascade", "enabled": True}]}),
+            json.dumps({"features": [{"name": "withdrawal.cascade", "enabled": True}]}).encode(),
             "no 'withdrawals.cascade' toggle",
         ),
+        (
+            json.dumps(flags_document(enabled=True, merchants=["m_a"]))
+            .replace("m_a", "m_\xe9")
+            .encode("latin-1"),
+            "not UTF-8",
+        ),
+        (_numeric_rollout(), "not an Unleash features file (Expected `str`, got `int`"),
     ],
 )
+@pytest.mark.parametrize("command", [["show"], ["allow", "m_x"], ["kill", "off"]])
 def test_a_bad_flags_file_is_one_line_and_left_alone(
-    flags_file: Path, capsys: pytest.CaptureFixture[str], content: str, error: str
+    flags_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    error: str,
+    command: list[str],
 ) -> None:
-    flags_file.write_text(content)
-    status, out, err = _run(capsys, "allow", "m_x")
+    flags_file.write_bytes(content)
+    status, out, err = _run(capsys, *command)
     assert (status, out, len(err)) == (2, [], 1)
-    assert err[0].startswith(f"cascade-gateway: flags allow: FLAGS_FILE {flags_file}: {error}")
-    assert flags_file.read_text() == content
+    prefix = f"cascade-gateway: flags {command[0]}: FLAGS_FILE {flags_file}: {error}"
+    assert err[0].startswith(prefix)
+    assert flags_file.read_bytes() == content
+
+
+async def test_an_edit_the_engine_would_ignore_is_not_written(flags_file: Path) -> None:
+    store = FlagsFile(flags_file)
+    toggle = await store.read()
+    bad = {"name": "default", "parameters": {}, "constraints": [], "segments": [99]}
+    before = flags_file.read_bytes()
+    plan = Plan(edits=(Edit("add", strategy=bad),))
+    with pytest.raises(FlagsEditError) as caught:
+        await store.write(toggle, plan)
+    assert str(caught.value).startswith(
+        "nothing written: the edited file would be refused (FLAGS_FILE"
+    )
+    assert "the Unleash engine refuses it" in str(caught.value)
+    assert flags_file.read_bytes() == before
 
 
 def test_a_missing_flags_file_is_one_line(
@@ -285,6 +327,134 @@ def test_the_file_of_the_running_make_run_stack_else_the_default(
     data.mkdir()
     stackfile.write(data, {"FLAGS_FILE": str(flags_file)})  # this process plays the stack
     assert _run(capsys, "show")[1][0] == f"withdrawals.cascade in FLAGS_FILE {flags_file}"
+
+
+async def test_two_concurrent_edits_never_lose_one(
+    flags_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill on and allow m_x read the same file; the kill's compare-and-rename is paused
+    until the allow has either written or reached the lock: the allow must then be refused
+    (or wait), never pass its compare and be undone by the kill's rename."""
+    killer, allower = FlagsFile(flags_file), FlagsFile(flags_file)
+    kill_read, allow_read = await killer.read(), await allower.read()
+    arrived = threading.Event()  # the allow wrote, or waits for the lock
+    outcome: list[BaseException | None] = []
+    real_flock, real_replace = fcntl.flock, stores._replace_atomically
+
+    def flock(descriptor: int, operation: int) -> None:
+        if threading.current_thread().name == "allow" and operation & fcntl.LOCK_EX:
+            arrived.set()
+        real_flock(descriptor, operation)
+
+    def allow() -> None:
+        try:
+            asyncio.run(allower.write(allow_read, plan_allow(allow_read, "m_x")))
+            outcome.append(None)
+        except FlagsEditError as exc:
+            outcome.append(exc)
+        finally:
+            arrived.set()
+
+    allow_thread = threading.Thread(target=allow, name="allow")
+
+    def replace_when_the_allow_has_arrived(path: Path, content: bytes) -> None:
+        if threading.current_thread() is not allow_thread:  # the kill, between compare and rename
+            allow_thread.start()
+            assert arrived.wait(timeout=30)
+        real_replace(path, content)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(stores, "_replace_atomically", replace_when_the_allow_has_arrived)
+    await killer.write(kill_read, plan_kill(kill_read, on=True))
+    await asyncio.to_thread(allow_thread.join, 30)
+    assert not allow_thread.is_alive()
+    monkeypatch.undo()
+    final = await FlagsFile(flags_file).read()
+    assert final.enabled is False  # the kill switch held
+    assert isinstance(outcome[0], FlagsEditError)
+    assert "changed while this command ran: nothing written" in str(outcome[0])
+
+
+async def test_the_rename_is_made_durable(
+    flags_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(descriptor).st_mode))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = FlagsFile(flags_file)
+    toggle = await store.read()
+    await store.write(toggle, plan_allow(toggle, "m_x"))
+    assert synced == [False, True]  # the temporary file, then the directory after the rename
+
+
+def test_a_make_run_stack_on_unleash_is_not_edited_through_its_file(
+    flags_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = Path(os.environ["DATA_DIR"])
+    data.mkdir()
+    stack = {
+        "FLAGS_FILE": str(flags_file),
+        "UNLEASH_URL": "http://unleash:4242/api",
+        "UNLEASH_API_TOKEN": "default:production.secret",
+    }
+    stackfile.write(data, stack)  # this process plays a stack run with UNLEASH_URL
+    recorded = json.loads((data / "stack.json").read_text())["env"]
+    assert recorded["UNLEASH_URL"] == "http://unleash:4242/api"
+    assert "UNLEASH_API_TOKEN" not in recorded
+    before = flags_file.read_bytes()
+    error = (
+        f"the make run stack recorded in {data / 'stack.json'} routes from Unleash at"
+        f" http://unleash:4242/api, not from {flags_file}: set UNLEASH_URL and"
+        " UNLEASH_ADMIN_TOKEN (an admin API token) to show or change the toggle there"
+    )
+    for argv in (["kill", "on"], ["show"]):
+        assert _run(capsys, *argv) == (2, [], [f"cascade-gateway: flags {argv[0]}: {error}"])
+        monkeypatch.delenv("FLAGS_FILE", raising=False)  # named, or found through the stack
+    assert flags_file.read_bytes() == before
+    # Another file than the stack's is the caller's business.
+    other = flags_file.with_name("other.json")
+    other.write_bytes(before)
+    monkeypatch.setenv("FLAGS_FILE", str(other))
+    assert _run(capsys, "kill", "on")[0] == 0
+
+
+async def test_an_unleash_url_without_api_is_one_line_naming_the_api_root(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text="<!DOCTYPE html><html><title>Unleash</title></html>")
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response(["not", "an", "object"])
+
+    app = web.Application()
+    app.router.add_get("/list/admin/projects/default/features/withdrawals.cascade", listing)
+    app.router.add_get("/{tail:.*}", page)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        monkeypatch.setenv("UNLEASH_ADMIN_TOKEN", "*:*.admin")
+        monkeypatch.setenv("UNLEASH_ENVIRONMENT", "production")
+        html = "<!DOCTYPE html><html><title>Unleash</title></html>"
+        for root, start in (("", html), ("/list", '["not", "an", "object"]')):
+            url = str(server.make_url(root)).rstrip("/")
+            monkeypatch.setenv("UNLEASH_URL", url)
+            status = await asyncio.to_thread(main, ["flags", "show"])
+            captured = capsys.readouterr()
+            assert (status, captured.out) == (2, "")
+            assert captured.err.splitlines() == [
+                "cascade-gateway: flags show: Unleash GET"
+                " /admin/projects/default/features/withdrawals.cascade answered with no JSON"
+                f" object ({start!r}): UNLEASH_URL must be the API root, e.g."
+                f" http://unleash:4242/api (it is {url})"
+            ]
+    finally:
+        await server.close()
 
 
 def test_the_refresh_interval_it_names_is_the_one_set(

@@ -17,16 +17,54 @@ from UnleashClient.cache import FileCache
 from UnleashClient.clients.unleash_client import UnleashClient
 from UnleashClient.utils import InstanceAllowType
 
-from flags.router import TOGGLE, CohortRouter, FlagsError, _digest, load_flags_file
+from flags.router import (
+    TOGGLE,
+    CohortRouter,
+    FlagsError,
+    _digest,
+    engine_refusal,
+    load_flags_file,
+)
 from gateway.settings import DEFAULT_FLAGS_FILE, SettingsError, load_settings
 from tests.conftest import flags_document
 from tests.waiting import wait_until
 
 
-def _write(tmp_path: Path, document: dict[str, Any] | str) -> Path:
+def _content(document: dict[str, Any] | str | bytes) -> bytes:
+    if isinstance(document, bytes):
+        return document
+    return (document if isinstance(document, str) else json.dumps(document)).encode()
+
+
+def _write(tmp_path: Path, document: dict[str, Any] | str | bytes) -> Path:
     path = tmp_path / "flags.json"
-    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    path.write_bytes(_content(document))
     return path
+
+
+def _kill_switch_with_a_numeric_rollout() -> dict[str, Any]:
+    """The toggle off, its rollout a JSON number: Unleash's engine cannot read the file."""
+    document = flags_document(enabled=False, merchants=["m_a"], rollout=100)
+    document["features"][0]["strategies"][1]["parameters"]["rollout"] = 100
+    return document
+
+
+def _toggle_with(**fields: Any) -> dict[str, Any]:
+    document = flags_document(enabled=True, merchants=["m_a"])
+    document["features"][0].update(fields)
+    return document
+
+
+def _unknown_operator() -> dict[str, Any]:
+    """Well typed, but the engine compiles the toggle to "always off"."""
+    document = flags_document(enabled=True, merchants=["m_a"])
+    document["features"][0]["strategies"][0]["constraints"][0]["operator"] = "IN_ANY"
+    return document
+
+
+NOT_UTF8 = (
+    json.dumps(flags_document(enabled=True, merchants=["m_a"])).encode().replace(b"m_a", b"m_\xe9")
+)
 
 
 @pytest.fixture
@@ -199,10 +237,35 @@ def test_the_shipped_flags_file_loads() -> None:
         ('{"features": [{"name": "withdrawals.cascade"}]}', "not an Unleash features file"),
         ('{"features": "none"}', "not an Unleash features file"),
         ("[]", "not an Unleash features file"),
+        (NOT_UTF8, "not UTF-8 (byte "),
+        (
+            _kill_switch_with_a_numeric_rollout(),
+            "not an Unleash features file (Expected `str`, got `int` - at"
+            " `$.features[0].strategies[1].parameters[...]`)",
+        ),
+        (
+            _toggle_with(type=5),
+            "not an Unleash features file (Expected `str | null`, got `int` - at"
+            " `$.features[0].type`)",
+        ),
+        (
+            _toggle_with(impressionData="no"),
+            "not an Unleash features file (Expected `bool | null`, got `str` - at"
+            " `$.features[0].impressionData`)",
+        ),
+        (
+            {"features": flags_document(enabled=True)["features"]},
+            "not an Unleash features file (Object missing required field `version`)",
+        ),
+        (
+            _unknown_operator(),
+            "the Unleash engine refuses it (toggle 'withdrawals.cascade': Failed to compile"
+            " toggle, this will always be off",
+        ),
     ],
 )
 def test_malformed_flags_file_is_one_clear_line(
-    tmp_path: Path, content: str, expected: str
+    tmp_path: Path, content: dict[str, Any] | str | bytes, expected: str
 ) -> None:
     path = _write(tmp_path, content)
     with pytest.raises(FlagsError) as caught:
@@ -210,6 +273,22 @@ def test_malformed_flags_file_is_one_clear_line(
     message = str(caught.value)
     assert message.startswith(f"FLAGS_FILE {path}: {expected}")
     assert "\n" not in message
+    # At start: one line from the settings, not a traceback.
+    with pytest.raises(SettingsError) as refused:
+        load_settings({"FLAGS_FILE": str(path)})
+    assert str(refused.value) == message
+
+
+def test_every_file_the_router_takes_the_engine_takes(reference_client: Any) -> None:
+    """The engine drops a document it cannot read: what parse_flags passes, it must load."""
+    document = flags_document(enabled=True, merchants=["m_a"], rollout=100)
+    client = reference_client(document)
+    assert engine_refusal(json.dumps(document).encode()) is None
+    assert client.is_enabled(TOGGLE, {"properties": {"merchantId": "m_zz"}})
+    refused = _kill_switch_with_a_numeric_rollout()
+    assert engine_refusal(json.dumps(refused).encode()) is not None
+    # The real client, given that file, ignores it: the toggle stays unknown, so off.
+    assert not reference_client(refused).is_enabled(TOGGLE, {"properties": {"merchantId": "m_a"}})
 
 
 def test_missing_flags_file_is_one_clear_line(tmp_path: Path) -> None:
@@ -251,10 +330,10 @@ def test_decide_cost(routers: list[CohortRouter], tmp_path: Path) -> None:
 # --- FLAGS_FILE is re-read at the refresh interval (offline) ---------------------------------
 
 
-def _replace(path: Path, content: dict[str, Any] | str) -> None:
+def _replace(path: Path, content: dict[str, Any] | str | bytes) -> None:
     """Write the whole file at once, as an editor or the flags command does (temp + rename)."""
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(content if isinstance(content, str) else json.dumps(content))
+    temporary.write_bytes(_content(content))
     temporary.replace(path)
 
 
@@ -313,13 +392,17 @@ async def test_an_edited_flags_file_routes_new_withdrawals_without_a_restart(
             "no 'withdrawals.cascade' toggle (toggles in the file: 'withdrawal.cascade')",
         ),
         (None, "cannot read"),
+        (NOT_UTF8, "not UTF-8"),
+        # Kill switch on, but a file the engine would ignore: refused, not half taken.
+        (_kill_switch_with_a_numeric_rollout(), "not an Unleash features file"),
+        (_unknown_operator(), "the Unleash engine refuses it"),
     ],
 )
 async def test_a_bad_flags_file_keeps_the_last_good_state_and_is_logged_once(
     routers: list[CohortRouter],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    bad: dict[str, Any] | str | None,
+    bad: dict[str, Any] | str | bytes | None,
     expected: str,
 ) -> None:
     path = _write(tmp_path, flags_document(enabled=True, merchants=["m_a"]))

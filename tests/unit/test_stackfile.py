@@ -133,3 +133,20 @@ def test_a_record_of_another_user_is_ignored(
     assert stackfile.running_stack({"DATA_DIR": str(tmp_path)}) is None
     env, source = stackfile.with_running_stack({"DATA_DIR": str(tmp_path)})
     assert (source, env.get("DATABASE_URL")) == (None, None)
+
+
+def test_unleash_url_is_recorded_for_flags_but_not_lent_to_other_commands(
+    tmp_path: Path,
+) -> None:
+    stackfile.write(
+        tmp_path,
+        {**RECORDED, "UNLEASH_URL": "http://unleash:4242/api", "UNLEASH_API_TOKEN": "t.secret"},
+    )
+    found = stackfile.running_stack({"DATA_DIR": str(tmp_path)})
+    assert found is not None
+    assert found[1]["UNLEASH_URL"] == "http://unleash:4242/api"
+    assert "t.secret" not in (tmp_path / "stack.json").read_text()
+    # `report` given UNLEASH_URL without its token would refuse its settings.
+    env, _ = stackfile.with_running_stack({"DATA_DIR": str(tmp_path)})
+    assert env["DATABASE_URL"] == RECORDED["DATABASE_URL"]
+    assert "UNLEASH_URL" not in env
