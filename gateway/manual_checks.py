@@ -1,7 +1,11 @@
 """``cascade-gateway manual-checks``: support works the manual checks from a terminal.
 
 ``list`` the tasks waiting for a human, ``show`` one case (a task id or a withdrawal id) with
-every answer its provider gave, ``resolve`` one with a decision. Every call goes to the
+every answer its provider gave, ``resolve`` one with a decision: by task id, or by withdrawal
+id with ``--provider``, the provider support checked (refused when the withdrawal's cascade
+has moved on to another since, so a word about one attempt never decides another). Text from
+the gateway or a provider is printed with its control characters escaped (``--json`` aside).
+Every call goes to the
 gateway's ops API over HTTP, so that the provider check of a negative decision, the task lock
 and the audit row are the gateway's one path, as for any other client:
 
@@ -13,7 +17,8 @@ Under ``make run`` (no ``DATABASE_URL``/``NATS_URL`` set) those unset come from 
 stack (``DATA_DIR/stack.json``).
 
 Exit status: 0 done; 2 the request was bad or the gateway could not be asked (unreachable,
-401, 404, 422, 503: one line on stderr saying which); 3 the gateway refused the decision
+not HTTP, an answer without the ops API's fields, 401, 404, 422, 503: one line on stderr
+saying which); 3 the gateway refused the decision
 (409: nothing was applied, or for ``provider_paid`` the provider's success was), with the
 provider's answer.
 """
@@ -21,6 +26,7 @@ provider's answer.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import shlex
 import sys
@@ -32,6 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TOKEN = "ops-token"  # noqa: S105 — the documented development default, as the gateway's
@@ -53,8 +61,8 @@ SUMMARIES = {
     "manual-checks list": "the tasks waiting in MANUAL_CHECK, the longest waiting first",
     "manual-checks show": "one case: the withdrawal, each attempt and every answer of its"
     " provider (by task id or withdrawal id)",
-    "manual-checks resolve": "apply support's decision to a task in MANUAL_CHECK (by task id or"
-    " withdrawal id): positive"
+    "manual-checks resolve": "apply support's decision to a task in MANUAL_CHECK (by task id, or"
+    " by withdrawal id with --provider): positive"
     " (the provider paid: commit) or negative (it did not: roll back, the cascade moves on,"
     " once the provider confirms it)",
 }
@@ -77,6 +85,89 @@ class Refused(OpsError):
         self.envelope = envelope
 
 
+# --- what the commands read of the ops API's answers ----------------------------------------
+# Only the fields printed, with their types: an answer without them (another service behind
+# GATEWAY_URL, say) is one line of error, not a traceback. The full answers are gateway.ops_wire.
+
+
+class _Answer(msgspec.Struct):
+    at: str
+    event: str
+    status: str
+    source: str | None = None
+    code: str | None = None
+    reference: str | None = None
+    detail: str | None = None
+
+
+class _Destination(msgspec.Struct):
+    type: str
+    account: str
+    holder: str | None = None
+
+
+class _Check(msgspec.Struct):
+    task_id: str
+    withdrawal_id: str
+    merchant_id: str
+    provider_id: str
+    provider_reference: str | None
+    amount: str
+    currency: str
+    waited_seconds: float = 0
+    provider_order_id: str | None = None
+    destination: _Destination | None = None
+    provider_answers: list[_Answer] = []
+
+
+class _Checks(msgspec.Struct):
+    manual_checks: list[_Check]
+
+
+class _Queue(msgspec.Struct):
+    state: str
+    cancel_requested: bool
+    failure_code: str | None
+    created_at: str
+
+
+class _Task(msgspec.Struct):
+    task_id: str
+    position: int
+    provider_id: str
+    state: str
+    provider_order_id: str
+    provider_reference: str | None = None
+    status_polls: int = 0
+    recheck_attempts: int = 0
+    provider_answers: list[_Answer] = []
+
+
+class _Event(msgspec.Struct):
+    event: str
+    actor: str
+    created_at: str
+    task_id: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class _Detail(msgspec.Struct):
+    withdrawal_id: str
+    merchant_id: str
+    cohort: str
+    amount: str
+    currency: str
+    queue: _Queue
+    tasks: list[_Task]
+    events: list[_Event]
+    destination: _Destination | None = None
+
+
+class _Resolved(msgspec.Struct):
+    task_id: str
+    state: str
+
+
 @dataclass(frozen=True)
 class OpsClient:
     """The ops API over HTTP, one request at a time (a person's pace)."""
@@ -95,11 +186,33 @@ class OpsClient:
             token = next((t for t in listed if t), DEFAULT_TOKEN)
         return cls(url=url, token=token)
 
-    def get(self, path: str) -> Any:
-        return self._call("GET", path, None, {})
+    def get(self, path: str, *, shape: type[msgspec.Struct] | None = None) -> Any:
+        """The JSON answer; with ``shape``, refused unless it has that shape's fields."""
+        return self._shaped("GET", path, self._call("GET", path, None, {}), shape)
 
-    def post(self, path: str, body: dict[str, Any], operator: str) -> Any:
-        return self._call("POST", path, body, {"X-Operator": operator})
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        operator: str,
+        *,
+        shape: type[msgspec.Struct] | None = None,
+    ) -> Any:
+        answer = self._call("POST", path, body, {"X-Operator": operator})
+        return self._shaped("POST", path, answer, shape)
+
+    def _shaped(
+        self, method: str, path: str, answer: Any, shape: type[msgspec.Struct] | None
+    ) -> Any:
+        if shape is not None:
+            try:
+                msgspec.convert(answer, shape)
+            except msgspec.ValidationError as exc:
+                raise OpsError(
+                    f"the gateway at {self.url} answered {method} {path} without the ops API's"
+                    f" fields ({exc}); is GATEWAY_URL the gateway?"
+                ) from exc
+        return answer
 
     def _call(
         self, method: str, path: str, body: dict[str, Any] | None, extra: dict[str, str]
@@ -116,17 +229,30 @@ class OpsClient:
             with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            raise _refusal(exc.code, exc.read()) from exc
+            raise _refusal(exc.code, _error_body(exc)) from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise OpsError(
                 f"cannot reach the gateway at {self.url} ({reason}); is it running?"
                 " GATEWAY_URL says where it is"
             ) from exc
+        except http.client.HTTPException as exc:
+            raise OpsError(
+                f"the gateway at {self.url} did not answer as an HTTP server does"
+                f" ({type(exc).__name__}); is GATEWAY_URL the gateway's HTTP port?"
+            ) from exc
         except ValueError as exc:
             raise OpsError(
                 f"the gateway at {self.url} answered something that is not JSON"
             ) from exc
+
+
+def _error_body(error: urllib.error.HTTPError) -> bytes:
+    """An error answer's body, or nothing when it cannot be read to its end."""
+    try:
+        return error.read()
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 def _refusal(status: int, raw: bytes) -> OpsError:
@@ -172,11 +298,11 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _err(line: str) -> None:
-    print(f"cascade-gateway: {line}", file=sys.stderr)  # noqa: T201
+    print(f"cascade-gateway: {printable(line)}", file=sys.stderr)  # noqa: T201
 
 
 def _list(client: OpsClient, *, as_json: bool, out: Callable[[str], None]) -> int:
-    page = client.get("/ops/manual-checks")
+    page = client.get("/ops/manual-checks", shape=_Checks)
     if as_json:
         out(json.dumps(page, indent=2))
         return 0
@@ -223,12 +349,14 @@ def _list_row(check: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _show(client: OpsClient, case: str, *, as_json: bool, out: Callable[[str], None]) -> int:
-    waiting = {c["task_id"]: c for c in client.get("/ops/manual-checks")["manual_checks"]}
+    page = client.get("/ops/manual-checks", shape=_Checks)
+    waiting: dict[str, dict[str, Any]] = {c["task_id"]: c for c in page["manual_checks"]}
     withdrawal_id = case
     if _is_uuid(case) and str(uuid.UUID(case)) in waiting:
         withdrawal_id = waiting[str(uuid.UUID(case))]["withdrawal_id"]
     try:
-        detail = client.get("/ops/withdrawals/" + urllib.parse.quote(withdrawal_id, safe=""))
+        path = "/ops/withdrawals/" + urllib.parse.quote(withdrawal_id, safe="")
+        detail = client.get(path, shape=_Detail)
     except OpsError as exc:
         if "(404 " not in str(exc):
             raise
@@ -245,7 +373,8 @@ def _show(client: OpsClient, case: str, *, as_json: bool, out: Callable[[str], N
 
 
 def _case_lines(detail: dict[str, Any], waiting: dict[str, dict[str, Any]]) -> list[str]:
-    """A withdrawal as support checks it against a provider statement."""
+    """A withdrawal as support checks it against a provider statement (control characters of
+    the gateway's or the provider's text escaped, for a terminal)."""
     queue = detail["queue"]
     lines = [
         f"withdrawal   {detail['withdrawal_id']}",
@@ -265,14 +394,16 @@ def _case_lines(detail: dict[str, Any], waiting: dict[str, dict[str, Any]]) -> l
             if event.get("task_id") == task["task_id"] and str(event["event"]).startswith("manual.")
         ]
         lines += ["", *_task_lines(task, len(tasks), waiting.get(task["task_id"]), decisions)]
-    if any(task["task_id"] in waiting for task in tasks):
-        lines += [
-            "",
-            "Decide with: cascade-gateway manual-checks resolve"
-            f" {shlex.quote(detail['withdrawal_id'])} --decision positive|negative"
-            " --operator NAME --reason TEXT",
-        ]
-    return lines
+    for task in tasks:
+        if task["task_id"] in waiting:
+            lines += [
+                "",
+                "Decide with: cascade-gateway manual-checks resolve"
+                f" {shlex.quote(detail['withdrawal_id'])}"
+                f" --provider {shlex.quote(task['provider_id'])} --decision positive|negative"
+                " --operator NAME --reason TEXT",
+            ]
+    return [printable(line) for line in lines]
 
 
 def _queue_state(queue: dict[str, Any]) -> str:
@@ -341,33 +472,64 @@ def _resolve(client: OpsClient, args: argparse.Namespace, *, out: Callable[[str]
     body: dict[str, Any] = {"decision": args.decision, "reason": args.reason}
     if args.unverified:
         body["unverified"] = True
-    task = _waiting_task(client, args.case)
-    answer = client.post(f"/ops/tasks/{task}/resolve", body, args.operator)
+    task, provider = _waiting_task(client, args.case, args.provider)
+    answer = client.post(f"/ops/tasks/{task}/resolve", body, args.operator, shape=_Resolved)
     if args.json:
         out(json.dumps(answer, indent=2))
         return 0
     how = " unverified" if args.unverified else ""
     out(
-        f"task {answer['task_id']} is {answer['state']}: {args.decision}{how} decision by"
-        f" {args.operator}, kept in the audit trail"
+        printable(
+            f"task {answer['task_id']} at {provider or '(provider not listed)'}"
+            f" is {answer['state']}: {args.decision}{how} decision by {args.operator}, kept in"
+            " the audit trail"
+        )
     )
     return 0
 
 
-def _waiting_task(client: OpsClient, case: str) -> str:
-    """The task to decide: ``case`` itself (a task id), or the task of the withdrawal ``case``
-    that waits in manual check (a withdrawal has at most one: its attempts run one at a
-    time)."""
-    checks = client.get("/ops/manual-checks")["manual_checks"]
+def _waiting_task(client: OpsClient, case: str, provider: str | None) -> tuple[str, str | None]:
+    """The task to decide and its provider: ``case`` itself (a task id), or the task of the
+    withdrawal ``case`` that waits in manual check (a withdrawal has at most one: its attempts
+    run one at a time), only when it is at ``provider``, the provider support checked: the
+    cascade may have moved on to another since."""
+    checks = client.get("/ops/manual-checks", shape=_Checks)["manual_checks"]
+    task_id = str(uuid.UUID(case)) if _is_uuid(case) else case
     for check in checks:
-        if case in (check["task_id"], check["withdrawal_id"]):
-            return str(check["task_id"])
+        if check["task_id"] == task_id:
+            if provider is not None and provider != check["provider_id"]:
+                raise OpsError(
+                    f"task {task_id} is the attempt at {check['provider_id']}, not at {provider}:"
+                    " nothing was applied (see manual-checks show)"
+                )
+            return task_id, str(check["provider_id"])
+    for check in checks:
+        if check["withdrawal_id"] == case:
+            return str(check["task_id"]), _same_provider(check, provider)
     if _is_uuid(case):
-        return str(uuid.UUID(case))  # not waiting (any more): the gateway says why
+        return task_id, None  # not waiting (any more): the gateway says why
     raise OpsError(
         f"no task waiting in manual check has the id {case!r}, nor has a withdrawal"
         " waiting in one (see manual-checks list)"
     )
+
+
+def _same_provider(check: dict[str, Any], provider: str | None) -> str:
+    """The provider of the withdrawal's waiting task, when it is the one support named."""
+    case, waiting = check["withdrawal_id"], str(check["provider_id"])
+    if provider is None:
+        raise OpsError(
+            f"a decision by withdrawal id needs --provider, the provider whose statement you"
+            f" checked (its cascade may have moved on since); or give the task id:"
+            f" cascade-gateway manual-checks show {shlex.quote(case)}"
+        )
+    if provider != waiting:
+        raise OpsError(
+            f"withdrawal {case!r} waits on {waiting} now (task {check['task_id']}), not on"
+            f" {provider}: nothing was applied; the attempt you checked no longer waits, see"
+            f" cascade-gateway manual-checks show {shlex.quote(case)}"
+        )
+    return waiting
 
 
 def _evidence_lines(refused: Refused) -> list[str]:
@@ -430,7 +592,15 @@ def _time(text: str) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def printable(text: str) -> str:
+    """``text`` with each control or other unprintable character escaped (``\\x1b``,
+    ``\\n``, ``\\u202e``): what a provider or the gateway sent is shown, never interpreted by
+    the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    rows = [tuple(printable(text) for text in row) for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = [
         "  ".join(text.ljust(w) for text, w in zip(row, widths, strict=True)).rstrip()
@@ -496,6 +666,11 @@ def configure_parser(
         "case",
         metavar="TASK_OR_WITHDRAWAL_ID",
         help="the task waiting (from list), or its withdrawal's id",
+    )
+    resolve.add_argument(
+        "--provider",
+        help="the provider whose statement you checked: required with a withdrawal id (refused"
+        " when the withdrawal waits on another provider now); with a task id, checked if given",
     )
     resolve.add_argument(
         "--decision",

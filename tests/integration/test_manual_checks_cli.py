@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from devstack.embedded import free_port
-from tests.conftest import ROOT, Stack, StackFactory, new_id, withdrawal_body
+from tests.conftest import (
+    ROOT,
+    Stack,
+    StackFactory,
+    new_id,
+    providers_document,
+    withdrawal_body,
+)
 from tests.waiting import wait_until
 
 OPS = {"Authorization": "Bearer ops-token", "X-Operator": "tester"}
@@ -155,13 +162,15 @@ async def test_resolve_needs_an_operator_and_names_them_in_the_audit(
 
     done = await _cli(stack.url, tmp_path, *decide, "--operator", "alice")
     assert done.status == 0, done.err
-    assert f"task {paid_task['task_id']} is SUCCEEDED" in done.out
+    assert f"task {paid_task['task_id']} at sbx_silent is SUCCEEDED" in done.out
     assert "by alice" in done.out
-    negative = await _cli(  # by the withdrawal's id: its one task waiting
+    negative = await _cli(  # by the withdrawal's id: its one task waiting, at that provider
         stack.url,
         tmp_path,
         "resolve",
         unpaid,
+        "--provider",
+        "sbx_silent",
         "--decision",
         "negative",
         "--operator",
@@ -255,3 +264,61 @@ async def test_errors_are_one_line_with_exit_status_2(
     unreachable = await _cli(nowhere, tmp_path, "list")
     assert (unreachable.status, unreachable.err.count("\n")) == (2, 1), unreachable.err
     assert f"cannot reach the gateway at {nowhere}" in unreachable.err
+
+
+async def test_a_decision_by_withdrawal_id_applies_only_to_the_provider_support_checked(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    """Support checked attempt 1 (provider A); a colleague resolved it negative and the
+    cascade's attempt 2 (provider B) now waits in turn. A decision by withdrawal id names the
+    provider checked, and is refused when the waiting attempt is at another: B is never
+    committed or rolled back on a word about A."""
+    doc = providers_document()
+    doc["providers"]["sbx_silent-b"] = doc["providers"]["sbx_silent"]
+    stack = await make_stack(providers=doc)
+    wid, first = await _in_manual_check(stack, ["sbx_silent", "sbx_silent-b"])
+    colleague = await stack.client.post(
+        f"/ops/tasks/{first['task_id']}/resolve",
+        headers=OPS,
+        json={"decision": "negative", "reason": "not on the statement"},
+    )
+    assert colleague.status_code == 200, colleague.text
+
+    async def second_task() -> dict[str, Any]:
+        detail = await stack.client.get(f"/ops/withdrawals/{wid}", headers=OPS)
+        task: dict[str, Any] = detail.json()["tasks"][1]
+        return task
+
+    second = await wait_until(
+        second_task,
+        done=lambda t: t["state"] == "MANUAL_CHECK",
+        timeout=30,
+        interval=0.1,
+        what=f"{wid}'s second attempt in MANUAL_CHECK",
+    )
+    decide = ("--decision", "positive", "--operator", "alice", "--reason", "statement")
+    unnamed = await _cli(stack.url, tmp_path, "resolve", wid, *decide)
+    assert (unnamed.status, unnamed.err.count("\n")) == (2, 1), unnamed.err
+    assert "needs --provider" in unnamed.err
+    other = await _cli(stack.url, tmp_path, "resolve", wid, "--provider", "sbx_silent", *decide)
+    assert (other.status, other.err.count("\n")) == (2, 1), other.err
+    assert (
+        f"withdrawal '{wid}' waits on sbx_silent-b now (task {second['task_id']}), not on"
+        " sbx_silent: nothing was applied"
+    ) in other.err
+    by_task = await _cli(
+        stack.url, tmp_path, "resolve", second["task_id"], "--provider", "sbx_silent", *decide
+    )
+    assert (by_task.status, by_task.err.count("\n")) == (2, 1), by_task.err
+    assert "is the attempt at sbx_silent-b, not at sbx_silent" in by_task.err
+    assert (await second_task())["state"] == "MANUAL_CHECK"
+    decided = [e for e in await _events(stack, wid) if e["event"].startswith("manual.")]
+    assert [e["task_id"] for e in decided] == [first["task_id"]]
+
+    done = await _cli(stack.url, tmp_path, "resolve", wid, "--provider", "sbx_silent-b", *decide)
+    assert done.status == 0, done.err
+    assert done.out.strip() == (
+        f"task {second['task_id']} at sbx_silent-b is SUCCEEDED: positive decision by alice,"
+        " kept in the audit trail"
+    )
+    assert (await stack.wait_final(wid))["status"] == "succeeded"
