@@ -119,11 +119,7 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
-        "/ops/recon/alerts": {"get": _alerts_operation(bearer)},
-        **{
-            f"/ops/recon/alerts/{{alert_id}}/{action}": {"post": _alert_action(bearer, action)}
-            for action in ("ack", "resolve", "accept")
-        },
+        **_recon_paths(bearer),
         "/ops/cohorts": {
             "get": {
                 "operationId": "getCohortReport",
@@ -151,6 +147,16 @@ def _query(name: str, description: str) -> dict[str, Any]:
         "required": False,
         "description": description,
         "schema": {"type": "string"},
+    }
+
+
+def _recon_paths(bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "/ops/recon/alerts": {"get": _alerts_operation(bearer)},
+        **{
+            f"/ops/recon/alerts/{{alert_id}}/{action}": {"post": _alert_action(bearer, action)}
+            for action in ("ack", "resolve", "accept")
+        },
     }
 
 

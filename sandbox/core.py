@@ -772,19 +772,7 @@ class CoreSimulator:
         async def set_operation_fault(
             request: Request[Any, Any, Any], operation_id: FromPath[str]
         ) -> Response[bytes]:
-            try:
-                body = decode_body(await request.body(), _OperationFaultBody)
-                _require_ids(operation_id=operation_id)
-            except BadRequestError as exc:
-                return exc.response()
-            if not 0 <= body.seconds <= 86400:
-                return error_response(422, "validation_failed", "seconds must be within 0..86400")
-            if body.fault == "none":
-                sim.views.pop(operation_id, None)
-            else:
-                until = time.monotonic() + body.seconds
-                sim.views[operation_id] = OperationView(body.fault, until)
-            return json_response(200, {"operation_id": operation_id, "fault": body.fault})
+            return sim.set_view(operation_id, await request.body())
 
         @post("/v1/withdrawal-notifications")
         async def notification(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -844,6 +832,21 @@ class CoreSimulator:
                 set_faults,
             ],
         )
+
+    def set_view(self, operation_id: str, raw: bytes) -> Response[bytes]:
+        """``PUT /core/operations/{id}/fault``: lose, flip or delay one operation's lookup."""
+        try:
+            body = decode_body(raw, _OperationFaultBody)
+            _require_ids(operation_id=operation_id)
+        except BadRequestError as exc:
+            return exc.response()
+        if not 0 <= body.seconds <= 86400:
+            return error_response(422, "validation_failed", "seconds must be within 0..86400")
+        if body.fault == "none":
+            self.views.pop(operation_id, None)
+        else:
+            self.views[operation_id] = OperationView(body.fault, time.monotonic() + body.seconds)
+        return json_response(200, {"operation_id": operation_id, "fault": body.fault})
 
     def faults_view(self) -> dict[str, float]:
         return {
