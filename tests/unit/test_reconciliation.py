@@ -7,10 +7,12 @@ import msgspec
 import pytest
 
 from contracts.providers_file import ProviderConfig, StatusPolling
+from gateway.settings import SettingsError, load_settings
 from orchestrator.reconciliation import (
     ALERT_STATES,
     ALERT_TRANSITIONS,
     IllegalAlertTransition,
+    ReconPolicy,
     freeze_deadline,
     next_state,
     provider_disagreement,
@@ -57,3 +59,17 @@ def test_a_freeze_deadline_is_the_sla_plus_the_polling() -> None:
     counted = StatusPolling(interval_seconds=5, max_polls=3)
     assert freeze_deadline(msgspec.structs.replace(base, status_polling=counted)) == 35
     assert freeze_deadline(None) == 0
+
+
+def test_the_recon_settings_default_and_refuse_bad_values() -> None:
+    assert load_settings({}).recon == ReconPolicy()
+    tuned = load_settings({"RECON_INTERVAL_SECONDS": "60", "RECON_LEDGER_BUDGET": "0"}).recon
+    assert (tuned.interval, tuned.ledger_budget) == (60, 0)
+    for name, value in (
+        ("RECON_INTERVAL_SECONDS", "0"),
+        ("RECON_WINDOW_SECONDS", "soon"),
+        ("RECON_MAX_NEW_ALERTS", "0"),
+        ("RECON_PROVIDER_BUDGET", "-1"),
+    ):
+        with pytest.raises(SettingsError, match=name):
+            load_settings({name: value})
