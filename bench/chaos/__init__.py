@@ -31,6 +31,7 @@ import asyncpg
 
 from bench.chaos.checks import dlq_size, longest_stall, money_checks
 from bench.chaos.fleet import NAMESPACE, Fleet
+from bench.chaos.reconciliation_check import reconciliation_findings
 from bench.chaos.traffic import Clients, Tally
 from bench.registry import Report, benchmark
 
@@ -67,6 +68,9 @@ class Outcome:
     longest_stall: float
     """Seconds, while creates were offered, in which no withdrawal became final."""
     notes: list[str] = field(default_factory=list)
+    """What went wrong besides the checks: any note fails the campaign."""
+    info: list[str] = field(default_factory=list)
+    """What a person may want to know, not a failure."""
 
     @property
     def failures(self) -> dict[str, tuple[int, list[str]]]:
@@ -112,6 +116,10 @@ async def _campaign(campaign: Campaign, fleet: Fleet, faults: FaultSchedule) -> 
         stop_support.set()
         await support
     checks = await money_checks(fleet.database_url, clients.tally.created)
+    await _core_faults(fleet, 0.0, 0.0)  # the faults are over: cascade-core answers again
+    checks["reconciliation findings once settled"], recon_lines = await reconciliation_findings(
+        fleet
+    )
     checks["5xx answers other than 503"] = (clients.tally.server_errors(), [])
     checks["requests that found no answer or a wrong one"] = (
         len(clients.tally.unexpected),
@@ -130,6 +138,7 @@ async def _campaign(campaign: Campaign, fleet: Fleet, faults: FaultSchedule) -> 
         fleet.worker_kills,
         await longest_stall(fleet.database_url, offered_from, offered_until),
     )
+    outcome.info.extend(recon_lines)
     if faults.error:
         outcome.notes.append(faults.error)
     if settled is not None:
@@ -271,7 +280,7 @@ def summary(campaign: Campaign, outcome: Outcome) -> list[str]:
     ]
     for name, (count, examples) in outcome.checks.items():
         lines.append(f"{name:<48} {count}" + (f"  e.g. {examples}" if examples else ""))
-    return lines + outcome.notes
+    return lines + outcome.info + outcome.notes
 
 
 def _from_environment(**fixed: int) -> Campaign:
