@@ -11,6 +11,7 @@ Every pooled connection has ``search_path`` set to the schema, so the queries na
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TypeAlias
 
@@ -18,6 +19,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 DEFAULT_SCHEMA = "sandbox"
+CLOSE_GRACE_SECONDS = 10.0
 Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 """A connection of the sandbox's pool (``search_path`` on the schema)."""
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -148,6 +150,10 @@ class SandboxDb:
         )
 
     async def close(self) -> None:
+        """Close the pool; connections still busy after a grace period are dropped."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_GRACE_SECONDS)
+            except TimeoutError:
+                pool.terminate()
