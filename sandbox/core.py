@@ -6,7 +6,7 @@ breach it sees is kept as a :class:`Violation`, so a test (or a person reading
 ``GET /sandbox/core/ledger``) can assert that a run left none.
 
 The ledger itself (:class:`Ledger`) lives in the sandbox's Postgres schema
-(:mod:`sandbox.store`): it outlives the process, and several processes may share it. Each
+(:mod:`sandbox.database`): it outlives the process, and several processes may share it. Each
 operation checks and mutates in one transaction under row and advisory locks. The HTTP layer
 (:class:`CoreSimulator`) adds authentication, fault injection and the wire format.
 
@@ -32,7 +32,7 @@ import msgspec
 from litestar import Request, Response, Router, get, post, put
 from litestar.params import FromPath
 
-from sandbox.store import Connection, SandboxDb
+from sandbox.database import Connection, SandboxDb
 
 log = logging.getLogger("sandbox.core")
 _T = TypeVar("_T")

@@ -7,7 +7,7 @@ providers that behave alike, or ``sbx_scn_<name>`` for a provider of the sandbox
 the providers file for their webhook secret.
 
 Orders, and the webhooks still to be sent with their due times, are kept in the sandbox's
-Postgres schema (:mod:`sandbox.store`), so that they outlive the process.
+Postgres schema (:mod:`sandbox.database`), so that they outlive the process.
 
 Webhooks are signed with the provider's first configured secret and delivered to
 ``{gateway_url}/webhooks/{provider_id}`` by :class:`WebhookSender`, which retries like a real
@@ -58,8 +58,8 @@ from contracts.provider import (
 from contracts.signatures import sign
 from orchestrator.http_client import HttpClient, Timeouts, TransportFailure
 from sandbox.core import error_response, json_response
+from sandbox.database import SandboxDb
 from sandbox.scenarios import Scenario, draw_attempt
-from sandbox.store import SandboxDb
 
 log = logging.getLogger("sandbox.providers")
 

@@ -4,7 +4,7 @@ The gateway mounts :attr:`Sandbox.router` (path ``/sandbox``) when ``SANDBOX_ENA
 production. ``cascade-gateway sandbox`` serves the same router in a process of its own
 (:mod:`sandbox.server`). Every handler answers its own errors as JSON, so the sandbox behaves the
 same whatever exception handlers the hosting app installs. Its state is in Postgres
-(:mod:`sandbox.store`): :meth:`Sandbox.start` opens it, before the first request.
+(:mod:`sandbox.database`): :meth:`Sandbox.start` opens it, before the first request.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from litestar.response import Response
 from contracts.providers_file import ProviderConfig
 from gateway.settings import Settings, SettingsError
 from sandbox.core import CoreFaults, CoreSimulator, Ledger, json_response
+from sandbox.database import DEFAULT_SCHEMA, SandboxDb
 from sandbox.providers import BEHAVIOURS, ProviderSimulator, WebhookSender, behaviour_of
 from sandbox.scenarios import Scenario
-from sandbox.store import DEFAULT_SCHEMA, SandboxDb
 
 ENDPOINTS: tuple[tuple[str, str, str], ...] = (
     ("GET", "/sandbox", "this index of the sandbox's endpoints"),

@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 
 from sandbox.core import Ledger, LedgerError
+from sandbox.database import SandboxDb
 from sandbox.routes import Sandbox, SandboxConfig
-from sandbox.store import SandboxDb
 from tests.conftest import sandbox_schema
 
 Pair = tuple[Ledger, Ledger]
