@@ -164,7 +164,7 @@ async def _act(request: AnyRequest, alert_id: str, action: str) -> Response[byte
     denied = _denied(request)
     if denied:
         return denied
-    if not alert_id.isdecimal() or len(alert_id) > 18:
+    if not (alert_id.isascii() and alert_id.isdecimal()) or len(alert_id) > 18:
         return _error(404, "not_found", "No such alert.")
     raw = await read_body(request)
     try:

@@ -120,7 +120,7 @@ def _err(line: str) -> None:
 
 
 def _alert_id(text: str) -> str:
-    if not text.isdecimal():
+    if not (text.isascii() and text.isdecimal()):
         raise argparse.ArgumentTypeError(f"must be an alert id (a number), not {text!r}")
     return text
 

@@ -108,6 +108,7 @@ async def test_bad_requests_get_precise_errors(make_stack: StackFactory) -> None
         assert answer.json()["error"]["code"] == "invalid_parameter"
     assert (await _act(stack, "999999", "ack")).status_code == 404
     assert (await _act(stack, "abc", "ack")).status_code == 404
+    assert (await _act(stack, "\u0661", "ack")).status_code == 404  # an Arabic-Indic 1
     unknown_field = await _act(stack, alert["alert_id"], "ack", colour="red")
     assert unknown_field.status_code == 422
     malformed = await stack.client.post(
