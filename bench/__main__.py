@@ -38,7 +38,12 @@ def print_table(name: str, report: Report, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     benchmarks = discover()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("names", nargs="*", help=f"default: all ({', '.join(benchmarks)})")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        help="default: all but the long ones named explicitly "
+        f"({', '.join(b.name for b in benchmarks.values() if b.default)})",
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -48,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in benchmarks]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(benchmarks)}")
-    selected = [benchmarks[n] for n in args.names] if args.names else list(benchmarks.values())
+    selected = (
+        [benchmarks[n] for n in args.names]
+        if args.names
+        else [b for b in benchmarks.values() if b.default]
+    )
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {

@@ -39,6 +39,8 @@ class Benchmark:
     name: str
     description: str
     run: Callable[[], Report]
+    default: bool = True
+    """Part of a plain ``python -m bench``; False for one that must be named (it is long)."""
 
 
 REGISTRY: dict[str, Benchmark] = {}
@@ -46,14 +48,15 @@ _INFRASTRUCTURE = frozenset({"__main__", "registry"})
 
 
 def benchmark(
-    name: str, description: str
+    name: str, description: str, *, default: bool = True
 ) -> Callable[[Callable[[], Report]], Callable[[], Report]]:
-    """Register ``fn`` under ``name`` (``python -m bench NAME``)."""
+    """Register ``fn`` under ``name`` (``python -m bench NAME``); ``default=False`` keeps it
+    out of a plain ``python -m bench``."""
 
     def register(fn: Callable[[], Report]) -> Callable[[], Report]:
         if name in REGISTRY:
             raise ValueError(f"benchmark {name!r} is registered twice")
-        REGISTRY[name] = Benchmark(name, description, fn)
+        REGISTRY[name] = Benchmark(name, description, fn, default)
         return fn
 
     return register
