@@ -8,8 +8,10 @@ import logging
 from dataclasses import dataclass
 
 import asyncpg
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from flags.router import CohortRouter
 from gateway.settings import Settings
@@ -22,6 +24,9 @@ from orchestrator.provider_client import HttpProviderAdapter
 from orchestrator.store import probes
 
 log = logging.getLogger("cascade.runtime")
+# How long a starting process waits for a JetStream that does not answer yet (a cluster's
+# leader election after a lost server takes seconds) before it gives up with one line.
+JETSTREAM_START_SECONDS = 30.0
 
 
 class DependencyError(Exception):
@@ -160,7 +165,7 @@ async def _open_broker(
         replicas=settings.jetstream_replicas,
     )
     try:
-        await streams.ensure()
+        await _ensure_streams(streams, name)
     except Exception as exc:
         await nc.close()
         raise DependencyError(
@@ -168,3 +173,21 @@ async def _open_broker(
             f"JetStream enabled): {exc!r}"
         ) from exc
     return streams, nc
+
+
+async def _ensure_streams(streams: bus.Streams, name: str) -> None:
+    """Create or update the streams, waiting out a JetStream that cannot answer yet (a
+    cluster electing its leader after losing a server, a server still starting) for up to
+    :data:`JETSTREAM_START_SECONDS`; any other refusal fails at once."""
+    deadline = asyncio.get_running_loop().time() + JETSTREAM_START_SECONDS
+    unanswered = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+    while True:
+        try:
+            await streams.ensure()
+        except unanswered:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("JetStream not answering yet; retrying", extra={"client": name})
+            await asyncio.sleep(1.0)
+        else:
+            return

@@ -139,6 +139,8 @@ async def _campaign(campaign: Campaign, fleet: Fleet, faults: FaultSchedule) -> 
         await longest_stall(fleet.database_url, offered_from, offered_until),
     )
     outcome.info.extend(recon_lines)
+    fleet.check_alive()
+    outcome.notes.extend(fleet.exits)
     if faults.error:
         outcome.notes.append(faults.error)
     if settled is not None:

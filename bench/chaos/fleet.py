@@ -82,6 +82,8 @@ class Fleet:
         self._gateway_ports = [free_port() for _ in range(gateways)]
         self._sandbox_port = free_port()
         self.worker_kills = 0
+        self.exits: list[str] = []
+        """Processes that exited by themselves: none should (each is a failure)."""
 
     # --- start -------------------------------------------------------------------------------
 
@@ -183,7 +185,9 @@ class Fleet:
         """SIGKILL one worker at random and start its replacement at once."""
         index = self.rng.randrange(len(self.workers))
         worker = self.workers[index]
-        if worker is not None and worker.poll() is None:
+        if worker is not None and worker.poll() is not None:
+            self.exits.append(f"worker {index} exited by itself (status {worker.returncode})")
+        elif worker is not None:
             worker.send_signal(signal.SIGKILL)
             worker.wait()
             self.worker_kills += 1
@@ -220,6 +224,15 @@ class Fleet:
         self.postgres.start()
 
     # --- stop --------------------------------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Record every worker and gateway that is not running (they all should be)."""
+        for index, worker in enumerate(self.workers):
+            if worker is not None and worker.poll() is not None:
+                self.exits.append(f"worker {index} exited by itself (status {worker.returncode})")
+        for server in [self.sandbox, *self.gateways]:
+            if server is not None and server.process.poll() is not None:
+                self.exits.append(f"{server.name} exited (status {server.process.returncode})")
 
     def logs_tail(self) -> str:
         servers = [s for s in [self.sandbox, *self.gateways] if s is not None]
