@@ -119,7 +119,11 @@ def write(report: Report, results: list[Result], loads: list[str], doc: Path, ch
     settings = ", ".join(
         f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("PEERS_")
     )
-    notes = [n for n in report.notes if "crash check" in n or "CPU ms per withdrawal [" in n]
+    notes = [
+        n
+        for n in report.notes
+        if "crash check" in n or "CPU ms per withdrawal [" in n or "at its peak" in n
+    ]
     text = [
         "# Performance: ours against Temporal and DBOS",
         "",

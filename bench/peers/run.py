@@ -119,16 +119,19 @@ def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
         for pid in tree(root):
             fields = _stat(pid)
             if fields is not None:
-                total += int(fields[11]) + int(fields[12])
+                # utime + stime, and cutime + cstime: a child that exited and was reaped (a
+                # Postgres backend whose connection closed) moved its CPU to its parent's.
+                total += sum(int(f) for f in fields[11:15])
         used[name] = total / CLOCK_TICKS
     return used
 
 
-def rss_mib(roots: dict[str, int]) -> float:
-    """Proportional set size (PSS) of the trees, MiB: RSS would count Postgres's shared
+def pss_mib(roots: dict[str, int]) -> dict[str, float]:
+    """Proportional set size (PSS) of each tree, MiB: RSS would count Postgres's shared
     buffers once per backend; PSS shares them out, so the sum is the memory really used."""
-    total = 0
-    for root in roots.values():
+    sizes = {}
+    for name, root in roots.items():
+        total = 0
         for pid in tree(root):
             try:
                 for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -136,7 +139,8 @@ def rss_mib(roots: dict[str, int]) -> float:
                         total += int(line.split()[1])
             except OSError:
                 continue
-    return total / 1024
+        sizes[name] = total / 1024
+    return sizes
 
 
 # --- the clock: notifications at the simulated cascade-core ----------------------------------
@@ -213,6 +217,7 @@ class Result:
     p50_s: float = 0.0
     p99_s: float = 0.0
     peak_rss_mib: float = 0.0
+    peak_split: dict[str, float] = field(default_factory=dict)
     crash: str = ""
     crash_ok: bool = False
 
@@ -236,7 +241,10 @@ async def saturate(
     roots = system.measured()
 
     def sample() -> None:
-        result.peak_rss_mib = max(result.peak_rss_mib, rss_mib(roots))
+        sizes = pss_mib(roots)
+        if sum(sizes.values()) > result.peak_rss_mib:
+            result.peak_rss_mib = sum(sizes.values())
+            result.peak_split = sizes
 
     await finals.poll()
     before = cpu_seconds(roots)
@@ -249,8 +257,7 @@ async def saturate(
     created = await load
     if set(created.statuses) != {201}:
         raise RuntimeError(f"{system.name} {key}: creates answered {dict(created.statuses)}")
-    if key == "sync":
-        result.peak_rss_mib = max(result.peak_rss_mib, rss_mib(roots))
+    sample()
     result.rate[key] = count / (last - started)
     split = {n: 1000 * (after[n] - before[n]) / count for n in roots}
     result.cpu_split[key] = split
@@ -511,6 +518,8 @@ def build_report(results: list[Result], loads: list[str]) -> Report:
         for scenario, split in r.cpu_split.items():
             parts = ", ".join(f"{k} {v:.2f}" for k, v in split.items())
             report.notes.append(f"{r.system} CPU ms per withdrawal [{scenario}]: {parts}")
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in r.peak_split.items())
+        report.notes.append(f"{r.system} memory (PSS MiB) at its peak: {parts}")
     if "ours" in by_name:
         for peer in (r.system for r in results if r.system != "ours"):
             for key, label, _unit, _ in FIGURES:
