@@ -27,6 +27,8 @@ log = logging.getLogger("cascade.runtime")
 # How long a starting process waits for a JetStream that does not answer yet (a cluster's
 # leader election after a lost server takes seconds) before it gives up with one line.
 JETSTREAM_START_SECONDS = 30.0
+# Likewise for a Postgres that is there but not ready (crash recovery takes seconds).
+DATABASE_START_SECONDS = 30.0
 
 
 class DependencyError(Exception):
@@ -126,13 +128,28 @@ async def open_runtime(settings: Settings, *, name: str, with_router: bool) -> R
     return runtime
 
 
+async def _create_pool(settings: Settings) -> store.Pool:
+    """The pool, waiting up to :data:`DATABASE_START_SECONDS` for a server that is there but
+    not ready (starting, recovering after a crash, out of connections). A server that cannot
+    be reached at all, or refuses the credentials, fails at once: that is a setting to fix."""
+    deadline = asyncio.get_running_loop().time() + DATABASE_START_SECONDS
+    while True:
+        try:
+            async with asyncio.timeout(10):
+                return await store.create_pool(
+                    settings.asyncpg_dsn, max_size=settings.database_pool_size
+                )
+        except (asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            log.warning("the database is not accepting connections yet; retrying")
+            await asyncio.sleep(1.0)
+
+
 async def _open_database(settings: Settings) -> store.Pool:
     """A pool on a migrated database (waiting ``WAIT_FOR_SCHEMA_SECONDS`` for migrations)."""
     try:
-        async with asyncio.timeout(10):
-            pool = await store.create_pool(
-                settings.asyncpg_dsn, max_size=settings.database_pool_size
-            )
+        pool = await _create_pool(settings)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         raise DependencyError(
             f"cannot connect to DATABASE_URL ({type(exc).__name__}: {exc})".replace("\n", " ")

@@ -140,7 +140,8 @@ async def _campaign(campaign: Campaign, fleet: Fleet, faults: FaultSchedule) -> 
     )
     outcome.info.extend(recon_lines)
     fleet.check_alive()
-    outcome.notes.extend(fleet.exits)
+    for status, line in fleet.exits:  # a crash fails the campaign; a refused start does not
+        (outcome.info if status == 2 else outcome.notes).append(line)
     if faults.error:
         outcome.notes.append(faults.error)
     if settled is not None:

@@ -82,8 +82,10 @@ class Fleet:
         self._gateway_ports = [free_port() for _ in range(gateways)]
         self._sandbox_port = free_port()
         self.worker_kills = 0
-        self.exits: list[str] = []
-        """Processes that exited by themselves: none should (each is a failure)."""
+        self.exits: list[tuple[int, str]] = []
+        """Processes that exited by themselves, with their status. Status 2 is a start that
+        found a dependency down and said so in one line: a supervisor (Kubernetes) starts it
+        again, and so does :meth:`kill_a_worker`. Any other status is a crash."""
 
     # --- start -------------------------------------------------------------------------------
 
@@ -186,7 +188,7 @@ class Fleet:
         index = self.rng.randrange(len(self.workers))
         worker = self.workers[index]
         if worker is not None and worker.poll() is not None:
-            self.exits.append(f"worker {index} exited by itself (status {worker.returncode})")
+            self._exited(f"worker {index}", worker.returncode)
         elif worker is not None:
             worker.send_signal(signal.SIGKILL)
             worker.wait()
@@ -229,10 +231,15 @@ class Fleet:
         """Record every worker and gateway that is not running (they all should be)."""
         for index, worker in enumerate(self.workers):
             if worker is not None and worker.poll() is not None:
-                self.exits.append(f"worker {index} exited by itself (status {worker.returncode})")
+                self._exited(f"worker {index}", worker.returncode)
         for server in [self.sandbox, *self.gateways]:
             if server is not None and server.process.poll() is not None:
-                self.exits.append(f"{server.name} exited (status {server.process.returncode})")
+                self._exited(server.name, server.process.returncode)
+
+    def _exited(self, name: str, status: int) -> None:
+        log = self.workdir / f"{name.replace(' ', '-')}.log"
+        last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        self.exits.append((status, f"{name} exited by itself (status {status}): {last[-1:]}"))
 
     def logs_tail(self) -> str:
         servers = [s for s in [self.sandbox, *self.gateways] if s is not None]
