@@ -218,12 +218,26 @@ async def test_the_cap_holds_new_alerts_back_behind_one_meta_alert(
 ) -> None:
     stack = await make_stack()
     wids = [(await _final(stack, ["sbx_ok"]))[0] for _ in range(4)]
+
+    async def all_acked() -> bool:
+        """No notification of these in flight: an ack landing after the UPDATE below would
+        take one back out of the rule's reach."""
+        async with stack.runtime.pool.acquire() as conn:
+            acked = await conn.fetchval(
+                "SELECT count(*) FROM notifications"
+                " WHERE withdrawal_id = ANY($1) AND acked_at IS NOT NULL",
+                wids,
+            )
+        return bool(acked == len(wids))
+
+    await wait_until(all_acked, timeout=20, what="the four notifications to be acknowledged")
     async with stack.runtime.pool.acquire() as conn:
-        await conn.execute(
+        updated = await conn.execute(
             "UPDATE notifications SET acked_at = NULL, created_at = now() - interval '1 hour',"
             " next_attempt_at = now() + interval '1 hour' WHERE withdrawal_id = ANY($1)",
             wids,
         )
+    assert updated == "UPDATE 4"
     reconciler = _reconciler(stack, max_new_alerts=2, ledger_budget=0)
     report = await _run(stack, reconciler)
     assert (len(report.new_alerts), report.held_back) == (3, 2)
