@@ -292,6 +292,9 @@ async def offered(
     url = f"http://{HOST}:{system.port}/v1/withdrawals"
     headers = {"Content-Type": "application/json", "Authorization": "Bearer dev-token"}
 
+    # Polled from the first create on: a final is stamped when the poll first sees it.
+    await finals.poll()
+    watching = asyncio.create_task(finals.wait(ids))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
 
         async def create(index: int) -> None:
@@ -316,7 +319,7 @@ async def offered(
             if on_progress is not None:
                 await on_progress(index)
         await asyncio.gather(*tasks)
-    await finals.wait(ids)
+    await watching
     return ids, sent
 
 
