@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def _format(value: float, unit: str) -> str:
     if unit == "x":
-        return f"{value:.2f}×"
+        return f"{value:.2f}×" if abs(value) >= 0.1 else f"{value:.3f}×"
     if abs(value) >= 100:
         return f"{value:,.0f} {unit}"
     return f"{value:.2f} {unit}"

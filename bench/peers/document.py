@@ -26,7 +26,7 @@ PROFILE_MARK = "<!-- profile notes below are kept across runs -->"
 
 def _fmt(value: float, unit: str) -> str:
     if unit == "x":
-        return f"{value:.2f}×"
+        return f"{value:.2f}×" if value >= 0.1 else f"{value:.3f}×"
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 

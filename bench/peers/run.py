@@ -368,8 +368,11 @@ async def crash(
     extra = [i for i in ids if i not in succeeded and commits.get(i)]
     violations = len(book["violations"])
     result.crash_ok = not bad and not extra and not frozen and not violations
+    others = {i: finals.status.get(i, "?") for i in ids if i not in succeeded}
     result.crash = (
-        f"{len(ids)} final ({len(succeeded)} succeeded), commits≠1 on {len(bad) + len(extra)}, "
+        f"{len(ids)} final ({len(succeeded)} succeeded"
+        + (f"; not succeeded: {others}" if others else "")
+        + f"), commits≠1 on {len(bad) + len(extra)}, "
         f"{frozen} open freezes, {violations} ledger violations"
     )
 
