@@ -33,6 +33,12 @@ async def _server(
     seen: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await serve(reader, writer)
+        finally:  # also when the test ends first: an open socket would leak to the next test
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             length = 0
@@ -46,7 +52,6 @@ async def _server(
             writer.write(answer)
             await writer.drain()
             if close:
-                writer.close()
                 return
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
