@@ -185,14 +185,26 @@ class Clients:
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     async def decide(self, case: dict[str, Any]) -> None:
-        """Positive only where the provider did pay: settle the order at the sandbox first
-        (its webhook races the decision, as in production); negative otherwise, which the
-        gateway checks with the provider before the cascade moves on."""
+        """One of four ways, by the task id, so that each happens in every run:
+
+        0. the provider pays (its webhook goes out), then support decides positive: the
+           webhook races the decision;
+        1. support decides positive, then the provider's payout shows (it had paid; its
+           webhook and status lagged): commit first, confirmation after;
+        2. support decides negative; the gateway checks with the provider first;
+        3. the provider pays, and support decides negative as its webhook is still on its
+           way through the workers: a late success racing a negative decision, which must
+           end in one payout (the gateway asks the provider first: 409 provider_paid).
+        Without a reference (the provider never accepted the order) every way is negative."""
+        way = zlib.crc32(case["task_id"].encode()) % 4 if case.get("provider_reference") else 2
+        if way in (0, 3) and not await self._pay_at_sandbox(case):
+            return  # the provider did not pay: no decision this round
+        status = await self._resolve(case, "positive" if way in (0, 1) else "negative")
+        if way == 1 and status == 200:
+            await self._pay_at_sandbox(case)
+
+    async def _resolve(self, case: dict[str, Any], decision: str) -> int:
         task_id = case["task_id"]
-        positive = zlib.crc32(task_id.encode()) % 2 == 0 and case.get("provider_reference")
-        if positive and not await self._pay_at_sandbox(case):
-            return  # the provider did not pay: no positive decision; the next round decides
-        decision = "positive" if positive else "negative"
         status, answer = await self.call(
             "resolve",
             "POST",
@@ -210,6 +222,7 @@ class Clients:
         self.tally.resolutions[f"{decision} {status} {code or ''}".strip()] += 1
         if status not in (200, 409):
             self.tally.unexpected.append(f"resolve {task_id}: {status} {answer}")
+        return status
 
     async def _pay_at_sandbox(self, case: dict[str, Any]) -> bool:
         """The provider pays the order (its webhook goes out); whether it did."""
