@@ -29,6 +29,7 @@ log = logging.getLogger("cascade.runtime")
 JETSTREAM_START_SECONDS = 30.0
 # Likewise for a Postgres that is there but not ready (crash recovery takes seconds).
 DATABASE_START_SECONDS = 30.0
+START_RETRY_PAUSE = 1.0
 
 
 class DependencyError(Exception):
@@ -143,7 +144,7 @@ async def _create_pool(settings: Settings) -> store.Pool:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             log.warning("the database is not accepting connections yet; retrying")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(START_RETRY_PAUSE)
 
 
 async def _open_database(settings: Settings) -> store.Pool:
@@ -205,6 +206,6 @@ async def _ensure_streams(streams: bus.Streams, name: str) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             log.warning("JetStream not answering yet; retrying", extra={"client": name})
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(START_RETRY_PAUSE)
         else:
             return

@@ -24,11 +24,9 @@ def _answers(monkeypatch: pytest.MonkeyPatch, *answers: Any) -> list[int]:
             raise answer
         return answer
 
-    async def no_pause(_seconds: float) -> None:
-        return None
-
     monkeypatch.setattr("gateway.runtime.store.create_pool", create_pool)
-    monkeypatch.setattr("gateway.runtime.asyncio.sleep", no_pause)
+    # Not asyncio.sleep itself: that is every task's, and the suite's own run beside these.
+    monkeypatch.setattr(runtime, "START_RETRY_PAUSE", 0.0)
     return calls
 
 
