@@ -67,17 +67,20 @@ CREATE TABLE recon_runs (
     details       jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 CREATE INDEX recon_runs_finished ON recon_runs (finished_at);
+"""
 
--- The rules' queries: open freezes (stale freeze), successes by when (double success),
--- final attempts by when (ledger parity), unacknowledged notifications by age, and
--- success-after-final webhooks by when.
-CREATE INDEX order_tasks_frozen ON order_tasks (state_entered_at) WHERE freeze_state = 'frozen';
-CREATE INDEX order_tasks_succeeded ON order_tasks (state_entered_at, queue_id)
+# The rules' queries: open freezes (stale freeze), successes by when (double success), final
+# attempts by when (ledger parity), unacknowledged notifications by age, and success-after-
+# final webhooks by when. On tables the running version writes to: built CONCURRENTLY, so
+# that the upgrade (run while the old pods serve) never blocks their writes.
+INDEXES = """
+CREATE INDEX CONCURRENTLY order_tasks_frozen ON order_tasks (state_entered_at) WHERE freeze_state = 'frozen';
+CREATE INDEX CONCURRENTLY order_tasks_succeeded ON order_tasks (state_entered_at, queue_id)
     WHERE state = 'SUCCEEDED';
-CREATE INDEX order_tasks_settled ON order_tasks (state_entered_at)
+CREATE INDEX CONCURRENTLY order_tasks_settled ON order_tasks (state_entered_at)
     WHERE freeze_state IN ('committed', 'rolled_back');
-CREATE INDEX notifications_unacked ON notifications (created_at) WHERE acked_at IS NULL;
-CREATE INDEX unmatched_webhooks_paid_after_final ON unmatched_webhooks (received_at)
+CREATE INDEX CONCURRENTLY notifications_unacked ON notifications (created_at) WHERE acked_at IS NULL;
+CREATE INDEX CONCURRENTLY unmatched_webhooks_paid_after_final ON unmatched_webhooks (received_at)
     WHERE reason = 'success_after_final';
 """
 
@@ -101,6 +104,9 @@ def _statements(script: str) -> list[str]:
 def upgrade() -> None:
     for statement in _statements(UPGRADE):
         op.execute(statement)
+    with op.get_context().autocommit_block():  # CONCURRENTLY cannot run in a transaction
+        for statement in _statements(INDEXES):
+            op.execute(statement)
 
 
 def downgrade() -> None:
