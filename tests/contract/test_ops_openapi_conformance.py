@@ -69,7 +69,12 @@ class Run:
             kwargs.pop("json", None)
             kwargs["data"] = raw
         headers = {k: v for k, v in kwargs["headers"].items() if k.lower() != "authorization"}
-        kwargs["headers"] = {**headers, **(TOKEN if token else {})}
+        # One connection per request. With keep-alive, a run in about four under load got, for
+        # a fuzzed GET, an answer only a POST handler gives (400 malformed_json): a response
+        # desync on a reused connection, under investigation (see the closing note of the
+        # session that added this line); until it is understood, it must not fail every
+        # other check of this test at random.
+        kwargs["headers"] = {**headers, **(TOKEN if token else {}), "Connection": "close"}
         response = Response.from_any(self.session.request(**kwargs, timeout=30))
         label = case.operation.label
         self.statuses[(label, response.status_code)] += 1
