@@ -157,13 +157,20 @@ async def worker_process(
 
 async def run_cli(stack: Stack, *args: str, timeout: float = 60.0) -> tuple[int, str, str]:
     """Run the ``cascade-gateway`` console script against the stack: (status, stdout, stderr)."""
+    return await run_command(stack_env(stack), *args, timeout=timeout)
+
+
+async def run_command(
+    env: Mapping[str, str], *args: str, timeout: float = 60.0
+) -> tuple[int, str, str]:
+    """Run ``cascade-gateway ARGS`` with exactly ``env``: (status, stdout, stderr)."""
     command = (
         [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-m", "gateway.cli"]
     )
     proc = await asyncio.create_subprocess_exec(
         *command,
         *args,
-        env=stack_env(stack),
+        env=dict(env),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from devstack.embedded import free_port
 from tests.conftest import (
-    ROOT,
     Stack,
     StackFactory,
     new_id,
     providers_document,
     withdrawal_body,
 )
+from tests.faultkit import run_command
 from tests.waiting import wait_until
 
 OPS = {"Authorization": "Bearer ops-token", "X-Operator": "tester"}
@@ -45,21 +44,9 @@ async def _cli(url: str, tmp_path: Path, *args: str, token: str = "ops-token") -
     }
     for name in ("OPS_API_TOKEN", "DATABASE_URL", "NATS_URL"):
         env.pop(name, None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "manual-checks",
-        *args,
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    assert "Traceback" not in err.decode(), err.decode()
-    return Ran(process.returncode, out.decode(), err.decode())
+    status, out, err = await run_command(env, "manual-checks", *args)
+    assert "Traceback" not in err, err
+    return Ran(status, out, err)
 
 
 async def _in_manual_check(stack: Stack, providers: list[str]) -> tuple[str, dict[str, Any]]:

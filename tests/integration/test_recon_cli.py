@@ -3,13 +3,12 @@ injected discrepancy, then finance works the alert with ``alerts``, ``ack`` and 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, Stack, StackFactory, new_id, withdrawal_body
+from tests.conftest import Stack, StackFactory, new_id, withdrawal_body
+from tests.faultkit import run_command
 
 
 async def _cli(stack: Stack, tmp_path: Path, *args: str) -> tuple[int, str, str]:
@@ -26,21 +25,9 @@ async def _cli(stack: Stack, tmp_path: Path, *args: str) -> tuple[int, str, str]
         "RECON_LEDGER_BUDGET": "50",
     }
     env.pop("NATS_URL", None)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "recon",
-        *args,
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    assert "Traceback" not in err.decode(), err.decode()
-    return process.returncode, out.decode(), err.decode()
+    status, out, err = await run_command(env, "recon", *args)
+    assert "Traceback" not in err, err
+    return status, out, err
 
 
 async def test_recon_run_then_the_alert_is_worked_from_the_terminal(
