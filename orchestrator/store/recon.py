@@ -231,13 +231,6 @@ async def provider_checks(
     ]
 
 
-async def freeze_state_of(conn: Connection, task_id: uuid.UUID) -> str | None:
-    """Our record of one attempt's freeze now (to tell a discrepancy from a settlement in
-    flight when the ledger disagrees)."""
-    value = await conn.fetchval("SELECT freeze_state FROM order_tasks WHERE task_id = $1", task_id)
-    return None if value is None else str(value)
-
-
 async def unacknowledged_notifications(
     conn: Connection, older_than: datetime, *, limit: int
 ) -> list[dict[str, Any]]:
