@@ -167,16 +167,32 @@ class Reconciler:
         self.providers = providers
 
     async def run_once(self) -> RunReport:
-        """One run, if no other runner holds the lock; the alerts are written atomically."""
+        """One run, if no other runner holds the lock.
+
+        The lock is a session lock on one connection, held for the whole run; every read is a
+        statement (or short transaction) of its own, the alerts and the run's record one
+        transaction at the end: no transaction stays open while cascade-core or a provider
+        takes its time to answer.
+        """
         started = time.monotonic()
         now = datetime.now(UTC)
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn:
             if not await store.try_lock(conn):
                 # Another process runs it: the gauges show the fleet's view all the same.
                 await self._measure(conn, await store.last_success(conn))
                 return RunReport(ran=False)
-            report = RunReport(ran=True)
-            findings = await self.findings(conn, now, report)
+            try:
+                report = await self._locked_run(conn, now, started)
+            finally:
+                await _unlock(conn)
+        m.recon_run_seconds.observe(report.seconds)
+        log.info("reconciliation run", extra=report.as_dict())
+        return report
+
+    async def _locked_run(self, conn: Connection, now: datetime, started: float) -> RunReport:
+        report = RunReport(ran=True)
+        findings = await self.findings(conn, now, report)
+        async with conn.transaction():
             await self._record(conn, findings, now, report)
             report.seconds = time.monotonic() - started
             await store.record_run(
@@ -187,9 +203,7 @@ class Reconciler:
                 detections=report.detections,
                 details=report.as_dict(),
             )
-            await self._measure(conn, now + timedelta(seconds=report.seconds))
-        m.recon_run_seconds.observe(report.seconds)
-        log.info("reconciliation run", extra=report.as_dict())
+        await self._measure(conn, now + timedelta(seconds=report.seconds))
         return report
 
     @staticmethod
@@ -410,6 +424,19 @@ class Reconciler:
             )
             for r in rows
         ]
+
+
+async def _unlock(conn: Connection) -> None:
+    """Release the run's session lock before the connection goes back to the pool (which
+    does not reset sessions): if that fails, the connection is closed, and the server
+    releases the lock with the session; a lock left on a pooled connection would stop every
+    later run of the fleet."""
+    try:
+        if not await store.unlock(conn):
+            log.error("the reconciliation lock was not held at the end of the run")
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 _WAITING = frozenset({"EXECUTING", "MANUAL_CHECK"})

@@ -86,9 +86,11 @@ def _no_nul(value: object) -> object:
 async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Release without asyncpg's default reset (one extra round-trip per release).
 
-    Safe here: the store never leaves session state behind — no advisory locks, LISTEN,
-    cursors or SET outside a transaction — and transactions are always closed by their
-    context managers before a connection goes back to the pool.
+    Safe here: the store never leaves session state behind — no LISTEN, cursors or SET
+    outside a transaction, and the one session advisory lock (the reconciliation run's) is
+    unlocked, or its connection terminated, before the connection goes back — and
+    transactions are always closed by their context managers before a connection goes back
+    to the pool.
     """
 
 

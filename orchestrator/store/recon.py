@@ -16,14 +16,21 @@ from typing import Any
 
 from orchestrator.store import Connection
 
-# One runner per fleet: the run's transaction holds this transaction-level advisory lock, so
-# it is released whatever happens to the runner (commit, rollback, a dropped connection).
+# One runner per fleet: a run holds this session-level advisory lock on one connection for
+# its whole length, while its reads and writes are short transactions of their own (no
+# transaction stays open across its HTTP calls). The server releases it if the connection
+# drops; the runner unlocks it, or terminates the connection, before handing it back.
 RECON_LOCK_KEY = 0x7265636F6E  # "recon"
 
 
 async def try_lock(conn: Connection) -> bool:
-    """Take the fleet-wide reconciliation lock for this transaction; False if another has it."""
-    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RECON_LOCK_KEY))
+    """Take the fleet-wide reconciliation lock for this session; False if another has it."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", RECON_LOCK_KEY))
+
+
+async def unlock(conn: Connection) -> bool:
+    """Release the lock :func:`try_lock` took on this session; False if it did not hold it."""
+    return bool(await conn.fetchval("SELECT pg_advisory_unlock($1)", RECON_LOCK_KEY))
 
 
 @dataclass(frozen=True, slots=True)

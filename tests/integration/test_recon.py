@@ -16,9 +16,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import pytest
 from prometheus_client import REGISTRY
 
+from orchestrator.core_client import FreezeState
 from orchestrator.reconciliation import Reconciler, ReconPolicy, RunReport
+from orchestrator.store.recon import RECON_LOCK_KEY
 from orchestrator.worker import Worker
 from tests.conftest import Stack, StackFactory, new_id, withdrawal_body
 from tests.waiting import wait_until
@@ -251,10 +254,63 @@ async def test_the_cap_holds_new_alerts_back_behind_one_meta_alert(
 async def test_one_runner_at_a_time(make_stack: StackFactory) -> None:
     stack = await make_stack()
     reconciler = _reconciler(stack)
-    async with stack.runtime.pool.acquire() as conn, conn.transaction():
-        assert await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", 0x7265636F6E)
-        assert not (await reconciler.run_once()).ran
+    async with stack.runtime.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT pg_try_advisory_lock($1)", RECON_LOCK_KEY)
+        try:
+            assert not (await reconciler.run_once()).ran
+        finally:
+            assert await conn.fetchval("SELECT pg_advisory_unlock($1)", RECON_LOCK_KEY)
     assert (await reconciler.run_once()).ran
+
+
+_LOCK_HOLDER = (
+    "SELECT a.state FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted"
+    " AND ((l.classid::bigint << 32) | l.objid::bigint) = $1"
+)
+
+
+class _WatchingLedger:
+    """cascade-core's ledger, asked through a reader that looks, at every call, at the
+    session holding the reconciliation lock: it must be idle, not inside a transaction."""
+
+    def __init__(self, stack: Stack, fail: bool = False) -> None:
+        self.stack = stack
+        self.fail = fail
+        self.seen: list[str] = []
+
+    async def operation(self, operation_id: str) -> FreezeState | None:
+        async with self.stack.runtime.pool.acquire() as conn:
+            self.seen.extend(r["state"] for r in await conn.fetch(_LOCK_HOLDER, RECON_LOCK_KEY))
+        if self.fail:
+            raise RuntimeError("the ledger reader broke")
+        return await self.stack.runtime.core.operation(operation_id)
+
+
+async def test_a_run_holds_the_lock_with_no_transaction_open_across_its_calls(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    await _final(stack, ["sbx_ok"])
+    rt = stack.runtime
+    ledger = _WatchingLedger(stack)
+    report = await Reconciler(rt.pool, ledger, rt.engine.configs, ReconPolicy()).run_once()
+    assert report.ran
+    assert report.ledger_checked >= 1, report.as_dict()
+    assert ledger.seen, "the ledger was never asked"
+    assert set(ledger.seen) == {"idle"}, ledger.seen
+    async with rt.pool.acquire() as conn:
+        assert await conn.fetch(_LOCK_HOLDER, RECON_LOCK_KEY) == [], "the lock outlived its run"
+
+
+async def test_a_run_that_fails_releases_the_lock(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    await _final(stack, ["sbx_ok"])
+    rt = stack.runtime
+    broken = Reconciler(rt.pool, _WatchingLedger(stack, fail=True), rt.engine.configs)
+    with pytest.raises(RuntimeError, match="ledger reader broke"):
+        await broken.run_once()
+    assert (await _reconciler(stack).run_once()).ran
 
 
 async def test_the_worker_runs_it_every_interval_and_reports_it(make_stack: StackFactory) -> None:
