@@ -14,7 +14,8 @@ One run, under a fleet-wide Postgres advisory lock (one runner at a time), appli
 4. ``provider_parity`` — our state of an attempt against its provider's status endpoint, for
    attempts the provider accepted that became final since the previous run and attempts
    waiting (EXECUTING, MANUAL_CHECK) past their webhook SLA: at most ``provider_budget``
-   status calls per provider per run, one at a time.
+   status calls per provider per run, one at a time, half of them for the waiting ones
+   (:func:`plan_provider_checks`).
 5. ``notification`` — a final withdrawal whose notification cascade-core has not acknowledged
    after ``notify_after`` seconds.
 
@@ -146,6 +147,45 @@ def freeze_deadline(config: ProviderConfig | None) -> float:
     if polling is not None:
         seconds += polling.timeout_seconds or polling.interval_seconds * polling.max_polls
     return seconds
+
+
+def plan_provider_checks(
+    candidates: Sequence[store.ProviderCheck],
+    configs: Mapping[str, ProviderConfig],
+    budget: int,
+    now: datetime,
+) -> list[store.ProviderCheck]:
+    """Which candidates to ask their provider about, at most ``budget`` per provider.
+
+    Each provider's budget is shared: up to half (rounded up) for attempts in flight past
+    their SLA, the rest for attempts that became final, and a share one kind leaves unused
+    goes to the other. Neither kind starves the other: a busy provider's recent finals
+    (hundreds per interval) would otherwise take every call, and an attempt stuck in
+    EXECUTING or MANUAL_CHECK would never be compared. A provider not configured is skipped.
+    """
+    waiting: dict[str, list[store.ProviderCheck]] = {}
+    final: dict[str, list[store.ProviderCheck]] = {}
+    for check in candidates:
+        config = configs.get(check.provider_id)
+        if config is None:
+            continue
+        if check.state in _WAITING:
+            # MANUAL_CHECK is past the SLA by definition; EXECUTING may still get its
+            # webhook within it.
+            executing_for = (now - check.since).total_seconds()
+            if check.state == "EXECUTING" and executing_for <= (config.webhook_sla_seconds or 0):
+                continue
+            waiting.setdefault(check.provider_id, []).append(check)
+        else:
+            final.setdefault(check.provider_id, []).append(check)
+    planned: list[store.ProviderCheck] = []
+    for provider_id in dict.fromkeys([*waiting, *final]):
+        stuck, settled = waiting.get(provider_id, []), final.get(provider_id, [])
+        first = stuck[: (budget + 1) // 2]
+        rest = settled[: budget - len(first)]
+        more = stuck[len(first) : len(first) + budget - len(first) - len(rest)]
+        planned += [*first, *more, *rest]
+    return planned
 
 
 class Reconciler:
@@ -374,22 +414,15 @@ class Reconciler:
         candidates = await store.provider_checks(
             conn, final_since=since, in_flight_before=now, limit=_ROWS_PER_RULE
         )
-        asked: Counter[str] = Counter()
         stop_at = time.monotonic() + self.policy.interval / 3
         findings = []
-        for check in candidates:
-            config = self.configs.get(check.provider_id)
-            if config is None or asked[check.provider_id] >= self.policy.provider_budget:
-                continue
-            # An attempt in MANUAL_CHECK is past its SLA by definition; one EXECUTING may
-            # still get its webhook within the SLA.
-            executing_for = (now - check.since).total_seconds()
-            if check.state == "EXECUTING" and executing_for <= (config.webhook_sla_seconds or 0):
-                continue
+        for check in plan_provider_checks(
+            candidates, self.configs, self.policy.provider_budget, now
+        ):
+            config = self.configs[check.provider_id]
             if time.monotonic() > stop_at:
                 report.provider_unreachable += 1
                 continue
-            asked[check.provider_id] += 1
             answer = await self.providers.status(config, check.provider_order_id)
             if isinstance(answer, Ambiguous):
                 report.provider_unreachable += 1  # proves nothing: asked again later

@@ -3,6 +3,9 @@ table, a provider's freeze deadline."""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime, timedelta
+
 import msgspec
 import pytest
 
@@ -15,8 +18,10 @@ from orchestrator.reconciliation import (
     ReconPolicy,
     freeze_deadline,
     next_state,
+    plan_provider_checks,
     provider_disagreement,
 )
+from orchestrator.store.recon import ProviderCheck
 
 
 def test_the_lifecycle_moves_forward_only_and_ends_in_resolved_or_accepted() -> None:
@@ -73,3 +78,45 @@ def test_the_recon_settings_default_and_refuse_bad_values() -> None:
     ):
         with pytest.raises(SettingsError, match=name):
             load_settings({name: value})
+
+
+_NOW = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+
+
+def _check(provider_id: str, state: str, age: float) -> ProviderCheck:
+    return ProviderCheck(
+        task_id=uuid.uuid4(),
+        withdrawal_id="w",
+        provider_id=provider_id,
+        provider_order_id="o",
+        state=state,
+        since=_NOW - timedelta(seconds=age),
+    )
+
+
+def test_recent_finals_do_not_starve_the_attempts_in_flight() -> None:
+    config = ProviderConfig(base_url="http://p", webhooks=False, webhook_sla_seconds=60)
+    configs = {"busy": config, "quiet": config}
+    finals = [_check("busy", "SUCCEEDED", 10) for _ in range(50)]
+    stuck = [_check("busy", "MANUAL_CHECK", 3600) for _ in range(3)]
+    late = [_check("busy", "EXECUTING", 120) for _ in range(3)]
+    within_sla = _check("busy", "EXECUTING", 30)
+    quiet = [_check("quiet", "FAILED", 10)]
+    unknown = _check("gone", "MANUAL_CHECK", 3600)
+    candidates = [*finals, *quiet, *stuck, *late, within_sla, unknown]
+
+    planned = plan_provider_checks(candidates, configs, 4, _NOW)
+    busy = [c for c in planned if c.provider_id == "busy"]
+    assert len(busy) == 4
+    assert [c.state for c in busy].count("SUCCEEDED") == 2  # half each
+    assert within_sla not in planned  # its webhook may still come
+    assert unknown not in planned
+    assert [c for c in planned if c.provider_id == "quiet"] == quiet
+
+    # A share one kind leaves unused goes to the other.
+    only_stuck = plan_provider_checks([*stuck, *late, finals[0]], configs, 4, _NOW)
+    assert [c.state for c in only_stuck].count("SUCCEEDED") == 1
+    assert len(only_stuck) == 4
+    only_final = plan_provider_checks([*finals, stuck[0]], configs, 5, _NOW)
+    assert [c.state for c in only_final].count("SUCCEEDED") == 4
+    assert plan_provider_checks(candidates, configs, 0, _NOW) == []
