@@ -2,9 +2,10 @@
 
 One run, under a fleet-wide Postgres advisory lock (one runner at a time), applies the rules:
 
-1. ``stale_freeze`` — a freeze open longer than its provider's webhook SLA + status-polling
-   deadline + ``stale_margin``: ``critical``; in the band of ``stale_margin`` before that,
-   ``warning``.
+1. ``stale_freeze`` — a freeze open longer than its provider's recheck backoff + webhook SLA
+   + status-polling deadline (:func:`freeze_deadline`) + ``stale_margin``: ``critical``; in
+   the band of ``stale_margin`` before that, ``warning``. An attempt in MANUAL_CHECK (a
+   human deciding) stays a ``warning`` however old.
 2. ``double_success`` — two attempts of one withdrawal SUCCEEDED (checked for every success
    since the previous run); ``success_after_final`` —
    a verified success webhook for an attempt that had ended without success.
@@ -42,7 +43,7 @@ from typing import Any, Protocol
 from contracts.providers_file import ProviderConfig
 from orchestrator import metrics as m
 from orchestrator.core_client import CoreRefused, CoreUnavailable, FreezeState
-from orchestrator.domain import Ambiguous
+from orchestrator.domain import Ambiguous, recheck_delay
 from orchestrator.provider_client import ProviderAdapter
 from orchestrator.store import Connection, Pool
 from orchestrator.store import recon as store
@@ -137,16 +138,25 @@ class RunReport:
         }
 
 
+# The wait granted an accepted order of a provider with neither webhook SLA nor status
+# polling (or one not in the providers file): the providers file's default SLA. Such an
+# attempt waits in MANUAL_CHECK, so only a freeze stuck before it gets this far.
+DEFAULT_WAIT_SECONDS = 900.0
+
+
 def freeze_deadline(config: ProviderConfig | None) -> float:
-    """Seconds a freeze may stay open on this provider before it is late: the webhook SLA
-    plus the status-polling deadline (unknown provider: none, only the margin)."""
+    """Seconds a freeze may stay open on this provider before it is late: every recheck's
+    backoff delay up to ``recheck.max_attempts`` (an ambiguous create), then the webhook SLA
+    plus the status-polling deadline, or :data:`DEFAULT_WAIT_SECONDS` when the provider has
+    neither (or is not configured)."""
     if config is None:
-        return 0.0
-    seconds = config.webhook_sla_seconds or 0.0
+        config = ProviderConfig(base_url="http://unconfigured")
+    rechecks = sum(recheck_delay(config, n) for n in range(config.recheck.max_attempts))
+    waiting = config.webhook_sla_seconds or 0.0
     polling = config.status_polling
     if polling is not None:
-        seconds += polling.timeout_seconds or polling.interval_seconds * polling.max_polls
-    return seconds
+        waiting += polling.timeout_seconds or polling.interval_seconds * polling.max_polls
+    return rechecks + (waiting or DEFAULT_WAIT_SECONDS)
 
 
 def plan_provider_checks(
@@ -291,7 +301,13 @@ class Reconciler:
         await store.update_alerts(conn, seen, now)
 
     async def stale_freezes(self, conn: Connection, now: datetime) -> list[Finding]:
-        """Rule 1: freezes open past their provider's deadline (warning within the margin)."""
+        """Rule 1: freezes open past their provider's deadline (warning within the margin).
+
+        An attempt in MANUAL_CHECK waits for support's decision, not for the engine: its
+        freeze is reported as a warning however old it is (support's queue has its own
+        view, ``GET /ops/manual-checks``); only a freeze the engine itself should have
+        settled turns critical.
+        """
         margin = self.policy.stale_margin
         findings = []
         for freeze in await store.open_freezes(conn, limit=_ROWS_PER_RULE):
@@ -299,14 +315,16 @@ class Reconciler:
             age = (now - freeze.frozen_since).total_seconds()
             if age <= deadline:
                 continue
-            severity = "critical" if age > deadline + margin else "warning"
+            manual = freeze.state == "MANUAL_CHECK"
+            severity = "critical" if age > deadline + margin and not manual else "warning"
+            waiting = " waiting for support's decision" if manual else ""
             findings.append(
                 Finding(
                     fingerprint=f"stale_freeze:{freeze.task_id}",
                     rule="stale_freeze",
                     severity=severity,
                     summary=f"{freeze.amount} {freeze.currency} frozen on {freeze.provider_id}"
-                    f" for {age:.0f} s (attempt in {freeze.state})",
+                    f" for {age:.0f} s (attempt in {freeze.state}{waiting})",
                     evidence={
                         "checked_at": now.isoformat(),
                         "frozen_since": freeze.frozen_since.isoformat(),
@@ -314,6 +332,7 @@ class Reconciler:
                         "deadline_seconds": deadline,
                         "margin_seconds": margin,
                         "task_state": freeze.state,
+                        "awaiting_manual_check": manual,
                         "provider_id": freeze.provider_id,
                         "amount": freeze.amount,
                         "currency": freeze.currency,

@@ -9,11 +9,12 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from contracts.providers_file import ProviderConfig, StatusPolling
+from contracts.providers_file import ProviderConfig, RecheckPolicy, StatusPolling
 from gateway.settings import SettingsError, load_settings
 from orchestrator.reconciliation import (
     ALERT_STATES,
     ALERT_TRANSITIONS,
+    DEFAULT_WAIT_SECONDS,
     IllegalAlertTransition,
     ReconPolicy,
     freeze_deadline,
@@ -56,14 +57,23 @@ def test_provider_disagreements(ours: str, theirs: str, severity: str | None) ->
     assert provider_disagreement(ours, theirs) == severity
 
 
-def test_a_freeze_deadline_is_the_sla_plus_the_polling() -> None:
-    base = ProviderConfig(base_url="http://p", webhooks=False, webhook_sla_seconds=20)
-    assert freeze_deadline(base) == 20
+def test_a_freeze_deadline_is_the_rechecks_the_sla_and_the_polling() -> None:
+    rechecks = RecheckPolicy(
+        initial_delay_seconds=1, multiplier=2, max_delay_seconds=5, max_attempts=4
+    )  # 1 + 2 + 4 + 5
+    base = ProviderConfig(
+        base_url="http://p", webhooks=False, webhook_sla_seconds=20, recheck=rechecks
+    )
+    assert freeze_deadline(base) == 12 + 20
     timed = StatusPolling(interval_seconds=5, max_polls=3, timeout_seconds=8)
-    assert freeze_deadline(msgspec.structs.replace(base, status_polling=timed)) == 28
+    assert freeze_deadline(msgspec.structs.replace(base, status_polling=timed)) == 12 + 28
     counted = StatusPolling(interval_seconds=5, max_polls=3)
-    assert freeze_deadline(msgspec.structs.replace(base, status_polling=counted)) == 35
-    assert freeze_deadline(None) == 0
+    assert freeze_deadline(msgspec.structs.replace(base, status_polling=counted)) == 12 + 35
+    # Neither SLA nor polling (straight to manual check), or not configured: not 0.
+    bare = msgspec.structs.replace(base, webhook_sla_seconds=None)
+    assert freeze_deadline(bare) == 12 + DEFAULT_WAIT_SECONDS
+    default_rechecks = 1 + 2 + 4 + 8 + 16 + 32 + 60 * 4
+    assert freeze_deadline(None) == default_rechecks + DEFAULT_WAIT_SECONDS
 
 
 def test_the_recon_settings_default_and_refuse_bad_values() -> None:
