@@ -100,3 +100,9 @@ recon_last_success = Gauge(
     " takes turns: take the max across processes).",
     multiprocess_mode="max",
 )
+recon_rows_capped = Counter(
+    "recon_rows_capped",
+    "Reconciliation runs in which a rule's query returned as many rows as it may read: that"
+    " rule's findings were partial (the log line names the rule and the cap).",
+    ["rule"],
+)

@@ -6,8 +6,8 @@ One run, under a fleet-wide Postgres advisory lock (one runner at a time), appli
    + status-polling deadline (:func:`freeze_deadline`) + ``stale_margin``: ``critical``; in
    the band of ``stale_margin`` before that, ``warning``. An attempt in MANUAL_CHECK (a
    human deciding) stays a ``warning`` however old.
-2. ``double_success`` — two attempts of one withdrawal SUCCEEDED (checked for every success
-   since the previous run); ``success_after_final`` —
+2. ``double_success`` — two attempts of one withdrawal SUCCEEDED (checked for the
+   withdrawals of the newest 20,000 successes since the previous run); ``success_after_final`` —
    a verified success webhook for an attempt that had ended without success.
 3. ``ledger_parity`` — an attempt's freeze as we recorded it (committed, rolled back) against
    cascade-core's ``GET /v1/balances/operations/{id}``, for up to ``ledger_budget`` attempts
@@ -23,7 +23,9 @@ One run, under a fleet-wide Postgres advisory lock (one runner at a time), appli
 (Rule 6, returns after success, is not built yet: see the README.) Each finding is a
 fingerprinted alert (:class:`orchestrator.store.recon.Finding`): the same finding seen again
 updates its alert. At most ``max_new_alerts`` new alerts per run; the
-rest raise one ``alert_cap`` meta-alert naming how many were held back.
+rest raise one ``alert_cap`` meta-alert naming how many were held back. A rule whose
+query returns as many rows as it may read says so (``capped`` in the run's report, a
+warning in the log, ``recon_rows_capped_total{rule}``): its findings that run are partial.
 
 Money safety: a run reads the engine's tables, cascade-core's read-only operation endpoint and
 the providers' status endpoints (GET), and writes only the alert tables. It never changes a
@@ -70,6 +72,9 @@ ALERT_TRANSITIONS: dict[str, dict[str, str]] = {
 }
 # How many rows one rule reads per run at most: the job stays bounded whatever the backlog.
 _ROWS_PER_RULE = 5000
+# How many successes since the previous run the double-success rule looks at (about 65 per
+# second over a 300 s interval): a run after a long outage checks the newest that many.
+_SUCCESSES_PER_RUN = 20_000
 
 
 class IllegalAlertTransition(Exception):
@@ -122,6 +127,8 @@ class RunReport:
     ledger_unreachable: int = 0
     provider_checked: int = 0
     provider_unreachable: int = 0
+    # The rules whose query hit its row cap: their findings this run are partial.
+    capped: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -135,6 +142,7 @@ class RunReport:
             "ledger_unreachable": self.ledger_unreachable,
             "provider_checked": self.provider_checked,
             "provider_unreachable": self.provider_unreachable,
+            "capped": self.capped,
         }
 
 
@@ -215,6 +223,8 @@ class Reconciler:
         self.policy = policy or ReconPolicy()
         # None: no provider is asked (rule 4 off).
         self.providers = providers
+        for rule in RULES:  # every series at 0 from the start, for increase() alerts
+            m.recon_rows_capped.labels(rule=rule)
 
     async def run_once(self) -> RunReport:
         """One run, if no other runner holds the lock.
@@ -272,12 +282,12 @@ class Reconciler:
         last = await store.last_success(conn)
         since = max(window, (last or window) - timedelta(seconds=self.policy.interval))
         findings = [
-            *await self.stale_freezes(conn, now),
-            *await self.double_successes(conn, since),
-            *await self.successes_after_final(conn, window),
+            *await self.stale_freezes(conn, now, report),
+            *await self.double_successes(conn, since, report),
+            *await self.successes_after_final(conn, window, report),
             *await self.ledger_parity(conn, now, since, report),
             *await self.provider_parity(conn, now, since, report),
-            *await self.notifications(conn, now),
+            *await self.notifications(conn, now, report),
         ]
         report.per_rule = dict(Counter(f.rule for f in findings))
         report.detections = len(findings)
@@ -300,7 +310,23 @@ class Reconciler:
         report.new_alerts = await store.raise_alerts(conn, kept, now)
         await store.update_alerts(conn, seen, now)
 
-    async def stale_freezes(self, conn: Connection, now: datetime) -> list[Finding]:
+    @staticmethod
+    def _capped(rule: str, rows: int, limit: int, report: RunReport) -> None:
+        """Say so when a rule's query returned as many rows as it may: the rows past the cap
+        were not looked at this run (the oldest open freezes first, the newest successes
+        first...), which must not pass for a clean run."""
+        if rows < limit:
+            return
+        report.capped.append(rule)
+        m.recon_rows_capped.labels(rule=rule).inc()
+        log.warning(
+            "reconciliation rule hit its row cap: this run's findings are partial",
+            extra={"rule": rule, "rows": rows, "limit": limit},
+        )
+
+    async def stale_freezes(
+        self, conn: Connection, now: datetime, report: RunReport
+    ) -> list[Finding]:
         """Rule 1: freezes open past their provider's deadline (warning within the margin).
 
         An attempt in MANUAL_CHECK waits for support's decision, not for the engine: its
@@ -310,7 +336,9 @@ class Reconciler:
         """
         margin = self.policy.stale_margin
         findings = []
-        for freeze in await store.open_freezes(conn, limit=_ROWS_PER_RULE):
+        freezes = await store.open_freezes(conn, limit=_ROWS_PER_RULE)
+        self._capped("stale_freeze", len(freezes), _ROWS_PER_RULE, report)
+        for freeze in freezes:
             deadline = freeze_deadline(self.configs.get(freeze.provider_id))
             age = (now - freeze.frozen_since).total_seconds()
             if age <= deadline:
@@ -344,9 +372,15 @@ class Reconciler:
             )
         return findings
 
-    async def double_successes(self, conn: Connection, window: datetime) -> list[Finding]:
-        """Rule 2: more than one attempt of a withdrawal succeeded (paid out twice)."""
-        rows = await store.double_successes(conn, window, limit=_ROWS_PER_RULE)
+    async def double_successes(
+        self, conn: Connection, since: datetime, report: RunReport
+    ) -> list[Finding]:
+        """Rule 2: more than one attempt of a withdrawal succeeded (paid out twice), among
+        the withdrawals with a success since the previous run."""
+        queues = await store.recent_success_queues(conn, since, limit=_SUCCESSES_PER_RUN)
+        self._capped("double_success", len(queues), _SUCCESSES_PER_RUN, report)
+        unique = list(dict.fromkeys(queues))
+        rows = await store.double_successes(conn, unique, limit=_ROWS_PER_RULE)
         return [
             Finding(
                 fingerprint=f"double_success:{r['withdrawal_id']}",
@@ -365,9 +399,12 @@ class Reconciler:
             for r in rows
         ]
 
-    async def successes_after_final(self, conn: Connection, window: datetime) -> list[Finding]:
+    async def successes_after_final(
+        self, conn: Connection, window: datetime, report: RunReport
+    ) -> list[Finding]:
         """Rule 2b: a provider reported success for an attempt that had ended without one."""
         rows = await store.successes_after_final(conn, window, limit=_ROWS_PER_RULE)
+        self._capped("success_after_final", len(rows), _ROWS_PER_RULE, report)
         return [
             Finding(
                 fingerprint=f"success_after_final:{r['provider_id']}:{r['order_id']}",
@@ -433,6 +470,10 @@ class Reconciler:
         candidates = await store.provider_checks(
             conn, final_since=since, in_flight_before=now, limit=_ROWS_PER_RULE
         )
+        waiting = sum(1 for c in candidates if c.state in _WAITING)
+        # Each of its two parts is capped on its own.
+        larger = max(waiting, len(candidates) - waiting)
+        self._capped("provider_parity", larger, _ROWS_PER_RULE, report)
         stop_at = time.monotonic() + self.policy.interval / 3
         findings = []
         for check in plan_provider_checks(
@@ -452,10 +493,13 @@ class Reconciler:
                 findings.append(_provider_finding(check, answer.status, severity, now))
         return findings
 
-    async def notifications(self, conn: Connection, now: datetime) -> list[Finding]:
+    async def notifications(
+        self, conn: Connection, now: datetime, report: RunReport
+    ) -> list[Finding]:
         """Rule 5: final-status notifications cascade-core has not acknowledged in time."""
         older_than = now - timedelta(seconds=self.policy.notify_after)
         rows = await store.unacknowledged_notifications(conn, older_than, limit=_ROWS_PER_RULE)
+        self._capped("notification", len(rows), _ROWS_PER_RULE, report)
         return [
             Finding(
                 fingerprint=f"notification:{r['withdrawal_id']}:{r['status']}",

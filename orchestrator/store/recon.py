@@ -21,6 +21,8 @@ from orchestrator.store import Connection
 # transaction stays open across its HTTP calls). The server releases it if the connection
 # drops; the runner unlocks it, or terminates the connection, before handing it back.
 RECON_LOCK_KEY = 0x7265636F6E  # "recon"
+# The states of an attempt that was paid out.
+PAID_STATES = ("SUCCEEDED",)
 
 
 async def try_lock(conn: Connection) -> bool:
@@ -78,26 +80,41 @@ async def open_freezes(conn: Connection, *, limit: int) -> list[OpenFreeze]:
     ]
 
 
-async def double_successes(
+async def recent_success_queues(
     conn: Connection, since: datetime, *, limit: int
+) -> list[uuid.UUID]:
+    """The queue of each of up to ``limit`` attempts that SUCCEEDED since ``since`` (the
+    previous run), the newest first: an index-only range scan of ``order_tasks_succeeded``."""
+    rows = await conn.fetch(
+        "SELECT queue_id FROM order_tasks WHERE state = 'SUCCEEDED' AND state_entered_at >= $1"
+        " ORDER BY state_entered_at DESC LIMIT $2",
+        since,
+        limit,
+    )
+    return [r["queue_id"] for r in rows]
+
+
+async def double_successes(
+    conn: Connection, queue_ids: Sequence[uuid.UUID], *, limit: int
 ) -> list[dict[str, Any]]:
-    """Withdrawals with more than one SUCCEEDED attempt, one of them succeeded since ``since``
-    (the previous run: a second success is seen by the first run after it)."""
+    """Of these queues (:func:`recent_success_queues`), those with more than one paid
+    attempt: one probe of the ``(queue_id, position)`` index per queue, so a run reads at
+    most its scan's worth whatever the table holds."""
     rows = await conn.fetch(
         "SELECT q.withdrawal_id, d.queue_id, d.task_ids, d.providers, d.references"
-        " FROM (SELECT DISTINCT queue_id FROM order_tasks"
-        "   WHERE state = 'SUCCEEDED' AND state_entered_at >= $1) AS recent"
+        " FROM unnest($1::uuid[]) AS recent(queue_id)"
         " CROSS JOIN LATERAL (SELECT recent.queue_id,"
         "   array_agg(o.task_id::text ORDER BY o.position) AS task_ids,"
         "   array_agg(o.provider_id ORDER BY o.position) AS providers,"
         "   array_agg(o.provider_reference ORDER BY o.position) AS references"
-        "   FROM order_tasks o WHERE o.queue_id = recent.queue_id AND o.state = 'SUCCEEDED'"
+        "   FROM order_tasks o WHERE o.queue_id = recent.queue_id AND o.state = ANY($3::text[])"
         "   HAVING count(*) > 1) d"
         " CROSS JOIN LATERAL (SELECT withdrawal_id FROM order_queues"
         "   WHERE queue_id = d.queue_id LIMIT 1) q"
         " LIMIT $2",
-        since,
+        list(queue_ids),
         limit,
+        list(PAID_STATES),
     )
     return [dict(r) for r in rows]
 

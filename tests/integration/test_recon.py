@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from orchestrator import reconciliation
 from orchestrator.core_client import FreezeState
 from orchestrator.reconciliation import Reconciler, ReconPolicy, RunReport
 from orchestrator.store.recon import RECON_LOCK_KEY
@@ -385,3 +386,28 @@ async def test_provider_parity_warns_of_an_outcome_a_waiting_attempt_missed(
     (alert,) = [a for a in await _alerts(stack) if a["rule"] == "provider_parity"]
     assert alert["severity"] == "warning"
     assert alert["evidence"]["ours"] == "MANUAL_CHECK"
+
+
+async def test_a_rule_that_hits_its_row_cap_says_so(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = await make_stack()
+    twice, _ = await _final(stack, ["sbx_decline", "sbx_ok"])
+    skipped = (await _tasks(stack, twice))[0]
+    async with stack.runtime.pool.acquire() as conn:  # a bug would leave this behind
+        await conn.execute(
+            "UPDATE order_tasks SET state = 'SUCCEEDED' WHERE task_id = $1",
+            uuid.UUID(skipped["task_id"]),
+        )
+    await _final(stack, ["sbx_ok"])  # the newest success: the only one a cap of 1 reads
+    monkeypatch.setattr(reconciliation, "_SUCCESSES_PER_RUN", 1)
+    before = REGISTRY.get_sample_value("recon_rows_capped_total", {"rule": "double_success"})
+    report = await _run(stack, _reconciler(stack, ledger_budget=0))
+    assert report.capped == ["double_success"]
+    assert "double_success" not in report.per_rule  # partial, and the report says so
+    after = REGISTRY.get_sample_value("recon_rows_capped_total", {"rule": "double_success"})
+    assert (after or 0) == (before or 0) + 1
+    assert any("row cap" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(reconciliation, "_SUCCESSES_PER_RUN", 20_000)
+    report = await _run(stack, _reconciler(stack, ledger_budget=0))
+    assert (report.capped, report.per_rule) == ([], {"double_success": 1})
