@@ -22,8 +22,8 @@ One run, under a fleet-wide Postgres advisory lock (one runner at a time), appli
 
 (Rule 6, returns after success, is not built yet: see the README.) Each finding is a
 fingerprinted alert (:class:`orchestrator.store.recon.Finding`): the same finding seen again
-updates its alert. At most ``max_new_alerts`` new alerts per run; the
-rest raise one ``alert_cap`` meta-alert naming how many were held back. A rule whose
+updates its alert. At most ``max_new_alerts`` new alerts per run, the critical ones first;
+the rest raise one ``alert_cap`` meta-alert naming how many were held back. A rule whose
 query returns as many rows as it may read says so (``capped`` in the run's report, a
 warning in the log, ``recon_rows_capped_total{rule}``): its findings that run are partial.
 
@@ -206,6 +206,14 @@ def plan_provider_checks(
     return planned
 
 
+def admit(fresh: Sequence[Finding], cap: int) -> tuple[list[Finding], list[Finding]]:
+    """The new findings a run raises (at most ``cap``) and those it holds back: the critical
+    ones first, whatever rule found them, so that a flood of warnings never holds back a
+    double payout; in rule order within a severity."""
+    ordered = sorted(fresh, key=lambda f: f.severity != "critical")
+    return ordered[:cap], ordered[cap:]
+
+
 class Reconciler:
     """Runs the rules; :meth:`run_once` is what the worker loop and ``recon run`` call."""
 
@@ -299,9 +307,8 @@ class Reconciler:
         """Raise the new findings (up to the cap, then one meta-alert), update the others."""
         unique = list({f.fingerprint: f for f in findings}.values())
         known = await store.existing_alerts(conn, [f.fingerprint for f in unique])
-        fresh = [f for f in unique if f.fingerprint not in known]
         cap = self.policy.max_new_alerts
-        kept, held = fresh[:cap], fresh[cap:]
+        kept, held = admit([f for f in unique if f.fingerprint not in known], cap)
         seen = [f for f in unique if f.fingerprint in known]
         if held:
             report.held_back = len(held)

@@ -17,12 +17,13 @@ from orchestrator.reconciliation import (
     DEFAULT_WAIT_SECONDS,
     IllegalAlertTransition,
     ReconPolicy,
+    admit,
     freeze_deadline,
     next_state,
     plan_provider_checks,
     provider_disagreement,
 )
-from orchestrator.store.recon import ProviderCheck
+from orchestrator.store.recon import Finding, ProviderCheck
 
 
 def test_the_lifecycle_moves_forward_only_and_ends_in_resolved_or_accepted() -> None:
@@ -130,3 +131,16 @@ def test_recent_finals_do_not_starve_the_attempts_in_flight() -> None:
     only_final = plan_provider_checks([*finals, stuck[0]], configs, 5, _NOW)
     assert [c.state for c in only_final].count("SUCCEEDED") == 4
     assert plan_provider_checks(candidates, configs, 0, _NOW) == []
+
+
+def _finding(rule: str, severity: str, n: int) -> Finding:
+    return Finding(fingerprint=f"{rule}:{n}", rule=rule, severity=severity, summary="", evidence={})
+
+
+def test_the_cap_admits_critical_findings_before_warnings() -> None:
+    warnings = [_finding("stale_freeze", "warning", n) for n in range(5)]
+    critical = [_finding("ledger_parity", "critical", n) for n in range(2)]
+    kept, held = admit([*warnings, *critical, _finding("notification", "warning", 0)], 3)
+    assert kept == [*critical, warnings[0]]
+    assert held == [*warnings[1:], _finding("notification", "warning", 0)]
+    assert admit(critical, 200) == (critical, [])
