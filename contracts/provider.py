@@ -23,6 +23,9 @@ which outcome won); ``404`` unknown; ``501`` when the provider cannot cancel.
 
 Webhooks: ``POST {gateway}/webhooks/{provider_id}`` with a :class:`ProviderWebhook` body signed
 in the Standard Webhooks scheme (:mod:`contracts.signatures`).
+
+A paid order may later be reported ``returned`` (with its return code in ``code``), by a
+webhook and by ``GET {base}/orders/{order_id}``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ from typing import Annotated, Literal
 
 import msgspec
 
-ProviderStatus = Literal["pending", "succeeded", "failed", "cancelled"]
-FINAL_PROVIDER_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+ProviderStatus = Literal["pending", "succeeded", "failed", "cancelled", "returned"]
+"""``returned``: the order had succeeded (paid) and the payout came back (a closed account, a
+bank's reversal); ``code`` carries the provider's return code. Only ever after ``succeeded``."""
+FINAL_PROVIDER_STATUSES: frozenset[str] = frozenset(
+    {"succeeded", "failed", "cancelled", "returned"}
+)
 
 
 class ProviderDestination(msgspec.Struct, frozen=True, kw_only=True):

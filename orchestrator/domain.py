@@ -22,7 +22,9 @@ Money-safety rules encoded here:
   (``Step.balance``): the handler performs it and persists the new state only after a 200;
 - an ambiguous provider answer never leads to FAILED; only a definitive answer (a decline,
   a final status, a proven-absent order) moves the cascade on;
-- a final task state is never left: every event on a final task is ignored.
+- a final task state is never left: every event on a final task is ignored, except the
+  provider's verified report that a SUCCEEDED attempt was returned (SUCCEEDED → RETURNED,
+  no balance call, the queue stays COMPLETED).
 
 Timers: a task has at most one pending timer (``Step.timer``), kept on its record and as one
 JetStream schedule per (task, timer kind). RECHECKING waits on ``recheck``; EXECUTING on
@@ -58,6 +60,7 @@ class TaskState(enum.StrEnum):
     FAILED = "FAILED"
     MANUAL_CHECK = "MANUAL_CHECK"
     CANCELLED = "CANCELLED"
+    RETURNED = "RETURNED"
 
 
 class QueueState(enum.StrEnum):
@@ -87,10 +90,12 @@ TASK_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
     T.RECHECKING: frozenset({T.EXECUTING, T.SUCCEEDED, T.FAILED, T.MANUAL_CHECK, T.CANCELLED}),
     T.EXECUTING: frozenset({T.SUCCEEDED, T.FAILED, T.MANUAL_CHECK, T.CANCELLED}),
     T.MANUAL_CHECK: frozenset({T.SUCCEEDED, T.FAILED, T.CANCELLED}),
-    T.SUCCEEDED: frozenset(),
+    # A paid order the provider reports returned (verified webhook or status poll).
+    T.SUCCEEDED: frozenset({T.RETURNED}),
     T.SKIPPED: frozenset(),
     T.FAILED: frozenset(),
     T.CANCELLED: frozenset(),
+    T.RETURNED: frozenset(),
 }
 """Allowed task transitions. PENDING → SKIPPED is a cascade stopped before this task ran."""
 
@@ -101,7 +106,10 @@ QUEUE_TRANSITIONS: Mapping[QueueState, frozenset[QueueState]] = {
     QueueState.CANCELLED: frozenset(),
 }
 
-FINAL_TASK_STATES = frozenset(s for s, nxt in TASK_TRANSITIONS.items() if not nxt)
+# Final for the cascade: no provider or balance call, no timer, the queue's outcome is
+# settled. SUCCEEDED's only exit is RETURNED, recorded from the provider's verified report
+# of a return (:func:`_decide_returned`); it moves no money and leaves the queue COMPLETED.
+FINAL_TASK_STATES = frozenset({T.SUCCEEDED, T.SKIPPED, T.FAILED, T.CANCELLED, T.RETURNED})
 FINAL_QUEUE_STATES = frozenset(s for s, nxt in QUEUE_TRANSITIONS.items() if not nxt)
 
 FreezeState = Literal["none", "frozen", "committed", "rolled_back"]
@@ -228,7 +236,8 @@ AnswerSource = Literal["create", "poll", "webhook", "cancel"]
 class ProviderAnswer:
     """A definitive provider view of our order (create response, status poll or webhook)."""
 
-    status: Literal["pending", "succeeded", "failed", "cancelled", "absent"]
+    # ``returned``: paid, then returned by the provider (``code`` its return code).
+    status: Literal["pending", "succeeded", "failed", "cancelled", "absent", "returned"]
     reference: str | None = None
     code: str | None = None
     source: AnswerSource = "create"
@@ -541,6 +550,8 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
 
 
 def _decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime) -> Step:
+    if isinstance(event, ProviderAnswer) and event.status == "returned":
+        return _decide_returned(task, event)
     if task.final:
         return ignore(type(event).__name__, f"task is final ({task.state})")
     if task.state == T.CREATING and _answers_create(event):
@@ -551,6 +562,18 @@ def _decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime
             step, changes=dataclasses.replace(step.changes, freeze_state="frozen")
         )
     return _decide_event(task, event, config, now)
+
+
+def _decide_returned(task: OrderTask, answer: ProviderAnswer) -> Step:
+    """A provider reporting our order returned after it paid. Only a SUCCEEDED attempt,
+    told by a verified webhook or a status poll, moves to RETURNED; no balance call follows
+    (cascade-core has no reversal: finance settles it from the reconciliation's ``return``
+    alert) and the queue stays COMPLETED. Anywhere else a return proves nothing we could
+    act on safely: ignored (and logged), it never moves money or a state."""
+    event = f"{answer.source}.returned"
+    if task.state == T.SUCCEEDED and answer.source in ("webhook", "poll"):
+        return Step(event=event, to=T.RETURNED, changes=Changes(provider_code=answer.code))
+    return ignore(event, f"a return for a task in {task.state}, not SUCCEEDED")
 
 
 def _answers_create(event: Event) -> bool:
@@ -691,8 +714,14 @@ def _decide_checked(
     if isinstance(answer, Ambiguous) and answer.source == "cancel":
         return _refused(resolve, "provider_pending", f"cancel: {answer.detail[:200]}")
     accepted_once = task.provider_reference is not None
-    if isinstance(answer, Ambiguous) or (answer.status == "absent" and accepted_once):
-        check = answer.detail[:200] if isinstance(answer, Ambiguous) else "poll: absent"
+    # A return (paid, then sent back) no more proves that the order will not pay than a
+    # silence does: only the operator's word applies the decision.
+    if (
+        isinstance(answer, Ambiguous)
+        or answer.status == "returned"
+        or (answer.status == "absent" and accepted_once)
+    ):
+        check = answer.detail[:200] if isinstance(answer, Ambiguous) else f"poll: {answer.status}"
         if resolve.unverified:
             return _resolved_negative(task, resolve, f"unverified ({check})")
         return _refused(resolve, "provider_unreachable", check)
@@ -1221,7 +1250,8 @@ def public_state(queue: OrderQueue) -> PublicState:
     ``processing`` while the queue is active; the failure code appears only when final.
     """
     tasks = queue.tasks
-    shown = next((t for t in tasks if t.state == T.SUCCEEDED), None)
+    # A returned payout still shows: the public status stays succeeded (README, *Returns*).
+    shown = next((t for t in tasks if t.state in (T.SUCCEEDED, T.RETURNED)), None)
     if shown is None:
         started = [t for t in tasks if t.state != T.PENDING and t.provider_reference is not None]
         touched = [t for t in tasks if t.state != T.PENDING and _attempted(t)]

@@ -508,6 +508,7 @@ class Engine:
         for transition in handling.transitions:
             _observe_time_in_state(transition)
             _report_unknown_providers(handling.record, transition)
+            _count_returns(handling.record, transition)
             if transition.finished is not None:
                 _observe_final(
                     handling.record, transition.finished, transition.queue, transition.at
@@ -623,6 +624,28 @@ def _report_unknown_providers(record: store.WithdrawalRecord, transition: Transi
                     "queue_id": str(change.after.queue_id),
                     "task_id": str(change.after.task_id),
                     "provider_id": change.after.provider_id,
+                },
+            )
+
+
+def _count_returns(record: store.WithdrawalRecord, transition: Transition) -> None:
+    """A paid attempt the provider returned (SUCCEEDED → RETURNED), counted once it is
+    committed: the public status stays succeeded, so this is where the cohorts' net success
+    shows."""
+    for change in transition.changes:
+        if (
+            isinstance(change, TaskChange)
+            and change.changed
+            and change.after.state == TaskState.RETURNED
+        ):
+            m.withdrawals_returned.labels(cohort=record.cohort).inc()
+            log.warning(
+                "provider reports a paid withdrawal returned: finance settles it",
+                extra={
+                    "withdrawal_id": record.withdrawal_id,
+                    "task_id": str(change.after.task_id),
+                    "provider_id": change.after.provider_id,
+                    "code": change.after.provider_code,
                 },
             )
 

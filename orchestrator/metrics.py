@@ -24,6 +24,12 @@ withdrawals_created = Counter(
 withdrawals_final = Counter(
     "withdrawals", "Withdrawals that reached a final status.", ["cohort", "outcome"]
 )
+withdrawals_returned = Counter(
+    "withdrawals_returned",
+    "Withdrawals whose paid attempt the provider reported returned (SUCCEEDED -> RETURNED),"
+    " by cohort: the public status stays succeeded; subtract these for the net success rate.",
+    ["cohort"],
+)
 withdrawal_attempts = Histogram(
     "withdrawal_attempts",
     "Provider attempts per final withdrawal.",

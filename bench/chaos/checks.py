@@ -18,7 +18,7 @@ import nats
 from orchestrator import bus
 from orchestrator.domain import TASK_TRANSITIONS
 
-FINAL_TASKS = ("SUCCEEDED", "SKIPPED", "FAILED", "CANCELLED")
+FINAL_TASKS = ("SUCCEEDED", "SKIPPED", "FAILED", "CANCELLED", "RETURNED")
 FINAL_QUEUES = ("COMPLETED", "FAILED", "CANCELLED")
 PUBLIC_STATUS = {"COMPLETED": "succeeded", "FAILED": "failed", "CANCELLED": "cancelled"}
 
@@ -31,7 +31,7 @@ QUERIES = {
         SELECT o.provider_id || ' ' || o.order_id FROM sandbox.orders o
         JOIN order_tasks t ON t.provider_id = o.provider_id AND t.provider_order_id = o.order_id
         LEFT JOIN sandbox.operations op ON op.operation_id = t.task_id::text
-        WHERE o.status = 'succeeded' AND op.state IS DISTINCT FROM 'committed'""",
+        WHERE o.status IN ('succeeded', 'returned') AND op.state IS DISTINCT FROM 'committed'""",
     "two providers paid for one withdrawal": """
         SELECT q.withdrawal_id FROM sandbox.orders o
         JOIN order_tasks t ON t.provider_id = o.provider_id AND t.provider_order_id = o.order_id
@@ -44,7 +44,8 @@ QUERIES = {
         JOIN order_tasks t ON op.operation_id = t.task_id::text
         LEFT JOIN sandbox.orders o
             ON o.provider_id = t.provider_id AND o.order_id = t.provider_order_id
-        WHERE op.state = 'committed' AND o.status IS DISTINCT FROM 'succeeded'""",
+        WHERE op.state = 'committed' AND o.status IS DISTINCT FROM 'succeeded'
+        AND o.status IS DISTINCT FROM 'returned'""",
     "attempts not final in final withdrawals": """
         SELECT t.task_id::text FROM order_tasks t JOIN order_queues q USING (queue_id)
         WHERE q.state IN {final_queues} AND t.state NOT IN {final_tasks}""",

@@ -533,17 +533,21 @@ async def match_webhook(
 ) -> tuple[uuid.UUID, uuid.UUID] | str:
     """The (queue_id, task_id) a webhook applies to, in one round-trip; or, when no task owns
     the order or its task is final, the reason (``unknown_order``; ``task_final``; or
-    ``success_after_final``, a provider paying out on an attempt that ended without success),
-    having kept the webhook in ``unmatched_webhooks`` for support."""
+    ``success_after_final``, a provider paying out on an attempt that ended without success —
+    also a ``returned`` report for one: it was paid before it came back), having kept the
+    webhook in ``unmatched_webhooks`` for support. A ``returned`` report for a SUCCEEDED task
+    applies to it (its one exit, to RETURNED)."""
     row = await conn.fetchrow(
         "WITH t AS (SELECT queue_id, task_id, state FROM order_tasks WHERE provider_id = $1"
         " AND (provider_order_id = $2 OR provider_reference = $3) LIMIT 1),"
         " u AS (INSERT INTO unmatched_webhooks (provider_id, order_id, reference, status, reason)"
         " SELECT $1, $2, $3, $4,"
         " CASE WHEN NOT EXISTS (SELECT 1 FROM t) THEN 'unknown_order'"
-        " WHEN $4 = 'succeeded' AND (SELECT state FROM t) <> 'SUCCEEDED'"
+        " WHEN $4 IN ('succeeded', 'returned')"
+        " AND (SELECT state FROM t) NOT IN ('SUCCEEDED', 'RETURNED')"
         " THEN 'success_after_final' ELSE 'task_final' END"
-        " WHERE NOT EXISTS (SELECT 1 FROM t WHERE state <> ALL($5::text[])) RETURNING reason)"
+        " WHERE NOT EXISTS (SELECT 1 FROM t WHERE state <> ALL($5::text[])"
+        " OR ($4 = 'returned' AND state = 'SUCCEEDED')) RETURNING reason)"
         " SELECT t.queue_id, t.task_id, (SELECT reason FROM u) AS unapplied"
         " FROM (SELECT 1) AS one LEFT JOIN t ON true",
         provider_id,

@@ -281,11 +281,15 @@ class FakeEngineStore:
             ),
             None,
         )
-        if owner is not None and owner.state not in FINAL_TASK_STATES:
+        if owner is not None and (
+            owner.state not in FINAL_TASK_STATES
+            or (status == "returned" and owner.state == TaskState.SUCCEEDED)
+        ):
             return owner.queue_id, owner.task_id
+        paid = (TaskState.SUCCEEDED, TaskState.RETURNED)
         if owner is None:
             reason = "unknown_order"
-        elif status == "succeeded" and owner.state != TaskState.SUCCEEDED:
+        elif status in ("succeeded", "returned") and owner.state not in paid:
             reason = "success_after_final"
         else:
             reason = "task_final"

@@ -106,7 +106,10 @@ def task(state: TaskState = T.PENDING, **changes: object) -> OrderTask:
 def test_tables_cover_every_state_and_finals_have_no_exit() -> None:
     assert set(TASK_TRANSITIONS) == set(TaskState)
     assert set(QUEUE_TRANSITIONS) == set(QueueState)
-    assert {T.SUCCEEDED, T.SKIPPED, T.FAILED, T.CANCELLED} == FINAL_TASK_STATES
+    assert {T.SUCCEEDED, T.SKIPPED, T.FAILED, T.CANCELLED, T.RETURNED} == FINAL_TASK_STATES
+    # The one exit from a final state: a paid order returned by its provider.
+    exits = {(a, b) for a in FINAL_TASK_STATES for b in TASK_TRANSITIONS[a]}
+    assert exits == {(T.SUCCEEDED, T.RETURNED)}
     assert {QueueState.COMPLETED, QueueState.FAILED, QueueState.CANCELLED} == FINAL_QUEUE_STATES
 
 
@@ -140,6 +143,73 @@ def test_final_tasks_ignore_everything() -> None:
     for state in FINAL_TASK_STATES:
         for event in events:
             assert decide(task(state), event, CONFIG, NOW).ignored
+
+
+RETURNED = ProviderAnswer("returned", "r", code="R01", source="webhook")
+
+
+@pytest.mark.parametrize("source", ["webhook", "poll"])
+def test_a_verified_return_moves_a_succeeded_attempt_to_returned(source: str) -> None:
+    paid = task(T.SUCCEEDED, freeze_state="committed", provider_reference="r")
+    answer = dataclasses.replace(RETURNED, source=source)  # type: ignore[arg-type]
+    step = decide(paid, answer, CONFIG, NOW)
+    assert (step.event, step.to) == (f"{source}.returned", T.RETURNED)
+    assert step.balance is None, "cascade-core has no reversal: no balance call"
+    assert (step.call, step.timer, step.then) == (None, None, None)
+    assert step.changes == Changes(provider_code="R01")
+    assert step.details["provider_status"] == "returned"
+    queue = OrderQueue(
+        queue_id=paid.queue_id,
+        withdrawal_id="w",
+        state=QueueState.COMPLETED,
+        version=3,
+        tasks=(paid,),
+    )
+    transition = settle(queue, paid.task_id, step, NOW)
+    (change,) = transition.changes
+    assert isinstance(change, TaskChange)
+    assert change.after.state == T.RETURNED
+    assert change.after.freeze_state == "committed"
+    assert transition.queue.state == QueueState.COMPLETED
+    assert (transition.finished, transition.start) == (None, None)
+    public = public_state(transition.queue)
+    assert (public.status, public.provider_reference) == ("succeeded", "r")
+
+
+@pytest.mark.parametrize("state", [s for s in TaskState if s != T.SUCCEEDED])
+@pytest.mark.parametrize("source", ["webhook", "poll", "create", "cancel"])
+def test_a_return_for_any_other_attempt_changes_nothing(state: TaskState, source: str) -> None:
+    answer = dataclasses.replace(RETURNED, source=source)  # type: ignore[arg-type]
+    step = decide(task(state, freeze_state="frozen"), answer, CONFIG, NOW)
+    assert step.ignored, (state, source, step)
+    assert step.balance is None
+
+
+def test_a_return_told_by_the_create_or_a_cancel_does_not_move_a_succeeded_attempt() -> None:
+    paid = task(T.SUCCEEDED, freeze_state="committed")
+    for source in ("create", "cancel"):
+        answer = dataclasses.replace(RETURNED, source=source)
+        assert decide(paid, answer, CONFIG, NOW).ignored
+
+
+def test_returned_is_final() -> None:
+    returned = task(T.RETURNED, freeze_state="committed")
+    for event in (RETURNED, ProviderAnswer("succeeded", "r", source="webhook"), Start()):
+        assert decide(returned, event, CONFIG, NOW).ignored
+
+
+def test_a_negative_decision_is_not_confirmed_by_a_returned_order() -> None:
+    waiting = task(T.MANUAL_CHECK, freeze_state="frozen", provider_reference="r")
+    resolve = Resolve(positive=False, reason="r", actor="a")
+    answer = ProviderAnswer("returned", "r", code="R01", source="poll")
+    step = decide(waiting, ProviderChecked(resolve=resolve, answer=answer), CONFIG, NOW)
+    assert step.to is None
+    assert step.balance is None
+    assert step.refusal is not None
+    assert step.refusal.code == "provider_unreachable"
+    unverified = dataclasses.replace(resolve, unverified=True)
+    step = decide(waiting, ProviderChecked(resolve=unverified, answer=answer), CONFIG, NOW)
+    assert (step.to, step.balance) == (T.FAILED, "rollback")  # on the operator's word only
 
 
 def test_a_start_records_a_resume_but_not_its_own_continuation() -> None:
@@ -430,6 +500,7 @@ external = st.sampled_from(
         "webhook_ok",
         "webhook_fail",
         "webhook_pending",
+        "webhook_returned",
         "timer",
         "resolve+",
         "resolve-",
@@ -595,6 +666,7 @@ class Sim:
             "webhook_ok": ProviderAnswer("succeeded", "ref", source="webhook"),
             "webhook_fail": ProviderAnswer("failed", "ref", source="webhook"),
             "webhook_pending": ProviderAnswer("pending", "ref", source="webhook"),
+            "webhook_returned": ProviderAnswer("returned", "ref", code="R01", source="webhook"),
             "timer": TimerFired(
                 self.data.draw(st.sampled_from(TIMER_KINDS)),
                 target.recheck_attempts if target.state == T.RECHECKING else target.status_polls,

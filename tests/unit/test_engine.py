@@ -163,7 +163,7 @@ class Harness:
     async def webhook(
         self,
         task: OrderTask,
-        status: Literal["pending", "succeeded", "failed", "cancelled"],
+        status: Literal["pending", "succeeded", "failed", "cancelled", "returned"],
         *,
         code: str | None = None,
         reference: str | None = None,
@@ -322,7 +322,8 @@ def _check_balances(h: Harness, queue: OrderQueue) -> None:
         elif task.final:
             # The record and the ledger agree on every finished attempt.
             assert task.freeze_state == held.state, (task.state, task.freeze_state, held.state)
-            assert (task.state == T.SUCCEEDED) == (held.state == "committed")
+            paid_out = task.state in (T.SUCCEEDED, T.RETURNED)  # a return moves no money
+            assert paid_out == (held.state == "committed")
     live = [t for t in queue.tasks if t.state in LIVE]
     assert len(live) <= 1, f"two live attempts: {[t.state for t in live]}"
     frozen = [op for op, hold in holds.items() if hold.state == "frozen"]
@@ -337,7 +338,9 @@ def _check_audit_trail(h: Harness, queue: OrderQueue) -> None:
         state = T.PENDING.value
         for entry in entries:
             assert entry.from_state == state, (task.task_id, entry.event, entry.from_state, state)
-            assert T(state) not in FINAL_TASK_STATES, f"{entry.event} written on a final task"
+            # A final state is never left, but for SUCCEEDED's one exit, a return.
+            returned = (entry.from_state, entry.to_state) == ("SUCCEEDED", "RETURNED")
+            assert returned or T(state) not in FINAL_TASK_STATES, f"{entry.event} on a final task"
             if entry.changed:
                 assert (entry.from_state, entry.to_state) in TASK_EDGES, entry
             state = entry.to_state
@@ -355,7 +358,7 @@ def _check_audit_trail(h: Harness, queue: OrderQueue) -> None:
 
 
 def _check_queue_outcome(h: Harness, queue: OrderQueue) -> None:
-    succeeded = [t for t in queue.tasks if t.state == T.SUCCEEDED]
+    succeeded = [t for t in queue.tasks if t.state in (T.SUCCEEDED, T.RETURNED)]
     assert len(succeeded) <= 1
     rows = [
         row for row in h.store.notifications.values() if row.withdrawal_id == queue.withdrawal_id
@@ -444,6 +447,35 @@ async def sync_success_commits_and_completes(h: Harness) -> None:
     audit = [e for e in h.store.audit if e.task_id == t0.task_id]
     assert {(e.actor, e.trace_id) for e in audit} == {("worker", "t1")}
     assert audit[-1].details["balance"] == "commit"
+
+
+@scenario
+async def a_paid_order_returned_is_recorded_without_moving_money(h: Harness) -> None:
+    q = h.withdrawal("p_a", "p_b")
+    h.providers.on_create("p_a", paid("ref-a"))
+    await h.start(q)
+    t0 = h.task(q)
+    journal = len(h.journal.entries)
+    counted = REGISTRY.get_sample_value("withdrawals_returned_total", {"cohort": "cascade"})
+
+    # A return for an attempt that never paid, or told twice, changes nothing; the first is
+    # kept as a payout after final (a return implies a payout).
+    assert not await h.webhook(h.task(q, 1), "returned", code="R01", reference="ref-b")
+    assert await h.webhook(t0, "returned", code="R01", reference="ref-a")
+    await h.webhook(t0, "returned", code="R01", reference="ref-a")
+
+    assert h.states(q) == (Q.COMPLETED, (T.RETURNED, T.SKIPPED))
+    assert h.task(q).provider_code == "R01"
+    assert h.events(h.task(q)) == ["start", "create.succeeded", "webhook.returned"]
+    assert h.queue_events(q) == ["queue.completed"]
+    assert h.journal.entries[journal:] == [], "no balance or provider call, no notification"
+    assert h.core.notified(q.withdrawal_id) == ["succeeded"]
+    assert h.core.holds[str(t0.task_id)].state == "committed"
+    assert [u[4] for u in h.store.unmatched] == ["success_after_final", "task_final"]
+    assert (
+        REGISTRY.get_sample_value("withdrawals_returned_total", {"cohort": "cascade"})
+        == (counted or 0) + 1
+    )
 
 
 @scenario
