@@ -50,6 +50,29 @@ class Timeouts(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     read_seconds: float = 10.0
 
 
+class BreakerPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The fleet-wide circuit breaker of one provider (defaults as resilience4j's and
+    Hystrix's). Only technical failures count: a connect error, a timeout, a 5xx, an answer
+    that does not decode; a business decline is the provider working."""
+
+    # Open when at least this share of the calls in the window failed technically...
+    failure_rate: float = 0.5
+    # ...and the window holds at least this many calls.
+    min_calls: int = 20
+    window_seconds: float = 60.0
+    # How long an open breaker sends nothing new before one probe is let through.
+    open_seconds: float = 30.0
+    # Probes in a row that must succeed (one at a time, fleet-wide) to close it again.
+    half_open_probes: int = 1
+
+
+class RateLimit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """New orders per second a provider accepts from the whole fleet, with a burst."""
+
+    per_second: float
+    burst: int = 1
+
+
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One provider's integration settings."""
 
@@ -67,6 +90,15 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     supports_cancel: bool = False
     errors: dict[str, Decision] = {}
     default_decision: Decision = "next_provider"
+    # Provider health (README, *Provider health*). None: no breaker, the cascade order is
+    # followed blindly.
+    breaker: BreakerPolicy | None = BreakerPolicy()
+    # How long a withdrawal whose every remaining provider is open waits for one to recover
+    # before its next attempt is made anyway.
+    hold_seconds: float = 900.0
+    rate_limit: RateLimit | None = None
+    # Attempts being created or rechecked at once at this provider, fleet-wide.
+    max_in_flight: int | None = None
 
     def decision_for(self, code: str) -> Decision:
         """What a definitive provider error code means for the cascade."""
@@ -140,7 +172,11 @@ def _durations(config: ProviderConfig) -> list[tuple[str, float | None]]:
         ("recheck.max_delay_seconds", config.recheck.max_delay_seconds),
         ("timeouts.connect_seconds", config.timeouts.connect_seconds),
         ("timeouts.read_seconds", config.timeouts.read_seconds),
+        ("hold_seconds", config.hold_seconds),
     ]
+    if config.breaker is not None:
+        durations.append(("breaker.window_seconds", config.breaker.window_seconds))
+        durations.append(("breaker.open_seconds", config.breaker.open_seconds))
     if config.status_polling is not None:
         durations.append(
             ("status_polling.interval_seconds", config.status_polling.interval_seconds)
@@ -173,3 +209,29 @@ def _check_counts(config: ProviderConfig, where: str) -> None:
         )
     if config.status_polling is not None and config.status_polling.max_polls < 1:
         raise ProvidersFileError(f"{where}.status_polling.max_polls must be at least 1")
+    _check_health(config, where)
+
+
+def _check_health(config: ProviderConfig, where: str) -> None:
+    breaker = config.breaker
+    if breaker is not None:
+        if not 0 < breaker.failure_rate <= 1:
+            raise ProvidersFileError(
+                f"{where}.breaker.failure_rate must be greater than 0 and at most 1,"
+                f" not {breaker.failure_rate:g}"
+            )
+        if breaker.min_calls < 1:
+            raise ProvidersFileError(f"{where}.breaker.min_calls must be at least 1")
+        if breaker.half_open_probes < 1:
+            raise ProvidersFileError(f"{where}.breaker.half_open_probes must be at least 1")
+    limit = config.rate_limit
+    if limit is not None:
+        if not 0 < limit.per_second <= 100_000:
+            raise ProvidersFileError(
+                f"{where}.rate_limit.per_second must be greater than 0 and at most 100000,"
+                f" not {limit.per_second:g}"
+            )
+        if limit.burst < 1:
+            raise ProvidersFileError(f"{where}.rate_limit.burst must be at least 1")
+    if config.max_in_flight is not None and config.max_in_flight < 1:
+        raise ProvidersFileError(f"{where}.max_in_flight must be at least 1")

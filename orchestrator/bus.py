@@ -63,6 +63,8 @@ TIMER_TARGETS: dict[TimerKind, str] = {
     "webhook_timeout": WEBHOOK_TIMEOUT,
     "status_tick": STATUS_TICK,
     "status_timeout": STATUS_TIMEOUT,
+    # A withdrawal waiting to start (domain.plan_start) is started again when its hold ends.
+    "hold": TASK_START,
 }
 MAX_DELIVER = 8
 # The consumer's own bound sits above ours: a message past MAX_DELIVER whose dead-lettering

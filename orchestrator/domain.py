@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -115,7 +115,10 @@ FINAL_QUEUE_STATES = frozenset(s for s, nxt in QUEUE_TRANSITIONS.items() if not 
 FreezeState = Literal["none", "frozen", "committed", "rolled_back"]
 # The public failure codes of the legacy contract; an outcome is always one of these.
 Outcome = Literal["declined", "provider_error", "timeout", "manual_rejected", "cancelled"]
-TimerKind = Literal["recheck", "webhook_timeout", "status_tick", "status_timeout"]
+TimerKind = Literal["recheck", "webhook_timeout", "status_tick", "status_timeout", "hold"]
+"""``hold``: a withdrawal waiting to start its next attempt (every remaining provider's
+breaker open, or the provider's rate or in-flight limit reached) waits on its first pending
+task's hold timer, which fires as that task's start (:func:`plan_start`)."""
 Balance = Literal["commit", "rollback"]
 
 
@@ -203,6 +206,8 @@ class Start:
     """
 
     resume: bool = True
+    # The rate-limit slot its create was admitted on (:class:`Gate`): not sent before it.
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -838,6 +843,9 @@ def _decide_timer(task: OrderTask, kind: TimerKind, attempt: int, config: Provid
         if task.state != T.EXECUTING or attempt != task.status_polls:
             return ignore(event, "stale status timer")
         return Step(event=event, call="poll")
+    if kind == "hold":
+        # A hold fires as a start message (bus.TIMER_TARGETS), never as a timer event.
+        return ignore(event, "a hold timer fires as a start")
     if kind == "status_timeout":
         if task.state != T.EXECUTING or attempt != task.status_polls:
             return ignore(event, "stale status timeout")
@@ -959,14 +967,36 @@ def event_details(event: Event) -> dict[str, object]:
 
 
 def may_start(queue: OrderQueue, task: OrderTask) -> bool:
-    """Whether ``task`` is the queue's next attempt: active queue, every earlier task final.
+    """Whether ``task`` is the queue's next attempt: an active queue with no attempt running,
+    and ``task`` its first pending one.
 
     A start message for any other task (replayed from the DLQ, published by hand) must not
     create a second live order at another provider: that is how withdrawals get paid twice.
+    (Provider health may start a later pending task instead of this one, in the same
+    transaction: :func:`plan_start`.)
     """
     if queue.final or queue.cancel_requested or queue.stop_requested:
         return False
-    return all(t.final for t in queue.tasks if t.position < task.position)
+    if queue.active_task() is not None:
+        return False
+    return next_pending(queue) == task
+
+
+def wants_start(queue: OrderQueue, task: OrderTask, event: Event) -> bool:
+    """Whether ``event`` starts the queue's next attempt: a start (the first, a repeated one,
+    or its hold timer firing) of its first pending task while nothing runs. Provider health
+    then says which attempt starts (:func:`plan_start`)."""
+    return (
+        isinstance(event, Start)
+        and task.state == T.PENDING
+        and not task.cancel_requested
+        and may_start(queue, task)
+    )
+
+
+def next_pending(queue: OrderQueue) -> OrderTask | None:
+    """The queue's first pending task (in cascade order), if any."""
+    return next((t for t in queue.tasks if t.state == T.PENDING), None)
 
 
 def decide_in_queue(
@@ -1022,6 +1052,111 @@ def plain_start(queue: OrderQueue, task: OrderTask, config: ProviderConfig | Non
         return False
     step = _decide_start(task, resume=True)
     return step.to == T.CREATING and step.changes == NO_CHANGES
+
+
+# --- provider health: which attempt starts now ------------------------------------------
+
+GateVerdict = Literal["admit", "pass_over", "wait"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gate:
+    """What provider health says about starting an attempt at its provider now.
+
+    ``admit``: start it (``probe``: as the one half-open probe of the fleet). ``pass_over``:
+    its breaker is open (or half-open with the probe taken): a later provider of the cascade
+    may go first; ``retry_at`` says when it may be worth asking again. ``wait``: the
+    provider's rate or in-flight limit is reached: the attempt waits for a slot until
+    ``retry_at``, and is never failed nor passed over for it (a limit is a queue, not an
+    outage, and the cascade order is the merchant's preference).
+    """
+
+    verdict: GateVerdict
+    reason: str = ""
+    retry_at: datetime | None = None
+    probe: bool = False
+    # Admitted on a rate-limit slot due this soon: the create waits for it in-process.
+    not_before: datetime | None = None
+
+
+def turn_began(queue: OrderQueue) -> datetime | None:
+    """When the queue started waiting for its next attempt: when its last attempt ended, or
+    when it was created (its first task's entry into PENDING)."""
+    times = [t.state_entered_at for t in queue.tasks if t.final or t.position == 0]
+    known = [at for at in times if at is not None]
+    return max(known) if known else None
+
+
+def hold_deadline(queue: OrderQueue, config: ProviderConfig, now: datetime) -> datetime:
+    """Until when the queue may wait for a provider to recover, by its next attempt's
+    provider's ``hold_seconds``; after that its next attempt is made, breaker or not."""
+    began = turn_began(queue) or now
+    return began + timedelta(seconds=config.hold_seconds)
+
+
+def plan_start(
+    queue: OrderQueue,
+    gates: Sequence[tuple[OrderTask, Gate]],
+    now: datetime,
+    hold_until: datetime,
+) -> tuple[Transition, OrderTask | None]:
+    """Start the queue's next attempt by what provider health said, task by task in cascade
+    order (``gates``: the first pending task first, ending at the first that is not passed
+    over). Returns the transition and the task that enters CREATING, if one does.
+
+    - the last one admitted: each passed-over task keeps an audit row saying why, and the
+      admitted one enters CREATING (its calls follow in a transaction of their own);
+    - the last one waits for a limit: the queue waits on its first pending task's hold timer
+      until the slot is due;
+    - all passed over: the queue holds, on the same timer, until the earliest provider may
+      have recovered, at the latest until ``hold_until``.
+    Every wait is one audit row on the first pending task, naming what it waits for.
+    """
+    settling = _Settling(queue, now)
+    first = gates[0][0]
+    *before, (last, gate) = gates
+    if gate.verdict == "admit":
+        for task, passed in before:
+            settling.task(task, _passed_over(task, passed))
+        if gate.reason:
+            event = f"start.{gate.reason}"
+        else:
+            event = "start.after_pass_over" if before else START_EVENT
+        chosen = settling.task(
+            settling.queue.task(last.task_id),
+            Step(
+                event=event,
+                to=T.CREATING,
+                clear_timer=True,
+                details=_gate_details(last, gate) if event != START_EVENT else {},
+            ),
+        )
+        return settling.result(), chosen
+    waits = gates if gate.verdict == "pass_over" else [(last, gate)]
+    due = min([hold_until, *(g.retry_at for _, g in waits if g.retry_at is not None)])
+    step = Step(
+        event="start.held" if gate.verdict == "pass_over" else "start.waiting",
+        timer=Timer(kind="hold", due_at=max(due, now), attempt=0),
+        details={
+            "until": due.isoformat(),
+            "providers": [_gate_details(task, g) for task, g in gates],
+        },
+    )
+    settling.task(first, step)
+    return settling.result(), None
+
+
+def _passed_over(task: OrderTask, gate: Gate) -> Step:
+    return Step(event="start.passed_over", clear_timer=True, details=_gate_details(task, gate))
+
+
+def _gate_details(task: OrderTask, gate: Gate) -> dict[str, object]:
+    details: dict[str, object] = {"provider_id": task.provider_id, "gate": gate.verdict}
+    if gate.reason:
+        details["reason"] = gate.reason
+    if gate.retry_at is not None:
+        details["retry_at"] = gate.retry_at.isoformat()
+    return details
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1080,10 +1215,11 @@ class _Settling:
         fields = _task_fields(task, step)
         fields["version"] = task.version + 1
         purge = None
-        if fields.get("state", task.state) != task.state:
+        moved = fields.get("state", task.state) != task.state
+        if moved:
             fields["state_entered_at"] = self.now
-            if task.timer_kind is not None and task.timer_kind != fired:
-                purge = task.timer_kind  # the one timer it waited on, unless spent firing
+        if (moved or step.clear_timer) and task.timer_kind not in (None, fired):
+            purge = task.timer_kind  # the one timer it waited on, unless spent firing
         after = dataclasses.replace(task, **fields)  # type: ignore[arg-type]
         self.changes.append(
             TaskChange(

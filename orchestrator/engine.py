@@ -17,6 +17,8 @@ sweeper resumes.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -31,6 +33,7 @@ from contracts.provider import CreateOrder, ProviderDestination
 from contracts.providers_file import ProviderConfig
 from orchestrator import bus, store
 from orchestrator import metrics as m
+from orchestrator.breaker import CallResult
 from orchestrator.core_client import CascadeCore, CoreRefused
 from orchestrator.domain import (
     UNKNOWN_PROVIDER_EVENT,
@@ -38,10 +41,12 @@ from orchestrator.domain import (
     Balance,
     Call,
     CancelRequested,
+    Declined,
     Event,
     FreezeCommitted,
     FreezeRefused,
     FreezeRolledBack,
+    Gate,
     OrderQueue,
     OrderTask,
     ProviderAnswer,
@@ -58,15 +63,19 @@ from orchestrator.domain import (
     Transition,
     decide,
     decide_in_queue,
+    hold_deadline,
     plain_start,
+    plan_start,
     public_state,
     request_cancel,
     settle,
+    wants_start,
 )
 from orchestrator.faults import fault_point
 from orchestrator.outbox import OutboxRelay
 from orchestrator.ports import Clock, EngineStore, UnitOfWork, utcnow
 from orchestrator.provider_client import ProviderAdapter
+from orchestrator.provider_health import ProviderHealth
 from orchestrator.store.uow import PostgresEngineStore
 
 log = logging.getLogger("cascade.engine")
@@ -178,6 +187,7 @@ class Engine:
         provider_configs: Mapping[str, ProviderConfig],
         clock: Clock = utcnow,
         record: EngineStore | None = None,
+        health: ProviderHealth | None = None,
     ) -> None:
         self.pool = pool
         self.relay = relay
@@ -187,6 +197,7 @@ class Engine:
         self.providers = providers
         self.configs = provider_configs
         self.clock = clock
+        self.health = health or ProviderHealth(provider_configs, clock)
         # Every series at 0 from the start: an alert on increase() sees the first event (a
         # series born at 1 has increased by nothing).
         for provider_id in provider_configs:
@@ -234,8 +245,9 @@ class Engine:
             trace_id=trace_id,
             now=now,
             # A provider this worker cannot call (a providers file that differs during a
-            # deploy) takes the locked path, which skips it instead of creating nothing.
-            providers=list(self.configs),
+            # deploy) takes the locked path, which skips it instead of creating nothing; so
+            # does one whose health gates its starts (a breaker not closed, a limit).
+            providers=[p for p in self.configs if self.health.unguarded(p)],
         )
         if started is None:
             return False
@@ -386,26 +398,34 @@ class Engine:
     ) -> Step | None:
         """Apply ``event`` to a task, and the events its steps lead to, one transaction each.
         Returns the last step decided (ignored or not); None when the queue is unknown."""
-        pending: Event | None = event
+        pending: tuple[uuid.UUID, Event] | None = (task_id, event)
         last: Step | None = None
         while pending is not None:
+            task_id, event = pending
+            if isinstance(event, Start) and event.not_before is not None:
+                # A rate-limit slot due within a second: kept without holding anything.
+                await asyncio.sleep((event.not_before - self.clock()).total_seconds())
             async with self.record.unit_of_work() as uow:
                 handling = await self._open(uow, queue_id, actor, trace_id)
                 if handling is None:
                     return None
-                pending = await self._apply(handling, task_id, pending)
+                pending = await self._apply(handling, task_id, event)
                 await self._commit(handling)
             last = handling.last
         return last
 
-    async def _apply(self, handling: _Handling, task_id: uuid.UUID, event: Event) -> Event | None:
+    async def _apply(
+        self, handling: _Handling, task_id: uuid.UUID, event: Event
+    ) -> tuple[uuid.UUID, Event] | None:
         """Decide ``event`` and the answers of the calls it triggers, in this transaction;
-        returns the event to apply in the next one, if any."""
+        returns the task and event to apply in the next one, if any."""
         if isinstance(event, TimerFired):
             handling.fired = event.kind
         while True:
             task = handling.queue.task(task_id)
             config = self.configs.get(task.provider_id)
+            if config is not None and wants_start(handling.queue, task, event):
+                return await self._start(handling, task, config)
             step = decide_in_queue(handling.queue, task_id, event, config, self.clock())
             handling.last = step
             if step.ignored:
@@ -421,7 +441,7 @@ class Engine:
                 fault_point("after_balance_call")
             self._add(handling, transition)
             if step.call is None or config is None:
-                return step.then
+                return None if step.then is None else (task_id, step.then)
             answer = await self._call(
                 step.call, handling.queue.task(task_id), config, handling.record
             )
@@ -429,6 +449,50 @@ class Engine:
                 assert isinstance(answer, ProviderAnswer | Ambiguous)
                 answer = ProviderChecked(resolve=step.awaiting, answer=answer)
             event = answer
+
+    async def _start(
+        self, handling: _Handling, first: OrderTask, config: ProviderConfig
+    ) -> tuple[uuid.UUID, Event] | None:
+        """Start the queue's next attempt as provider health allows (:func:`plan_start`);
+        returns the task that entered CREATING and the event that makes its calls."""
+        queue, now = handling.queue, self.clock()
+        hold_until = hold_deadline(queue, config, now)
+        gates = await self._gates(handling.uow, queue, first, now, held_over=now >= hold_until)
+        transition, chosen = plan_start(queue, gates, now, hold_until)
+        self._add(handling, transition)
+        if chosen is None:
+            return None
+        return chosen.task_id, Start(resume=False, not_before=gates[-1][1].not_before)
+
+    async def _gates(
+        self,
+        uow: UnitOfWork,
+        queue: OrderQueue,
+        first: OrderTask,
+        now: datetime,
+        *,
+        held_over: bool,
+    ) -> list[tuple[OrderTask, Gate]]:
+        """Each pending task in cascade order, gated, up to the first not passed over. Once
+        the queue has waited its ``hold_seconds`` (``held_over``), the first one's breaker
+        no longer stops it."""
+        gates: list[tuple[OrderTask, Gate]] = []
+        for task in (t for t in queue.tasks if t.state == TaskState.PENDING):
+            task_config = self.configs.get(task.provider_id)
+            ignore_breaker = held_over and task is first
+            if task_config is None:
+                gate = Gate(verdict="pass_over", reason="provider_not_configured")
+            else:
+                gate = await self.health.gate(
+                    uow, task, task_config, now, breaker=not ignore_breaker
+                )
+            overridden = ignore_breaker and not self.health.closed(task.provider_id)
+            if overridden and gate.verdict == "admit":
+                gate = dataclasses.replace(gate, reason="hold_expired")
+            gates.append((task, gate))
+            if gate.verdict != "pass_over":
+                break
+        return gates
 
     def _fire_plain(
         self, uow: UnitOfWork, queue: OrderQueue, due: TimerDue, now: datetime
@@ -546,9 +610,20 @@ class Engine:
             case "freeze_and_create":
                 return await self._freeze_and_create(task, config, record)
             case "poll":
-                return await self.providers.status(config, task.provider_order_id)
+                answer = await self.providers.status(config, task.provider_order_id)
             case "cancel_at_provider":
-                return await self.providers.cancel(config, task.provider_order_id)
+                answer = await self.providers.cancel(config, task.provider_order_id)
+        self._observe(task, answer)
+        return answer
+
+    def _observe(self, task: OrderTask, answer: Event) -> None:
+        """A provider call's result, for its provider's health."""
+        result: CallResult = "ok"
+        if isinstance(answer, Ambiguous):
+            result = "technical"
+        elif isinstance(answer, Declined):
+            result = "declined"
+        self.health.observe(task.provider_id, task.task_id, result)
 
     async def _freeze_and_create(
         self, task: OrderTask, config: ProviderConfig, record: store.WithdrawalRecord
@@ -579,6 +654,7 @@ class Engine:
             destination=msgspec.convert(record.destination, ProviderDestination),
         )
         created = await self.providers.create(config, order)
+        self._observe(task, created)
         fault_point("after_provider_create")
         return created
 

@@ -112,3 +112,26 @@ recon_rows_capped = Counter(
     " rule's findings were partial (the log line names the rule and the cap).",
     ["rule"],
 )
+
+# Provider health (README, *Provider health*).
+provider_breaker_state = Gauge(
+    "provider_breaker_state",
+    "Each provider's fleet-wide breaker: 0 closed, 1 half-open, 2 open.",
+    ["provider"],
+    multiprocess_mode="max",
+)
+provider_attempts = Counter(
+    "provider_attempts",
+    "Provider calls by result: ok, declined (a business refusal), technical (no usable answer).",
+    ["provider", "result"],
+)
+provider_limit_waits = Counter(
+    "provider_limit_waits",
+    "Starts that waited for a provider's rate limit (rate) or in-flight limit (in_flight).",
+    ["provider", "kind"],
+)
+provider_passed_over = Counter(
+    "provider_passed_over",
+    "Attempts passed over, or held, because their provider's breaker was open.",
+    ["provider"],
+)

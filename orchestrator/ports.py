@@ -63,6 +63,27 @@ class UnitOfWork(Protocol):
 
     async def commit(self) -> None: ...
 
+    # Provider health's fleet-wide limits, taken in this transaction: a start that rolls
+    # back gives them back (orchestrator.provider_health).
+
+    async def in_flight(self, provider_id: str) -> int:
+        """The provider's attempts being created or rechecked, locked against other starts
+        at the provider until this transaction ends."""
+        ...
+
+    async def take_rate(
+        self, provider_id: str, per_second: float, burst: int, now: datetime, horizon: float
+    ) -> float:
+        """The seconds until the provider's next rate-limit slot: taken for then when at most
+        ``horizon``; beyond it nothing is taken."""
+        ...
+
+    async def take_probe(
+        self, provider_id: str, task_id: uuid.UUID, now: datetime, until: datetime
+    ) -> bool:
+        """The provider's half-open probe lease for ``task_id``, if free (or expired)."""
+        ...
+
 
 class EngineStore(Protocol):
     """The record as the engine uses it: units of work, and reads needing no transaction."""

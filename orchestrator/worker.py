@@ -141,6 +141,7 @@ class Worker:
             asyncio.create_task(self._loop(self.sweep_once, self.sweep_interval), name="sweeper"),
             asyncio.create_task(self._loop(self.notify_once, 1.0), name="notifier"),
             asyncio.create_task(self._loop(self.measure_dlq, 5.0), name="dlq-gauge"),
+            asyncio.create_task(self.engine.health.run(self.engine.pool), name="provider-health"),
         ]
         if self.reconciler is not None:
             run, every = self.reconciler.run_once, self.reconciler.policy.interval

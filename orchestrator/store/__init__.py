@@ -484,11 +484,11 @@ async def start_pending(
 ) -> Started | None:
     """PENDING → CREATING as one autocommit statement, if nothing changed since the versions
     given: the queue still ACTIVE at ``queue_version`` (a cancel or stop request, or a final
-    state, bumps it) and the task still PENDING at ``task_version``, its turn (every earlier
-    task final) and its provider one of ``providers`` (those the caller can call). The
-    statement takes the queue row lock itself, so it is ordered with every locked handler
-    exactly as a transaction holding the lock would be. None: something changed, nothing was
-    written."""
+    state, bumps it) and the task still PENDING at ``task_version``, its turn (no other
+    task running, no earlier one pending) and its provider one of ``providers`` (those the
+    caller may start without a gate). The statement takes the queue row lock itself, so it is
+    ordered with every locked handler exactly as a transaction holding the lock would be.
+    None: something changed, nothing was written."""
     row = await conn.fetchrow(
         "WITH q AS (SELECT queue_id, withdrawal_id FROM order_queues WHERE queue_id = $1"  # noqa: S608 — fixed fragments only
         " AND version = $2 AND state = 'ACTIVE' AND NOT cancel_requested AND NOT stop_requested"
@@ -499,9 +499,10 @@ async def start_pending(
         " timer_attempt = NULL, timer_due_at = NULL"
         " WHERE o.task_id = $3 AND o.version = $4 AND o.state = 'PENDING'"
         " AND o.provider_id = ANY($9::text[]) AND EXISTS (SELECT 1 FROM q)"
-        # Its turn (domain.may_start): every earlier task of the queue final.
+        # Its turn (domain.may_start): no other task running, no earlier one pending.
         " AND NOT EXISTS (SELECT 1 FROM order_tasks e WHERE e.queue_id = o.queue_id"
-        " AND e.position < o.position AND e.state <> ALL($10::text[]))"
+        " AND e.task_id <> o.task_id AND e.state <> ALL($10::text[])"
+        " AND (e.state <> 'PENDING' OR e.position < o.position))"
         " RETURNING o.queue_id),"
         " u AS (UPDATE order_queues SET updated_at = $5"
         " WHERE queue_id IN (SELECT queue_id FROM t)),"

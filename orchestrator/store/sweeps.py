@@ -24,9 +24,6 @@ from orchestrator.domain import FINAL_TASK_STATES, QueueState, TaskState, TimerK
 from orchestrator.store import Connection, OutboxMessage
 
 _FINAL_TASK_STATES = sorted(state.value for state in FINAL_TASK_STATES)
-# A task the sweeper starts again: never started (a crash between commit and publish) or cut
-# off mid-create (the start resumes it).
-RESTARTABLE_STATES = (TaskState.PENDING, TaskState.CREATING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,19 +88,23 @@ class StrandedTask:
 async def stranded_tasks(
     conn: Connection, untouched_since: datetime, *, limit: int = 500
 ) -> list[StrandedTask]:
-    """Tasks whose turn it is (an active queue, every earlier task final) still in a
-    restartable state and not updated since ``untouched_since``."""
+    """Tasks of active queues not updated since ``untouched_since`` and waiting on no timer:
+    an attempt stuck in CREATING, or a queue's next attempt (its first pending task, nothing
+    running: domain.may_start) that never started. A task provider health passed over stays
+    pending while a later one runs: it is not stranded."""
     rows = await conn.fetch(
         "SELECT t.task_id, t.queue_id FROM order_tasks t"
         " JOIN order_queues q ON q.queue_id = t.queue_id"
-        " WHERE q.state = $2 AND t.state = ANY($3::text[])"
-        " AND t.updated_at < $1 AND NOT EXISTS (SELECT 1 FROM order_tasks e"
-        "  WHERE e.queue_id = t.queue_id AND e.position < t.position"
-        "  AND e.state <> ALL($4::text[]))"
-        " LIMIT $5",
+        " WHERE q.state = $2 AND t.updated_at < $1 AND t.timer_kind IS NULL"
+        " AND (t.state = $3 OR (t.state = $4 AND NOT EXISTS (SELECT 1 FROM order_tasks e"
+        "  WHERE e.queue_id = t.queue_id AND e.task_id <> t.task_id"
+        # Another task running, or an earlier one pending.
+        "  AND e.state <> ALL($5::text[]) AND (e.state <> $4 OR e.position < t.position))))"
+        " LIMIT $6",
         untouched_since,
         QueueState.ACTIVE.value,
-        [state.value for state in RESTARTABLE_STATES],
+        TaskState.CREATING.value,
+        TaskState.PENDING.value,
         _FINAL_TASK_STATES,
         limit,
     )

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Self
 from orchestrator import store
 from orchestrator.domain import START_EVENT, OrderQueue, TaskChange, Transition
 from orchestrator.faults import fault_point
+from orchestrator.store import breakers
 
 if TYPE_CHECKING:
     import asyncpg
@@ -82,6 +83,21 @@ class PostgresUnitOfWork:
         (a batch must not wait on one slow handler)."""
         records = await store.load_queues(self.conn, queue_ids, lock=True, skip_locked=True)
         return {queue_id: record.queue for queue_id, record in records.items()}
+
+    async def in_flight(self, provider_id: str) -> int:
+        return await breakers.in_flight(self.conn, provider_id)
+
+    async def take_rate(
+        self, provider_id: str, per_second: float, burst: int, now: datetime, horizon: float
+    ) -> float:
+        return await breakers.take_rate(
+            self.conn, provider_id, per_second, burst, now=now, horizon=horizon
+        )
+
+    async def take_probe(
+        self, provider_id: str, task_id: uuid.UUID, now: datetime, until: datetime
+    ) -> bool:
+        return await breakers.take_probe(self.conn, provider_id, task_id, now, until)
 
     def add(
         self,

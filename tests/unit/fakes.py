@@ -157,6 +157,9 @@ class FakeEngineStore:
         # Commit failures to come, by the number of commits that succeed before each.
         self._fail_commits: dict[int, Exception] = {}
         self._after_commit: deque[Callable[[], Awaitable[None]]] = deque()
+        # Provider health's fleet-wide state: each provider's GCRA arrival time, probe lease.
+        self.rate_tat: dict[str, datetime] = {}
+        self.probes: dict[str, tuple[uuid.UUID, datetime]] = {}
 
     # --- setting up ----------------------------------------------------------------------
 
@@ -491,6 +494,39 @@ class FakeUnitOfWork:
     def publish(self, message: store.NewMessage) -> None:
         self._check_open()
         self._messages.append(message)
+
+    async def in_flight(self, provider_id: str) -> int:
+        """Committed attempts of the provider in CREATING or RECHECKING."""
+        self._check_open()
+        return sum(
+            1
+            for _, queue in self._store._withdrawals.values()
+            for task in queue.queue.tasks
+            if task.provider_id == provider_id
+            and task.state in (TaskState.CREATING, TaskState.RECHECKING)
+        )
+
+    async def take_rate(
+        self, provider_id: str, per_second: float, burst: int, now: datetime, horizon: float
+    ) -> float:
+        """The same GCRA as Postgres's (orchestrator.store.breakers.take_rate), in memory."""
+        self._check_open()
+        period = timedelta(seconds=1 / per_second)
+        tolerance = period * (burst - 1)
+        due = max(self._store.rate_tat.get(provider_id, now), now)
+        if due - now <= tolerance + timedelta(seconds=horizon):
+            self._store.rate_tat[provider_id] = due + period
+        return max((due - now - tolerance).total_seconds(), 0.0)
+
+    async def take_probe(
+        self, provider_id: str, task_id: uuid.UUID, now: datetime, until: datetime
+    ) -> bool:
+        self._check_open()
+        held = self._store.probes.get(provider_id)
+        if held is not None and held[1] >= now:
+            return False
+        self._store.probes[provider_id] = (task_id, until)
+        return True
 
     def purge(self, subject: str) -> None:
         self._check_open()

@@ -1,0 +1,127 @@
+"""The fleet-wide circuit breaker of a provider, as pure data and functions.
+
+One :class:`Breaker` per provider lives in Postgres (``provider_breakers``); every worker keeps
+a copy at most a second or two old (:mod:`orchestrator.provider_health`) and writes only
+transitions, each a version-checked update, so the whole fleet sees one state:
+
+- ``closed``: attempts go. It opens when its window (the last ``window_seconds``, from the
+  moment it last closed at the earliest, so the calls that opened it cannot open it again:
+  :func:`orchestrator.store.breakers.load_breakers`) holds at least ``min_calls`` calls of
+  which at least ``failure_rate`` failed technically.
+- ``open``: no new attempt goes to the provider (they are passed over, or held); attempts in
+  flight carry on. After ``open_seconds`` it turns half-open.
+- ``half_open``: exactly one attempt in the fleet may probe it at a time, by a lease taken
+  with one conditional update. A probe that fails technically opens it again; after
+  ``half_open_probes`` probes in a row succeed, it closes.
+
+Only technical failures count (no answer, a timeout, a 5xx, an answer that does not decode):
+a business decline is the provider working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from contracts.providers_file import BreakerPolicy
+
+BreakerState = Literal["closed", "open", "half_open"]
+CallResult = Literal["ok", "declined", "technical"]
+"""How a provider call ended, for health: answered, answered with a business refusal, or not
+answered usably (the only one that counts against the provider)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Window:
+    """The calls a provider got in its breaker's window."""
+
+    ok: int = 0
+    technical: int = 0
+
+    @property
+    def calls(self) -> int:
+        return self.ok + self.technical
+
+    @property
+    def failure_rate(self) -> float:
+        return self.technical / self.calls if self.calls else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breaker:
+    """One provider's breaker as the record keeps it."""
+
+    provider_id: str
+    state: BreakerState = "closed"
+    changed_at: datetime
+    open_until: datetime | None = None
+    probe_task: uuid.UUID | None = None
+    probe_until: datetime | None = None
+    probe_successes: int = 0
+    # The window when it last changed state: what tripped or closed it.
+    failure_rate: float | None = None
+    calls: int | None = None
+    version: int = 1
+
+
+def tripped(window: Window, policy: BreakerPolicy) -> bool:
+    return window.calls >= policy.min_calls and window.failure_rate >= policy.failure_rate
+
+
+def on_window(
+    breaker: Breaker, window: Window, policy: BreakerPolicy, now: datetime
+) -> Breaker | None:
+    """The transition the window or the clock makes, if any: closed → open when tripped,
+    open → half-open when its time is up."""
+    if breaker.state == "closed" and tripped(window, policy):
+        return _moved(breaker, "open", now, window, open_until=now + _open_for(policy))
+    if breaker.state == "open" and (breaker.open_until is None or now >= breaker.open_until):
+        return _moved(breaker, "half_open", now, window)
+    return None
+
+
+def on_probe(
+    breaker: Breaker, task_id: uuid.UUID, technical: bool, policy: BreakerPolicy, now: datetime
+) -> Breaker | None:
+    """The transition a probe's outcome makes; None when ``task_id`` is not the breaker's
+    probe (any more: its lease ran out and another took it, or the breaker moved)."""
+    if breaker.state != "half_open" or breaker.probe_task != task_id:
+        return None
+    if technical:
+        return _moved(breaker, "open", now, None, open_until=now + _open_for(policy))
+    successes = breaker.probe_successes + 1
+    if successes >= policy.half_open_probes:
+        return _moved(breaker, "closed", now, None)
+    return dataclasses.replace(
+        breaker,
+        probe_task=None,
+        probe_until=None,
+        probe_successes=successes,
+        version=breaker.version + 1,
+    )
+
+
+def _open_for(policy: BreakerPolicy) -> timedelta:
+    return timedelta(seconds=policy.open_seconds)
+
+
+def _moved(
+    breaker: Breaker,
+    state: BreakerState,
+    now: datetime,
+    window: Window | None,
+    *,
+    open_until: datetime | None = None,
+) -> Breaker:
+    return Breaker(
+        provider_id=breaker.provider_id,
+        state=state,
+        changed_at=now,
+        open_until=open_until,
+        failure_rate=window.failure_rate if window is not None else breaker.failure_rate,
+        calls=window.calls if window is not None else breaker.calls,
+        version=breaker.version + 1,
+    )
