@@ -150,11 +150,11 @@ async def take_rate(
     period = 1.0 / per_second
     tolerance = period * (burst - 1)
     row = await conn.fetchrow(
-        "WITH cur AS (SELECT greatest(tat, $2) AS t FROM provider_rates"
+        "WITH cur AS (SELECT greatest(tat, $2::timestamptz) AS t FROM provider_rates"
         " WHERE provider_id = $1 FOR UPDATE),"
-        " upd AS (UPDATE provider_rates r SET tat = cur.t + make_interval(secs => $3)"
-        " FROM cur WHERE r.provider_id = $1 AND cur.t - $2 <= make_interval(secs => $4 + $5)"
-        " RETURNING 1)"
+        " upd AS (UPDATE provider_rates r SET tat = cur.t + make_interval(secs => $3::float8)"
+        " FROM cur WHERE r.provider_id = $1"
+        " AND cur.t - $2 <= make_interval(secs => $4::float8 + $5::float8) RETURNING 1)"
         " SELECT extract(epoch FROM cur.t - $2)::float8 - $4 AS wait FROM cur",
         provider_id,
         now,
