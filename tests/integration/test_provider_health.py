@@ -9,6 +9,7 @@ live: several connections, several processes, one database.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from orchestrator.store import breakers
 from tests.conftest import StackFactory, providers_document
-from tests.faultkit import create_withdrawal, tasks_of, worker_process
+from tests.faultkit import assert_settled, create_withdrawal, tasks_of, worker_process
 from tests.waiting import wait_until
 
 
@@ -121,3 +122,63 @@ async def test_a_rate_limit_holds_across_two_worker_processes(
     measured = (count - 1) / span
     assert abs(measured - rate) <= 0.1 * rate, f"{measured:.2f}/s against a limit of {rate}/s"
     assert waited > 0  # the limit was reached, not merely unused
+
+
+async def test_an_outage_opens_the_breaker_fleet_wide_one_probe_at_a_time_then_traffic_returns(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    """Two worker processes, ``sbx_a`` answering 503 to everything for a few seconds: its
+    breaker opens for the fleet (later withdrawals go to ``sbx_b`` first), each half-open
+    period lets one probe through the whole fleet, and once the outage is over ``sbx_a``
+    carries attempts again. Every withdrawal ends succeeded, paid once."""
+    open_seconds, outage_seconds = 2.0, 6.0
+    providers: dict[str, Any] = providers_document()
+    sbx_a = providers["providers"]["sbx_a"]
+    sbx_a["breaker"] = {"min_calls": 4, "open_seconds": open_seconds}
+    # Rechecks outlast the outage: an attempt cut off by it is proven absent after it.
+    sbx_a["recheck"] = {
+        "initial_delay_seconds": 0.5,
+        "multiplier": 2,
+        "max_delay_seconds": 2,
+        "max_attempts": 12,
+    }
+    stack = await make_stack(providers=providers, with_worker=False)
+    outage = {"error_ratio": 1.0, "duration_seconds": outage_seconds}
+    response = await stack.client.put("/sandbox/providers/sbx_a/outage", json=outage)
+    assert response.status_code == 200, response.text
+    ends_at = datetime.now(UTC) + timedelta(seconds=outage_seconds)
+    ids: list[str] = []
+    async with (
+        worker_process(stack, tmp_path / "w1.log"),
+        worker_process(stack, tmp_path / "w2.log"),
+    ):
+        # Creates at 5/s, until a few seconds past the outage.
+        while datetime.now(UTC) < ends_at + timedelta(seconds=6):
+            ids.append(await create_withdrawal(stack, ["sbx_a", "sbx_b"]))
+            await asyncio.sleep(0.2)
+        for withdrawal_id in ids:
+            await stack.wait_final(withdrawal_id, timeout=60)
+    async with stack.runtime.pool.acquire() as conn:
+        events = await conn.fetch(
+            "SELECT e.event, e.created_at, t.provider_id FROM order_task_events e"
+            " JOIN order_tasks t ON t.task_id = e.task_id"
+            " WHERE e.withdrawal_id = ANY($1::text[]) ORDER BY e.event_id",
+            ids,
+        )
+    passed_over = [e for e in events if e["event"] == "start.passed_over"]
+    assert passed_over, "the breaker never opened"
+    assert {e["provider_id"] for e in passed_over} == {"sbx_a"}
+    probes = sorted(e["created_at"] for e in events if e["event"] == "start.probe")
+    assert probes, "no probe after the breaker opened"
+    # One probe per half-open period: a failed probe opens the breaker for open_seconds.
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(probes)]
+    assert all(gap >= open_seconds - 0.1 for gap in gaps), gaps
+    back = [
+        e
+        for e in events
+        if e["provider_id"] == "sbx_a"
+        and e["event"] in ("create.accepted", "create.succeeded")
+        and e["created_at"] > ends_at
+    ]
+    assert back, "sbx_a carried no attempt after its outage"
+    await assert_settled(stack, dict.fromkeys(ids, "succeeded"))
