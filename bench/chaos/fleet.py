@@ -60,9 +60,21 @@ class Fleet:
     """One stack of processes under ``workdir``; :meth:`close` stops what is left."""
 
     def __init__(
-        self, workdir: Path, *, gateways: int, workers: int, nats_nodes: int, seed: int
+        self,
+        workdir: Path,
+        *,
+        gateways: int,
+        workers: int,
+        nats_nodes: int,
+        seed: int,
+        providers: dict[str, Any] | None = None,
+        twice: bool = True,
     ) -> None:
+        """``providers``: the providers file (default: :func:`providers_document`);
+        ``twice``: workers see every message twice (:mod:`bench.chaos.twice`)."""
         self.workdir = workdir
+        self.providers = providers or providers_document()
+        self.twice = twice
         self.rng = random.Random(f"{seed}:fleet")
         # Durable: with fsync and synchronous_commit off, an immediate stop loses commits the
         # gateway has already answered for, which a production Postgres never does.
@@ -96,7 +108,7 @@ class Fleet:
         self.database_url = admin.rpartition("/")[0] + "/chaos"
         upgrade("postgresql+asyncpg://" + self.database_url.split("://", 1)[1])
         (self.workdir / "flags.json").write_text(json.dumps(FLAGS))
-        (self.workdir / "providers.json").write_text(json.dumps(providers_document()))
+        (self.workdir / "providers.json").write_text(json.dumps(self.providers))
         self.sandbox = self._start_sandbox()
         for index in range(len(self.gateways)):
             self.start_gateway(index)
@@ -173,7 +185,12 @@ class Fleet:
         log = self.workdir / f"worker-{index}.log"
         with log.open("ab") as out:
             self.workers[index] = subprocess.Popen(
-                [sys.executable, "-m", "bench.chaos.twice", "worker"],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.chaos.twice" if self.twice else "gateway.cli",
+                    "worker",
+                ],
                 env=self.environment(),
                 cwd=ROOT,
                 stdout=out,
