@@ -1,10 +1,11 @@
 """Where the sandbox keeps its state: its own schema in Postgres, created by the sandbox itself.
 
-The ledger, the notifications, the violations and the provider orders with their webhooks still
-to be delivered outlive the process that serves them: a sandbox killed and restarted on the same
-database carries on where it stopped. The schema is not the product's (no Alembic migration
-creates it, the sandbox is not in the wheel): every start runs the idempotent DDL below under a
-transaction-scoped advisory lock, so two processes starting at once do not race on it.
+The ledger, the notifications, the violations, the provider orders with their webhooks still
+to be delivered, the providers' outages and their request counts outlive the process that serves
+them: a sandbox killed and restarted on the same database carries on where it stopped. The
+schema is not the product's (no Alembic migration creates it, the sandbox is not in the wheel):
+every start runs the idempotent DDL below under a transaction-scoped advisory lock, so two
+processes starting at once do not race on it.
 
 Every pooled connection has ``search_path`` set to the schema, so the queries name bare tables.
 """
@@ -94,6 +95,29 @@ _TABLES = (
         FOREIGN KEY (provider_id, order_id) REFERENCES {s}.orders ON DELETE CASCADE
     )""",
     "CREATE INDEX IF NOT EXISTS webhooks_due ON {s}.webhooks (due_at)",
+    # Provider outages and request counts (sandbox.outages): shared by every process.
+    """CREATE TABLE IF NOT EXISTS {s}.outages (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        provider_id text NOT NULL,
+        error_ratio double precision NOT NULL,
+        timeout_ratio double precision NOT NULL,
+        timeout_seconds double precision NOT NULL,
+        starts_at double precision NOT NULL,
+        ends_at double precision NOT NULL,
+        source text NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS outages_ends ON {s}.outages (ends_at)",
+    """CREATE TABLE IF NOT EXISTS {s}.scenario_runs (
+        name text PRIMARY KEY,
+        started_at double precision NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS {s}.provider_requests (
+        provider_id text NOT NULL,
+        kind text NOT NULL,
+        answer text NOT NULL,
+        count bigint NOT NULL,
+        PRIMARY KEY (provider_id, kind, answer)
+    )""",
 )
 # Any constant will do: it only has to be the same in every sandbox process.
 _SCHEMA_LOCK = 0x5A4D_B0C5

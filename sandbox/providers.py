@@ -3,8 +3,12 @@
 A provider's behaviour is chosen by its id: one of :data:`BEHAVIOURS` exactly, or
 ``<behaviour>-<suffix>`` (``sbx_ok-eur``, ``sbx_decline-2``) so a cascade can hold several
 providers that behave alike, or ``sbx_scn_<name>`` for a provider of the sandbox's scenario
-(:mod:`sandbox.scenarios`). Ids other than the exact :data:`BEHAVIOURS` need their own entry in
-the providers file for their webhook secret.
+(:mod:`sandbox.scenarios`), or one of :data:`ALIASES` (``sbx_a``, ``sbx_b``: like ``sbx_ok``).
+Ids other than the exact :data:`BEHAVIOURS` need their own entry in the providers file for their
+webhook secret.
+
+Every protocol request (create, status, cancel) meets the provider's outage first, if one is in
+force, and is counted (:mod:`sandbox.outages`).
 
 Orders, and the webhooks still to be sent with their due times, are kept in the sandbox's
 Postgres schema (:mod:`sandbox.database`), so that they outlive the process.
@@ -59,6 +63,7 @@ from contracts.signatures import sign
 from orchestrator.http_client import HttpClient, Timeouts, TransportFailure
 from sandbox.core import error_response, json_response
 from sandbox.database import SandboxDb
+from sandbox.outages import OutageBook, RequestCounts, RequestKind
 from sandbox.scenarios import Scenario, draw_attempt
 
 log = logging.getLogger("sandbox.providers")
@@ -83,12 +88,17 @@ BEHAVIOURS: tuple[Behaviour, ...] = (
     "sbx_no_funds",
 )
 CANCELLABLE: frozenset[str] = frozenset({"sbx_ok", "sbx_silent", "sbx_accept_fail"})
+ALIASES: Mapping[str, Behaviour] = {"sbx_a": "sbx_ok", "sbx_b": "sbx_ok"}
+"""Plain providers under neutral names, behaving like ``sbx_ok``: a pair whose only difference
+is what a test or bench does to one of them (an outage of ``sbx_a`` in ``[sbx_a, sbx_b]``)."""
 FlakyOutcome = Literal["created", "absent"]
 FlakyError = Literal["503", "timeout"]
 
 
 def behaviour_of(provider_id: str) -> Behaviour | None:
     """The behaviour a provider id selects, or ``None`` for an id the sandbox does not serve."""
+    if provider_id in ALIASES:
+        return ALIASES[provider_id]
     base = provider_id.split("-", 1)[0]
     for behaviour in BEHAVIOURS:
         if behaviour == base:
@@ -259,8 +269,15 @@ class WebhookSender:
         return DeliveryResult(webhook_id, status, self._attempts, error)
 
 
+RETURN_CODE = "R01"
+"""The return code set-status ``returned`` reports when the body names none (ACH's R01-style
+codes are what payout providers pass on; any string is accepted)."""
+_DEFAULT_CODES = {"failed": "declined", "returned": RETURN_CODE}
+
+
 class _SetStatusBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     status: ProviderStatus
+    # Default: ``declined`` for failed, ``R01`` (account closed) for returned.
     code: str | None = None
     # Lets a test replay one delivery event (same webhook-id) to exercise dedup.
     webhook_id: str | None = None
@@ -348,6 +365,10 @@ class ProviderSimulator:
         self._wake = asyncio.Event()
         self._next_wake = math.inf  # when the delivery loop looks next (clock seconds)
         self._running = False
+        self.outages = OutageBook(
+            db, default_timeout_seconds=flaky_timeout_seconds, seed=seed, clock=clock
+        )
+        self.requests = RequestCounts(db)
 
     def behaviour(self, provider_id: str) -> Behaviour | None:
         """The behaviour behind a provider id, scenario providers included."""
@@ -613,11 +634,12 @@ class ProviderSimulator:
         body: _SetStatusBody,
     ) -> tuple[SandboxOrder, DeliveryResult] | None:
         """Move an order to a status and send its webhook through the real intake; ``None``
-        when the provider has no order with this reference."""
-        code = "declined" if body.status == "failed" and body.code is None else body.code
+        when the provider has no order with this reference (or, for ``returned``, none that
+        was paid: only a succeeded order can come back)."""
+        code = body.code if body.code is not None else _DEFAULT_CODES.get(body.status)
         row = await self.db.pool.fetchrow(
             "UPDATE orders SET status = $3, code = $4 WHERE reference = $2 AND provider_id = $1"
-            " RETURNING *",
+            " AND ($3 <> 'returned' OR status IN ('succeeded', 'returned')) RETURNING *",
             provider_id,
             reference,
             body.status,
@@ -662,6 +684,21 @@ class ProviderSimulator:
 
     # -- HTTP ------------------------------------------------------------------------------
 
+    async def serve(
+        self,
+        provider_id: str,
+        kind: RequestKind,
+        answer: Callable[[], Coroutine[Any, Any, Response[bytes]]],
+    ) -> Response[bytes]:
+        """One protocol request: an outage answers it first if it can, else ``answer``; then
+        it is counted either way."""
+        response = await self.outages.disrupt(provider_id)
+        if response is None:
+            response = await answer()
+        # Every handler here sets its status; 200 is what Litestar would send otherwise.
+        await self.requests.add(provider_id, kind, response.status_code or 200)
+        return response
+
     def router(self) -> Router:
         """The ``/providers`` routes, closed over this simulator."""
         sim = self
@@ -673,6 +710,13 @@ class ProviderSimulator:
             behaviour = sim.behaviour(provider_id)
             if behaviour is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
+            return await sim.serve(
+                provider_id, "create", lambda: answer_create(request, provider_id, behaviour)
+            )
+
+        async def answer_create(
+            request: Request[Any, Any, Any], provider_id: str, behaviour: Behaviour
+        ) -> Response[bytes]:
             key = request.headers.get("idempotency-key")
             if not key:
                 return error_response(400, "missing_idempotency_key", "Idempotency-Key is required")
@@ -705,6 +749,9 @@ class ProviderSimulator:
         async def get_order(provider_id: FromPath[str], order_id: FromPath[str]) -> Response[bytes]:
             if sim.behaviour(provider_id) is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
+            return await sim.serve(provider_id, "status", lambda: answer_get(provider_id, order_id))
+
+        async def answer_get(provider_id: str, order_id: str) -> Response[bytes]:
             order = await sim.order(provider_id, order_id)
             if order is None:
                 return error_response(404, "not_found", "no such order")
@@ -717,6 +764,13 @@ class ProviderSimulator:
             behaviour = sim.behaviour(provider_id)
             if behaviour is None:
                 return error_response(404, "unknown_provider", f"no sandbox provider {provider_id}")
+            return await sim.serve(
+                provider_id, "cancel", lambda: answer_cancel(provider_id, order_id, behaviour)
+            )
+
+        async def answer_cancel(
+            provider_id: str, order_id: str, behaviour: Behaviour
+        ) -> Response[bytes]:
             if behaviour not in CANCELLABLE:
                 return error_response(501, "not_supported", f"{provider_id} cannot cancel orders")
             outcome = await sim.cancel(provider_id, order_id)
@@ -738,6 +792,8 @@ class ProviderSimulator:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 return error_response(422, "validation_failed", f"bad set-status body: {exc}")
             moved = await sim.set_status(provider_id, reference, body)
+            if moved is None and body.status == "returned":
+                return error_response(409, "not_paid", "only a succeeded order can be returned")
             if moved is None:
                 return missing
             order, result = moved

@@ -22,7 +22,14 @@ from contracts.providers_file import ProviderConfig
 from gateway.settings import Settings, SettingsError
 from sandbox.core import CoreFaults, CoreSimulator, Ledger, json_response
 from sandbox.database import DEFAULT_SCHEMA, SandboxDb
-from sandbox.providers import BEHAVIOURS, ProviderSimulator, WebhookSender, behaviour_of
+from sandbox.outages import health_router
+from sandbox.providers import (
+    ALIASES,
+    BEHAVIOURS,
+    ProviderSimulator,
+    WebhookSender,
+    behaviour_of,
+)
 from sandbox.scenarios import Scenario
 
 ENDPOINTS: tuple[tuple[str, str, str], ...] = (
@@ -72,6 +79,22 @@ ENDPOINTS: tuple[tuple[str, str, str], ...] = (
         "/sandbox/providers/{provider_id}/script",
         "flaky script: the next sbx_flaky create outcomes and errors",
     ),
+    (
+        "PUT",
+        "/sandbox/providers/{provider_id}/outage",
+        "outage: a share of 503s and timeouts on every request, for a duration",
+    ),
+    ("GET", "/sandbox/providers/{provider_id}/outage", "outage: the one in force and when it ends"),
+    ("DELETE", "/sandbox/providers/{provider_id}/outage", "outage: end it now"),
+    ("GET", "/sandbox/providers/outages", "outages of every provider, in force or to come"),
+    (
+        "GET",
+        "/sandbox/providers/{provider_id}/requests",
+        "requests the provider received, by kind and answer",
+    ),
+    ("DELETE", "/sandbox/providers/{provider_id}/requests", "reset the provider's request counts"),
+    ("GET", "/sandbox/providers/requests", "requests every provider received"),
+    ("DELETE", "/sandbox/providers/requests", "reset every provider's request counts"),
 )
 """``GET /sandbox``: each endpoint's method, path and purpose (a test checks it against the
 routes the router registers)."""
@@ -158,7 +181,7 @@ class SandboxConfig:
     def initial_floats(self) -> dict[str, Decimal]:
         """Floats of every known provider: explicit ones, else 0 for no-funds, else the default."""
         floats: dict[str, Decimal] = {}
-        for provider_id in {*BEHAVIOURS, *self.providers, *self.provider_floats}:
+        for provider_id in {*BEHAVIOURS, *ALIASES, *self.providers, *self.provider_floats}:
             if provider_id in self.provider_floats:
                 floats[provider_id] = self.provider_floats[provider_id]
             elif behaviour_of(provider_id) == "sbx_no_funds":
@@ -215,9 +238,20 @@ class Sandbox:
             scenario=config.scenario,
             clock=config.clock,
         )
+        for outage in config.scenario.outages if config.scenario is not None else ():
+            if self.providers.behaviour(outage.provider) is None:
+                raise ValueError(f"scenario outage of {outage.provider}: no such sandbox provider")
+        sim = self.providers
         self.router = Router(
             path="/sandbox",
-            route_handlers=[index, self.core.router(), self.providers.router()],
+            route_handlers=[
+                index,
+                self.core.router(),
+                sim.router(),
+                health_router(
+                    sim.outages, sim.requests, known=lambda p: sim.behaviour(p) is not None
+                ),
+            ],
             include_in_schema=False,
         )
 
@@ -226,6 +260,8 @@ class Sandbox:
         which sends the webhooks a previous process left due too; idempotent."""
         await self.db.open()
         await self.ledger.seed_floats()
+        if self.config.scenario is not None:
+            await self.providers.outages.arm_scenario(self.config.scenario)
         await self.sender.start()
         self.providers.start()
 

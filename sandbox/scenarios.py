@@ -17,7 +17,11 @@ A scenario is one JSON object::
         "cascade_length": {"weights": {"1": 0.2, "2": 0.5, "3": 0.3}},
         "amount": {"min": "5.00", "max": "900.00"},
         "currency": "EUR"
-      }
+      },
+      "outages": [
+        {"provider": "sbx_scn_fast", "start_after_seconds": 30, "duration_seconds": 60,
+         "error_ratio": 1.0}
+      ]
     }
 
 How one provider attempt is decided (:func:`draw_attempt`):
@@ -36,10 +40,19 @@ How one provider attempt is decided (:func:`draw_attempt`):
 withdrawal (so adding withdrawals leaves the earlier ones unchanged): the same scenario always
 gives the same plan. Provider ids in a plan are ``sbx_scn_<name>``, which the sandbox serves
 with these behaviours when it is given the scenario.
+
+``outages`` (optional) scripts provider outages, each on any provider the sandbox serves
+(``sbx_scn_<name>``, ``sbx_a``, ``sbx_ok`` …): from ``start_after_seconds`` after the first
+start of a sandbox with this scenario on its schema, for ``duration_seconds``, that provider
+answers ``error_ratio`` of every request (create, status, cancel) with ``503`` and holds
+``timeout_ratio`` of them ``timeout_seconds`` before a ``504``, exactly as ``PUT
+/sandbox/providers/{id}/outage`` does (:mod:`sandbox.outages`). Outages change nothing in
+:func:`plan`: the plan is what the providers would do when healthy.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -50,6 +63,9 @@ from typing import Literal
 import msgspec
 
 SCENARIO_PROVIDER_PREFIX = "sbx_scn_"
+MAX_OUTAGE_SECONDS = 86_400.0
+"""The longest outage (and the latest start of a scenario's one): a day."""
+MAX_OUTAGE_TIMEOUT_SECONDS = 600.0
 _P95_Z = 1.6448536269514722  # standard normal quantile of 0.95
 
 
@@ -130,11 +146,54 @@ class WithdrawalMix(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     id_prefix: str = "scn"
 
 
+class ScenarioOutage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A provider outage at a fixed offset from the scenario's start."""
+
+    provider: str
+    """The provider id the gateway calls (``sbx_scn_fast``, ``sbx_a``)."""
+    duration_seconds: float
+    start_after_seconds: float = 0.0
+    error_ratio: float = 0.0
+    timeout_ratio: float = 0.0
+    timeout_seconds: float | None = None
+    """How long a timed-out request is held; ``None``: the sandbox's flaky timeout."""
+
+
+def outage_problem(
+    *,
+    error_ratio: float,
+    timeout_ratio: float,
+    duration_seconds: float,
+    timeout_seconds: float | None,
+) -> str | None:
+    """What is wrong with an outage's numbers, in one line, or ``None`` (shared by scenario
+    files and ``PUT /sandbox/providers/{id}/outage``)."""
+    for name, ratio in (("error_ratio", error_ratio), ("timeout_ratio", timeout_ratio)):
+        if not 0 <= ratio <= 1:
+            return f"{name} must be within 0..1, got {ratio}"
+    if error_ratio + timeout_ratio > 1 + 1e-9:
+        return f"error_ratio + timeout_ratio must be at most 1, got {error_ratio + timeout_ratio:g}"
+    if error_ratio + timeout_ratio <= 0:
+        return "an outage needs error_ratio or timeout_ratio above 0"
+    if not 0 < duration_seconds <= MAX_OUTAGE_SECONDS:
+        return (
+            f"duration_seconds must be above 0 and at most {MAX_OUTAGE_SECONDS:g},"
+            f" got {duration_seconds}"
+        )
+    if timeout_seconds is not None and not 0 < timeout_seconds <= MAX_OUTAGE_TIMEOUT_SECONDS:
+        return (
+            f"timeout_seconds must be above 0 and at most {MAX_OUTAGE_TIMEOUT_SECONDS:g},"
+            f" got {timeout_seconds}"
+        )
+    return None
+
+
 class Scenario(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     providers: dict[str, ScenarioProvider]
     withdrawals: WithdrawalMix
     name: str = "scenario"
     seed: int = 0
+    outages: tuple[ScenarioOutage, ...] = ()
 
     def provider(self, provider_id: str) -> ScenarioProvider | None:
         """The scenario provider behind an ``sbx_scn_<name>`` id, if any."""
@@ -188,6 +247,7 @@ class _ScenarioFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     withdrawals: WithdrawalMix
     name: str = "scenario"
     seed: int = 0
+    outages: tuple[ScenarioOutage, ...] = ()
 
 
 def _at(path: str, exc: msgspec.ValidationError) -> str:
@@ -217,6 +277,7 @@ def load_scenario(raw: bytes, source: str = "scenario") -> Scenario:
         withdrawals=parsed.withdrawals,
         name=parsed.name,
         seed=parsed.seed,
+        outages=parsed.outages,
     )
     validate(scenario, source)
     return scenario
@@ -286,6 +347,41 @@ def validate(scenario: Scenario, source: str = "scenario") -> None:
             f"withdrawals.cascade_length allows {longest} providers "
             f"but the scenario has {len(scenario.providers)}"
         )
+    _check_outages(scenario, fail)
+
+
+def _check_outages(scenario: Scenario, fail: Callable[[str], ScenarioError]) -> None:
+    windows: dict[str, list[tuple[float, float, int]]] = {}
+    for index, outage in enumerate(scenario.outages):
+        where = f"outages[{index}]"
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", outage.provider):
+            raise fail(f"{where}.provider must be 1..64 letters, digits, '_' or '-'")
+        if outage.provider.startswith(SCENARIO_PROVIDER_PREFIX) and (
+            scenario.provider(outage.provider) is None
+        ):
+            raise fail(f"{where}.provider {outage.provider} is not a provider of this scenario")
+        problem = outage_problem(
+            error_ratio=outage.error_ratio,
+            timeout_ratio=outage.timeout_ratio,
+            duration_seconds=outage.duration_seconds,
+            timeout_seconds=outage.timeout_seconds,
+        )
+        if problem is not None:
+            raise fail(f"{where}: {problem}")
+        start = outage.start_after_seconds
+        if not 0 <= start <= MAX_OUTAGE_SECONDS:
+            raise fail(f"{where}.start_after_seconds must be within 0..{MAX_OUTAGE_SECONDS:g}")
+        windows.setdefault(outage.provider, []).append(
+            (start, start + outage.duration_seconds, index)
+        )
+    for provider, spans in windows.items():
+        spans.sort()
+        for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+            if start < end:
+                raise fail(
+                    f"outages[{first}] and outages[{second}] overlap on {provider}:"
+                    " one provider has one outage at a time"
+                )
 
 
 def _amount(text: str, which: str, fail: Callable[[str], ScenarioError]) -> Decimal:

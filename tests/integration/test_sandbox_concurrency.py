@@ -174,7 +174,7 @@ async def test_schema_created_by_many_processes_at_once(sandbox_dsn: str) -> Non
         tables = await stores[0].pool.fetchval(
             "SELECT count(*) FROM pg_tables WHERE schemaname = $1", schema
         )
-        assert tables == 8
+        assert tables == 11
     finally:
         await asyncio.gather(*(store.close() for store in stores))
 

@@ -159,6 +159,65 @@ _DELETE = object()
             "needs 1 <= min <= max",
         ),
         (mutated(_set("withdrawals.id_prefix", "a b")), "withdrawals.id_prefix"),
+        (
+            mutated(_set("outages", [{"provider": "sbx_a", "error_ratio": 1}])),
+            "Object missing required field `duration_seconds` - at `$.outages[0]`",
+        ),
+        (
+            mutated(_set("outages", [{"provider": "sbx a", "duration_seconds": 1}])),
+            "outages[0].provider must be 1..64 letters",
+        ),
+        (
+            mutated(_set("outages", [{"provider": "sbx_scn_nope", "duration_seconds": 1}])),
+            "outages[0].provider sbx_scn_nope is not a provider of this scenario",
+        ),
+        (
+            mutated(_set("outages", [{"provider": "sbx_a", "duration_seconds": 1}])),
+            "outages[0]: an outage needs error_ratio or timeout_ratio above 0",
+        ),
+        (
+            mutated(
+                _set(
+                    "outages",
+                    [{"provider": "sbx_a", "duration_seconds": 1, "error_ratio": 1.5}],
+                )
+            ),
+            "outages[0]: error_ratio must be within 0..1, got 1.5",
+        ),
+        (
+            mutated(
+                _set(
+                    "outages",
+                    [
+                        {
+                            "provider": "sbx_a",
+                            "duration_seconds": 1,
+                            "error_ratio": 1,
+                            "start_after_seconds": -1,
+                        }
+                    ],
+                )
+            ),
+            "outages[0].start_after_seconds must be within 0..86400",
+        ),
+        (
+            mutated(
+                _set(
+                    "outages",
+                    [
+                        {"provider": "sbx_a", "duration_seconds": 60, "error_ratio": 1},
+                        {"provider": "sbx_b", "duration_seconds": 60, "error_ratio": 1},
+                        {
+                            "provider": "sbx_a",
+                            "start_after_seconds": 59,
+                            "duration_seconds": 5,
+                            "timeout_ratio": 1,
+                        },
+                    ],
+                )
+            ),
+            "outages[0] and outages[2] overlap on sbx_a",
+        ),
     ],
 )
 def test_bad_scenarios_fail_with_one_precise_line(raw: bytes, message: str) -> None:
@@ -168,6 +227,25 @@ def test_bad_scenarios_fail_with_one_precise_line(raw: bytes, message: str) -> N
     assert "\n" not in text
     assert text.startswith("scenario: ")
     assert message in text
+
+
+def test_outages_load_with_their_defaults() -> None:
+    loaded = scenario(
+        outages=[
+            {"provider": "sbx_scn_fast", "duration_seconds": 60, "error_ratio": 1.0},
+            {
+                "provider": "sbx_scn_fast",
+                "start_after_seconds": 60,
+                "duration_seconds": 30,
+                "timeout_ratio": 0.5,
+                "timeout_seconds": 4,
+            },
+        ]
+    )
+    first, second = loaded.outages
+    assert (first.start_after_seconds, first.timeout_ratio, first.timeout_seconds) == (0, 0, None)
+    assert (second.error_ratio, second.timeout_seconds) == (0, 4)
+    assert plan(loaded) == plan(scenario())  # outages do not change what the providers do
 
 
 def test_source_names_the_file() -> None:
