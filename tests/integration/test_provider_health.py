@@ -181,4 +181,26 @@ async def test_an_outage_opens_the_breaker_fleet_wide_one_probe_at_a_time_then_t
         and e["created_at"] > ends_at
     ]
     assert back, "sbx_a carried no attempt after its outage"
+    # Attempts in flight when the breaker opened were not moved: no withdrawal started at
+    # sbx_b before its sbx_a attempt, if it had one, was over.
+    async with stack.runtime.pool.acquire() as conn:
+        overlaps = await conn.fetchval(
+            "SELECT count(*) FROM order_tasks a JOIN order_tasks b USING (queue_id)"
+            " JOIN order_task_events ea ON ea.task_id = a.task_id"
+            " JOIN order_task_events eb ON eb.task_id = b.task_id"
+            " WHERE a.provider_id = 'sbx_a' AND b.provider_id = 'sbx_b'"
+            " AND a.freeze_state <> 'none' AND b.freeze_state <> 'none'"
+            " AND eb.to_state = 'CREATING' AND ea.to_state IN ('FAILED', 'SKIPPED', 'CANCELLED')"
+            " AND eb.created_at < ea.created_at AND ea.withdrawal_id = ANY($1::text[])",
+            ids,
+        )
+        cut_off = await conn.fetchval(
+            "SELECT count(DISTINCT e.withdrawal_id) FROM order_task_events e"
+            " JOIN order_tasks a ON a.task_id = e.task_id"
+            " WHERE a.provider_id = 'sbx_a' AND a.freeze_state <> 'none'"
+            " AND e.event = 'create.ambiguous' AND e.withdrawal_id = ANY($1::text[])",
+            ids,
+        )
+    assert cut_off > 0, "no attempt was in flight at sbx_a when its outage began"
+    assert overlaps == 0
     await assert_settled(stack, dict.fromkeys(ids, "succeeded"))
