@@ -29,7 +29,7 @@ from litestar.types import (
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway import api, cohorts, ops, ops_openapi, ops_recon, webhooks
+from gateway import api, cohorts, ops, ops_openapi, ops_providers, ops_recon, webhooks
 from gateway.protocol import (
     ApiProblem,
     json_response,
@@ -161,6 +161,9 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> Litesta
         ops_recon.ack_alert,
         ops_recon.resolve_alert,
         ops_recon.accept_alert,
+        ops_providers.list_providers,
+        ops_providers.show_provider,
+        ops_providers.override_breaker,
         cohorts.cohorts,
         readyz,
         metrics,

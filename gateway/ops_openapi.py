@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from gateway import ops_recon
+from gateway import ops_providers, ops_recon
 from gateway import ops_wire as wire
 
 OPENAPI_PATH = "/docs/ops-openapi.json"
@@ -120,6 +120,7 @@ def _paths() -> dict[str, Any]:
             }
         },
         **_recon_paths(bearer),
+        **_provider_paths(bearer),
         "/ops/cohorts": {
             "get": {
                 "operationId": "getCohortReport",
@@ -247,6 +248,92 @@ def _alert_action(bearer: list[dict[str, list[str]]], action: str) -> dict[str, 
     }
 
 
+_PROVIDER_ID = {
+    "name": "provider_id",
+    "in": "path",
+    "required": True,
+    "description": "A provider of the providers file; anything else is 404.",
+    "schema": {"type": "string"},
+}
+
+
+def _provider_paths(bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
+    health = _json(_schema("ProviderHealthView"), "The provider's health as the workers see it.")
+    return {
+        "/ops/providers": {
+            "get": {
+                "operationId": "listProviders",
+                "summary": "Every configured provider's breaker, window, work and limits",
+                "description": "The fleet-wide breaker (state, the window the workers judge it"
+                " by, the last transition, open until, the half-open probe), attempts in"
+                " flight, withdrawals waiting to start, limits and breaker policy.",
+                "security": bearer,
+                "responses": {
+                    "200": _json(_schema("Providers"), "The providers, by id."),
+                    "401": UNAUTHORIZED,
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/ops/providers/{provider_id}": {
+            "get": {
+                "operationId": "getProvider",
+                "summary": "One provider's breaker, window, work and limits",
+                "security": bearer,
+                "parameters": [_PROVIDER_ID],
+                "responses": {
+                    "200": health,
+                    "401": UNAUTHORIZED,
+                    "404": _error("No such provider in the providers file (`not_found`)."),
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/ops/providers/{provider_id}/breaker": {"post": _override_operation(bearer, health)},
+    }
+
+
+def _override_operation(bearer: list[dict[str, list[str]]], health: Any) -> dict[str, Any]:
+    return {
+        "operationId": "overrideProviderBreaker",
+        "summary": "Open (drain) or close a provider's breaker by hand",
+        "description": "open: no new attempt goes to the provider for `seconds` (they are"
+        " passed over, or held), then one half-open probe as after a trip. close: attempts go"
+        " again, the window restarting now. Attempts in flight are never touched. Logged with"
+        " the operator and the reason; every worker sees it within a second.",
+        "security": bearer,
+        "parameters": [
+            _PROVIDER_ID,
+            {
+                "name": "X-Operator",
+                "in": "header",
+                "required": True,
+                "description": "Who acts (up to 64 characters), logged as `ops:<name>`."
+                " Missing or blank: 422 and nothing changes.",
+                "schema": {"type": "string"},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _schema("BreakerOverrideBody")}},
+        },
+        "responses": {
+            "200": {**health, "description": "The provider's health after the override."},
+            "400": _error("The body is not JSON (`malformed_json`)."),
+            "401": UNAUTHORIZED,
+            "404": _error("No such provider in the providers file (`not_found`)."),
+            "409": _error("The provider has no breaker (`no_breaker`); nothing changed."),
+            "413": _error("The body is larger than the limit (`payload_too_large`)."),
+            "422": _error(
+                "The body does not match BreakerOverrideBody (an open without seconds, or more"
+                " than 7 days; a close with seconds; a blank reason), or X-Operator is missing"
+                " or blank (`validation_failed`)."
+            ),
+            "503": UNAVAILABLE,
+        },
+    }
+
+
 def _resolve_operation(bearer: list[dict[str, list[str]]]) -> dict[str, Any]:
     return {
         "operationId": "resolveTask",
@@ -317,6 +404,9 @@ def document() -> dict[str, Any]:
         ops_recon.Alerts,
         ops_recon.Alert,
         ops_recon.AlertActionBody,
+        ops_providers.Providers,
+        ops_providers.ProviderHealthView,
+        ops_providers.BreakerOverrideBody,
     )
     _, schemas = msgspec.json.schema_components(types, ref_template=_REF)
     return {
@@ -325,7 +415,8 @@ def document() -> dict[str, Any]:
             "title": "cascade-gateway ops API",
             "version": "1",
             "description": "For support and operators: manual checks, a withdrawal's record,"
-            " the cohort report. Bearer tokens from OPS_API_TOKENS (separate from the"
+            " the cohort report, reconciliation alerts, provider health. Bearer tokens from"
+            " OPS_API_TOKENS (separate from the"
             ' cascade-core tokens of the v1 API). Errors are `{"error": {"code", "message"}}`.'
             " The v1 API is described by /docs/openapi.json.",
         },

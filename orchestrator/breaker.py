@@ -125,3 +125,18 @@ def _moved(
         calls=window.calls if window is not None else breaker.calls,
         version=breaker.version + 1,
     )
+
+
+def forced(
+    breaker: Breaker,
+    state: Literal["open", "closed"],
+    now: datetime,
+    window: Window,
+    *,
+    open_seconds: float | None = None,
+) -> Breaker:
+    """An operator's override (``POST /ops/providers/{id}/breaker``): open for
+    ``open_seconds`` (then half-open with its one probe, as after a trip), or closed with its
+    window restarting now. Any probe lease is dropped: a probe's outcome no longer decides."""
+    open_until = now + timedelta(seconds=open_seconds or 0.0) if state == "open" else None
+    return _moved(breaker, state, now, window, open_until=open_until)

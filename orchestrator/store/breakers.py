@@ -183,3 +183,52 @@ async def in_flight(conn: Connection, provider_id: str) -> int:
         list(IN_FLIGHT_STATES),
     )
     return int(count)
+
+
+async def breaker_for_update(conn: Connection, provider_id: str) -> Breaker | None:
+    """The provider's breaker, its row locked until the caller's transaction ends (an
+    operator's override: a worker's transition in between waits, then loses its version)."""
+    row = await conn.fetchrow(
+        f"SELECT {_BREAKER_COLUMNS} FROM provider_breakers b"  # noqa: S608 — fixed fragments
+        " WHERE b.provider_id = $1 FOR UPDATE",
+        provider_id,
+    )
+    if row is None:
+        return None
+    return Breaker(**dict(row))
+
+
+async def waiting_work(conn: Connection, provider_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Per provider: its attempts in flight (being created or rechecked), and the withdrawals
+    whose next attempt at it waits on a hold timer (breaker held, or a rate or in-flight
+    limit reached)."""
+    rows = await conn.fetch(
+        "SELECT p.provider_id,"
+        " (SELECT count(*) FROM order_tasks t WHERE t.provider_id = p.provider_id"
+        "  AND t.state = ANY($2::text[])) AS in_flight,"
+        " (SELECT count(*) FROM order_tasks t WHERE t.provider_id = p.provider_id"
+        "  AND t.state = $3 AND t.timer_kind = 'hold' AND t.timer_due_at IS NOT NULL) AS held"
+        " FROM unnest($1::text[]) AS p(provider_id)",
+        list(provider_ids),
+        list(IN_FLIGHT_STATES),
+        TaskState.PENDING.value,
+    )
+    return {r["provider_id"]: (int(r["in_flight"]), int(r["held"])) for r in rows}
+
+
+async def bring_holds_forward(conn: Connection, provider_id: str, due_at: datetime) -> int:
+    """Move the hold timers of the withdrawals that may still try the provider (a pending
+    attempt at it) to ``due_at`` where they are later: an operator closed its breaker, or
+    opened it for less time than they wait for. The sweeper fires a timer once the record
+    says it is due (the broker's schedule fires too, later: a start that finds its task
+    started is ignored). Returns how many moved."""
+    status = await conn.execute(
+        "UPDATE order_tasks SET timer_due_at = $2"
+        " WHERE state = $3 AND timer_kind = 'hold' AND timer_due_at > $2"
+        " AND queue_id IN (SELECT queue_id FROM order_tasks"
+        "  WHERE provider_id = $1 AND state = $3)",
+        provider_id,
+        due_at,
+        TaskState.PENDING.value,
+    )
+    return int(status.split()[-1])

@@ -5,9 +5,10 @@ generated positive and negative cases with the ops token (and, on resolve, whate
 ``X-Operator`` the generator draws), plus anchored cases that reach each documented answer
 on every run: a manual check that is listed, shown and resolved (200), resolved again (409),
 without ``X-Operator`` (422), with a body that is not JSON (400), without the token (401),
-unknown ids (404), a cohort report with a bad ``since`` (400). Every response must pass
-schemathesis' checks: no 5xx, a documented status and content type, a body that matches the
-schema generated from the handlers' Structs.
+unknown ids (404), a cohort report with a bad ``since`` (400), a provider's breaker
+listed, shown, opened and closed by hand (200), refused without a breaker (409). Every
+response must pass schemathesis' checks: no 5xx, a documented status and content type, a
+body that matches the schema generated from the handlers' Structs.
 
 The app runs in the test's event loop, so the synchronous schemathesis calls run in a worker
 thread (``asyncio.to_thread``).
@@ -29,7 +30,7 @@ from schemathesis import GenerationMode, Response
 from schemathesis.core.failures import FailureGroup
 
 from gateway.ops_openapi import OPENAPI_PATH, document
-from tests.conftest import Stack, StackFactory, new_id, withdrawal_body
+from tests.conftest import Stack, StackFactory, new_id, providers_document, withdrawal_body
 from tests.contract import schemathesis_support as sts
 from tests.waiting import wait_until
 
@@ -44,6 +45,10 @@ DETAIL = "GET /ops/withdrawals/{withdrawal_id}"
 COHORTS = "GET /ops/cohorts"
 ALERTS = "GET /ops/recon/alerts"
 ALERT_ACTIONS = [f"POST /ops/recon/alerts/{{alert_id}}/{a}" for a in ("ack", "resolve", "accept")]
+PROVIDERS = "GET /ops/providers"
+NO_BREAKER = "sbx_accept_fail"  # its breaker set to null for this test
+PROVIDER = "GET /ops/providers/{provider_id}"
+BREAKER = "POST /ops/providers/{provider_id}/breaker"
 
 
 @dataclass
@@ -120,6 +125,27 @@ def _anchors(run: Run, wid: str, task_id: str) -> None:
     run.send(run.case(ALERTS, query={"state": "closed"}), 400)
     alert = {"path_parameters": {"alert_id": "42"}, "media_type": "application/json"}
     run.send(run.case(ALERT_ACTIONS[0], body={}, headers={"X-Operator": "alice"}, **alert), 404)
+    _provider_anchors(run)
+
+
+def _provider_anchors(run: Run) -> None:
+    run.send(run.case(PROVIDERS), 200)
+    run.send(run.case(PROVIDERS), 401, token=False)
+    run.send(run.case(PROVIDER, path_parameters={"provider_id": "sbx_decline"}), 200)
+    run.send(run.case(PROVIDER, path_parameters={"provider_id": new_id()}), 404)
+    override = {"media_type": "application/json", "headers": {"X-Operator": "alice"}}
+    decline = {**override, "path_parameters": {"provider_id": "sbx_decline"}}
+    drain = {"action": "open", "seconds": 60, "reason": "maintenance"}
+    run.send(run.case(BREAKER, body=drain, **decline), 200)
+    run.send(run.case(BREAKER, body={"action": "close", "reason": "fixed"}, **decline), 200)
+    run.send(run.case(BREAKER, body=drain, **decline), 400, raw=b"{not json")
+    run.send(run.case(BREAKER, body={"action": "open", "reason": "no seconds"}, **decline), 422)
+    without_operator = {"media_type": "application/json", **decline, "headers": {}}
+    run.send(run.case(BREAKER, body=drain, **without_operator), 422)
+    unknown = {**override, "path_parameters": {"provider_id": new_id()}}
+    run.send(run.case(BREAKER, body=drain, **unknown), 404)
+    no_breaker = {**override, "path_parameters": {"provider_id": NO_BREAKER}}
+    run.send(run.case(BREAKER, body=drain, **no_breaker), 409)
 
 
 def _fuzz(run: Run) -> None:
@@ -158,14 +184,18 @@ async def _waiting(stack: Stack) -> tuple[str, str]:
 
 
 async def test_the_live_ops_api_answers_as_its_document_says(make_stack: StackFactory) -> None:
-    stack = await make_stack()
+    providers = providers_document()
+    providers["providers"][NO_BREAKER]["breaker"] = None
+    stack = await make_stack(providers=providers)
     served = await stack.client.get(OPENAPI_PATH)
     assert served.status_code == 200
     assert served.headers["content-type"] == "application/json"
     assert served.json() == json.loads(json.dumps(document()))
     schema: Any = schemathesis.openapi.from_dict(served.json())
     operations = {op.label: op for op in (result.ok() for result in schema.get_all_operations())}
-    assert sorted(operations) == sorted([LIST, RESOLVE, DETAIL, COHORTS, ALERTS, *ALERT_ACTIONS])
+    assert sorted(operations) == sorted(
+        [LIST, RESOLVE, DETAIL, COHORTS, ALERTS, *ALERT_ACTIONS, PROVIDERS, PROVIDER, BREAKER]
+    )
     wid, task_id = await _waiting(stack)
     run = Run(url=stack.url, operations=operations)
     try:
