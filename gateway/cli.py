@@ -1,7 +1,7 @@
 """``cascade-gateway``: serve, worker, migrate, sandbox, dev (``make run``), dlq, report,
 transitions, manual-checks (a client of the gateway's ops API, for support), flags (the
-release manager's moves, on the flags file or Unleash) and recon (reconciliation: run it now,
-work its alerts).
+release manager's moves, on the flags file or Unleash), recon (reconciliation: run it now,
+work its alerts) and providers (provider health: breakers, limits, overrides).
 
 Bad configuration fails fast with one line on stderr naming the problem and exit status 2.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flags.router import FlagsError
-from gateway import flagcmd, logs, manual_checks, recon_command, stackfile
+from gateway import flagcmd, logs, manual_checks, providers_command, recon_command, stackfile
 from gateway.listen import port_free
 from gateway.runtime import DependencyError
 from gateway.settings import Settings, SettingsError, load_settings, migration_url
@@ -256,6 +256,7 @@ COMMANDS = {
     **manual_checks.SUMMARIES,
     **flagcmd.SUMMARIES,
     **recon_command.SUMMARIES,
+    **providers_command.SUMMARIES,
     "report": "compare the cohorts: a table, JSON (--json), a page of charts (--html, --png)",
 }
 _NEEDS = {
@@ -279,6 +280,7 @@ _NEEDS = {
     **dict.fromkeys(manual_checks.SUMMARIES, manual_checks.ENVIRONMENT),
     **dict.fromkeys(flagcmd.SUMMARIES, flagcmd.ENVIRONMENT),
     **recon_command.NEEDS,
+    **providers_command.NEEDS,
     "report": "DATABASE_URL, else the running make run stack's database (DATA_DIR/stack.json)",
 }
 
@@ -365,12 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     recon_command.configure_parser(
         sub.choices["recon"], lambda name: _describe(name, COMMANDS[name]), _FORMAT
     )
+    providers_command.configure_parser(
+        sub.choices["providers"], lambda name: _describe(name, COMMANDS[name]), _FORMAT
+    )
     return parser
 
 
 # Commands run beside a stack: without DATABASE_URL and NATS_URL they use the running
 # `make run` stack's (see gateway/stackfile.py).
-CLIENT_COMMANDS = ("report", "dlq", "manual-checks", "recon")
+CLIENT_COMMANDS = ("report", "dlq", "manual-checks", "recon", "providers")
 
 
 def _use_running_stack() -> None:
@@ -406,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return flagcmd.run(args, os.environ)
     if args.command == "recon" and args.recon_command != "run":  # an ops API client
         return recon_command.run_client(args, os.environ)
+    if args.command == "providers":  # an ops API client
+        return providers_command.run(args, os.environ)
     try:
         settings = load_settings()
     except SettingsError as exc:

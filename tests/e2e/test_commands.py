@@ -172,6 +172,8 @@ def test_version_prints_the_installed_version() -> None:
         (["manual-checks", "list"], ["GATEWAY_URL", "OPS_API_TOKENS"]),
         (["manual-checks", "show"], ["GATEWAY_URL", "TASK_OR_WITHDRAWAL_ID"]),
         (["manual-checks", "resolve"], ["GATEWAY_URL", "--operator", "--reason", "--unverified"]),
+        (["providers", "list"], ["GATEWAY_URL", "OPS_API_TOKEN", "limits"]),
+        (["providers", "open"], ["GATEWAY_URL", "--seconds", "--reason", "--operator"]),
     ],
 )
 def test_every_command_help_says_what_it_does_and_needs(
