@@ -27,7 +27,7 @@ from kubernetes_validate import utils as kube_validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.messages import WebhookMessage
-from contracts.providers_file import load_providers
+from contracts.providers_file import ProvidersFileError, load_providers
 from gateway.settings import load_settings, migration_url
 from orchestrator.reconciliation import Reconciler
 from tests.conftest import StackFactory, flags_document, new_id, withdrawal_body
@@ -809,6 +809,31 @@ BAD_VALUES: list[tuple[str, dict[str, Any], list[str]]] = [
 def test_the_schema_accepts_the_shipped_values(scenario: str) -> None:
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.merge_values(copy.deepcopy(SCENARIOS[scenario])))
+
+
+def test_the_schema_takes_the_provider_health_settings_the_app_takes() -> None:
+    """breaker (or null), hold_seconds, rate_limit, max_in_flight: what loads in the app
+    passes the schema, and a misspelled field fails both."""
+    provider: dict[str, Any] = {
+        "base_url": "https://psp.example",
+        "webhooks": False,
+        "breaker": {"failure_rate": 0.3, "min_calls": 50, "window_seconds": 120},
+        "hold_seconds": 600,
+        "rate_limit": {"per_second": 25, "burst": 10},
+        "max_in_flight": 40,
+    }
+    without = provider | {"breaker": None, "rate_limit": None, "max_in_flight": None}
+    misspelled = provider | {"breaker": {"failure_ratio": 0.3}}
+    with helm.Chart.load(CHART) as chart:
+        for good in (provider, without):
+            chart.validate_schema(chart.merge_values({"providers": {"config": {"psp_a": good}}}))
+            load_providers(json.dumps({"providers": {"psp_a": good}}).encode(), {})
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(
+                chart.merge_values({"providers": {"config": {"psp_a": misspelled}}})
+            )
+    with pytest.raises(ProvidersFileError):
+        load_providers(json.dumps({"providers": {"psp_a": misspelled}}).encode(), {})
 
 
 def test_the_schema_accepts_the_shipped_sandbox_providers_file() -> None:
