@@ -276,6 +276,7 @@ def test_prometheus_rule_shape() -> None:
         "CascadeGatewayWebhookSignatureFailures",
         "CascadeGatewayPaidAfterFinal",
         "CascadeGatewayReconciliationStalled",
+        "CascadeGatewayProviderBreakerOpen",
     } <= alerts
     # Every rule is scoped to the release's namespace.
     for r in rules_of("production"):
@@ -1195,11 +1196,42 @@ def recon_stalled_test() -> dict[str, Any]:
     }
 
 
+BREAKER_OPEN = "CascadeGatewayProviderBreakerOpen"
+
+
+def breaker_state(provider: str, values: str, namespace: str = NAMESPACE) -> dict[str, str]:
+    """provider_breaker_state of one worker pod (0 closed, 1 half-open, 2 open), per minute."""
+    labels = f'namespace="{namespace}",pod="w-1",provider="{provider}"'
+    return series(f"provider_breaker_state{{{labels}}}", values)
+
+
+def breaker_open_test() -> dict[str, Any]:
+    """psp_a opens at minute 6, goes half-open at 9 (its probe fails: open again), closes at
+    15; psp_b is open 3 minutes and recovers. Only a breaker not closed for 5 minutes fires,
+    flapping open <-> half-open included."""
+    fired = {"namespace": NAMESPACE, "provider": "psp_a", "severity": "warning"}
+    return {
+        "interval": "1m",
+        "input_series": [
+            breaker_state("psp_a", "0x5 2x2 1 2x4 0x10"),  # ("0x5": 0 six times)
+            breaker_state("psp_b", "0x5 2x2 0x15"),
+            breaker_state("psp_c", "2x25", namespace="other"),  # not ours
+        ],
+        "alert_rule_test": [
+            {"eval_time": "9m", "alertname": BREAKER_OPEN, "exp_alerts": []},
+            {"eval_time": "12m", "alertname": BREAKER_OPEN, "exp_alerts": [{"exp_labels": fired}]},
+            {"eval_time": "14m", "alertname": BREAKER_OPEN, "exp_alerts": [{"exp_labels": fired}]},
+            {"eval_time": "16m", "alertname": BREAKER_OPEN, "exp_alerts": []},
+        ],
+    }
+
+
 def alert_tests() -> list[dict[str, Any]]:
     at = "90m"
     return [
         *stuck_task_tests(),
         recon_stalled_test(),
+        breaker_open_test(),
         {  # cascade 1/3 vs legacy 2/3 over ~270 withdrawals each: z ≈ -7.7, fires
             "interval": "1m",
             "input_series": cohort_series((1, 2), (2, 1)),
