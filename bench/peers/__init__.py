@@ -12,7 +12,8 @@ from bench.registry import Report, benchmark
 
 @benchmark(
     "peers",
-    "ours vs Temporal vs DBOS: the same cascade on one sandbox (~10 min; installs the peers group)",
+    "ours vs Temporal vs DBOS, the same cascade on one sandbox, 3 interleaved rounds "
+    "(~30 min; installs the peers group)",
     default=False,
 )
 def peers() -> Report:

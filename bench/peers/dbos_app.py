@@ -1,21 +1,29 @@
 """The withdrawal cascade on DBOS: ``@DBOS.workflow`` + ``@DBOS.step``, webhooks as messages.
 
-As DBOS's documentation writes an app: the library runs inside the application process (here
-an aiohttp server: ``POST /v1/withdrawals`` starts the workflow with the withdrawal id as its
-workflow id, ``POST /webhooks/{provider_id}`` verifies the Standard Webhooks signature and
-``DBOS.send``s the outcome to that workflow on the order's topic), its state in Postgres.
-Every effect is a step with DBOS's retries for the retryable errors; the workflow waits for the
-webhook with ``DBOS.recv`` up to the provider's SLA, then polls the order's status. After a
-``kill -9`` the next start (``DBOS.launch``) recovers every pending workflow.
+As DBOS's documentation writes an app: the library runs inside the application processes, its
+state in Postgres. Laid out as DBOS scales out on one Postgres (and as ours is laid out): one
+``api`` process, the front door (``POST /v1/withdrawals`` enqueues the workflow on the
+``withdrawals`` queue with the withdrawal id as its workflow id; ``POST /webhooks/{provider_id}``
+verifies the Standard Webhooks signature and ``DBOS.send``s the outcome to that workflow on the
+order's topic), which listens to no queue; and ``worker`` processes that dequeue and run the
+workflows, each at most ``DBOS_WORKER_CONCURRENCY`` at once (the queue's
+``worker_concurrency``). Every process has its own executor id (``DBOS_EXECUTOR_ID``), so that
+after a ``kill -9`` a worker started again with the same id recovers exactly its own pending
+workflows (``DBOS.launch``).
 
-``python -m bench.peers.dbos_app``; reads DBOS_DATABASE_URL, SANDBOX_URL, CORE_TOKEN,
-PROVIDERS_FILE and HTTP_PORT.
+Every effect is a step with DBOS's retries for the retryable errors; the workflow waits for the
+webhook with ``DBOS.recv`` up to the provider's SLA, then polls the order's status.
+
+``python -m bench.peers.dbos_app api|worker``; reads DBOS_DATABASE_URL, DBOS_EXECUTOR_ID,
+DBOS_WORKER_CONCURRENCY, DBOS_QUEUE_POLL_SECONDS, SANDBOX_URL, CORE_TOKEN, PROVIDERS_FILE and
+HTTP_PORT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 from aiohttp import web
 from dbos import DBOS, DBOSConfig, SetWorkflowID
@@ -154,21 +162,34 @@ async def withdrawal_workflow(withdrawal: Withdrawal) -> str:
     return "failed"
 
 
-async def serve() -> None:
+QUEUE = "withdrawals"
+
+
+async def serve(role: str) -> None:
     config: DBOSConfig = {
         "name": "cascade-peer",
         "system_database_url": os.environ["DBOS_DATABASE_URL"],
+        "executor_id": os.environ["DBOS_EXECUTOR_ID"],
         "log_level": "WARNING",
     }
     DBOS(config=config)
+    if role == "api":
+        DBOS.listen_queues([])  # the front door enqueues; the workers dequeue
     DBOS.launch()
+    # Registered (persisted) by every process, the same settings each time: whichever starts
+    # first creates the queue.
+    await DBOS.register_queue_async(
+        QUEUE,
+        worker_concurrency=int(os.environ.get("DBOS_WORKER_CONCURRENCY", "100")),
+        polling_interval_sec=float(os.environ.get("DBOS_QUEUE_POLL_SECONDS", "0.1")),
+    )
     providers = _sandbox().providers
 
     async def create_withdrawal(request: web.Request) -> web.Response:
         withdrawal = withdrawal_from_request(await request.read(), providers)
-        # The withdrawal id is the workflow id: a retried create starts nothing new.
+        # The withdrawal id is the workflow id: a retried create enqueues nothing new.
         with SetWorkflowID(withdrawal.withdrawal_id):
-            await DBOS.start_workflow_async(withdrawal_workflow, withdrawal)
+            await DBOS.enqueue_workflow_async(QUEUE, withdrawal_workflow, withdrawal)
         return web.json_response({"withdrawal_id": withdrawal.withdrawal_id}, status=201)
 
     async def webhook(request: web.Request) -> web.Response:
@@ -193,9 +214,10 @@ async def serve() -> None:
         return web.json_response({"status": "ok"})
 
     app = web.Application()
-    app.router.add_post("/v1/withdrawals", create_withdrawal)
-    app.router.add_post("/webhooks/{provider_id}", webhook)
-    app.router.add_get("/readyz", ready)
+    if role == "api":
+        app.router.add_post("/v1/withdrawals", create_withdrawal)
+        app.router.add_post("/webhooks/{provider_id}", webhook)
+    app.router.add_get("/readyz", ready)  # a worker's port serves only this, for the bench
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", int(os.environ["HTTP_PORT"])).start()
@@ -203,4 +225,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    asyncio.run(serve(sys.argv[1] if len(sys.argv) > 1 else "api"))

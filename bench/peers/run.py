@@ -1,22 +1,31 @@
-"""``python -m bench peers``: ours, Temporal and DBOS on one sandbox, one after the other.
+"""``python -m bench peers``: ours, Temporal and DBOS on one sandbox, in interleaved rounds.
 
 The environment, started once: a Postgres for the sandbox alone, a ``cascade-gateway sandbox``
 process on it (cascade-core simulator and the sandbox providers; webhooks to one fixed port),
-and a second Postgres that ours and DBOS use in turn (separate databases). Then, per system
-(``PEERS_SYSTEMS``, default ``ours,temporal,dbos``): start its processes with that port as its
-front door, warm it up, and measure
+and a second Postgres that ours and DBOS use (a fresh database per turn). Then
+``PEERS_ROUNDS`` rounds (default 3); each round measures the asyncpg 4-round-trip baseline on
+that second Postgres (:func:`bench.baselines.pg_transaction_rate`), then gives every system
+(``PEERS_SYSTEMS``, default ``ours,temporal,dbos``; the order rotates one place per round) two
+turns, each on a freshly started instance with that port as its front door and a warm-up
+first:
 
-* saturation: ``PEERS_WITHDRAWALS`` withdrawals created as fast as it takes them on
+* saturation turn: ``PEERS_WITHDRAWALS`` withdrawals created as fast as it takes them on
   ``PEERS_CONCURRENCY`` keep-alive connections (:mod:`bench.load`), on ``[sbx_sync_ok]`` and on
-  ``[sbx_decline, sbx_ok]``; final withdrawals/s from the first create to the last final;
-* CPU ms per withdrawal of the system's process trees (``/proc/<pid>/stat``, children
-  included: Postgres backends) over the saturation runs, and their peak RSS (sampled);
-* latency: ``PEERS_LATENCY_WITHDRAWALS`` on ``[sbx_sync_ok]`` offered at ``PEERS_RATE``/s
-  (open loop); p50/p99 from each create's send to its final;
-* crash: ``PEERS_CRASH_WITHDRAWALS`` on ``[sbx_decline, sbx_ok]`` at ``PEERS_RATE``/s, the
-  worker process(es) ``kill -9``-ed when 40 % are sent and started again a second later (the
-  load client retries a create refused meanwhile); every withdrawal must reach its final, and
-  the sandbox ledger must show exactly one commit per withdrawal, no open freeze, no violation.
+  ``[sbx_decline, sbx_ok]``; final withdrawals/s from the first create to the last final; CPU
+  ms per withdrawal of the system's process trees (``/proc/<pid>/stat``, children included:
+  Postgres backends), and their peak memory (PSS, sampled);
+* latency turn, once every system's saturation turn of the round is done:
+  ``PEERS_LATENCY_WITHDRAWALS`` on ``[sbx_sync_ok]`` offered at ``PEERS_RATE``/s (open loop), then
+  as many at the round's sustainable rate (half the slowest system's ``[sbx_sync_ok]``
+  saturation rate in that round, or ``PEERS_SUSTAINABLE_RATE``); p50/p99 from each create's send
+  to its final. Then the crash check: ``PEERS_CRASH_WITHDRAWALS`` on ``[sbx_decline, sbx_ok]`` at
+  ``PEERS_RATE``/s, the worker process(es) ``kill -9``-ed when 40 % are sent and started again a
+  second later (the load client retries a create refused meanwhile); every withdrawal must
+  reach its final, and the sandbox ledger must show exactly one commit per withdrawal, no open
+  freeze, no violation.
+
+Each figure is reported as its median over the rounds with the lowest and highest; every ratio
+is of medians. The machine's load average is recorded before and after every turn.
 
 "Final" is the same clock for all three: the withdrawal's notification arriving at the
 simulated cascade-core (its ``notifications`` table, polled every 20 ms), which every system
@@ -33,6 +42,7 @@ import os
 import platform
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +56,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from bench.baselines import pg_transaction_rate
 from bench.cascade import withdrawal_requests
 from bench.chaos.fleet import providers_document
 from bench.load import run_load
@@ -210,16 +221,23 @@ class Finals:
 
 @dataclass
 class Result:
+    """One system in one round: its saturation turn and its latency turn."""
+
     system: str
+    round: int = 0
     rate: dict[str, float] = field(default_factory=dict)
     cpu_ms: dict[str, float] = field(default_factory=dict)
     cpu_split: dict[str, dict[str, float]] = field(default_factory=dict)
-    p50_s: float = 0.0
-    p99_s: float = 0.0
+    # time to final, s: "fixed" at PEERS_RATE, "sustainable" at the round's sustainable rate
+    p50_s: dict[str, float] = field(default_factory=dict)
+    p99_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     peak_split: dict[str, float] = field(default_factory=dict)
     crash: str = ""
     crash_ok: bool = False
+    # the machine's load average (1, 5, 15 min) before and after each turn ("saturation",
+    # "latency")
+    loads: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
 
 
 def _body_ids(run: str, count: int) -> list[str]:
@@ -328,11 +346,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def latency(system: System, finals: Finals, count: int, rate: float, result: Result) -> None:
+async def latency(
+    system: System, finals: Finals, count: int, rate: float, result: Result, key: str
+) -> None:
     ids, sent = await offered(system, finals, SYNC, count, rate)
     durations = [finals.seen[i] - sent[i] for i in ids]
-    result.p50_s = _percentile(durations, 0.5)
-    result.p99_s = _percentile(durations, 0.99)
+    result.p50_s[key] = _percentile(durations, 0.5)
+    result.p99_s[key] = _percentile(durations, 0.99)
 
 
 def ledger(sandbox_url: str) -> dict[str, Any]:
@@ -377,108 +397,194 @@ async def crash(
     )
 
 
-async def measure(system: System, sandbox_url: str, sandbox_dsn: str) -> Result:
-    result = Result(system.name)
+async def measure_saturation(system: System, sandbox_dsn: str, result: Result) -> None:
+    """The saturation turn: warm-up, then both cascades as fast as the system takes them."""
     finals = Finals(sandbox_dsn)
     count = _int("PEERS_WITHDRAWALS", 600)
     concurrency = _int("PEERS_CONCURRENCY", 32)
-    rate = float(os.environ.get("PEERS_RATE", "50"))
     try:
         warm = Result(system.name)
         await saturate(system, finals, SYNC, _int("PEERS_WARMUP", 150), concurrency, warm, "sync")
         await saturate(system, finals, SYNC, count, concurrency, result, "sync")
         await saturate(system, finals, MIXED, count, concurrency, result, "mixed")
-        await latency(system, finals, _int("PEERS_LATENCY_WITHDRAWALS", 250), rate, result)
+    finally:
+        await finals.close()
+
+
+async def measure_latency(
+    system: System, sandbox_url: str, sandbox_dsn: str, sustainable: float, result: Result
+) -> None:
+    """The latency turn: warm-up, time to final at PEERS_RATE and at the sustainable rate,
+    then the crash check."""
+    finals = Finals(sandbox_dsn)
+    count = _int("PEERS_LATENCY_WITHDRAWALS", 250)
+    rate = float(os.environ.get("PEERS_RATE", "50"))
+    try:
+        warm = Result(system.name)
+        concurrency = _int("PEERS_CONCURRENCY", 32)
+        await saturate(system, finals, SYNC, _int("PEERS_WARMUP", 150), concurrency, warm, "sync")
+        await latency(system, finals, count, rate, result, "fixed")
+        await latency(system, finals, count, sustainable, result, "sustainable")
         await crash(system, finals, sandbox_url, _int("PEERS_CRASH_WITHDRAWALS", 250), rate, result)
     finally:
         await finals.close()
-    return result
 
 
 # --- the run ---------------------------------------------------------------------------------
 
 
-def load_note() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} CPUs"
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
-def run() -> Report:
-    ensure_peer_group()
-    wanted = os.environ.get("PEERS_SYSTEMS", "ours,temporal,dbos").split(",")
-    workdir = Path(tempfile.mkdtemp(prefix="cascade-peers-", dir="/tmp"))
-    workdir.chmod(0o755)  # the embedded Postgres runs as nobody when we are root
-    env_pg = EmbeddedPostgres(workdir / "sandbox-postgres", durable=False)
-    sut_pg = EmbeddedPostgres(workdir / "postgres", durable=False)
-    front = free_port()
-    sandbox_port = free_port()
-    sandbox_url = f"http://{HOST}:{sandbox_port}/sandbox"
-    providers = workdir / "providers.json"
-    providers.write_text(json.dumps(providers_document()))
-    results: list[Result] = []
-    loads = [load_note()]
-    sandbox: Server | None = None
-    try:
-        admin = env_pg.start()
+def load_text(load: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in load)
+
+
+@dataclass
+class Round:
+    """What one round measured besides the systems: the baseline and the sustainable rate."""
+
+    number: int
+    order: list[str]
+    baseline_tx_s: float = 0.0
+    sustainable_rate: float = 0.0
+
+
+class Bench:
+    """The environment shared by every turn, and the turns themselves."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.env_pg = EmbeddedPostgres(workdir / "sandbox-postgres", durable=False)
+        self.sut_pg = EmbeddedPostgres(workdir / "postgres", durable=False)
+        self.front = free_port()
+        self.sandbox_port = free_port()
+        self.sandbox_url = f"http://{HOST}:{self.sandbox_port}/sandbox"
+        self.providers = workdir / "providers.json"
+        self.providers.write_text(json.dumps(providers_document()))
+        self.sandbox: Server | None = None
+        self.sandbox_dsn = ""
+        self.sut_admin = ""
+
+    def start(self) -> None:
+        admin = self.env_pg.start()
         asyncio.run(create_database(admin, "sandbox"))
-        sandbox_dsn = admin.rpartition("/")[0] + "/sandbox"
-        sandbox = Server(
+        self.sandbox_dsn = admin.rpartition("/")[0] + "/sandbox"
+        self.sandbox = Server(
             "sandbox",
             [sys.executable, "-m", "gateway.cli", "sandbox"],
             {
                 **os.environ,
-                "DATABASE_URL": sandbox_dsn,
-                "SANDBOX_PORT": str(sandbox_port),
-                "PUBLIC_URL": f"http://{HOST}:{front}",
-                "PROVIDERS_FILE": str(providers),
-                "SANDBOX_URL": sandbox_url,
+                "DATABASE_URL": self.sandbox_dsn,
+                "SANDBOX_PORT": str(self.sandbox_port),
+                "PUBLIC_URL": f"http://{HOST}:{self.front}",
+                "PROVIDERS_FILE": str(self.providers),
+                "SANDBOX_URL": self.sandbox_url,
                 "CORE_TOKEN": CORE_TOKEN,
                 "SANDBOX_WEBHOOK_DELAY_SECONDS": "0.3",
                 "SANDBOX_FAIL_DELAY_SECONDS": "0.3",
                 "LOG_LEVEL": "WARNING",
             },
-            sandbox_port,
-            workdir / "sandbox.log",
+            self.sandbox_port,
+            self.workdir / "sandbox.log",
         )
-        sandbox.wait_ready("/sandbox")
-        sut_admin = sut_pg.start()
-        for name in wanted:
-            folder = workdir / name
-            folder.mkdir()
-            folder.chmod(0o755)
-            system: System
-            if name == "ours":
-                system = Ours(folder, front, sandbox_url, providers, sut_pg, sut_admin)
-            elif name == "temporal":
-                system = Temporal(folder, front, sandbox_url, providers)
-            elif name == "dbos":
-                system = Dbos(folder, front, sandbox_url, providers, sut_pg, sut_admin)
-            else:
-                raise ValueError(f"unknown system {name!r} in PEERS_SYSTEMS")
-            print(f"  {name}: starting", flush=True)
-            try:
-                system.start()
-                print(f"  {name}: measuring", flush=True)
-                results.append(asyncio.run(measure(system, sandbox_url, sandbox_dsn)))
-            except Exception as exc:
-                tails = "\n".join(f"--- {s.name}\n{s.log_tail(20)}" for s in system.servers)
-                raise RuntimeError(f"{name} failed: {exc}\n{tails}") from exc
-            finally:
-                system.stop()
-            loads.append(load_note())
-            print(f"  {name}: done ({loads[-1]})", flush=True)
-    finally:
-        if sandbox is not None:
-            sandbox.stop()
-        for pg in (sut_pg, env_pg):
+        self.sandbox.wait_ready("/sandbox")
+        self.sut_admin = self.sut_pg.start()
+
+    def stop(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.stop()
+        for pg in (self.sut_pg, self.env_pg):
             with contextlib.suppress(Exception):  # best effort at the end
                 pg.stop()
+
+    def system(self, name: str, folder: Path) -> System:
+        if name == "ours":
+            return Ours(
+                folder, self.front, self.sandbox_url, self.providers, self.sut_pg, self.sut_admin
+            )
+        if name == "temporal":
+            return Temporal(folder, self.front, self.sandbox_url, self.providers)
+        if name == "dbos":
+            return Dbos(
+                folder, self.front, self.sandbox_url, self.providers, self.sut_pg, self.sut_admin
+            )
+        raise ValueError(f"unknown system {name!r} in PEERS_SYSTEMS")
+
+    def turn(self, name: str, phase: str, result: Result, sustainable: float = 0.0) -> None:
+        """Start a fresh instance of ``name``, measure one phase, stop it; the load average
+        before and after goes into ``result``."""
+        folder = self.workdir / f"{name}-r{result.round}-{phase}"
+        folder.mkdir()
+        folder.chmod(0o755)
+        system = self.system(name, folder)
+        before = load_average()
+        print(f"  round {result.round} {name} {phase}: starting ({load_text(before)})", flush=True)
+        try:
+            system.start()
+            if phase == "saturation":
+                asyncio.run(measure_saturation(system, self.sandbox_dsn, result))
+            else:
+                asyncio.run(
+                    measure_latency(system, self.sandbox_url, self.sandbox_dsn, sustainable, result)
+                )
+        except Exception as exc:
+            tails = "\n".join(f"--- {s.name}\n{s.log_tail(20)}" for s in system.servers)
+            raise RuntimeError(f"{name} {phase} failed: {exc}\n{tails}") from exc
+        finally:
+            system.stop()
+        after = load_average()
+        result.loads[phase] = (before, after)
+        print(f"  round {result.round} {name} {phase}: done ({load_text(after)})", flush=True)
+
+
+def run() -> Report:
+    ensure_peer_group()
+    wanted = os.environ.get("PEERS_SYSTEMS", "ours,temporal,dbos").split(",")
+    rounds = _int("PEERS_ROUNDS", 3)
+    fixed_sustainable = os.environ.get("PEERS_SUSTAINABLE_RATE")
+    workdir = Path(tempfile.mkdtemp(prefix="cascade-peers-", dir="/tmp"))
+    workdir.chmod(0o755)  # the embedded Postgres runs as nobody when we are root
+    bench = Bench(workdir)
+    results: list[Result] = []
+    done: list[Round] = []
+    try:
+        bench.start()
+        for number in range(1, rounds + 1):
+            # Interleaved, and each round starts one system later: no system always runs
+            # first (a cold machine) or last (after the others heated it).
+            shift = (number - 1) % len(wanted)
+            this = Round(number, wanted[shift:] + wanted[:shift])
+            this.baseline_tx_s = asyncio.run(pg_transaction_rate(bench.sut_admin))
+            print(
+                f"  round {number}: asyncpg baseline {this.baseline_tx_s:,.0f} tx/s; "
+                f"order {', '.join(this.order)}",
+                flush=True,
+            )
+            by_name = {name: Result(name, number) for name in this.order}
+            for name in this.order:
+                bench.turn(name, "saturation", by_name[name])
+            # Half the slowest system's saturation rate of this round: a load every system
+            # carries with room to spare, so its latency is the flow's, not a queue's.
+            this.sustainable_rate = (
+                float(fixed_sustainable)
+                if fixed_sustainable
+                else round(0.5 * min(r.rate["sync"] for r in by_name.values()), 1)
+            )
+            print(f"  round {number}: sustainable rate {this.sustainable_rate}/s", flush=True)
+            for name in this.order:
+                bench.turn(name, "latency", by_name[name], this.sustainable_rate)
+            results.extend(by_name.values())
+            done.append(this)
+    finally:
+        bench.stop()
         if os.environ.get("PEERS_KEEP") != "1":
             shutil.rmtree(workdir, ignore_errors=True)
-    report = build_report(results, loads)
+    report = build_report(wanted, results, done)
     from bench.peers.document import write  # noqa: PLC0415
 
-    write(report, results, loads, DOC, CHART)
+    write(report, wanted, results, done, DOC, CHART)
     return report
 
 
@@ -488,6 +594,8 @@ FIGURES = (
     ("rate_mixed", "final withdrawals/s at saturation [sbx_decline, sbx_ok]", "/s", True),
     ("p50", "time to final p50 at {rate}/s [sbx_sync_ok]", "ms", False),
     ("p99", "time to final p99 at {rate}/s [sbx_sync_ok]", "ms", False),
+    ("p50_sustainable", "time to final p50 at a sustainable rate [sbx_sync_ok]", "ms", False),
+    ("p99_sustainable", "time to final p99 at a sustainable rate [sbx_sync_ok]", "ms", False),
     ("cpu_sync", "CPU ms per withdrawal [sbx_sync_ok]", "ms", False),
     ("cpu_mixed", "CPU ms per withdrawal [sbx_decline, sbx_ok]", "ms", False),
     ("rss", "peak memory of the system (PSS)", "MiB", False),
@@ -498,50 +606,119 @@ def values(r: Result) -> dict[str, float]:
     return {
         "rate_sync": r.rate["sync"],
         "rate_mixed": r.rate["mixed"],
-        "p50": r.p50_s * 1000,
-        "p99": r.p99_s * 1000,
+        "p50": r.p50_s["fixed"] * 1000,
+        "p99": r.p99_s["fixed"] * 1000,
+        "p50_sustainable": r.p50_s["sustainable"] * 1000,
+        "p99_sustainable": r.p99_s["sustainable"] * 1000,
         "cpu_sync": r.cpu_ms["sync"],
         "cpu_mixed": r.cpu_ms["mixed"],
         "rss": r.peak_rss_mib,
     }
 
 
-def build_report(results: list[Result], loads: list[str]) -> Report:
-    rate = os.environ.get("PEERS_RATE", "50")
-    report = Report()
-    by_name = {r.system: values(r) for r in results}
+@dataclass(frozen=True)
+class Spread:
+    """A figure over the rounds: the median (what ratios use) and the lowest and highest."""
+
+    median: float
+    low: float
+    high: float
+
+
+def spread(samples: list[float]) -> Spread:
+    return Spread(statistics.median(samples), min(samples), max(samples))
+
+
+def summary(results: list[Result]) -> dict[str, dict[str, Spread]]:
+    """system → figure key → its spread over the rounds."""
+    samples: dict[str, dict[str, list[float]]] = {}
     for r in results:
-        for key, label, unit, _ in FIGURES:
+        for key, value in values(r).items():
+            samples.setdefault(r.system, {}).setdefault(key, []).append(value)
+    return {s: {k: spread(v) for k, v in figures.items()} for s, figures in samples.items()}
+
+
+def labels(rounds: list[Round]) -> dict[str, str]:
+    rate = os.environ.get("PEERS_RATE", "50")
+    sustainable = spread([r.sustainable_rate for r in rounds])
+    text = {key: label.format(rate=rate) for key, label, _unit, _ in FIGURES}
+    for key in ("p50_sustainable", "p99_sustainable"):
+        text[key] = text[key].replace(
+            "a sustainable rate", f"a sustainable rate ({sustainable.median:g}/s)"
+        )
+    return text
+
+
+def build_report(wanted: list[str], results: list[Result], rounds: list[Round]) -> Report:
+    report = Report()
+    table = summary(results)
+    text = labels(rounds)
+    names = [n for n in wanted if n in table]
+    for name in names:
+        for key, _label, unit, _ in FIGURES:
+            s = table[name][key]
             report.add(
-                f"{r.system}_{key}",
-                f"{r.system}: {label.format(rate=rate)}",
-                by_name[r.system][key],
+                f"{name}_{key}",
+                f"{name}: {text[key]} [{s.low:.4g}–{s.high:.4g}]",
+                s.median,
                 unit,
             )
-        report.notes.append(
-            f"{r.system} crash check: {'PASS' if r.crash_ok else 'FAIL'} — {r.crash}"
-        )
-        for scenario, split in r.cpu_split.items():
-            parts = ", ".join(f"{k} {v:.2f}" for k, v in split.items())
-            report.notes.append(f"{r.system} CPU ms per withdrawal [{scenario}]: {parts}")
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in r.peak_split.items())
-        report.notes.append(f"{r.system} memory (PSS MiB) at its peak: {parts}")
-    if "ours" in by_name:
-        for peer in (r.system for r in results if r.system != "ours"):
-            for key, label, _unit, _ in FIGURES:
+    baseline = spread([r.baseline_tx_s for r in rounds])
+    report.add(
+        "baseline_pg_tx_rate",
+        f"asyncpg tx/s (4 round-trips, the systems' Postgres) [{baseline.low:.4g}–"
+        f"{baseline.high:.4g}]",
+        baseline.median,
+        "tx/s",
+    )
+    if "ours" in table:
+        for peer in (n for n in names if n != "ours"):
+            for key, _label, _unit, _ in FIGURES:
                 report.add(
                     f"ours_vs_{peer}_{key}",
-                    f"ours ÷ {peer}: {label.format(rate=rate)}",
-                    by_name["ours"][key] / by_name[peer][key],
+                    f"ours ÷ {peer}: {text[key]}",
+                    table["ours"][key].median / table[peer][key].median,
                     "x",
                 )
-    report.notes.extend(f"machine: {n}" for n in loads)
+        for key in ("rate_sync", "rate_mixed"):
+            report.add(
+                f"ours_vs_baseline_{key}",
+                f"ours ÷ asyncpg baseline: {text[key]} (target ≥ 0.10)",
+                table["ours"][key].median / baseline.median,
+                "x",
+            )
+    for r in results:
+        report.notes.append(
+            f"round {r.round} {r.system} crash check: {'PASS' if r.crash_ok else 'FAIL'} — "
+            f"{r.crash}"
+        )
+    for r in results:
+        for scenario, split in r.cpu_split.items():
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in split.items())
+            report.notes.append(
+                f"round {r.round} {r.system} CPU ms per withdrawal [{scenario}]: {parts}"
+            )
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in r.peak_split.items())
+        report.notes.append(f"round {r.round} {r.system} memory (PSS MiB) at its peak: {parts}")
+    for this in rounds:
+        report.notes.append(
+            f"round {this.number}: order {', '.join(this.order)}; asyncpg baseline "
+            f"{this.baseline_tx_s:,.0f} tx/s; sustainable rate {this.sustainable_rate:g}/s"
+        )
+    for r in results:
+        for phase, (before, after) in r.loads.items():
+            report.notes.append(
+                f"round {r.round} {r.system} {phase}: load average {load_text(before)} before, "
+                f"{load_text(after)} after ({os.cpu_count()} CPUs)"
+            )
     report.notes.append(
-        "a shared 2-core machine: figures are noisy, read them against each other, not alone"
+        f"{len(rounds)} round(s), systems interleaved: a figure is the median over the rounds "
+        "[lowest–highest]; every ratio is of medians"
     )
     report.details = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
+        "rounds": [r.__dict__ for r in rounds],
         "results": [r.__dict__ for r in results],
         "settings": {k: v for k, v in os.environ.items() if k.startswith("PEERS_")},
     }

@@ -39,6 +39,9 @@ class System:
     name = ""
 
     def __init__(self, workdir: Path, port: int, sandbox_url: str, providers: Path) -> None:
+        # Every turn of the bench starts a fresh instance: its own folder, and (Postgres-backed
+        # systems) a database named after the folder, so no turn inherits another's state.
+        self.database = workdir.name.replace("-", "_")
         self.workdir = workdir
         self.port = port
         self.sandbox_url = sandbox_url
@@ -125,8 +128,8 @@ class Ours(System):
 
     def start(self) -> None:
         self.nats.start()
-        asyncio.run(create_database(self.admin_dsn, "ours"))
-        self.database_url = _dsn(self.admin_dsn, "ours")
+        asyncio.run(create_database(self.admin_dsn, self.database))
+        self.database_url = _dsn(self.admin_dsn, self.database)
         upgrade("postgresql+asyncpg://" + self.database_url.split("://", 1)[1])
         gateway = self._server(
             "ours-gateway",
@@ -164,7 +167,13 @@ class Ours(System):
 
 class Temporal(System):
     """``temporal server start-dev --db-filename`` (durable SQLite), an API process (starts
-    workflows, turns webhooks into signals) and a worker process (workflows + activities)."""
+    workflows, turns webhooks into signals) and a worker process (workflows + activities).
+
+    The dev server keeps its one history shard: ``start-dev`` has no flag for the shard count
+    (``persistence.numHistoryShards`` is static configuration, not a dynamic-config key that
+    ``--dynamic-config-value`` could set), and its SQLite store takes one writer at a time, so
+    more shards would add parallelism in front of a serial store.
+    """
 
     name = "temporal"
 
@@ -249,7 +258,9 @@ class Temporal(System):
 
 
 class Dbos(System):
-    """One DBOS application process (aiohttp + DBOS), its state on the same Postgres as ours."""
+    """DBOS laid out as ours is: an ``api`` process (front door, enqueues, turns webhooks into
+    messages) and ``PEERS_OURS_WORKERS`` worker processes dequeuing the ``withdrawals`` queue,
+    each with its own executor id; state on the same Postgres as ours."""
 
     name = "dbos"
 
@@ -265,29 +276,43 @@ class Dbos(System):
         super().__init__(workdir, port, sandbox_url, providers)
         self.postgres = postgres
         self.admin_dsn = admin_dsn
+        self.worker_count = int(os.environ.get("PEERS_OURS_WORKERS", "1"))
 
     def env(self) -> dict[str, str]:
         return {
             **super().env(),
-            "DBOS_DATABASE_URL": _dsn(self.admin_dsn, "dbos"),
-            "HTTP_PORT": str(self.port),
+            "DBOS_DATABASE_URL": _dsn(self.admin_dsn, self.database),
+            "DBOS_WORKER_CONCURRENCY": os.environ.get("PEERS_DBOS_WORKER_CONCURRENCY", "100"),
+            "DBOS_QUEUE_POLL_SECONDS": os.environ.get("PEERS_DBOS_QUEUE_POLL_SECONDS", "0.1"),
         }
 
     def start(self) -> None:
-        asyncio.run(create_database(self.admin_dsn, "dbos"))
+        asyncio.run(create_database(self.admin_dsn, self.database))
+        api = self._server(
+            "dbos-api",
+            [sys.executable, "-m", "bench.peers.dbos_app", "api"],
+            {**self.env(), "DBOS_EXECUTOR_ID": "dbos-api", "HTTP_PORT": str(self.port)},
+            self.port,
+        )
+        api.wait_ready("/readyz", timeout=90)
         self.start_workers()
 
     def start_workers(self) -> None:
-        # The app process is the worker: killing it kills the front door too, as with any
-        # library-in-the-app design; the load client retries its creates meanwhile.
-        app = self._server(
-            "dbos-app", [sys.executable, "-m", "bench.peers.dbos_app"], self.env(), self.port
-        )
-        app.wait_ready("/readyz", timeout=90)
-        self.workers.append(app)
+        # The same executor id after a kill -9: DBOS.launch recovers that executor's workflows.
+        for index in range(self.worker_count):
+            port = free_port()
+            worker = self._server(
+                f"dbos-worker-{index}",
+                [sys.executable, "-m", "bench.peers.dbos_app", "worker"],
+                {**self.env(), "DBOS_EXECUTOR_ID": f"dbos-worker-{index}", "HTTP_PORT": str(port)},
+                port,
+            )
+            worker.wait_ready("/readyz", timeout=90)
+            self.workers.append(worker)
 
     def measured(self) -> dict[str, int]:
         return {
+            "dbos-api": self.servers[0].process.pid,
             **{w.name: w.process.pid for w in self.workers},
             "postgres": self.postgres.pid,
         }

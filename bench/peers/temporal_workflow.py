@@ -6,6 +6,14 @@ compensation (rollback) when a later step fails. A provider webhook arrives as t
 ``provider_webhook``; the workflow waits for it with ``workflow.wait_condition`` up to the
 provider's SLA, then polls the order's status. This module imports only what the workflow
 sandbox may see; the activities live in :mod:`bench.peers.temporal_app`.
+
+Every step is a **local activity**: each is one short, idempotent HTTP call (milliseconds,
+seconds at most with its retries) that needs no routing to another worker pool and no
+server-side rate limit, which is where Temporal's documentation recommends local activities
+over regular ones. A local activity runs in the worker that runs the workflow task and its
+result is recorded with that task's completion, instead of a schedule / dispatch / complete
+exchange with the server per step. After a crash a local activity whose result was not yet
+recorded runs again: the idempotency keys make that the same call.
 """
 
 from __future__ import annotations
@@ -133,7 +141,7 @@ class WithdrawalWorkflow:
         return "manual_check"
 
     async def _activity(self, name: str, step: Attempt) -> Any:
-        return await workflow.execute_activity(
+        return await workflow.execute_local_activity(
             name,
             step,
             start_to_close_timeout=STEP_TIMEOUT,
@@ -142,6 +150,6 @@ class WithdrawalWorkflow:
         )
 
     async def _notify(self, notification: Notification) -> None:
-        await workflow.execute_activity(
+        await workflow.execute_local_activity(
             "notify", notification, start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY
         )
