@@ -73,6 +73,34 @@ class RateLimit(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     burst: int = 1
 
 
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An error table entry that creates the order again at the same provider, for a code
+    that says "not created, try again later" (``rate_limited``). Only a definitive decline at
+    create is retried, with the same order id (the provider's idempotency key); once
+    ``max_attempts`` creates (the first included) were declined, ``then`` decides."""
+
+    decision: Literal["retry"]
+    # Creates at this provider in all, the first included (1: no retry, ``then`` at once).
+    max_attempts: int = 3
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    # Before the first retry; exponential doubles it for each further one, up to the cap.
+    base_delay_seconds: float = 1.0
+    max_delay_seconds: float = 60.0
+    then: Decision = "next_provider"
+
+    def delay(self, retries: int) -> float:
+        """Seconds before the retry that follows ``retries`` earlier ones."""
+        if self.backoff == "fixed":
+            return self.base_delay_seconds
+        # Capped before the power could overflow a float (max_attempts is bounded).
+        grown = self.base_delay_seconds * 2.0 ** min(retries, 1000)
+        return min(self.max_delay_seconds, grown)
+
+
+MAX_CREATE_ATTEMPTS = 100
+"""The most creates a retry policy may ask for at one provider."""
+
+
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One provider's integration settings."""
 
@@ -88,7 +116,8 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     timeouts: Timeouts = Timeouts()
     idempotency_key_max_length: int = 64
     supports_cancel: bool = False
-    errors: dict[str, Decision] = {}
+    # A decision per decline code, or a retry policy (:class:`RetryPolicy`).
+    errors: dict[str, Decision | RetryPolicy] = {}
     default_decision: Decision = "next_provider"
     # Provider health (README, *Provider health*). None: no breaker, the cascade order is
     # followed blindly.
@@ -101,8 +130,15 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_in_flight: int | None = None
 
     def decision_for(self, code: str) -> Decision:
-        """What a definitive provider error code means for the cascade."""
-        return self.errors.get(code, self.default_decision)
+        """What a definitive provider error code means for the cascade (for a code that is
+        retried: once its retries are spent)."""
+        entry = self.errors.get(code, self.default_decision)
+        return entry.then if isinstance(entry, RetryPolicy) else entry
+
+    def retry_for(self, code: str) -> RetryPolicy | None:
+        """The retry policy of a decline code, if the error table retries it."""
+        entry = self.errors.get(code)
+        return entry if isinstance(entry, RetryPolicy) else None
 
 
 class ProvidersFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -140,7 +176,10 @@ def load_providers(
     except UnicodeDecodeError as exc:
         raise ProvidersFileError(f"{source}: not UTF-8 ({exc.reason})") from exc
     except msgspec.ValidationError as exc:
-        raise ProvidersFileError(f"{source}: {exc}") from exc
+        hint, text = "", str(exc)
+        if text.startswith("Invalid enum value 'retry'") and text.endswith(".errors[...]`"):
+            hint = ' (a retry is an object: {"decision": "retry", "max_attempts": 3, …})'
+        raise ProvidersFileError(f"{source}: {exc}{hint}") from exc
     except msgspec.DecodeError as exc:
         raise ProvidersFileError(f"{source}: not valid JSON ({exc})") from exc
     for provider_id, config in parsed.providers.items():
@@ -174,6 +213,10 @@ def _durations(config: ProviderConfig) -> list[tuple[str, float | None]]:
         ("timeouts.read_seconds", config.timeouts.read_seconds),
         ("hold_seconds", config.hold_seconds),
     ]
+    for code, entry in config.errors.items():
+        if isinstance(entry, RetryPolicy):
+            durations.append((f"errors.{code}.base_delay_seconds", entry.base_delay_seconds))
+            durations.append((f"errors.{code}.max_delay_seconds", entry.max_delay_seconds))
     if config.breaker is not None:
         durations.append(("breaker.window_seconds", config.breaker.window_seconds))
         durations.append(("breaker.open_seconds", config.breaker.open_seconds))
@@ -209,7 +252,24 @@ def _check_counts(config: ProviderConfig, where: str) -> None:
         )
     if config.status_polling is not None and config.status_polling.max_polls < 1:
         raise ProvidersFileError(f"{where}.status_polling.max_polls must be at least 1")
+    _check_retries(config, where)
     _check_health(config, where)
+
+
+def _check_retries(config: ProviderConfig, where: str) -> None:
+    for code, entry in config.errors.items():
+        if not isinstance(entry, RetryPolicy):
+            continue
+        if not 1 <= entry.max_attempts <= MAX_CREATE_ATTEMPTS:
+            raise ProvidersFileError(
+                f"{where}.errors.{code}.max_attempts must be at least 1 and at most"
+                f" {MAX_CREATE_ATTEMPTS}, not {entry.max_attempts}"
+            )
+        if entry.max_delay_seconds < entry.base_delay_seconds:
+            raise ProvidersFileError(
+                f"{where}.errors.{code}.max_delay_seconds must be at least"
+                f" errors.{code}.base_delay_seconds"
+            )
 
 
 def _check_health(config: ProviderConfig, where: str) -> None:

@@ -47,6 +47,10 @@ WEBHOOK_TIMEOUT = "order.task.webhook.timeout"
 STATUS_TICK = "order.task.status.tick"
 STATUS_TIMEOUT = "order.task.status.timeout"
 RECHECK_TICK = "order.task.recheck.tick"
+# A create declined with a code the error table retries, due to be made again. Not a start:
+# a start carries no timer generation, and a stale or duplicate firing would create again
+# before the backoff ran out.
+RETRY_TICK = "order.task.retry.tick"
 DLQ = "order.task.dlq"
 SCHEDULE_PREFIX = "order.schedule"
 
@@ -57,6 +61,7 @@ EVENT_SUBJECTS = (
     STATUS_TICK,
     STATUS_TIMEOUT,
     RECHECK_TICK,
+    RETRY_TICK,
 )
 TIMER_TARGETS: dict[TimerKind, str] = {
     "recheck": RECHECK_TICK,
@@ -65,6 +70,7 @@ TIMER_TARGETS: dict[TimerKind, str] = {
     "status_timeout": STATUS_TIMEOUT,
     # A withdrawal waiting to start (domain.plan_start) is started again when its hold ends.
     "hold": TASK_START,
+    "retry": RETRY_TICK,
 }
 MAX_DELIVER = 8
 # The consumer's own bound sits above ours: a message past MAX_DELIVER whose dead-lettering

@@ -30,8 +30,10 @@ Timers: a task has at most one pending timer (``Step.timer``), kept on its recor
 JetStream schedule per (task, timer kind). RECHECKING waits on ``recheck``; EXECUTING on
 ``webhook_timeout`` (the provider's SLA), then, with status polling, on ``status_tick``
 between polls and finally on ``status_timeout``: the polling deadline, armed instead of a tick
-that would come at or after it. A timer's ``attempt`` is the generation it was armed for; a
-firing whose generation or state no longer matches is stale and ignored.
+that would come at or after it. A CREATING task whose create was declined with a code the error
+table retries waits on ``retry`` (the policy's backoff), then creates again under the same
+order id. A timer's ``attempt`` is the generation it was armed for; a firing whose generation
+or state no longer matches is stale and ignored.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Literal
 
 from msgspec import UNSET, UnsetType
 
-from contracts.providers_file import Decision, ProviderConfig
+from contracts.providers_file import Decision, ProviderConfig, RetryPolicy
 
 
 class TaskState(enum.StrEnum):
@@ -82,7 +84,8 @@ TASK_TRANSITIONS: Mapping[TaskState, frozenset[TaskState]] = {
             T.MANUAL_CHECK,
             T.FAILED,
             # A create resumed after a crash, for a withdrawal cancelled meanwhile, that the
-            # provider answers failed or cancelled.
+            # provider answers failed or cancelled; a create waiting to be retried (declined:
+            # proven not created) when the withdrawal is cancelled.
             T.CANCELLED,
         }
     ),
@@ -115,10 +118,12 @@ FINAL_QUEUE_STATES = frozenset(s for s, nxt in QUEUE_TRANSITIONS.items() if not 
 FreezeState = Literal["none", "frozen", "committed", "rolled_back"]
 # The public failure codes of the legacy contract; an outcome is always one of these.
 Outcome = Literal["declined", "provider_error", "timeout", "manual_rejected", "cancelled"]
-TimerKind = Literal["recheck", "webhook_timeout", "status_tick", "status_timeout", "hold"]
+TimerKind = Literal["recheck", "webhook_timeout", "status_tick", "status_timeout", "hold", "retry"]
 """``hold``: a withdrawal waiting to start its next attempt (every remaining provider's
 breaker open, or the provider's rate or in-flight limit reached) waits on its first pending
-task's hold timer, which fires as that task's start (:func:`plan_start`)."""
+task's hold timer, which fires as that task's start (:func:`plan_start`). ``retry``: a
+CREATING task whose create was declined with a code the error table retries waits on it to
+create again (its ``attempt``: the retry it is for, ``create_retries``)."""
 Balance = Literal["commit", "rollback"]
 
 
@@ -126,6 +131,8 @@ Balance = Literal["commit", "rollback"]
 START_EVENT = "start"
 # The event of a task skipped because its provider is not configured.
 UNKNOWN_PROVIDER_EVENT = "provider.unknown"
+# The event of a declined create that waits to be made again (the error table's retry).
+RETRY_EVENT = "create.declined.retry"
 
 
 class IllegalTransition(Exception):
@@ -149,6 +156,8 @@ class OrderTask:
     provider_code: str | None = None
     recheck_attempts: int = 0
     status_polls: int = 0
+    # Creates made again at this provider after a retried decline (the error table's retry).
+    create_retries: int = 0
     cancel_requested: bool = False
     state_entered_at: datetime | None = None
     # The one timer the task waits on (its schedule is pending at the broker), if any.
@@ -335,6 +344,7 @@ class Changes:
     freeze_state: FreezeState | UnsetType = UNSET
     recheck_attempts: int | UnsetType = UNSET
     status_polls: int | UnsetType = UNSET
+    create_retries: int | UnsetType = UNSET
     cancel_requested: bool | UnsetType = UNSET
     resolution: str | UnsetType = UNSET
     resolved_by: str | UnsetType = UNSET
@@ -502,6 +512,43 @@ def _on_decision(
     )
 
 
+def _on_retried_decline(
+    task: OrderTask, policy: RetryPolicy, code: str, config: ProviderConfig, now: datetime
+) -> Step:
+    """A decline at create whose code the error table retries. A decline proves the order was
+    not created, so creating it again (same order id: should the decline have been wrong, the
+    provider deduplicates) cannot pay twice. The freeze stays held while the task waits in
+    CREATING on its ``retry`` timer; once ``max_attempts`` creates were declined, the policy's
+    ``then`` decides as a plain decision would. A cancel already requested ends it instead."""
+    if task.cancel_requested:
+        return _cancelled_unsent(task, "create.declined.cancelled", code)
+    if task.create_retries + 1 >= policy.max_attempts:
+        return _on_decision(task, policy.then, code, config, now)
+    retries = task.create_retries + 1
+    due = now + timedelta(seconds=policy.delay(task.create_retries))
+    return Step(
+        event=RETRY_EVENT,
+        changes=Changes(provider_code=code, create_retries=retries),
+        timer=Timer(kind="retry", due_at=due, attempt=retries),
+    )
+
+
+def _cancelled_unsent(task: OrderTask, event: str, code: str | None = None) -> Step:
+    """A CREATING task whose order is proven not created (declined, waiting to be retried),
+    cancelled: its freeze is released, and no create follows."""
+    return Step(
+        event=event,
+        to=T.CANCELLED,
+        changes=Changes(
+            outcome="cancelled",
+            cancel_requested=True,
+            provider_code=code if code is not None else UNSET,
+        ),
+        balance=_release(task),
+        clear_timer=True,
+    )
+
+
 def _release(task: OrderTask) -> Balance | None:
     """The balance call that ends an attempt without payment: a rollback of what it holds."""
     return "rollback" if task.freeze_state == "frozen" else None
@@ -626,6 +673,9 @@ def _decide_event(task: OrderTask, event: Event, config: ProviderConfig, now: da
         case Declined(code=code):
             if task.state != T.CREATING:
                 return ignore("create.declined", f"task is {task.state}")
+            policy = config.retry_for(code)
+            if policy is not None:
+                return _on_retried_decline(task, policy, code, config, now)
             return _on_decision(task, config.decision_for(code), code, config, now)
         case Ambiguous(detail=detail, source=source):
             return _decide_ambiguous(task, detail, source, config, now)
@@ -647,6 +697,10 @@ def _decide_start(task: OrderTask, resume: bool) -> Step:
         if task.cancel_requested:
             return _cancelled("start.cancelled")
         return Step(event=START_EVENT, to=T.CREATING, then=Start(resume=False))
+    if task.state == T.CREATING and task.timer_kind == "retry":
+        # A redelivered start must not cut the backoff short: the retry timer (re-fired by
+        # the sweeper if the broker lost it) is what creates again.
+        return ignore("start", "waiting to retry the create")
     if task.state == T.CREATING:
         if not resume:
             # The handler's own PENDING → CREATING row already says what happens.
@@ -778,6 +832,9 @@ def _decide_cancel(task: OrderTask, config: ProviderConfig) -> Step:
         return _cancelled("cancel")
     if task.cancel_requested:
         return ignore("cancel", "cancel already requested")
+    if task.state == T.CREATING and task.timer_kind == "retry":
+        # Declined, so not created: nothing at the provider can still pay.
+        return _cancelled_unsent(task, "cancel.retry_dropped")
     if task.state == T.EXECUTING and config.supports_cancel:
         return Step(
             event="cancel.requested",
@@ -846,6 +903,12 @@ def _decide_timer(task: OrderTask, kind: TimerKind, attempt: int, config: Provid
     if kind == "hold":
         # A hold fires as a start message (bus.TIMER_TARGETS), never as a timer event.
         return ignore(event, "a hold timer fires as a start")
+    if kind == "retry":
+        if not _waits_to_retry(task, attempt):
+            return ignore(event, "stale retry timer")
+        # The same calls as the first create: the freeze answers ``frozen`` (held already),
+        # the create carries the same order id.
+        return Step(event=event, call="freeze_and_create", clear_timer=True)
     if kind == "status_timeout":
         if task.state != T.EXECUTING or attempt != task.status_polls:
             return ignore(event, "stale status timeout")
@@ -853,6 +916,12 @@ def _decide_timer(task: OrderTask, kind: TimerKind, attempt: int, config: Provid
         # decides; never FAILED, the provider may still pay.
         return Step(event="status.timeout", to=T.MANUAL_CHECK, clear_timer=True)
     raise AssertionError(kind)  # pragma: no cover
+
+
+def _waits_to_retry(task: OrderTask, attempt: int) -> bool:
+    return (
+        task.state == T.CREATING and task.timer_kind == "retry" and attempt == task.create_retries
+    )
 
 
 def after_poll_pending(task: OrderTask, config: ProviderConfig, now: datetime) -> Step:
@@ -1011,6 +1080,16 @@ def decide_in_queue(
     task = queue.task(task_id)
     if isinstance(event, Start) and task.state == T.PENDING and not may_start(queue, task):
         step = ignore("start", "not this queue's next attempt")
+    elif (
+        config is not None
+        and queue.cancel_requested
+        and isinstance(event, TimerFired)
+        and event.kind == "retry"
+        and _waits_to_retry(task, event.attempt)
+    ):
+        # The withdrawal's cancel has not reached the task yet (cut off by a crash): it does
+        # now, instead of a create after the cancel.
+        step = decide(task, CancelRequested(), config, now)
     elif config is None:
         step = _unknown_provider(task, event)
     else:

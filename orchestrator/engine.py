@@ -36,6 +36,7 @@ from orchestrator import metrics as m
 from orchestrator.breaker import CallResult
 from orchestrator.core_client import CascadeCore, CoreRefused
 from orchestrator.domain import (
+    RETRY_EVENT,
     UNKNOWN_PROVIDER_EVENT,
     Ambiguous,
     Balance,
@@ -200,9 +201,12 @@ class Engine:
         self.health = health or ProviderHealth(provider_configs, clock)
         # Every series at 0 from the start: an alert on increase() sees the first event (a
         # series born at 1 has increased by nothing).
-        for provider_id in provider_configs:
+        for provider_id, config in provider_configs.items():
             for reason in _UNMATCHED_LOG:
                 m.webhooks_unmatched.labels(provider=provider_id, reason=reason)
+            for code in config.errors:
+                if config.retry_for(code) is not None:
+                    m.provider_retries.labels(provider=provider_id, code=code)
 
     # --- entry points ------------------------------------------------------------------
 
@@ -573,6 +577,7 @@ class Engine:
             _observe_time_in_state(transition)
             _report_unknown_providers(handling.record, transition)
             _count_returns(handling.record, transition)
+            _count_retries(transition)
             if transition.finished is not None:
                 _observe_final(
                     handling.record, transition.finished, transition.queue, transition.at
@@ -724,6 +729,16 @@ def _count_returns(record: store.WithdrawalRecord, transition: Transition) -> No
                     "code": change.after.provider_code,
                 },
             )
+
+
+def _count_retries(transition: Transition) -> None:
+    """A declined create the error table retries, counted once its retry is armed."""
+    for change in transition.changes:
+        if isinstance(change, TaskChange) and change.event == RETRY_EVENT:
+            after = change.after
+            m.provider_retries.labels(
+                provider=after.provider_id, code=after.provider_code or ""
+            ).inc()
 
 
 def _observe_final(

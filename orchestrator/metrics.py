@@ -135,3 +135,9 @@ provider_passed_over = Counter(
     "Attempts passed over, or held, because their provider's breaker was open.",
     ["provider"],
 )
+provider_retries = Counter(
+    "provider_retries",
+    "Creates declined with a code the error table retries (the code), each one to be made"
+    " again at the same provider after its backoff.",
+    ["provider", "code"],
+)

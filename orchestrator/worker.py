@@ -54,6 +54,7 @@ _TIMER_KINDS: dict[str, TimerKind] = {
     bus.WEBHOOK_TIMEOUT: "webhook_timeout",
     bus.STATUS_TICK: "status_tick",
     bus.STATUS_TIMEOUT: "status_timeout",
+    bus.RETRY_TICK: "retry",
 }
 # The states the gauges report, 0 when no task is in one. NEGATIVE_EVAL is not among them: a
 # task passes through it to SKIPPED within one transaction.

@@ -159,6 +159,7 @@ _TASK_FIELDS = (
     "cancel_requested",
     "state_entered_at",
     "timer_kind",
+    "create_retries",
 )
 _TASK_COLUMNS = ", ".join(_TASK_FIELDS)
 # A queue's tasks as one column of the queue's row (an array of anonymous records, decoded by
@@ -191,6 +192,7 @@ def _task(row: asyncpg.Record | Mapping[str, Any]) -> OrderTask:
         cancel_requested=row["cancel_requested"],
         state_entered_at=row["state_entered_at"],
         timer_kind=row["timer_kind"],
+        create_retries=row["create_retries"],
     )
 
 
@@ -613,11 +615,12 @@ def _task_write_sql(write: TaskWrite, first: int) -> tuple[str, str, list[object
         write.actor,
         write.trace_id,
         dict(write.details),
+        after.create_retries,
     ]
-    p = [f"${first + i}" for i in range(21)]
+    p = [f"${first + i}" for i in range(22)]
     timer_sql = ""
     if write.timer is not None:
-        timer_sql = f", timer_kind = {p[18]}, timer_attempt = {p[19]}, timer_due_at = {p[20]}"
+        timer_sql = f", timer_kind = {p[19]}, timer_attempt = {p[20]}, timer_due_at = {p[21]}"
         args += [write.timer.kind, write.timer.attempt, write.timer.due_at]
     elif write.clear_timer or write.changed:
         timer_sql = ", timer_kind = NULL, timer_attempt = NULL, timer_due_at = NULL"
@@ -626,7 +629,7 @@ def _task_write_sql(write: TaskWrite, first: int) -> tuple[str, str, list[object
         f"UPDATE order_tasks SET state = {p[0]}, provider_reference = {p[1]},"  # noqa: S608
         f" freeze_state = {p[2]}, outcome = {p[3]}, provider_code = {p[4]},"
         f" recheck_attempts = {p[5]}, status_polls = {p[6]}, cancel_requested = {p[7]},"
-        f" updated_at = {p[8]}, version = version + 1{entered}{timer_sql}"
+        f" create_retries = {p[18]}, updated_at = {p[8]}, version = version + 1{entered}{timer_sql}"
         f" WHERE task_id = {p[9]} AND version = {p[10]} RETURNING queue_id"
     )
     audit = (  # placeholders only, as above
@@ -661,7 +664,14 @@ async def save_transitions(conn: Connection, moves: Sequence[TaskWrite]) -> None
     nothing)."""
     now = moves[0].now
     for move in moves:
-        if not move.changed or move.timer is not None or move.now != now:
+        # create_retries is not among the columns written here: only a retry (which arms a
+        # timer, so is never plain) changes it.
+        if (
+            not move.changed
+            or move.timer is not None
+            or move.now != now
+            or move.after.create_retries != move.before.create_retries
+        ):
             raise ValueError(f"task {move.before.task_id}: not a plain state change")
     status = await conn.execute(
         "WITH u AS (SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[],"  # noqa: S608 — fixed fragments only

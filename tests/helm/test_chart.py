@@ -854,6 +854,31 @@ def test_the_schema_accepts_a_provider_without_webhooks() -> None:
     load_providers(json.dumps({"providers": {"psp_a": provider}}).encode(), {})
 
 
+def test_the_schema_accepts_what_the_app_accepts_in_the_error_table() -> None:
+    """An error entry is a decision, or a retry policy object; both load in the app too."""
+    provider = {
+        "base_url": "https://psp.example",
+        "webhooks": False,
+        "errors": {
+            "closed": "stop_cascade",
+            "rate_limited": {
+                "decision": "retry",
+                "max_attempts": 5,
+                "backoff": "exponential",
+                "base_delay_seconds": 5,
+                "max_delay_seconds": 300,
+                "then": "next_provider",
+            },
+        },
+    }
+    load_providers(json.dumps({"providers": {"psp_a": provider}}).encode(), {})
+    looping = provider | {"errors": {"rate_limited": {"decision": "retry", "then": "retry"}}}
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.merge_values({"providers": {"config": {"psp_a": provider}}}))
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(chart.merge_values({"providers": {"config": {"psp_a": looping}}}))
+
+
 @pytest.mark.parametrize(("case", "values", "expected"), BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
 def test_the_schema_rejects_bad_values_with_a_pointed_message(
     case: str, values: dict[str, Any], expected: list[str]

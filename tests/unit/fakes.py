@@ -594,6 +594,7 @@ def _write_task(
         provider_code=after.provider_code,
         recheck_attempts=after.recheck_attempts,
         status_polls=after.status_polls,
+        create_retries=after.create_retries,
         cancel_requested=after.cancel_requested,
         version=stored.version + 1,
         state_entered_at=now if changed else stored.state_entered_at,

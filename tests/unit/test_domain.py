@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.providers_file import ProviderConfig, StatusPolling, load_providers
+from contracts.providers_file import ProviderConfig, RetryPolicy, StatusPolling, load_providers
 from orchestrator.domain import (
     FINAL_QUEUE_STATES,
     FINAL_TASK_STATES,
@@ -74,6 +74,11 @@ TIMED = msgspec.structs.replace(
 )
 # No SLA: polling starts when EXECUTING is entered and ends 12 s later at the latest.
 POLL_ONLY = msgspec.structs.replace(TIMED, webhook_sla_seconds=None)
+# "busy" is created again at the same provider, three creates in all.
+RETRYING = msgspec.structs.replace(
+    CONFIG,
+    errors={**CONFIG.errors, "busy": RetryPolicy(decision="retry", max_attempts=3)},
+)
 
 DESIGN_EDGES = {
     (T.PENDING, T.CREATING),
@@ -488,6 +493,7 @@ provider_outcome = st.sampled_from(
         "closed",
         "slow",
         "review",
+        "busy",
         "ambiguous",
         "pending",
         "succeeded",
@@ -512,7 +518,14 @@ external = st.sampled_from(
 )
 
 
-TIMER_KINDS: list[TimerKind] = ["recheck", "webhook_timeout", "status_tick", "status_timeout"]
+TIMER_KINDS: list[TimerKind] = [
+    "recheck",
+    "webhook_timeout",
+    "status_tick",
+    "status_timeout",
+    "retry",
+]
+ANY_TIMER = st.sampled_from(TIMER_KINDS)
 
 
 @dataclasses.dataclass
@@ -537,7 +550,15 @@ class Crash(Exception):
 
 
 class Sim:
-    def __init__(self, providers: int, config: ProviderConfig, data: st.DataObject) -> None:
+    def __init__(
+        self,
+        providers: int,
+        config: ProviderConfig,
+        data: st.DataObject,
+        *,
+        outcomes: st.SearchStrategy[str] = provider_outcome,
+        timers: st.SearchStrategy[TimerKind] = ANY_TIMER,
+    ) -> None:
         queue_id = uuid.uuid4()
         tasks = tuple(
             OrderTask(
@@ -557,6 +578,8 @@ class Sim:
         self.ledger = Ledger()
         self.config = config
         self.data = data
+        self.outcomes = outcomes
+        self.timers = timers
         self.now = NOW
         self.seen_final: dict[uuid.UUID, TaskState] = {}
         self.crash_armed = False
@@ -578,12 +601,16 @@ class Sim:
 
     def answer(self, call: str, current: OrderTask) -> Event:
         if call == "freeze_and_create":
+            # A declined create is made again only while the withdrawal is not cancelled.
+            assert not (current.create_retries and self.queue.cancel_requested), (
+                "retry after cancel"
+            )
             held = self.ledger.states.get(current.task_id)
             if held == "rolled_back":
                 return FreezeRolledBack()  # cascade-core answers the settled state
             if held == "committed":
                 return FreezeCommitted()  # paid and committed before the crash
-            outcome = self.data.draw(provider_outcome)
+            outcome = self.data.draw(self.outcomes)
             if outcome == "closed":
                 # The provider's word, whether or not a crash loses it: stop the cascade.
                 self.stop_after = min(self.stop_after, current.position)
@@ -592,7 +619,7 @@ class Sim:
                     return FreezeRefused("insufficient_balance")
                 outcome = "pending"  # a replay never refuses its own hold; the create answers
             self.ledger.states.setdefault(current.task_id, "frozen")
-            if outcome in ("declined", "closed", "slow", "review"):
+            if outcome in ("declined", "closed", "slow", "review", "busy"):
                 return Declined(outcome)
             if outcome == "ambiguous":
                 return Ambiguous("timeout", "create")
@@ -667,10 +694,7 @@ class Sim:
             "webhook_fail": ProviderAnswer("failed", "ref", source="webhook"),
             "webhook_pending": ProviderAnswer("pending", "ref", source="webhook"),
             "webhook_returned": ProviderAnswer("returned", "ref", code="R01", source="webhook"),
-            "timer": TimerFired(
-                self.data.draw(st.sampled_from(TIMER_KINDS)),
-                target.recheck_attempts if target.state == T.RECHECKING else target.status_polls,
-            ),
+            "timer": TimerFired(self.data.draw(self.timers), _generation(target)),
             "resolve+": Resolve(positive=True, reason="r", actor="a"),
             "resolve-": Resolve(positive=False, reason="r", actor="a"),
             "start_dup": Start(),
@@ -679,6 +703,14 @@ class Sim:
 
     def check(self) -> None:
         assert self.ledger.commits <= 1, "two commits for one withdrawal"
+        for t in self.queue.tasks:
+            if t.timer_kind == "retry":
+                # Waiting to create again: declined, so nothing else runs, the freeze held
+                # (unless a worker settled it and died before recording it: the freeze's
+                # answer then tells the retry).
+                assert t.state == T.CREATING
+                held = self.ledger.states.get(t.task_id)
+                assert held == "frozen" or t.task_id in self.ledger.crashed
         for t in self.queue.tasks:
             if t.position > self.stop_after:
                 assert t.task_id not in self.ledger.states, "tried a provider after a stop"
@@ -690,17 +722,57 @@ class Sim:
             assert all(t.final for t in self.queue.tasks)
 
 
+def _generation(task: OrderTask) -> int:
+    """The generation of the timer ``task`` waits on (what a firing of it carries)."""
+    if task.state == T.RECHECKING:
+        return task.recheck_attempts
+    if task.timer_kind == "retry":
+        return task.create_retries
+    return task.status_polls
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     data=st.data(),
     providers=st.integers(1, 4),
-    config=st.sampled_from([CONFIG, NO_SLA, TIMED, POLL_ONLY]),
+    config=st.sampled_from([CONFIG, NO_SLA, TIMED, POLL_ONLY, RETRYING]),
     events=st.lists(external, max_size=25),
 )
 def test_no_sequence_breaks_money_safety(
     data: st.DataObject, providers: int, config: ProviderConfig, events: list[str]
 ) -> None:
     sim = Sim(providers, config, data)
+    sim.crash_armed = data.draw(st.booleans(), label="the first create crashes")
+    sim.apply(sim.queue.tasks[0].task_id, Start())
+    sim.check()
+    for kind in events:
+        if sim.queue.final:
+            break
+        sim.external(kind)
+        sim.check()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    providers=st.integers(1, 3),
+    events=st.lists(
+        st.sampled_from(["timer", "timer", "cancel", "crash", "resume", "start_dup", "webhook_ok"]),
+        max_size=20,
+    ),
+)
+def test_no_sequence_of_retried_creates_breaks_money_safety(
+    data: st.DataObject, providers: int, events: list[str]
+) -> None:
+    """As above, where most creates are declined with a code that is retried: retries,
+    stale and duplicate retry timers, cancels and crashes while a create waits to be retried."""
+    sim = Sim(
+        providers,
+        RETRYING,
+        data,
+        outcomes=st.sampled_from(["busy", "busy", "busy", "pending", "succeeded", "ambiguous"]),
+        timers=st.sampled_from(["retry", "retry", "retry", "recheck", "webhook_timeout"]),
+    )
     sim.crash_armed = data.draw(st.booleans(), label="the first create crashes")
     sim.apply(sim.queue.tasks[0].task_id, Start())
     sim.check()

@@ -23,12 +23,19 @@ from prometheus_client import REGISTRY
 
 from contracts.messages import StartSeen, TaskMessage, WebhookMessage
 from contracts.provider import ProviderDestination
-from contracts.providers_file import Decision, ProviderConfig, RecheckPolicy, StatusPolling
+from contracts.providers_file import (
+    Decision,
+    ProviderConfig,
+    RecheckPolicy,
+    RetryPolicy,
+    StatusPolling,
+)
 from orchestrator import bus, store
 from orchestrator.core_client import CoreRefused, CoreUnavailable
 from orchestrator.domain import (
     FINAL_TASK_STATES,
     QUEUE_TRANSITIONS,
+    RETRY_EVENT,
     TASK_TRANSITIONS,
     Ambiguous,
     Declined,
@@ -89,6 +96,16 @@ CONFIGS: dict[str, ProviderConfig] = {
     "p_cancel": _config("p_cancel", supports_cancel=True),
     # No SLA, no polling: an accepted order goes to manual check at once.
     "p_nosla": _config("p_nosla", webhook_sla_seconds=None),
+    # "busy" is created again after 5 s, then 10 s: three creates in all, then the next one.
+    "p_retry": _config(
+        "p_retry",
+        errors={
+            **ERRORS,
+            "busy": RetryPolicy(
+                decision="retry", max_attempts=3, base_delay_seconds=5, max_delay_seconds=60
+            ),
+        },
+    ),
 }
 NAMES = bus.Names(namespace="unit.")
 TIMER_KINDS: tuple[TimerKind, ...] = tuple(bus.TIMER_TARGETS)
@@ -628,6 +645,117 @@ async def a_start_out_of_turn_or_for_a_final_task_is_ignored(h: Harness) -> None
     done = h.store.snapshot()
     await h.start(q)  # a redelivered start
     await h.start(q, 1)
+    assert h.store.snapshot() == done
+    assert len(h.creates()) == 1
+
+
+# a declined create retried at the same provider
+
+
+def _retries_counted(provider: str = "p_retry", code: str = "busy") -> float:
+    counted = REGISTRY.get_sample_value(
+        "provider_retries_total", {"provider": provider, "code": code}
+    )
+    return counted or 0.0
+
+
+@scenario
+async def a_declined_create_is_made_again_at_the_same_provider(h: Harness) -> None:
+    q = h.withdrawal("p_retry", "p_b")
+    h.providers.on_create("p_retry", Declined("busy"), Declined("busy"), accepted("ref-r"))
+    counted = _retries_counted()
+
+    await h.start(q)
+
+    # Declined: still CREATING, the freeze held, a retry due after the first backoff.
+    assert h.states(q) == (Q.ACTIVE, (T.CREATING, T.PENDING))
+    t0 = h.task(q)
+    assert (t0.create_retries, t0.provider_code, t0.freeze_state) == (1, "busy", "frozen")
+    assert h.armed(t0) == [("retry", 1, at(5))]
+    assert h.core.holds[str(t0.task_id)].settlements == []
+    assert h.starts() == []
+    assert _retries_counted() == counted + 1
+    # A redelivered start and a firing of another generation create nothing.
+    waiting = h.store.snapshot()
+    await h.start(q)
+    await h.fire(t0, "retry", 0)
+    assert h.store.snapshot() == waiting
+
+    h.clock.advance(5)
+    await h.fire(t0, "retry", 1)
+
+    t0 = h.task(q)
+    assert (t0.state, t0.create_retries) == (T.CREATING, 2)
+    assert h.armed(t0)[-1] == ("retry", 2, at(15))  # doubled
+    h.clock.advance(10)
+    await h.fire(t0, "retry", 2)
+    await h.fire(t0, "retry", 2)  # the broker's and the sweeper's firing: once
+
+    assert h.states(q) == (Q.ACTIVE, (T.EXECUTING, T.PENDING))
+    t0 = h.task(q)
+    assert h.events(t0) == [
+        "start",
+        RETRY_EVENT,
+        "timer.retry",
+        RETRY_EVENT,
+        "timer.retry",
+        "create.accepted",
+    ]
+    # Every create under the same order id (the provider's idempotency key), each after the
+    # same hold: the freeze is made once and answers "frozen" on each retry.
+    assert h.creates() == [t0.provider_order_id] * 3
+    freezes = [e.answer for e in h.journal.entries if e.action == "freeze"]
+    assert freezes == ["frozen"] * 3
+    assert _retries_counted() == counted + 2
+    assert await h.webhook(t0, "succeeded", reference="ref-r")
+    assert h.states(q) == (Q.COMPLETED, (T.SUCCEEDED, T.SKIPPED))
+    assert h.core.holds[str(t0.task_id)].settlements == ["commit"]
+
+
+@scenario
+async def spent_retries_take_the_policys_decision(h: Harness) -> None:
+    q = h.withdrawal("p_retry", "p_b")
+    h.providers.on_create("p_retry", *[Declined("busy")] * 3)
+    await h.start(q)
+    for attempt in (1, 2):
+        h.clock.advance(60)
+        await h.fire(h.task(q), "retry", attempt)
+
+    assert h.states(q) == (Q.ACTIVE, (T.SKIPPED, T.PENDING))
+    t0 = h.task(q)
+    assert (t0.outcome, t0.provider_code, t0.create_retries, t0.freeze_state) == (
+        "declined",
+        "busy",
+        2,
+        "rolled_back",
+    )
+    assert h.events(t0)[-2:] == ["create.declined", "task.skipped"]
+    assert h.core.holds[str(t0.task_id)].settlements == ["rollback"]
+    assert h.starts() == [q.tasks[1].task_id]
+    assert len(h.creates()) == 3
+
+
+@scenario
+async def a_cancel_while_a_create_waits_to_be_retried_ends_it_at_once(h: Harness) -> None:
+    q = h.withdrawal("p_retry", "p_b")
+    h.providers.on_create("p_retry", Declined("busy"))
+    await h.start(q)
+    t0 = h.task(q)
+
+    await h.cancel(q)
+
+    # Declined, so not created: nothing can still pay; the freeze is released at once.
+    assert h.states(q) == (Q.CANCELLED, (T.CANCELLED, T.CANCELLED))
+    t0 = h.task(q)
+    assert (t0.outcome, t0.freeze_state, t0.timer_kind) == ("cancelled", "rolled_back", None)
+    assert h.events(t0)[-1] == "cancel.retry_dropped"
+    assert h.purged(t0) == ["retry"]
+    assert h.core.holds[str(t0.task_id)].settlements == ["rollback"]
+    assert h.core.notified(q.withdrawal_id) == ["cancelled"]
+    # Its timer, fired before the purge took: no create after a cancel.
+    done = h.store.snapshot()
+    await h.fire(t0, "retry", 1)
+    await h.start(q)
     assert h.store.snapshot() == done
     assert len(h.creates()) == 1
 
