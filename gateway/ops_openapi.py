@@ -49,6 +49,15 @@ _COHORT = {
         "cancelled": {"type": "integer"},
         "processing": {"type": "integer"},
         "success_rate": {"type": ["number", "null"]},
+        "returned": {
+            "type": "integer",
+            "description": "Succeeded withdrawals whose payout the provider returned since"
+            " (still counted in `succeeded`: the public status stays succeeded).",
+        },
+        "net_success_rate": {
+            "type": ["number", "null"],
+            "description": "(succeeded - returned) / finished.",
+        },
     },
 }
 COHORT_REPORT = {

@@ -192,6 +192,8 @@ class _Counts:
     processing: int = 0
     manual_checked: int = 0
     attempts: int = 0
+    # Succeeded, and the provider returned the payout since (still among ``succeeded``).
+    returned: int = 0
 
     @property
     def finished(self) -> int:
@@ -205,6 +207,7 @@ class _Counts:
         self.processing += row["processing"]
         self.manual_checked += row.get("manual_checked", 0) or 0
         self.attempts += row.get("attempts", 0) or 0
+        self.returned += row.get("returned", 0) or 0
 
 
 def _rate(counts: _Counts) -> dict[str, Any]:
@@ -460,6 +463,12 @@ def _cohort(
         "manual_checked": counts.manual_checked,
         "manual_check_rate": counts.manual_checked / counts.created if counts.created else None,
         "routing_reasons": dict(sorted(reasons.items())),
+        # Paid, then returned by the provider: the public status (and ``succeeded``) keeps
+        # them; the net rate does not count them as successes.
+        "returned": counts.returned,
+        "net_success_rate": (
+            (counts.succeeded - counts.returned) / counts.finished if counts.finished else None
+        ),
     }
 
 
@@ -569,6 +578,11 @@ def _cohort_lines(cohorts: dict[str, Any]) -> list[str]:
     for name, c in cohorts.items():
         reasons = ", ".join(f"{k} {v}" for k, v in c["routing_reasons"].items()) or "none"
         lines.append(f"  {name} routing reasons: {reasons}")
+    for name, c in cohorts.items():
+        lines.append(
+            f"  {name} returned after success: {c['returned']}"
+            f" (success rate net of returns {format_rate(c['net_success_rate'])})"
+        )
     return lines
 
 

@@ -226,6 +226,11 @@ def _cohort_rate_bars(cohorts: dict[str, Any]) -> list[Bar]:
         text = f"{format_rate(c['success_rate'])} of {c['finished']} finished"
         if interval:
             text += f" (CI {format_rate(interval[0])}–{format_rate(interval[1])})"
+        if c.get("returned"):
+            text += (
+                f"; {c['returned']} returned since,"
+                f" {format_rate(c['net_success_rate'])} net of returns"
+            )
         bars.append(
             Bar(
                 name,

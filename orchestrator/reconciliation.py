@@ -19,17 +19,24 @@ One run, under a fleet-wide Postgres advisory lock (one runner at a time), appli
    (:func:`plan_provider_checks`).
 5. ``notification`` — a final withdrawal whose notification cascade-core has not acknowledged
    after ``notify_after`` seconds.
+6. ``return`` — a provider reporting a paid order returned: every attempt that became
+   RETURNED within the window (the engine records the return from the provider's verified
+   webhook), with its audit row as evidence; and a SUCCEEDED attempt whose status poll
+   (rule 4) answers ``returned`` (its webhook is late or lost), from the poll's answer. One
+   alert per attempt (``return:<task_id>``): the poll's alert is the one the recorded
+   return updates later. Cascade-core has no reversal, so finance settles each one by hand.
 
-(Rule 6, returns after success, is not built yet: see the README.) Each finding is a
-fingerprinted alert (:class:`orchestrator.store.recon.Finding`): the same finding seen again
-updates its alert. At most ``max_new_alerts`` new alerts per run, the critical ones first;
-the rest raise one ``alert_cap`` meta-alert naming how many were held back. A rule whose
-query returns as many rows as it may read says so (``capped`` in the run's report, a
-warning in the log, ``recon_rows_capped_total{rule}``): its findings that run are partial.
+Each finding is a fingerprinted alert (:class:`orchestrator.store.recon.Finding`): the same
+finding seen again updates its alert. At most ``max_new_alerts`` new alerts per run, the
+critical ones first; the rest raise one ``alert_cap`` meta-alert naming how many were held
+back. A rule whose query returns as many rows as it may read says so (``capped`` in the
+run's report, a warning in the log, ``recon_rows_capped_total{rule}``): its findings that
+run are partial.
 
 Money safety: a run reads the engine's tables, cascade-core's read-only operation endpoint and
 the providers' status endpoints (GET), and writes only the alert tables. It never changes a
-withdrawal, a task or a balance.
+withdrawal, a task or a balance: a return seen only by its poll raises the alert and leaves
+the state change to the engine's verified webhook.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ RULES = (
     "ledger_parity",
     "provider_parity",
     "notification",
+    "return",
     "alert_cap",
 )
 ALERT_STATES = ("open", "acknowledged", "resolved", "accepted")
@@ -296,6 +304,7 @@ class Reconciler:
             *await self.ledger_parity(conn, now, since, report),
             *await self.provider_parity(conn, now, since, report),
             *await self.notifications(conn, now, report),
+            *await self.returns(conn, window, report),
         ]
         report.per_rule = dict(Counter(f.rule for f in findings))
         report.detections = len(findings)
@@ -495,6 +504,11 @@ class Reconciler:
                 report.provider_unreachable += 1  # proves nothing: asked again later
                 continue
             report.provider_checked += 1
+            if check.state == "SUCCEEDED" and answer.status == "returned":
+                # Rule 6 from the poll's evidence: the webhook that moves the task to
+                # RETURNED may be lost; finance must hear of the return all the same.
+                findings.append(_return_from_poll(check, answer.code, now))
+                continue
             severity = provider_disagreement(check.state, answer.status)
             if severity is not None:
                 findings.append(_provider_finding(check, answer.status, severity, now))
@@ -528,6 +542,14 @@ class Reconciler:
             for r in rows
         ]
 
+    async def returns(self, conn: Connection, window: datetime, report: RunReport) -> list[Finding]:
+        """Rule 6: every attempt its provider reported returned after paying it (RETURNED):
+        finance must settle it by hand (cascade-core has no reversal, the public status
+        stays succeeded)."""
+        rows = await store.returned_attempts(conn, window, limit=_ROWS_PER_RULE)
+        self._capped("return", len(rows), _ROWS_PER_RULE, report)
+        return [_return_finding(r) for r in rows]
+
 
 async def _unlock(conn: Connection) -> None:
     """Release the run's session lock before the connection goes back to the pool (which
@@ -548,15 +570,22 @@ _NOT_PAID = frozenset({"FAILED", "CANCELLED", "SKIPPED"})
 # may be wrong (paid on one side only, or a payout still possible after we gave up); a
 # warning where we merely wait for an outcome the provider already has.
 _PAID_HERE_ONLY = {"failed": "critical", "cancelled": "critical", "absent": "critical"}
+# SUCCEEDED against "returned" is not in the table: it is rule 6's (a ``return`` alert).
 PROVIDER_DISAGREEMENTS: dict[str, dict[str, str]] = {
     "SUCCEEDED": {**_PAID_HERE_ONLY, "pending": "warning"},
-    **{state: {"succeeded": "critical", "pending": "critical"} for state in _NOT_PAID},
+    # The provider took its return back (paid again): we only lag behind it.
+    "RETURNED": {**_PAID_HERE_ONLY, "pending": "critical", "succeeded": "warning"},
+    **{
+        state: {"succeeded": "critical", "pending": "critical", "returned": "critical"}
+        for state in _NOT_PAID
+    },
     **{
         state: {
             "succeeded": "warning",
             "failed": "warning",
             "cancelled": "warning",
             "absent": "warning",
+            "returned": "warning",
         }
         for state in _WAITING
     },
@@ -589,6 +618,71 @@ def _provider_finding(
         withdrawal_id=check.withdrawal_id or None,
         task_id=check.task_id,
         reopens=True,
+    )
+
+
+def _return_finding(r: Mapping[str, Any]) -> Finding:
+    """Rule 6's alert for a RETURNED attempt, with the audit row that recorded the return."""
+    task_id = r["task_id"]
+    audit = None
+    if r["event_id"] is not None:
+        audit = {
+            "event_id": r["event_id"],
+            "event": r["event"],
+            "actor": r["actor"],
+            "trace_id": r["trace_id"],
+            "details": r["details"],
+            "at": r["event_at"].isoformat(),
+        }
+    amount = f"{r['amount']:.2f}"
+    currency = r["currency"].strip()
+    return Finding(
+        fingerprint=f"return:{task_id}",
+        rule="return",
+        severity="critical",
+        summary=f"{r['provider_id']} returned the payout of {r['withdrawal_id']}"
+        f" ({amount} {currency}, order {r['provider_order_id']},"
+        f" code {r['provider_code'] or '(none)'}): settle it by hand at cascade-core",
+        evidence={
+            "source": "recorded",
+            "provider_id": r["provider_id"],
+            "order_id": r["provider_order_id"],
+            "reference": r["provider_reference"],
+            "return_code": r["provider_code"],
+            "returned_at": r["state_entered_at"].isoformat(),
+            "amount": amount,
+            "currency": currency,
+            "our_state": "RETURNED",
+            "audit": audit,
+        },
+        withdrawal_id=r["withdrawal_id"],
+        task_id=task_id,
+    )
+
+
+def _return_from_poll(check: store.ProviderCheck, code: str | None, at: datetime) -> Finding:
+    """Rule 6's alert from a status poll: the provider reports returned an attempt we still
+    have SUCCEEDED (its webhook has not moved it, or was lost). The same alert as the
+    recorded return's, which updates it once the task is RETURNED."""
+    return Finding(
+        fingerprint=f"return:{check.task_id}",
+        rule="return",
+        severity="critical",
+        summary=f"{check.provider_id} reports order {check.provider_order_id} returned"
+        f" (code {code or '(none)'}); we have it SUCCEEDED: settle it by hand at cascade-core",
+        evidence={
+            "source": "provider_status",
+            "checked_at": at.isoformat(),
+            "provider_id": check.provider_id,
+            "order_id": check.provider_order_id,
+            "reference": check.provider_reference,
+            "return_code": code,
+            "provider_status": "returned",
+            "our_state": check.state,
+            "succeeded_at": check.since.isoformat(),
+        },
+        withdrawal_id=check.withdrawal_id or None,
+        task_id=check.task_id,
     )
 
 

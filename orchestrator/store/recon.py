@@ -21,8 +21,8 @@ from orchestrator.store import Connection
 # transaction stays open across its HTTP calls). The server releases it if the connection
 # drops; the runner unlocks it, or terminates the connection, before handing it back.
 RECON_LOCK_KEY = 0x7265636F6E  # "recon"
-# The states of an attempt that was paid out.
-PAID_STATES = ("SUCCEEDED",)
+# The states of an attempt that was paid out (a returned one was paid first).
+PAID_STATES = ("SUCCEEDED", "RETURNED")
 
 
 async def try_lock(conn: Connection) -> bool:
@@ -212,6 +212,7 @@ class ProviderCheck:
     provider_order_id: str
     state: str
     since: datetime
+    provider_reference: str | None = None
 
 
 async def provider_checks(
@@ -222,12 +223,14 @@ async def provider_checks(
     MANUAL_CHECK) since before ``in_flight_before`` (the oldest first); each part at most
     ``limit``."""
     rows = await conn.fetch(
-        "(SELECT task_id, queue_id, provider_id, provider_order_id, state, state_entered_at"
+        "(SELECT task_id, queue_id, provider_id, provider_order_id, provider_reference, state,"
+        "  state_entered_at"
         "  FROM order_tasks WHERE freeze_state IN ('committed', 'rolled_back')"
         "  AND state_entered_at >= $1 AND provider_reference IS NOT NULL"
         "  ORDER BY state_entered_at DESC LIMIT $3)"
         " UNION ALL"
-        " (SELECT task_id, queue_id, provider_id, provider_order_id, state, state_entered_at"
+        " (SELECT task_id, queue_id, provider_id, provider_order_id, provider_reference, state,"
+        "  state_entered_at"
         "  FROM order_tasks WHERE freeze_state = 'frozen'"
         "  AND state IN ('EXECUTING', 'MANUAL_CHECK') AND state_entered_at < $2"
         "  ORDER BY state_entered_at LIMIT $3)",
@@ -250,9 +253,38 @@ async def provider_checks(
             provider_order_id=r["provider_order_id"],
             state=r["state"],
             since=r["state_entered_at"],
+            provider_reference=r["provider_reference"],
         )
         for r in rows
     ]
+
+
+async def returned_attempts(
+    conn: Connection, since: datetime, *, limit: int
+) -> list[dict[str, Any]]:
+    """Attempts that became RETURNED since ``since`` (the oldest first, at most ``limit``),
+    with their withdrawal, amount and the audit row of the return."""
+    # Returns are rare: the state index finds them; the lookups per row are index probes.
+    rows = await conn.fetch(
+        "SELECT t.task_id, t.provider_id, t.provider_order_id, t.provider_reference,"
+        " t.provider_code, t.state_entered_at, q.withdrawal_id, w.amount, w.currency,"
+        " e.event_id, e.event, e.actor, e.trace_id, e.details, e.created_at AS event_at"
+        " FROM (SELECT task_id, queue_id, provider_id, provider_order_id, provider_reference,"
+        "   provider_code, state_entered_at FROM order_tasks"
+        "   WHERE state = 'RETURNED' AND state_entered_at >= $1"
+        "   ORDER BY state_entered_at LIMIT $2) t"
+        " CROSS JOIN LATERAL (SELECT withdrawal_id FROM order_queues"
+        "   WHERE queue_id = t.queue_id LIMIT 1) q"
+        " CROSS JOIN LATERAL (SELECT amount, currency FROM withdrawals"
+        "   WHERE withdrawal_id = q.withdrawal_id LIMIT 1) w"
+        " LEFT JOIN LATERAL (SELECT event_id, event, actor, trace_id, details, created_at"
+        "   FROM order_task_events WHERE task_id = t.task_id AND to_state = 'RETURNED'"
+        "   ORDER BY event_id DESC LIMIT 1) e ON true"
+        " ORDER BY t.state_entered_at",
+        since,
+        limit,
+    )
+    return [dict(r) for r in rows]
 
 
 async def unacknowledged_notifications(

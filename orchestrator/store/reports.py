@@ -68,6 +68,8 @@ _COHORT_COUNTS = f"""{_BASE}SELECT cohort, routing_reason AS reason,{_OUTCOME_CO
             AND NOT (t.state = $10 AND t.provider_reference IS NULL
                      AND t.outcome IS NULL)))
            FILTER (WHERE state <> $7), 0)::bigint AS attempts,
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM order_tasks t
+            WHERE t.queue_id = base.queue_id AND t.state = $11)) AS returned,
        min(created_at) AS first_created, max(created_at) AS last_created
 FROM base
 GROUP BY cohort, routing_reason
@@ -112,8 +114,9 @@ def _values(states: Iterable[QueueState | TaskState]) -> list[str]:
 
 async def cohort_counts(conn: Connection, window: Window) -> list[asyncpg.Record]:
     """Per cohort and routing reason: created, succeeded, failed, cancelled, processing,
-    manual-checked withdrawals, provider attempts of the finished ones, and the first and
-    last ``created_at``."""
+    manual-checked withdrawals, provider attempts of the finished ones, succeeded ones whose
+    payout the provider returned since (``returned``, counted among ``succeeded``), and the
+    first and last ``created_at``."""
     rows: list[asyncpg.Record] = await conn.fetch(
         _COHORT_COUNTS,
         *window.args(),
@@ -121,6 +124,7 @@ async def cohort_counts(conn: Connection, window: Window) -> list[asyncpg.Record
         TaskState.MANUAL_CHECK.value,
         _values(_NEVER_TRIED),
         TaskState.SKIPPED.value,
+        TaskState.RETURNED.value,
     )
     return rows
 

@@ -411,3 +411,123 @@ async def test_a_rule_that_hits_its_row_cap_says_so(
     monkeypatch.setattr(reconciliation, "_SUCCESSES_PER_RUN", 20_000)
     report = await _run(stack, _reconciler(stack, ledger_budget=0))
     assert (report.capped, report.per_rule) == ([], {"double_success": 1})
+
+
+# --- returns after success ------------------------------------------------------------------
+
+
+async def _returned_count(cohort: str) -> float:
+    return REGISTRY.get_sample_value("withdrawals_returned_total", {"cohort": cohort}) or 0.0
+
+
+async def _cohort_of(stack: Stack, wid: str) -> str:
+    async with stack.runtime.pool.acquire() as conn:
+        cohort: str = await conn.fetchval(
+            "SELECT cohort FROM withdrawals WHERE withdrawal_id = $1", wid
+        )
+    return cohort
+
+
+async def _return(stack: Stack, reference: str, **body: str) -> dict[str, Any]:
+    answer = await stack.client.post(
+        f"/sandbox/providers/sbx_ok/orders/{reference}/status",
+        json={"status": "returned", **body},
+    )
+    assert answer.status_code == 200, answer.text
+    moved: dict[str, Any] = answer.json()
+    return moved
+
+
+async def _task_in(stack: Stack, wid: str, state: str) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        task = (await _tasks(stack, wid))[0]
+        return task if task["state"] == state else None
+
+    return await wait_until(reached, timeout=20, what=f"the attempt of {wid} to be {state}")
+
+
+async def test_a_paid_order_returned_is_recorded_counted_and_raised(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    wid, final = await _final(stack, ["sbx_ok"])
+    await _final(stack, ["sbx_ok"])  # a success that stays one
+    assert final["status"] == "succeeded"
+    task = (await _tasks(stack, wid))[0]
+    cohort = await _cohort_of(stack, wid)
+    counted = await _returned_count(cohort)
+
+    moved = await _return(stack, task["provider_reference"])
+    assert (moved["order"]["status"], moved["order"]["code"]) == ("returned", "R01")
+    assert 200 <= moved["webhook_status"] < 300, moved
+    returned = await _task_in(stack, wid, "RETURNED")
+
+    # The frozen public API knows no return: the withdrawal still reads succeeded.
+    public = await stack.client.get(f"/v1/withdrawals/{wid}", headers=stack.headers)
+    assert public.status_code == 200, public.text
+    assert (public.json()["status"], public.json()["provider_reference"]) == (
+        "succeeded",
+        task["provider_reference"],
+    )
+    assert returned["provider_code"] == "R01"
+    assert await _returned_count(cohort) == counted + 1
+    # No balance call: cascade-core still has the operation committed.
+    assert (await stack.ledger())["operations"][task["task_id"]] == "committed"
+
+    report = await _run(stack, _reconciler(stack, ask_providers=True, ledger_budget=0))
+    assert report.per_rule == {"return": 1}, report.as_dict()
+    (alert,) = await _alerts(stack)
+    assert (alert["rule"], alert["severity"], alert["withdrawal_id"]) == ("return", "critical", wid)
+    evidence = alert["evidence"]
+    assert (evidence["source"], evidence["return_code"], evidence["reference"]) == (
+        "recorded",
+        "R01",
+        task["provider_reference"],
+    )
+    assert evidence["audit"]["event"] == "webhook.returned"
+    assert evidence["audit"]["actor"] == "provider:sbx_ok"
+
+    cohorts = await stack.client.get("/ops/cohorts", headers=OPS)
+    assert cohorts.status_code == 200, cohorts.text
+    mine = cohorts.json()["cohorts"][cohort]
+    assert (mine["succeeded"], mine["returned"]) == (2, 1)
+    assert (mine["success_rate"], mine["net_success_rate"]) == (1.0, 0.5)
+
+
+async def test_a_return_seen_only_by_the_status_poll_is_raised_then_recorded(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack()
+    wid, _ = await _final(stack, ["sbx_ok"])
+    task = (await _tasks(stack, wid))[0]
+    await _provider_says(stack, task["provider_reference"], "returned")  # its webhook lost
+
+    report = await _run(stack, _reconciler(stack, ask_providers=True, ledger_budget=0))
+    assert report.per_rule == {"return": 1}, report.as_dict()
+    (alert,) = await _alerts(stack)
+    assert alert["evidence"]["source"] == "provider_status"
+    assert alert["evidence"]["our_state"] == "SUCCEEDED"  # a run changes nothing (_run)
+
+    await _return(stack, task["provider_reference"], code="R02")  # the webhook, at last
+    await _task_in(stack, wid, "RETURNED")
+    await _run(stack, _reconciler(stack, ask_providers=True, ledger_budget=0))
+    (again,) = await _alerts(stack)
+    assert (again["alert_id"], again["detections"]) == (alert["alert_id"], 2)
+    assert again["evidence"]["source"] == "provider_status", "the first evidence is frozen"
+    assert (again["last_evidence"]["source"], again["last_evidence"]["return_code"]) == (
+        "recorded",
+        "R02",
+    )
+
+
+async def test_only_a_paid_order_can_be_returned(make_stack: StackFactory) -> None:
+    stack = await make_stack()
+    wid, _ = await _final(stack, ["sbx_accept_fail"])
+    task = (await _tasks(stack, wid))[0]
+    answer = await stack.client.post(
+        f"/sandbox/providers/sbx_accept_fail/orders/{task['provider_reference']}/status",
+        json={"status": "returned"},
+    )
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "not_paid"
+    assert (await _tasks(stack, wid))[0]["state"] == "FAILED"

@@ -52,6 +52,13 @@ def test_the_lifecycle_moves_forward_only_and_ends_in_resolved_or_accepted() -> 
         ("EXECUTING", "pending", None),
         ("EXECUTING", "succeeded", "warning"),
         ("MANUAL_CHECK", "failed", "warning"),
+        # A return of a SUCCEEDED attempt is rule 6's (a return alert), not a disagreement.
+        ("SUCCEEDED", "returned", None),
+        ("RETURNED", "returned", None),
+        ("RETURNED", "succeeded", "warning"),
+        ("RETURNED", "absent", "critical"),
+        ("FAILED", "returned", "critical"),  # paid (then returned) while we rolled back
+        ("EXECUTING", "returned", "warning"),
     ],
 )
 def test_provider_disagreements(ours: str, theirs: str, severity: str | None) -> None:
