@@ -111,6 +111,14 @@ _TABLES = (
         name text PRIMARY KEY,
         started_at double precision NOT NULL
     )""",
+    # Creates each sbx_rate_limited order got so far (sandbox.providers): shared by every
+    # process, so a decline count outlives a restart.
+    """CREATE TABLE IF NOT EXISTS {s}.create_tries (
+        provider_id text NOT NULL,
+        order_id text NOT NULL,
+        tries integer NOT NULL,
+        PRIMARY KEY (provider_id, order_id)
+    )""",
     """CREATE TABLE IF NOT EXISTS {s}.provider_requests (
         provider_id text NOT NULL,
         kind text NOT NULL,

@@ -18,6 +18,10 @@ Webhooks are signed with the provider's first configured secret and delivered to
 provider does: a few attempts with exponential backoff on connection errors, timeouts, 429 and
 5xx, keeping the same ``webhook-id`` for every attempt of one event.
 
+``sbx_rate_limited`` declines the first :data:`RATE_LIMITED_DECLINES` creates of each order id
+with ``422 {"code": "rate_limited"}`` (no order is kept), then accepts it as ``sbx_ok`` does:
+the provider of a same-provider retry (the error table's ``retry``).
+
 ``sbx_flaky`` decides each create in two independent draws:
 
 - *was the order created?* — the next queued outcome from ``POST .../script`` if any, otherwise
@@ -76,6 +80,7 @@ Behaviour = Literal[
     "sbx_silent",
     "sbx_flaky",
     "sbx_no_funds",
+    "sbx_rate_limited",
     "sbx_scn",
 ]
 BEHAVIOURS: tuple[Behaviour, ...] = (
@@ -86,11 +91,16 @@ BEHAVIOURS: tuple[Behaviour, ...] = (
     "sbx_silent",
     "sbx_flaky",
     "sbx_no_funds",
+    "sbx_rate_limited",
 )
-CANCELLABLE: frozenset[str] = frozenset({"sbx_ok", "sbx_silent", "sbx_accept_fail"})
+CANCELLABLE: frozenset[str] = frozenset(
+    {"sbx_ok", "sbx_silent", "sbx_accept_fail", "sbx_rate_limited"}
+)
 ALIASES: Mapping[str, Behaviour] = {"sbx_a": "sbx_ok", "sbx_b": "sbx_ok"}
 """Plain providers under neutral names, behaving like ``sbx_ok``: a pair whose only difference
 is what a test or bench does to one of them (an outage of ``sbx_a`` in ``[sbx_a, sbx_b]``)."""
+RATE_LIMITED_DECLINES = 2
+"""How many creates of one order ``sbx_rate_limited`` declines before it accepts one."""
 FlakyOutcome = Literal["created", "absent"]
 FlakyError = Literal["503", "timeout"]
 
@@ -565,6 +575,14 @@ class ProviderSimulator:
                 then = _Scheduled("succeeded", None, self.webhook_delay_seconds)
                 order = await self._open(provider_id, request, "pending", then)
                 return _order_response(201, order)
+            case "sbx_rate_limited":
+                if await self._create_try(provider_id, request.order_id) <= RATE_LIMITED_DECLINES:
+                    # No order is kept: the decline is definitive, and GET must answer 404.
+                    decline = ProviderDecline(code="rate_limited", message="too many requests")
+                    return json_response(422, decline)
+                then = _Scheduled("succeeded", None, self.webhook_delay_seconds)
+                order = await self._open(provider_id, request, "pending", then)
+                return _order_response(201, order)
             case "sbx_accept_fail":
                 then = _Scheduled("failed", "declined", self.fail_delay_seconds)
                 order = await self._open(provider_id, request, "pending", then)
@@ -586,6 +604,18 @@ class ProviderSimulator:
                 return error_response(503, "unavailable", "sandbox provider unavailable")
             case "sbx_scn":
                 return await self._scenario_create(provider_id, request)
+
+    async def _create_try(self, provider_id: str, order_id: str) -> int:
+        """Count a create of ``order_id`` (a replay of an accepted one is answered before
+        this); returns which try it is, from 1."""
+        tries: int = await self.db.pool.fetchval(
+            "INSERT INTO create_tries (provider_id, order_id, tries) VALUES ($1, $2, 1)"
+            " ON CONFLICT (provider_id, order_id) DO UPDATE"
+            " SET tries = create_tries.tries + 1 RETURNING tries",
+            provider_id,
+            order_id,
+        )
+        return tries
 
     async def _scenario_create(self, provider_id: str, request: CreateOrder) -> Response[bytes]:
         """A create on an ``sbx_scn_<name>`` provider, decided by :func:`draw_attempt`.

@@ -32,6 +32,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from contracts.provider import ProviderWebhook
 from contracts.providers_file import ProviderConfig, load_providers
 from contracts.signatures import SignatureError, verify
+from sandbox.providers import RATE_LIMITED_DECLINES
 from sandbox.routes import Sandbox, SandboxConfig
 from tests.conftest import sandbox_schema
 from tests.waiting import wait_until
@@ -372,6 +373,31 @@ async def test_decline_is_422_and_leaves_no_order(h: Harness) -> None:
     assert again.status_code == 422
     assert await h.sandbox.providers.pending_webhooks() == 0
     assert h.receiver.deliveries == []
+
+
+async def test_rate_limited_declines_an_orders_first_creates_then_accepts_it(h: Harness) -> None:
+    order_id = f"cg-rl-{uuid.uuid4().hex[:8]}"
+    for _ in range(RATE_LIMITED_DECLINES):
+        declined = await h.create("sbx_rate_limited", order_id)
+        assert declined.status_code == 422
+        assert declined.json()["code"] == "rate_limited"
+        assert (await h.status_of("sbx_rate_limited", order_id)).status_code == 404
+    # Counted per order: another order is declined from its own first create.
+    assert (await h.create("sbx_rate_limited")).status_code == 422
+
+    created = await h.create("sbx_rate_limited", order_id)
+
+    assert created.status_code == 201
+    assert created.json()["status"] == "pending"
+    replayed = await h.create("sbx_rate_limited", order_id)
+    assert (replayed.status_code, replayed.json()["reference"]) == (
+        200,
+        created.json()["reference"],
+    )
+    [delivery] = await wait_until(
+        lambda: h.receiver.for_order(order_id), timeout=5, what=f"the webhook for {order_id}"
+    )
+    assert (delivery.verified, delivery.body.status) == (True, "succeeded")
 
 
 async def test_accept_fail_accepts_then_sends_a_declined_failure(h: Harness) -> None:
