@@ -195,3 +195,15 @@ def test_a_provider_without_webhooks_needs_no_secrets() -> None:
     assert loaded.providers["psp_a"].webhooks is False
     with pytest.raises(ProvidersFileError, match="remove one of the two"):
         load_providers(provider_file(webhooks=False), {})
+
+
+def test_the_readmes_providers_file_example_loads_as_it_says() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### The providers file (`PROVIDERS_FILE`)", 1)[1]
+    example = section.split("```json\n", 1)[1].split("```", 1)[0]
+    config = load_providers(example.encode(), {}).providers["acme_pay"]
+    policy = config.retry_for("rate_limited")
+    assert policy is not None
+    # "tried 5 times in all, 5 s, 10 s, 20 s and 40 s apart, then the next provider"
+    assert [policy.delay(n) for n in range(policy.max_attempts - 1)] == [5, 10, 20, 40]
+    assert policy.then == "next_provider"
