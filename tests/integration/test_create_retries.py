@@ -8,6 +8,8 @@ the order; a cancel while the retry waits ends the attempt at once.
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from sandbox.providers import RATE_LIMITED_DECLINES
@@ -125,3 +127,43 @@ async def test_a_cancel_while_a_retry_waits_cancels_without_another_create(
     events = [e["event"] for e in await task_events(stack, first["task_id"])]
     assert events == ["task.created", "start", "create.declined.retry", "cancel.retry_dropped"]
     assert await _creates_answered(stack) == {"422": 1}
+
+
+async def _retry_schedules(stack: Stack, task_id: uuid.UUID) -> int:
+    """The task's pending retry timers at the broker."""
+    names = stack.runtime.relay.names
+    subject = names.schedule_subject(task_id, "retry")
+    info = await stack.runtime.js.stream_info(names.stream, subjects_filter=subject)
+    return (info.state.subjects or {}).get(subject, 0)
+
+
+async def test_a_lost_retry_timer_is_fired_by_the_sweeper(make_stack: StackFactory) -> None:
+    """The broker loses the retry's schedule before it is due: the Postgres sweeper fires it
+    (once: a task waiting on a timer is not a stranded one to restart)."""
+    stack = await make_stack(providers=_providers(base_delay_seconds=3))
+    withdrawal_id = await _create(stack, [PROVIDER])
+    task = await wait_task_state(stack, withdrawal_id, 0, "CREATING")
+    await wait_until(
+        lambda: _retry_schedules(stack, task["task_id"]),
+        done=lambda pending: pending == 1,
+        timeout=15,
+        what="the first retry's schedule",
+    )
+    names = stack.runtime.relay.names
+    await stack.runtime.js.purge_stream(
+        names.stream, subject=names.schedule_subject(task["task_id"], "retry")
+    )
+    assert await _retry_schedules(stack, task["task_id"]) == 0
+    lost = (await tasks_of(stack, withdrawal_id))[0]
+    assert (lost["state"], lost["timer_kind"], lost["create_retries"]) == ("CREATING", "retry", 1)
+    assert lost["timer_due_at"] > datetime.now(UTC), "the retry fired before it was purged"
+
+    final = await stack.wait_final(withdrawal_id, timeout=30)
+
+    assert final["status"] == "succeeded"
+    await assert_settled(stack, {withdrawal_id: "succeeded"})
+    events = await task_events(stack, task["task_id"])
+    fired = [e for e in events if e["event"] == "timer.retry"]
+    assert len(fired) == RATE_LIMITED_DECLINES, events
+    assert fired[0]["created_at"] >= lost["timer_due_at"]
+    assert "start.resume" not in [e["event"] for e in events]
