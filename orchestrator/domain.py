@@ -43,7 +43,7 @@ import enum
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from msgspec import UNSET, UnsetType
@@ -1186,7 +1186,7 @@ def plan_start(
     - the last one admitted: each passed-over task keeps an audit row saying why, and the
       admitted one enters CREATING (its calls follow in a transaction of their own);
     - the last one waits for a limit: the queue waits on its first pending task's hold timer
-      until the slot is due;
+      until the slot is due, however long that takes (a limit never fails an attempt);
     - all passed over: the queue holds, on the same timer, until the earliest provider may
       have recovered, at the latest until ``hold_until``.
     Every wait is one audit row on the first pending task, naming what it waits for.
@@ -1211,11 +1211,19 @@ def plan_start(
             ),
         )
         return settling.result(), chosen
-    waits = gates if gate.verdict == "pass_over" else [(last, gate)]
-    due = min([hold_until, *(g.retry_at for _, g in waits if g.retry_at is not None)])
+    if gate.verdict == "pass_over":
+        # Until the first provider may have recovered, at the latest until the hold ends;
+        # never sooner than a second on (a hold is not a loop).
+        retries = [g.retry_at for _, g in gates if g.retry_at is not None]
+        due = max(min([hold_until, *retries]), now + _MIN_WAIT)
+    else:
+        # A limit never ends a wait: it lasts until the slot (hold_seconds do not apply).
+        due = max(gate.retry_at or now, now)
     step = Step(
         event="start.held" if gate.verdict == "pass_over" else "start.waiting",
-        timer=Timer(kind="hold", due_at=max(due, now), attempt=0),
+        # The generation is the task's version: each arming is fired again by the sweeper
+        # should it be lost, not taken for a duplicate of the one before.
+        timer=Timer(kind="hold", due_at=due, attempt=first.version),
         details={
             "until": due.isoformat(),
             "providers": [_gate_details(task, g) for task, g in gates],
@@ -1223,6 +1231,9 @@ def plan_start(
     )
     settling.task(first, step)
     return settling.result(), None
+
+
+_MIN_WAIT = timedelta(seconds=1)
 
 
 def _passed_over(task: OrderTask, gate: Gate) -> Step:
@@ -1349,7 +1360,8 @@ class _Settling:
                 self.task(t, _cancelled("queue.cancelled"))
             self._finish(QueueState.CANCELLED, "cancelled", skip=[])
         elif queue.stop_requested or not pending:
-            last = next((t for t in reversed(tasks) if t.outcome is not None), None)
+            # The last attempt made: provider health may have made them out of cascade order.
+            last = next((t for t in reversed(in_attempt_order(tasks)) if t.outcome), None)
             code: Outcome = last.outcome if last and last.outcome else "provider_error"
             final = QueueState.CANCELLED if code == "cancelled" else QueueState.FAILED
             self._finish(final, code, skip=pending)
@@ -1458,6 +1470,16 @@ def _attempted(task: OrderTask) -> bool:
     )
 
 
+def in_attempt_order(tasks: Sequence[OrderTask]) -> list[OrderTask]:
+    """Tasks in the order their attempts were made: by when each entered its current state
+    (for a final one, when it ended), then by cascade position. The same as cascade order
+    unless provider health passed a provider over and came back to it."""
+    return sorted(tasks, key=lambda t: (t.state_entered_at or _LONG_AGO, t.position))
+
+
+_LONG_AGO = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def public_state(queue: OrderQueue) -> PublicState:
     """The only mapping from internal states to the legacy API's four statuses.
 
@@ -1468,8 +1490,9 @@ def public_state(queue: OrderQueue) -> PublicState:
     # A returned payout still shows: the public status stays succeeded (README, *Returns*).
     shown = next((t for t in tasks if t.state in (T.SUCCEEDED, T.RETURNED)), None)
     if shown is None:
-        started = [t for t in tasks if t.state != T.PENDING and t.provider_reference is not None]
-        touched = [t for t in tasks if t.state != T.PENDING and _attempted(t)]
+        ordered = in_attempt_order(tasks)
+        started = [t for t in ordered if t.state != T.PENDING and t.provider_reference is not None]
+        touched = [t for t in ordered if t.state != T.PENDING and _attempted(t)]
         shown = (started or touched or list(tasks[:1]))[-1]
     reference = shown.provider_reference
     if queue.state == QueueState.ACTIVE:

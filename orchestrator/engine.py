@@ -70,6 +70,7 @@ from orchestrator.domain import (
     public_state,
     request_cancel,
     settle,
+    turn_began,
     wants_start,
 )
 from orchestrator.faults import fault_point
@@ -386,7 +387,11 @@ class Engine:
             seen = StartSeen(queue_version=queue.version, task_version=task.version)
         start = TaskMessage(task_id=task.task_id, queue_id=queue.queue_id, seen=seen)
         payload = msgspec.json.encode(start)
-        headers = {"Nats-Msg-Id": f"start-{task.task_id.hex}", **bus.trace_headers(trace_id)}
+        # One id per publication (the task's version): the outbox relay's re-send of the same
+        # row is absorbed, while a task started again after being passed over is not taken
+        # for a duplicate of its first start.
+        message_id = f"start-{task.task_id.hex}-{task.version}"
+        headers = {"Nats-Msg-Id": message_id, **bus.trace_headers(trace_id)}
         return store.NewMessage(self.names.subject(bus.TASK_START), payload, headers)
 
     # --- the loop ----------------------------------------------------------------------
@@ -461,7 +466,7 @@ class Engine:
         returns the task that entered CREATING and the event that makes its calls."""
         queue, now = handling.queue, self.clock()
         hold_until = hold_deadline(queue, config, now)
-        gates = await self._gates(handling.uow, queue, first, now, held_over=now >= hold_until)
+        gates = await self._gates(handling.uow, queue, first, now, hold_until)
         transition, chosen = plan_start(queue, gates, now, hold_until)
         self._add(handling, transition)
         if chosen is None:
@@ -474,21 +479,21 @@ class Engine:
         queue: OrderQueue,
         first: OrderTask,
         now: datetime,
-        *,
-        held_over: bool,
+        hold_until: datetime,
     ) -> list[tuple[OrderTask, Gate]]:
         """Each pending task in cascade order, gated, up to the first not passed over. Once
-        the queue has waited its ``hold_seconds`` (``held_over``), the first one's breaker
-        no longer stops it."""
+        the queue has waited until ``hold_until``, the first one's breaker no longer stops
+        it."""
         gates: list[tuple[OrderTask, Gate]] = []
+        since = turn_began(queue) or now
         for task in (t for t in queue.tasks if t.state == TaskState.PENDING):
             task_config = self.configs.get(task.provider_id)
-            ignore_breaker = held_over and task is first
+            ignore_breaker = now >= hold_until and task is first
             if task_config is None:
                 gate = Gate(verdict="pass_over", reason="provider_not_configured")
             else:
                 gate = await self.health.gate(
-                    uow, task, task_config, now, breaker=not ignore_breaker
+                    uow, task, task_config, now, waiting_since=since, breaker=not ignore_breaker
                 )
             overridden = ignore_breaker and not self.health.closed(task.provider_id)
             if overridden and gate.verdict == "admit":

@@ -66,9 +66,9 @@ class UnitOfWork(Protocol):
     # Provider health's fleet-wide limits, taken in this transaction: a start that rolls
     # back gives them back (orchestrator.provider_health).
 
-    async def in_flight(self, provider_id: str) -> int:
-        """The provider's attempts being created or rechecked, locked against other starts
-        at the provider until this transaction ends."""
+    async def in_flight(self, provider_id: str, *, lock: bool = True) -> int:
+        """The provider's attempts being created or rechecked; ``lock``: counted under the
+        provider's lock, held against other starts there until this transaction ends."""
         ...
 
     async def take_rate(

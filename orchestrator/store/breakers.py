@@ -168,14 +168,15 @@ async def take_rate(
     return max(float(row["wait"]), 0.0)
 
 
-async def in_flight(conn: Connection, provider_id: str) -> int:
-    """The provider's attempts being created or rechecked, counted under a transaction lock
-    of the provider's that the caller's start holds until it commits: no two starts decide
-    on the same count."""
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('cascade.in_flight.' || $1, 0))",
-        provider_id,
-    )
+async def in_flight(conn: Connection, provider_id: str, *, lock: bool = True) -> int:
+    """The provider's attempts being created or rechecked; ``lock``: counted under a
+    transaction lock of the provider's that the caller's start holds until it commits, so
+    no two starts decide on the same count (without it: a glance, deciding nothing)."""
+    if lock:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('cascade.in_flight.' || $1, 0))",
+            provider_id,
+        )
     # A statement of its own: its snapshot is taken after the lock is held.
     count = await conn.fetchval(
         "SELECT count(*) FROM order_tasks WHERE provider_id = $1 AND state = ANY($2::text[])",

@@ -84,8 +84,8 @@ class PostgresUnitOfWork:
         records = await store.load_queues(self.conn, queue_ids, lock=True, skip_locked=True)
         return {queue_id: record.queue for queue_id, record in records.items()}
 
-    async def in_flight(self, provider_id: str) -> int:
-        return await breakers.in_flight(self.conn, provider_id)
+    async def in_flight(self, provider_id: str, *, lock: bool = True) -> int:
+        return await breakers.in_flight(self.conn, provider_id, lock=lock)
 
     async def take_rate(
         self, provider_id: str, per_second: float, burst: int, now: datetime, horizon: float

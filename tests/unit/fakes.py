@@ -495,7 +495,7 @@ class FakeUnitOfWork:
         self._check_open()
         self._messages.append(message)
 
-    async def in_flight(self, provider_id: str) -> int:
+    async def in_flight(self, provider_id: str, *, lock: bool = True) -> int:
         """Committed attempts of the provider in CREATING or RECHECKING."""
         self._check_open()
         return sum(

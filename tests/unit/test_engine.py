@@ -242,7 +242,7 @@ class Harness:
         for message in self.store.published:
             if message.subject == NAMES.subject(bus.TASK_START):
                 payload = _task_message(message.payload)
-                assert message.headers["Nats-Msg-Id"] == f"start-{payload.task_id.hex}"
+                assert message.headers["Nats-Msg-Id"].startswith(f"start-{payload.task_id.hex}-")
                 started.append(payload.task_id)
         return started
 
@@ -532,10 +532,11 @@ async def decline_rolls_back_and_starts_the_next_provider(h: Harness) -> None:
     )
     assert h.core.holds[str(t0.task_id)].settlements == ["rollback"]
     assert h.events(t0) == ["start", "create.declined", "task.skipped"]
-    # The next attempt is started through the outbox, deduplicated per task by the broker.
+    # The next attempt is started through the outbox, deduplicated per task and version by
+    # the broker.
     assert h.starts() == [q.tasks[1].task_id]
     start = h.store.published[0]
-    assert start.headers["Nats-Msg-Id"] == f"start-{q.tasks[1].task_id.hex}"
+    assert start.headers["Nats-Msg-Id"] == f"start-{q.tasks[1].task_id.hex}-1"
     assert "traceparent" in start.headers
 
     h.providers.on_create("p_b", paid())

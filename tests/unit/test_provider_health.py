@@ -15,7 +15,7 @@ import pytest
 
 from contracts.providers_file import BreakerPolicy, ProviderConfig, RateLimit
 from orchestrator.breaker import Breaker
-from orchestrator.domain import Ambiguous, Declined, OrderQueue
+from orchestrator.domain import Ambiguous, Declined, OrderQueue, ProviderAnswer, public_state
 from orchestrator.engine import Engine
 from orchestrator.outbox import OutboxRelay
 from tests.unit.fakes import (
@@ -252,3 +252,80 @@ def test_breaker_policy_defaults_are_the_documented_ones() -> None:
         failure_rate=0.5, min_calls=20, window_seconds=60, open_seconds=30, half_open_probes=1
     )
     assert HEALTH_CONFIGS["p_a"].hold_seconds == 900
+
+
+async def test_a_limit_wait_outlasts_hold_seconds_and_asks_less_often() -> None:
+    h = health_harness()
+    first = h.withdrawal("p_slot", "p_b")
+    h.providers.on_create("p_slot", Ambiguous("read timeout", "create"))
+    await h.start(first)
+    second = h.withdrawal("p_slot", "p_b")
+    h.clock.advance(901)  # past p_slot's hold_seconds, counted from the second's creation
+    await h.start(second)
+    assert h.states(second) == (Q.ACTIVE, (T.PENDING, T.PENDING))
+    waiting = details(h, second, 0, "start.waiting")
+    # A quarter of the wait so far, at most 15 s: not capped by the hold, not a 1 s loop.
+    assert waiting["until"] == (h.clock() + timedelta(seconds=15)).isoformat()
+    check_money_safety(h, scripts_used=False)
+
+
+async def test_a_half_open_provider_with_no_free_slot_is_passed_over_not_waited_for() -> None:
+    h = health_harness()
+    stuck = h.withdrawal("p_slot")
+    h.providers.on_create("p_slot", Ambiguous("read timeout", "create"))
+    await h.start(stuck)
+    half_open(h, "p_slot")
+    queue = h.withdrawal("p_slot", "p_b")
+    h.providers.on_create("p_b", accepted())
+    await h.start(queue)
+    assert h.states(queue) == (Q.ACTIVE, (T.PENDING, T.EXECUTING))
+    assert details(h, queue, 0, "start.passed_over")["reason"] == "breaker_half_open"
+    assert h.store.probes == {}  # no lease taken for an attempt that could not go
+    check_money_safety(h, scripts_used=False)
+
+
+async def test_the_public_view_shows_the_last_attempt_made_not_the_last_in_cascade_order() -> None:
+    h = health_harness()
+    open_breaker(h, "p_a")
+    queue = h.withdrawal("p_a", "p_b")
+    h.providers.on_create("p_b", accepted("ref-b"))
+    await h.start(queue)  # p_a passed over, p_b accepts...
+    h.clock.advance(1)
+    await h.webhook(h.task(queue, 1), "failed", reference="ref-b")  # ...and fails: declined
+    h.clock.advance(30)
+    close_breaker(h, "p_a")
+    h.providers.on_create("p_a", accepted("ref-a"))
+    await h.start(queue)
+    view = public_state(h.queue(queue))
+    assert (view.status, view.provider_id, view.provider_reference) == (
+        "processing",
+        "p_a",
+        "ref-a",
+    )
+    h.clock.advance(60)
+    await h.fire(h.task(queue), "webhook_timeout")
+    h.providers.on_status("p_a", ProviderAnswer(status="failed", reference="ref-a"))
+    await h.resolve(h.task(queue), positive=False)
+    view = public_state(h.queue(queue))
+    # The last attempt made was p_a's, after p_b's: its outcome is the withdrawal's.
+    assert (view.status, view.provider_id, view.failure_code) == (
+        "failed",
+        "p_a",
+        "manual_rejected",
+    )
+    check_money_safety(h)
+
+
+async def test_each_start_publication_has_an_id_of_its_own() -> None:
+    """A task started again after a pass-over must not look like a duplicate of its first
+    start to the broker's deduplication window."""
+    h = health_harness()
+    open_breaker(h, "p_a")
+    queue = h.withdrawal("p_a", "p_b")
+    h.providers.on_create("p_b", Declined("declined"))
+    await h.start(queue)
+    ids = [m.headers["Nats-Msg-Id"] for m in h.store.published if m.subject.endswith("task.start")]
+    first_id = h.engine.start_message(queue, queue.tasks[0]).headers["Nats-Msg-Id"]
+    assert ids, "no start published for p_a after p_b's decline"
+    assert first_id not in ids
+    assert len(set(ids)) == len(ids)
