@@ -282,14 +282,16 @@ def _engine(
     )
 
 
-def harness() -> Harness:
+def harness(configs: dict[str, ProviderConfig] | None = None) -> Harness:
+    """An engine on fresh fakes, with ``configs`` (default: :data:`CONFIGS`)."""
+    configs = configs or CONFIGS
     journal = Journal()
     record = FakeEngineStore()
     core = FakeCore(journal)
-    providers = FakeProviders(CONFIGS, journal)
+    providers = FakeProviders(configs, journal)
     relay = FakeRelay(NAMES)
     clock = FixedClock(NOW)
-    engine = _engine(record, core, providers, relay, clock, CONFIGS)
+    engine = _engine(record, core, providers, relay, clock, configs)
     return Harness(record, core, providers, relay, clock, engine, journal)
 
 

@@ -9,26 +9,14 @@ a time, one commit at most, every freeze settled, an audit row per write.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, cast
 
 import pytest
 
 from contracts.providers_file import BreakerPolicy, ProviderConfig, RateLimit
 from orchestrator.breaker import Breaker
 from orchestrator.domain import Ambiguous, Declined, OrderQueue, ProviderAnswer, public_state
-from orchestrator.engine import Engine
-from orchestrator.outbox import OutboxRelay
-from tests.unit.fakes import (
-    FakeCore,
-    FakeEngineStore,
-    FakeProviders,
-    FakeRelay,
-    FixedClock,
-    Journal,
-)
 from tests.unit.test_engine import (
     CONFIGS,
-    NAMES,
     NOW,
     Harness,
     Q,
@@ -36,6 +24,7 @@ from tests.unit.test_engine import (
     _config,
     accepted,
     check_money_safety,
+    harness,
     paid,
 )
 
@@ -49,22 +38,7 @@ HEALTH_CONFIGS: dict[str, ProviderConfig] = {
 
 
 def health_harness() -> Harness:
-    journal = Journal()
-    record = FakeEngineStore()
-    core = FakeCore(journal)
-    providers = FakeProviders(HEALTH_CONFIGS, journal)
-    relay = FakeRelay(NAMES)
-    clock = FixedClock(NOW)
-    engine = Engine(
-        pool=cast(Any, None),
-        relay=cast(OutboxRelay, relay),
-        core=core,
-        providers=providers,
-        provider_configs=HEALTH_CONFIGS,
-        clock=clock,
-        record=record,
-    )
-    return Harness(record, core, providers, relay, clock, engine, journal)
+    return harness(HEALTH_CONFIGS)
 
 
 def open_breaker(h: Harness, provider_id: str, seconds: float = 30) -> None:
