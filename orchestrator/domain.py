@@ -603,7 +603,13 @@ def decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime)
 
 def _decide(task: OrderTask, event: Event, config: ProviderConfig, now: datetime) -> Step:
     if isinstance(event, ProviderAnswer) and event.status == "returned":
-        return _decide_returned(task, event)
+        step = _decide_returned(task, event)
+        if task.state == T.CREATING and not step.ignored:
+            # Answered by the create, sent only after cascade-core held the amount.
+            step = dataclasses.replace(
+                step, changes=dataclasses.replace(step.changes, freeze_state="frozen")
+            )
+        return step
     if task.final:
         return ignore(type(event).__name__, f"task is final ({task.state})")
     if task.state == T.CREATING and _answers_create(event):
@@ -620,11 +626,27 @@ def _decide_returned(task: OrderTask, answer: ProviderAnswer) -> Step:
     """A provider reporting our order returned after it paid. Only a SUCCEEDED attempt,
     told by a verified webhook or a status poll, moves to RETURNED; no balance call follows
     (cascade-core has no reversal: finance settles it from the reconciliation's ``return``
-    alert) and the queue stays COMPLETED. Anywhere else a return proves nothing we could
-    act on safely: ignored (and logged), it never moves money or a state."""
+    alert) and the queue stays COMPLETED. An attempt still in flight (creating, rechecking,
+    executing) told its order was returned goes to MANUAL_CHECK, freeze held: the provider
+    says it paid, so it cannot fail, and the money came back, so it cannot be committed.
+    Anywhere else (a final or manual-check task) it is ignored and logged; it never moves
+    money."""
     event = f"{answer.source}.returned"
     if task.state == T.SUCCEEDED and answer.source in ("webhook", "poll"):
         return Step(event=event, to=T.RETURNED, changes=Changes(provider_code=answer.code))
+    in_flight = (task.state == T.CREATING and answer.source == "create") or (
+        task.state in (T.RECHECKING, T.EXECUTING) and answer.source in ("poll", "webhook")
+    )
+    if in_flight:
+        # The provider says it paid this order and it came back: not a failure (it paid),
+        # not a success we could commit (it came back). A person decides; the freeze stays.
+        reference: str | UnsetType | None = answer.reference if answer.reference else UNSET
+        return Step(
+            event=event,
+            to=T.MANUAL_CHECK,
+            changes=Changes(provider_code=answer.code, provider_reference=reference),
+            clear_timer=True,
+        )
     return ignore(event, f"a return for a task in {task.state}, not SUCCEEDED")
 
 
@@ -702,6 +724,10 @@ def _decide_start(task: OrderTask, resume: bool) -> Step:
         # the sweeper if the broker lost it) is what creates again.
         return ignore("start", "waiting to retry the create")
     if task.state == T.CREATING:
+        if not resume and task.cancel_requested and task.create_retries:
+            # A retry's firing was committed, then the cancel came before its create: the
+            # earlier creates were declined, this one is not sent, nothing can pay.
+            return _cancelled_unsent(task, "start.cancelled")
         if not resume:
             # The handler's own PENDING → CREATING row already says what happens.
             return Step(event="start.create", call="freeze_and_create", record=False)
@@ -830,11 +856,12 @@ def _refused(resolve: Resolve, code: RefusalCode, check: str) -> Step:
 def _decide_cancel(task: OrderTask, config: ProviderConfig) -> Step:
     if task.state == T.PENDING:
         return _cancelled("cancel")
+    if task.state == T.CREATING and task.timer_kind == "retry":
+        # Declined, so not created, and no create in flight (a retry's firing is committed
+        # before its create): nothing at the provider can still pay.
+        return _cancelled_unsent(task, "cancel.retry_dropped")
     if task.cancel_requested:
         return ignore("cancel", "cancel already requested")
-    if task.state == T.CREATING and task.timer_kind == "retry":
-        # Declined, so not created: nothing at the provider can still pay.
-        return _cancelled_unsent(task, "cancel.retry_dropped")
     if task.state == T.EXECUTING and config.supports_cancel:
         return Step(
             event="cancel.requested",
@@ -906,9 +933,11 @@ def _decide_timer(task: OrderTask, kind: TimerKind, attempt: int, config: Provid
     if kind == "retry":
         if not _waits_to_retry(task, attempt):
             return ignore(event, "stale retry timer")
-        # The same calls as the first create: the freeze answers ``frozen`` (held already),
-        # the create carries the same order id.
-        return Step(event=event, call="freeze_and_create", clear_timer=True)
+        # Committed before the calls, as PENDING → CREATING is: from here on the task is a
+        # create in flight (no timer), which a cancel no longer ends at once and the sweeper
+        # resumes after a crash. The same calls as the first create follow: the freeze
+        # answers ``frozen`` (held already), the create carries the same order id.
+        return Step(event=event, clear_timer=True, then=Start(resume=False))
     if kind == "status_timeout":
         if task.state != T.EXECUTING or attempt != task.status_polls:
             return ignore(event, "stale status timeout")

@@ -258,15 +258,21 @@ def test_only_a_decline_is_retried_never_an_ambiguous_create() -> None:
     assert step.timer.kind == "recheck"
 
 
-def test_the_retry_timer_creates_again() -> None:
+def test_the_retry_timer_creates_again_in_a_transaction_of_its_own() -> None:
+    """The firing is committed before the calls (``then``), as PENDING → CREATING is: a task
+    waiting on a retry timer has no create in flight, which is what lets a cancel end it at
+    once and roll its freeze back."""
     step = decide(waiting(2), TimerFired("retry", 2), CONFIG, NOW)
-    assert (step.event, step.call, step.to, step.clear_timer) == (
+    assert (step.event, step.call, step.to, step.clear_timer, step.then) == (
         "timer.retry",
-        "freeze_and_create",
+        None,
         None,
         True,
+        Start(resume=False),
     )
     assert step.details == {"timer": "retry", "attempt": 2}
+    calls = decide(waiting(2, timer_kind=None), Start(resume=False), CONFIG, NOW)
+    assert (calls.event, calls.call, calls.record) == ("start.create", "freeze_and_create", False)
 
 
 @pytest.mark.parametrize(

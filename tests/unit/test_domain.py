@@ -181,13 +181,42 @@ def test_a_verified_return_moves_a_succeeded_attempt_to_returned(source: str) ->
     assert (public.status, public.provider_reference) == ("succeeded", "r")
 
 
-@pytest.mark.parametrize("state", [s for s in TaskState if s != T.SUCCEEDED])
-@pytest.mark.parametrize("source", ["webhook", "poll", "create", "cancel"])
+# A return told about an attempt still in flight: the provider paid, then the money came back.
+_IN_FLIGHT_RETURNS = {
+    (T.CREATING, "create"),
+    (T.RECHECKING, "webhook"),
+    (T.RECHECKING, "poll"),
+    (T.EXECUTING, "webhook"),
+    (T.EXECUTING, "poll"),
+}
+
+
+@pytest.mark.parametrize(
+    ("state", "source"),
+    [
+        (state, source)
+        for state in TaskState
+        for source in ("webhook", "poll", "create", "cancel")
+        if state != T.SUCCEEDED and (state, source) not in _IN_FLIGHT_RETURNS
+    ],
+)
 def test_a_return_for_any_other_attempt_changes_nothing(state: TaskState, source: str) -> None:
     answer = dataclasses.replace(RETURNED, source=source)  # type: ignore[arg-type]
     step = decide(task(state, freeze_state="frozen"), answer, CONFIG, NOW)
     assert step.ignored, (state, source, step)
     assert step.balance is None
+
+
+@pytest.mark.parametrize(("state", "source"), sorted(_IN_FLIGHT_RETURNS))
+def test_a_return_for_an_attempt_in_flight_waits_for_a_person_with_the_freeze_held(
+    state: TaskState, source: str
+) -> None:
+    """Not FAILED (the provider paid), not SUCCEEDED (the money came back): a person
+    decides, and its timer chain ends here instead of waiting for an answer that came."""
+    answer = dataclasses.replace(RETURNED, source=source)  # type: ignore[arg-type]
+    step = decide(task(state, freeze_state="frozen"), answer, CONFIG, NOW)
+    assert (step.to, step.balance, step.clear_timer) == (T.MANUAL_CHECK, None, True)
+    assert step.changes.provider_code == RETURNED.code
 
 
 def test_a_return_told_by_the_create_or_a_cancel_does_not_move_a_succeeded_attempt() -> None:
@@ -601,8 +630,11 @@ class Sim:
 
     def answer(self, call: str, current: OrderTask) -> Event:
         if call == "freeze_and_create":
-            # A declined create is made again only while the withdrawal is not cancelled.
-            assert not (current.create_retries and self.queue.cancel_requested), (
+            # A declined create is made again only while the withdrawal is not cancelled;
+            # but a create cut off by a crash is replayed (the same key): it may have been
+            # accepted, and only its answer can tell.
+            replay = current.task_id in self.ledger.crashed
+            assert replay or not (current.create_retries and self.queue.cancel_requested), (
                 "retry after cancel"
             )
             held = self.ledger.states.get(current.task_id)
