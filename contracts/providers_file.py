@@ -135,6 +135,18 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         entry = self.errors.get(code, self.default_decision)
         return entry.then if isinstance(entry, RetryPolicy) else entry
 
+    def single_shot(self) -> ProviderConfig:
+        """The provider as the legacy path uses it: one create whose answer decides, as the
+        system it replaces did — no retry at the provider (a retried code's ``then`` at
+        once), no breaker, no limits."""
+        errors = {
+            code: entry.then if isinstance(entry, RetryPolicy) else entry
+            for code, entry in self.errors.items()
+        }
+        return msgspec.structs.replace(
+            self, errors=errors, breaker=None, rate_limit=None, max_in_flight=None
+        )
+
     def retry_for(self, code: str) -> RetryPolicy | None:
         """The retry policy of a decline code, if the error table retries it."""
         entry = self.errors.get(code)

@@ -198,6 +198,9 @@ class Engine:
         self.core = core
         self.providers = providers
         self.configs = provider_configs
+        # The legacy cohort's withdrawals run single-shot (ProviderConfig.single_shot): the
+        # baseline the cascade is compared with is the system it replaces.
+        self.legacy_configs = {p: c.single_shot() for p, c in provider_configs.items()}
         self.clock = clock
         self.health = health or ProviderHealth(provider_configs, clock)
         # Every series at 0 from the start: an alert on increase() sees the first event (a
@@ -432,9 +435,10 @@ class Engine:
             handling.fired = event.kind
         while True:
             task = handling.queue.task(task_id)
-            config = self.configs.get(task.provider_id)
+            configs = self._configs_of(handling.record)
+            config = configs.get(task.provider_id)
             if config is not None and wants_start(handling.queue, task, event):
-                return await self._start(handling, task, config)
+                return await self._start(handling, task, configs)
             step = decide_in_queue(handling.queue, task_id, event, config, self.clock())
             handling.last = step
             if step.ignored:
@@ -459,14 +463,19 @@ class Engine:
                 answer = ProviderChecked(resolve=step.awaiting, answer=answer)
             event = answer
 
+    def _configs_of(self, record: store.WithdrawalRecord) -> Mapping[str, ProviderConfig]:
+        return self.legacy_configs if record.cohort == "legacy" else self.configs
+
     async def _start(
-        self, handling: _Handling, first: OrderTask, config: ProviderConfig
+        self, handling: _Handling, first: OrderTask, configs: Mapping[str, ProviderConfig]
     ) -> tuple[uuid.UUID, Event] | None:
         """Start the queue's next attempt as provider health allows (:func:`plan_start`);
         returns the task that entered CREATING and the event that makes its calls."""
         queue, now = handling.queue, self.clock()
-        hold_until = hold_deadline(queue, config, now)
-        gates = await self._gates(handling.uow, queue, first, now, hold_until)
+        hold_until = hold_deadline(queue, configs[first.provider_id], now)
+        gates = await self._gates(
+            handling.uow, queue, configs, first, now=now, hold_until=hold_until
+        )
         transition, chosen = plan_start(queue, gates, now, hold_until)
         self._add(handling, transition)
         if chosen is None:
@@ -477,7 +486,9 @@ class Engine:
         self,
         uow: UnitOfWork,
         queue: OrderQueue,
+        configs: Mapping[str, ProviderConfig],
         first: OrderTask,
+        *,
         now: datetime,
         hold_until: datetime,
     ) -> list[tuple[OrderTask, Gate]]:
@@ -487,7 +498,7 @@ class Engine:
         gates: list[tuple[OrderTask, Gate]] = []
         since = turn_began(queue) or now
         for task in (t for t in queue.tasks if t.state == TaskState.PENDING):
-            task_config = self.configs.get(task.provider_id)
+            task_config = configs.get(task.provider_id)
             ignore_breaker = now >= hold_until and task is first
             if task_config is None:
                 gate = Gate(verdict="pass_over", reason="provider_not_configured")

@@ -105,3 +105,28 @@ async def test_both_cohorts_share_the_ledger_and_its_invariants(make_stack: Stac
     text = (await stack.client.get("/metrics")).text
     assert 'withdrawals_total{cohort="legacy",outcome="failed"}' in text
     assert 'withdrawals_total{cohort="cascade",outcome="succeeded"}' in text
+
+
+async def test_the_legacy_cohort_stays_single_shot_whatever_provider_health_says(
+    make_stack: StackFactory,
+) -> None:
+    """The baseline is the system the cascade replaces: one create, its answer decides. No
+    retry of a rate-limited decline at the provider, no breaker holding the request."""
+    stack = await make_stack(flags=LEGACY)
+    await stack.client.delete("/sandbox/providers/requests")
+    _, limited = await _post(stack, ["sbx_rate_limited", "sbx_ok"])
+    assert (limited["status"], limited["failure_code"]) == ("failed", "declined")
+    counts = (await stack.client.get("/sandbox/providers/sbx_rate_limited/requests")).json()
+    assert counts["by_kind"] == {"create": 1}
+    # A breaker opened by hand for sbx_sync_ok does not stop a legacy create there.
+    async with stack.runtime.pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO provider_breakers (provider_id, state, changed_at, open_until)"
+            " VALUES ('sbx_sync_ok', 'open', now(), now() + interval '10 minutes')"
+            " ON CONFLICT (provider_id) DO UPDATE SET state = 'open',"
+            " open_until = now() + interval '10 minutes', version = provider_breakers.version + 1"
+        )
+    await stack.runtime.engine.health.refresh(stack.runtime.pool)
+    assert not stack.runtime.engine.health.closed("sbx_sync_ok")
+    _, paid = await _post(stack, ["sbx_sync_ok"])
+    assert (paid["status"], paid["provider_id"]) == ("succeeded", "sbx_sync_ok")
