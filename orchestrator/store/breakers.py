@@ -122,11 +122,13 @@ async def prune_calls(conn: Connection, before: datetime) -> None:
 async def take_probe(
     conn: Connection, provider_id: str, task_id: uuid.UUID, now: datetime, until: datetime
 ) -> bool:
-    """Take the half-open breaker's one probe lease for ``task_id`` (free, or expired)."""
+    """Take the half-open breaker's one probe lease for ``task_id`` (free, expired, or
+    already its own)."""
     status = await conn.execute(
         "UPDATE provider_breakers SET probe_task = $2, probe_until = $4"
         " WHERE provider_id = $1 AND state = 'half_open'"
-        " AND (probe_task IS NULL OR probe_until < $3)",
+        # Its own lease too: a probe that waited for a rate slot comes back for it.
+        " AND (probe_task IS NULL OR probe_until < $3 OR probe_task = $2)",
         provider_id,
         task_id,
         now,
