@@ -32,7 +32,12 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from contracts import messages
 from contracts.messages import Message, TaskMessage, WebhookMessage
@@ -53,6 +58,8 @@ RECHECK_TICK = "order.task.recheck.tick"
 RETRY_TICK = "order.task.retry.tick"
 DLQ = "order.task.dlq"
 SCHEDULE_PREFIX = "order.schedule"
+# Subjects no version publishes any more: the only ones ensure_streams takes off the stream.
+RETIRED_SUBJECTS = ("order.queue.cancel",)
 
 EVENT_SUBJECTS = (
     TASK_START,
@@ -208,10 +215,11 @@ async def ensure_streams(
 ) -> None:
     """Create or update the streams and the work consumer (idempotent, at every start)."""
     storage = js_api.StorageType.FILE if file_storage else js_api.StorageType.MEMORY
+    ours = [names.subject(s) for s in EVENT_SUBJECTS]
+    existing = await _existing_subjects(js, names)
     main = js_api.StreamConfig(
         name=names.stream,
-        subjects=[names.subject(s) for s in EVENT_SUBJECTS]
-        + [names.subject(f"{SCHEDULE_PREFIX}.>")],
+        subjects=_add_only(existing[0], [*ours, names.subject(f"{SCHEDULE_PREFIX}.>")], names),
         retention=js_api.RetentionPolicy.LIMITS,
         storage=storage,
         num_replicas=replicas,
@@ -227,8 +235,11 @@ async def ensure_streams(
         num_replicas=replicas,
         max_age=30 * 24 * 3600,
     )
-    # update_stream replaces the subject list, and add_consumer the consumer's filter: a subject
-    # retired from EVENT_SUBJECTS (order.queue.cancel, which nothing published) leaves both.
+    # update_stream replaces the subject list, and add_consumer the consumer's filter: both are
+    # given what is there already plus ours, less RETIRED_SUBJECTS. Add-only, so that a process
+    # of the previous version starting mid-rollout (or after a rollback), which sets its own
+    # shorter list, cannot take a newer subject away for good: the newer processes put it back
+    # (Streams.missing sees it gone).
     for config in (main, dlq):
         try:
             await js.stream_info(config.name or "")
@@ -240,7 +251,7 @@ async def ensure_streams(
         names.stream,
         js_api.ConsumerConfig(
             durable_name=names.consumer,
-            filter_subjects=[names.subject(s) for s in EVENT_SUBJECTS],
+            filter_subjects=_add_only(existing[1], ours, names),
             ack_policy=js_api.AckPolicy.EXPLICIT,
             deliver_policy=js_api.DeliverPolicy.ALL,
             max_deliver=CONSUMER_MAX_DELIVER,
@@ -252,6 +263,25 @@ async def ensure_streams(
     )
 
 
+async def _existing_subjects(js: JetStreamContext, names: Names) -> tuple[list[str], list[str]]:
+    """The main stream's subjects and the work consumer's filter as the broker has them."""
+    try:
+        stream = await js.stream_info(names.stream)
+    except NotFoundError:
+        return [], []
+    try:
+        consumer = await js.consumer_info(names.stream, names.consumer)
+    except NotFoundError:
+        return list(stream.config.subjects or []), []
+    return list(stream.config.subjects or []), list(consumer.config.filter_subjects or [])
+
+
+def _add_only(existing: list[str], ours: list[str], names: Names) -> list[str]:
+    retired = {names.subject(s) for s in RETIRED_SUBJECTS}
+    kept = [s for s in existing if s not in retired and s not in ours]
+    return [*ours, *kept]
+
+
 # How a missing stream or consumer shows: a publish nothing stores (no stream takes the subject),
 # a fetch nobody answers (no consumer: "no responders", a 503), an API call on a name the broker
 # does not know. A broker that is merely down shows as timeouts and connection errors instead,
@@ -261,6 +291,15 @@ LOST_STREAM_SYMPTOMS: tuple[type[Exception], ...] = (
     ServiceUnavailableError,
     NotFoundError,
 )
+# A schedule whose target subject the stream does not take: the stream lost a subject.
+_SCHEDULE_TARGET_INVALID = 10190
+
+
+def lost_stream_symptom(error: BaseException) -> bool:
+    """Whether ``error`` is how a lost stream, consumer or stream subject shows."""
+    if isinstance(error, LOST_STREAM_SYMPTOMS):
+        return True
+    return isinstance(error, APIError) and error.err_code == _SCHEDULE_TARGET_INVALID
 
 
 class Streams:
@@ -316,6 +355,12 @@ class Streams:
             await self.js.consumer_info(self.names.stream, self.names.consumer)
         except NotFoundError:
             gone.append(f"consumer {self.names.consumer}")
+        if not gone:
+            # A process of another version may have set a shorter subject list.
+            subjects, filtered = await _existing_subjects(self.js, self.names)
+            ours = {self.names.subject(s) for s in EVENT_SUBJECTS}
+            gone += [f"stream subject {s}" for s in sorted(ours - set(subjects))]
+            gone += [f"consumer subject {s}" for s in sorted(ours - set(filtered))]
         return gone
 
     async def heal(self, error: BaseException) -> bool:
@@ -323,7 +368,7 @@ class Streams:
         consumer shows and the broker confirms they are gone, recreate them. The broker is
         asked at most once per ``check_interval`` (callers fail every half second while it
         lasts); True when something was recreated."""
-        if not isinstance(error, LOST_STREAM_SYMPTOMS) or self._lock.locked():
+        if not lost_stream_symptom(error) or self._lock.locked():
             return False
         now = asyncio.get_running_loop().time()
         if self._checked_at is not None and now - self._checked_at < self.check_interval:

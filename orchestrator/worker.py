@@ -32,6 +32,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
 from contracts import messages
 from contracts.messages import DeadLetter, TaskMessage, WebhookMessage
@@ -444,30 +445,38 @@ class Worker:
             stranded = await sweeps.stranded_tasks(
                 conn, now - timedelta(seconds=self.stranded_after)
             )
+        refused: list[NoStreamResponseError] = []
         for timer in overdue:
             payload = msgspec.json.encode(
                 TaskMessage(task_id=timer.task_id, queue_id=timer.queue_id, attempt=timer.attempt)
             )
             msg_id = f"sweep-{timer.task_id.hex}-{timer.kind}-{timer.attempt}"
-            await self.js.publish(
-                self.names.subject(bus.TIMER_TARGETS[timer.kind]),
-                payload,
-                headers={"Nats-Msg-Id": msg_id},
-            )
+            subject = self.names.subject(bus.TIMER_TARGETS[timer.kind])
+            await self._republish(subject, payload, msg_id, refused)
         minute = now.strftime("%Y%m%d%H%M")
         for task in stranded:
             payload = msgspec.json.encode(TaskMessage(task_id=task.task_id, queue_id=task.queue_id))
-            await self.js.publish(
-                self.names.subject(bus.TASK_START),
-                payload,
-                headers={"Nats-Msg-Id": f"restart-{task.task_id.hex}-{minute}"},
-            )
+            msg_id = f"restart-{task.task_id.hex}-{minute}"
+            await self._republish(self.names.subject(bus.TASK_START), payload, msg_id, refused)
+        if refused:
+            raise refused[0]  # the loop heals the streams (a subject another version dropped)
         fired = len(overdue) + len(stranded)
         if fired:
             log.info(
                 "sweeper re-armed work", extra={"timers": len(overdue), "stranded": len(stranded)}
             )
         return fired
+
+    async def _republish(
+        self, subject: str, payload: bytes, msg_id: str, refused: list[NoStreamResponseError]
+    ) -> None:
+        """Publish one re-armed message; one whose subject no stream takes (a process of
+        another version set a shorter subject list) is kept in ``refused`` and the sweep
+        goes on: it must not hold up every other timer behind it."""
+        try:
+            await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+        except NoStreamResponseError as exc:
+            refused.append(exc)
 
     async def notify_once(self) -> int:
         """Retry notifications that were not acknowledged yet (exponential backoff, no limit)."""

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgspec
+import pytest
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from contracts.messages import TaskMessage
 from orchestrator import bus
@@ -121,5 +122,53 @@ async def test_a_stream_of_the_previous_version_is_updated_in_place(services: Se
     finally:
         for stream_name in (names.stream, names.dlq_stream):
             with contextlib.suppress(NotFoundError):  # the test failed before creating it
+                await js.delete_stream(stream_name)
+        await nc.close()
+
+
+async def test_a_process_of_the_previous_version_cannot_take_a_new_subject_away(
+    services: Services,
+) -> None:
+    """The previous version knew no ``order.task.retry.tick``. Started after this one (mid
+    rollout, or a rollback), it sets its own shorter subject list; this version's processes
+    see the subject gone and put it back, and their own start never drops a subject it does
+    not know of (add-only, but for RETIRED_SUBJECTS)."""
+    nc = await bus.connect(services.nats_url, name="test-upgrade-add-only")
+    js = nc.jetstream()
+    names = bus.Names(f"t{secrets.token_hex(4)}.")
+    previous = [s for s in bus.EVENT_SUBJECTS if s != bus.RETRY_TICK]
+    streams = bus.Streams(js, names, file_storage=False)
+    try:
+        await streams.ensure()
+        # What the previous version's start does: its own lists, replacing ours.
+        stream = await js.stream_info(names.stream)
+        assert stream.config.subjects is not None
+        stream.config.subjects = [names.subject(s) for s in previous] + [
+            names.subject(f"{bus.SCHEDULE_PREFIX}.>")
+        ]
+        await js.update_stream(stream.config)
+        consumer = await js.consumer_info(names.stream, names.consumer)
+        consumer.config.filter_subjects = [names.subject(s) for s in previous]
+        await js.add_consumer(names.stream, consumer.config)
+        assert await streams.missing() == [
+            f"stream subject {names.subject(bus.RETRY_TICK)}",
+            f"consumer subject {names.subject(bus.RETRY_TICK)}",
+        ]
+        # A publish to the dropped subject fails as a lost stream does, and heals it.
+        with pytest.raises(NoStreamResponseError) as refused:
+            await js.publish(names.subject(bus.RETRY_TICK), b"{}")
+        assert await streams.heal(refused.value)
+        assert await streams.missing() == []
+        # A subject this version does not know (a newer one's) survives its ensure.
+        stream = await js.stream_info(names.stream)
+        assert stream.config.subjects is not None
+        stream.config.subjects = [*stream.config.subjects, names.subject("order.task.future")]
+        await js.update_stream(stream.config)
+        await streams.ensure()
+        stream = await js.stream_info(names.stream)
+        assert names.subject("order.task.future") in (stream.config.subjects or [])
+    finally:
+        for stream_name in (names.stream, names.dlq_stream):
+            with contextlib.suppress(NotFoundError):
                 await js.delete_stream(stream_name)
         await nc.close()
