@@ -33,6 +33,8 @@ PROVIDERS = {
     "sbx_silent": 1,
     "sbx_flaky": 2,
     "sbx_no_funds": 1,
+    # Declines its first two creates of an order rate_limited: the same-provider retries.
+    "sbx_rate_limited": 2,
 }
 RETRY_PAUSE = 0.3
 GIVE_UP_AFTER = 180.0
