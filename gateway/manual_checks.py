@@ -384,7 +384,7 @@ def _case_lines(detail: dict[str, Any], waiting: dict[str, dict[str, Any]]) -> l
         f"queue        {queue['state']}"
         + (" (cancel requested)" if queue["cancel_requested"] else "")
         + (f", failure {queue['failure_code']}" if queue["failure_code"] else ""),
-        f"created      {_time(queue['created_at'])}",
+        f"created      {utc_time(queue['created_at'])}",
     ]
     tasks = detail["tasks"]
     for task in tasks:
@@ -442,7 +442,7 @@ def _task_lines(
 def _decision_line(event: dict[str, Any]) -> str:
     """Support's decision as its audit row keeps it: applied or refused, by whom, why."""
     details = event.get("details") or {}
-    line = f"{details.get('decision', '?')} by {event['actor']} at {_time(event['created_at'])}"
+    line = f"{details.get('decision', '?')} by {event['actor']} at {utc_time(event['created_at'])}"
     line += f": {details.get('reason', '')}  [{event['event']}]"
     if details.get("provider_check"):
         line += f" (provider check: {details['provider_check']})"
@@ -451,7 +451,7 @@ def _decision_line(event: dict[str, Any]) -> str:
 
 def _answer_line(answer: dict[str, Any]) -> str:
     parts = [
-        _time(answer["at"]),
+        utc_time(answer["at"]),
         f"{answer.get('source') or '-':<8}",
         f"{_answer_status(answer):<9}",
     ]
@@ -583,7 +583,7 @@ def _destination(destination: dict[str, Any] | None) -> str:
     return f"{destination['type']} {destination['account']}{holder}"
 
 
-def _time(text: str) -> str:
+def utc_time(text: str) -> str:
     """An ISO time as ``2026-12-06 06:40:01Z`` (UTC, to the second)."""
     try:
         moment = datetime.fromisoformat(text)

@@ -20,12 +20,19 @@ import json
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 
-from gateway.manual_checks import ENVIRONMENT, OpsClient, OpsError, operator, printable, reason
+from gateway.manual_checks import (
+    ENVIRONMENT,
+    OpsClient,
+    OpsError,
+    operator,
+    printable,
+    reason,
+    utc_time,
+)
 
 SUMMARIES = {
     "providers": "provider health: each breaker, window, work and limits; open or close a"
@@ -108,7 +115,7 @@ def _table(providers: list[dict[str, Any]]) -> str:
             p["provider_id"],
             _state(p),
             _failures(p["window"]),
-            _time(p["last_transition"]["changed_at"]) if p.get("last_transition") else "-",
+            utc_time(p["last_transition"]["changed_at"]) if p.get("last_transition") else "-",
             str(p["in_flight"]),
             str(p["waiting"]),
             _limits(p["limits"]),
@@ -126,7 +133,7 @@ def _table(providers: list[dict[str, Any]]) -> str:
 def _state(provider: dict[str, Any]) -> str:
     state = str(provider["state"])
     if state == "open" and provider.get("open_until"):
-        return f"open until {_time(provider['open_until'])}"
+        return f"open until {utc_time(provider['open_until'])}"
     return state
 
 
@@ -158,9 +165,9 @@ def _lines(p: dict[str, Any]) -> list[str]:
         f"provider         {p['provider_id']}",
         f"breaker          {_state(p)}",
         f"window           {_failures(p['window'])}"
-        + (f", since {_time(p['window']['since'])}" if p["window"] else ""),
+        + (f", since {utc_time(p['window']['since'])}" if p["window"] else ""),
         "last transition  "
-        + (f"{_time(last['changed_at'])} (window then: {_rate(last)})" if last else "none yet"),
+        + (f"{utc_time(last['changed_at'])} (window then: {_rate(last)})" if last else "none yet"),
         f"in flight        {p['in_flight']} (CREATING or RECHECKING)",
         f"waiting          {p['waiting']} withdrawal(s) held or waiting to start here",
         f"limits           {_limits(p['limits'])}",
@@ -176,7 +183,7 @@ def _lines(p: dict[str, Any]) -> list[str]:
     if probe:
         lines.append(
             f"probe            task {probe.get('task_id') or '-'} until"
-            f" {_time(probe['until']) if probe.get('until') else '-'},"
+            f" {utc_time(probe['until']) if probe.get('until') else '-'},"
             f" {probe['successes']} success(es) so far"
         )
     return [printable(line) for line in lines]
@@ -186,14 +193,6 @@ def _rate(transition: dict[str, Any]) -> str:
     if transition.get("calls") is None:
         return "-"
     return f"{transition['failure_rate']:.1%} of {transition['calls']} calls"
-
-
-def _time(text: str) -> str:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return text
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _seconds(text: str) -> float:
