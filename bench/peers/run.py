@@ -30,6 +30,13 @@ is of medians. The machine's load average is recorded before and after every tur
 "Final" is the same clock for all three: the withdrawal's notification arriving at the
 simulated cascade-core (its ``notifications`` table, polled every 20 ms), which every system
 sends right after the commit. The sandbox and the load client are excluded from CPU and RSS.
+
+The environment's own CPU per withdrawal is measured in every saturation turn too (the sandbox
+process, its Postgres, and this load client's process alone): it shares the machine's cores
+with the system under test, so ``cores × 1000 ÷ its CPU ms per withdrawal`` is the most final
+withdrawals/s *any* system could reach here, the **ceiling**. The report divides it by the
+baseline as well: a ratio to the baseline above that ceiling's is out of every system's reach
+on this machine.
 """
 
 from __future__ import annotations
@@ -228,6 +235,10 @@ class Result:
     rate: dict[str, float] = field(default_factory=dict)
     cpu_ms: dict[str, float] = field(default_factory=dict)
     cpu_split: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the environment's CPU ms per withdrawal in the same saturation runs (sandbox, its
+    # Postgres, the load client): what bounds every system on shared cores
+    env_cpu_ms: dict[str, float] = field(default_factory=dict)
+    env_split: dict[str, dict[str, float]] = field(default_factory=dict)
     # time to final, s: "fixed" at PEERS_RATE, "sustainable" at the round's sustainable rate
     p50_s: dict[str, float] = field(default_factory=dict)
     p99_s: dict[str, float] = field(default_factory=dict)
@@ -252,6 +263,7 @@ async def saturate(
     concurrency: int,
     result: Result,
     key: str,
+    environment: dict[str, int],
 ) -> None:
     run = secrets.token_hex(3)
     requests = withdrawal_requests(system.port, count, providers, run)
@@ -266,12 +278,17 @@ async def saturate(
 
     await finals.poll()
     before = cpu_seconds(roots)
+    env_before = cpu_seconds(environment)
+    # This process alone (its children are the servers, counted above or not at all).
+    client_before = time.process_time()
     started = time.perf_counter()
     load = asyncio.create_task(
         run_load(HOST, system.port, requests, concurrency=concurrency, timeout=FINAL_TIMEOUT)
     )
     last = await finals.wait(ids, sample, started)
     after = cpu_seconds(roots)
+    env_after = cpu_seconds(environment)
+    client = time.process_time() - client_before
     created = await load
     if set(created.statuses) != {201}:
         raise RuntimeError(f"{system.name} {key}: creates answered {dict(created.statuses)}")
@@ -280,6 +297,10 @@ async def saturate(
     split = {n: 1000 * (after[n] - before[n]) / count for n in roots}
     result.cpu_split[key] = split
     result.cpu_ms[key] = sum(split.values())
+    env_split = {n: 1000 * (env_after[n] - env_before[n]) / count for n in environment}
+    env_split["load client"] = 1000 * client / count
+    result.env_split[key] = env_split
+    result.env_cpu_ms[key] = sum(env_split.values())
 
 
 async def offered(
@@ -397,16 +418,20 @@ async def crash(
     )
 
 
-async def measure_saturation(system: System, sandbox_dsn: str, result: Result) -> None:
-    """The saturation turn: warm-up, then both cascades as fast as the system takes them."""
+async def measure_saturation(
+    system: System, sandbox_dsn: str, environment: dict[str, int], result: Result
+) -> None:
+    """The saturation turn: warm-up, then both cascades as fast as the system takes them;
+    ``environment``: the sandbox's process trees, measured beside the system's."""
     finals = Finals(sandbox_dsn)
     count = _int("PEERS_WITHDRAWALS", 600)
     concurrency = _int("PEERS_CONCURRENCY", 32)
     try:
         warm = Result(system.name)
-        await saturate(system, finals, SYNC, _int("PEERS_WARMUP", 150), concurrency, warm, "sync")
-        await saturate(system, finals, SYNC, count, concurrency, result, "sync")
-        await saturate(system, finals, MIXED, count, concurrency, result, "mixed")
+        warmup = _int("PEERS_WARMUP", 150)
+        await saturate(system, finals, SYNC, warmup, concurrency, warm, "sync", environment)
+        await saturate(system, finals, SYNC, count, concurrency, result, "sync", environment)
+        await saturate(system, finals, MIXED, count, concurrency, result, "mixed", environment)
     finally:
         await finals.close()
 
@@ -422,7 +447,8 @@ async def measure_latency(
     try:
         warm = Result(system.name)
         concurrency = _int("PEERS_CONCURRENCY", 32)
-        await saturate(system, finals, SYNC, _int("PEERS_WARMUP", 150), concurrency, warm, "sync")
+        warmup = _int("PEERS_WARMUP", 150)
+        await saturate(system, finals, SYNC, warmup, concurrency, warm, "sync", environment={})
         await latency(system, finals, count, rate, result, "fixed")
         await latency(system, finals, count, sustainable, result, "sustainable")
         await crash(system, finals, sandbox_url, _int("PEERS_CRASH_WITHDRAWALS", 250), rate, result)
@@ -492,6 +518,11 @@ class Bench:
         self.sandbox.wait_ready("/sandbox")
         self.sut_admin = self.sut_pg.start()
 
+    def environment(self) -> dict[str, int]:
+        """The environment's process trees (name → pid), for its CPU per withdrawal."""
+        assert self.sandbox is not None
+        return {"sandbox": self.sandbox.process.pid, "sandbox postgres": self.env_pg.pid}
+
     def stop(self) -> None:
         if self.sandbox is not None:
             self.sandbox.stop()
@@ -524,7 +555,8 @@ class Bench:
         try:
             system.start()
             if phase == "saturation":
-                asyncio.run(measure_saturation(system, self.sandbox_dsn, result))
+                environment = self.environment()
+                asyncio.run(measure_saturation(system, self.sandbox_dsn, environment, result))
             else:
                 asyncio.run(
                     measure_latency(system, self.sandbox_url, self.sandbox_dsn, sustainable, result)
@@ -638,6 +670,24 @@ def summary(results: list[Result]) -> dict[str, dict[str, Spread]]:
     return {s: {k: spread(v) for k, v in figures.items()} for s, figures in samples.items()}
 
 
+@dataclass(frozen=True)
+class Ceiling:
+    """One cascade's environment cost over every saturation turn, and what it leaves."""
+
+    env_ms: Spread  # the environment's CPU ms per withdrawal
+    rate: float  # cores × 1000 ÷ its median: final withdrawals/s no system can pass here
+
+
+def ceilings(results: list[Result]) -> dict[str, Ceiling]:
+    """``sync``/``mixed`` → the ceiling the co-located environment puts on every system."""
+    cores = os.cpu_count() or 1
+    out = {}
+    for key in ("sync", "mixed"):
+        env = spread([r.env_cpu_ms[key] for r in results if key in r.env_cpu_ms])
+        out[key] = Ceiling(env, cores * 1000 / env.median)
+    return out
+
+
 def labels(rounds: list[Round]) -> dict[str, str]:
     rate = os.environ.get("PEERS_RATE", "50")
     sustainable = spread([r.sustainable_rate for r in rounds])
@@ -687,6 +737,27 @@ def build_report(wanted: list[str], results: list[Result], rounds: list[Round]) 
                 table["ours"][key].median / baseline.median,
                 "x",
             )
+    for scenario, ceiling in ceilings(results).items():
+        env = ceiling.env_ms
+        report.add(
+            f"environment_cpu_{scenario}",
+            f"environment (sandbox, its Postgres, load client): CPU ms per withdrawal "
+            f"[{scenario}] [{env.low:.4g}–{env.high:.4g}]",
+            env.median,
+            "ms",
+        )
+        report.add(
+            f"ceiling_{scenario}",
+            f"ceiling on these {os.cpu_count()} cores beside it: final withdrawals/s [{scenario}]",
+            ceiling.rate,
+            "/s",
+        )
+        report.add(
+            f"ceiling_vs_baseline_{scenario}",
+            f"ceiling ÷ asyncpg baseline: the most any system can reach here [{scenario}]",
+            ceiling.rate / baseline.median,
+            "x",
+        )
     for r in results:
         report.notes.append(
             f"round {r.round} {r.system} crash check: {'PASS' if r.crash_ok else 'FAIL'} — "
@@ -697,6 +768,12 @@ def build_report(wanted: list[str], results: list[Result], rounds: list[Round]) 
             parts = ", ".join(f"{k} {v:.2f}" for k, v in split.items())
             report.notes.append(
                 f"round {r.round} {r.system} CPU ms per withdrawal [{scenario}]: {parts}"
+            )
+        for scenario, split in r.env_split.items():
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in split.items())
+            report.notes.append(
+                f"round {r.round} {r.system} turn, the environment's CPU ms per withdrawal "
+                f"[{scenario}]: {parts}"
             )
         parts = ", ".join(f"{k} {v:.0f}" for k, v in r.peak_split.items())
         report.notes.append(f"round {r.round} {r.system} memory (PSS MiB) at its peak: {parts}")
