@@ -81,11 +81,12 @@ def reference_table(
             [_cell(baseline, "/s", n)] * 2,
         ),
         row(
-            "environment's CPU ms per withdrawal (sandbox, its Postgres, load client)",
+            "environment's CPU ms per withdrawal (sandbox, its Postgres, load client; median "
+            "over every system's turns, lowest–highest)",
             [_cell(top[s].env_ms, "ms", n) for s in ("sync", "mixed")],
         ),
         row(
-            f"**ceiling**: {cores} cores × 1000 ÷ that, final withdrawals/s",
+            f"**ceiling**: {cores} cores × 1000 ÷ the lowest, final withdrawals/s",
             [_fmt(top[s].rate, "/s") for s in ("sync", "mixed")],
         ),
         row(
