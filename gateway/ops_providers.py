@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -35,7 +35,7 @@ from gateway.ops_wire import Timestamp
 from gateway.protocol import json_response, read_body
 from gateway.service import Unavailable
 from orchestrator import store
-from orchestrator.breaker import Breaker, Window, forced
+from orchestrator.breaker import Breaker, ChangeCause, Window, forced
 from orchestrator.store import Connection
 from orchestrator.store import breakers as health_store
 
@@ -45,6 +45,7 @@ log = logging.getLogger("cascade.health")
 MAX_OPEN_SECONDS = 7 * 86_400
 MAX_REASON = 500
 STATES = ("closed", "open", "half_open", "disabled")
+CAUSES: tuple[str, ...] = get_args(ChangeCause)
 
 
 class BreakerPolicyView(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,6 +96,18 @@ class TransitionView(msgspec.Struct, frozen=True, kw_only=True):
     changed_at: Timestamp
     failure_rate: float | None
     calls: int | None
+    cause: Annotated[
+        str | None,
+        msgspec.Meta(
+            description="tripped (its window), open_time_up, probe_failed, probes_succeeded,"
+            " or operator (an override); null for a change recorded before causes were kept.",
+            extra_json_schema={"enum": [*CAUSES, None]},
+        ),
+    ]
+    operator: Annotated[
+        str | None, msgspec.Meta(description="An override's operator (ops:<X-Operator>).")
+    ]
+    reason: Annotated[str | None, msgspec.Meta(description="An override's reason.")]
 
 
 class ProbeView(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,6 +214,9 @@ def _transition(breaker: Breaker) -> TransitionView:
         changed_at=breaker.changed_at.isoformat(),
         failure_rate=breaker.failure_rate,
         calls=breaker.calls,
+        cause=breaker.change_cause,
+        operator=breaker.changed_by,
+        reason=breaker.change_reason,
     )
 
 
@@ -355,7 +371,15 @@ async def _override(
             since = now - timedelta(seconds=policy.window_seconds)
             ((_, window),) = await health_store.load_breakers(conn, [(provider_id, since)])
             state: Literal["open", "closed"] = "open" if body.action == "open" else "closed"
-            after = forced(before, state, now, window, open_seconds=body.seconds)
+            after = forced(
+                before,
+                state,
+                now,
+                window,
+                operator=actor,
+                reason=body.reason,
+                open_seconds=body.seconds,
+            )
             saved = await health_store.save_breaker(conn, before, after)
             assert saved  # the row is locked: no other writer between the read and the write
             # Withdrawals held for the provider wait until when it was expected back; now it

@@ -166,8 +166,7 @@ def _lines(p: dict[str, Any]) -> list[str]:
         f"breaker          {_state(p)}",
         f"window           {_failures(p['window'])}"
         + (f", since {utc_time(p['window']['since'])}" if p["window"] else ""),
-        "last transition  "
-        + (f"{utc_time(last['changed_at'])} (window then: {_rate(last)})" if last else "none yet"),
+        "last transition  " + (_transition(last) if last else "none yet"),
         f"in flight        {p['in_flight']} (CREATING or RECHECKING)",
         f"waiting          {p['waiting']} withdrawal(s) held or waiting to start here",
         f"limits           {_limits(p['limits'])}",
@@ -187,6 +186,14 @@ def _lines(p: dict[str, Any]) -> list[str]:
             f" {probe['successes']} success(es) so far"
         )
     return [printable(line) for line in lines]
+
+
+def _transition(last: dict[str, Any]) -> str:
+    """When, why (an override: by whom, with their reason), and the window then."""
+    cause = last.get("cause") or "cause not recorded"
+    if cause == "operator":
+        cause = f"by {last.get('operator')}: {last.get('reason')}"  # _lines escapes it
+    return f"{utc_time(last['changed_at'])}, {cause} (window then: {_rate(last)})"
 
 
 def _rate(transition: dict[str, Any]) -> str:

@@ -29,6 +29,9 @@ from typing import Literal
 from contracts.providers_file import BreakerPolicy
 
 BreakerState = Literal["closed", "open", "half_open"]
+ChangeCause = Literal["tripped", "open_time_up", "probe_failed", "probes_succeeded", "operator"]
+"""Why a breaker last changed state: its window tripped it, its open time ran out, its probe
+failed or enough probes succeeded, or an operator overrode it."""
 CallResult = Literal["ok", "declined", "technical"]
 """How a provider call ended, for health: answered, answered with a business refusal, or not
 answered usably (the only one that counts against the provider)."""
@@ -64,6 +67,11 @@ class Breaker:
     # The window when it last changed state: what tripped or closed it.
     failure_rate: float | None = None
     calls: int | None = None
+    # Why it last changed state (None: a row written before causes were kept), and for an
+    # operator's override, who ("ops:<X-Operator>") and the reason they gave.
+    change_cause: ChangeCause | None = None
+    changed_by: str | None = None
+    change_reason: str | None = None
     version: int = 1
 
 
@@ -77,9 +85,9 @@ def on_window(
     """The transition the window or the clock makes, if any: closed → open when tripped,
     open → half-open when its time is up."""
     if breaker.state == "closed" and tripped(window, policy):
-        return _moved(breaker, "open", now, window, open_until=now + _open_for(policy))
+        return _moved(breaker, "open", now, window, "tripped", open_until=now + _open_for(policy))
     if breaker.state == "open" and (breaker.open_until is None or now >= breaker.open_until):
-        return _moved(breaker, "half_open", now, window)
+        return _moved(breaker, "half_open", now, window, "open_time_up")
     return None
 
 
@@ -91,10 +99,12 @@ def on_probe(
     if breaker.state != "half_open" or breaker.probe_task != task_id:
         return None
     if technical:
-        return _moved(breaker, "open", now, None, open_until=now + _open_for(policy))
+        return _moved(
+            breaker, "open", now, None, "probe_failed", open_until=now + _open_for(policy)
+        )
     successes = breaker.probe_successes + 1
     if successes >= policy.half_open_probes:
-        return _moved(breaker, "closed", now, None)
+        return _moved(breaker, "closed", now, None, "probes_succeeded")
     return dataclasses.replace(
         breaker,
         probe_task=None,
@@ -113,8 +123,11 @@ def _moved(
     state: BreakerState,
     now: datetime,
     window: Window | None,
+    cause: ChangeCause,
     *,
     open_until: datetime | None = None,
+    changed_by: str | None = None,
+    change_reason: str | None = None,
 ) -> Breaker:
     return Breaker(
         provider_id=breaker.provider_id,
@@ -123,6 +136,9 @@ def _moved(
         open_until=open_until,
         failure_rate=window.failure_rate if window is not None else breaker.failure_rate,
         calls=window.calls if window is not None else breaker.calls,
+        change_cause=cause,
+        changed_by=changed_by,
+        change_reason=change_reason,
         version=breaker.version + 1,
     )
 
@@ -133,10 +149,22 @@ def forced(
     now: datetime,
     window: Window,
     *,
+    operator: str,
+    reason: str,
     open_seconds: float | None = None,
 ) -> Breaker:
     """An operator's override (``POST /ops/providers/{id}/breaker``): open for
     ``open_seconds`` (then half-open with its one probe, as after a trip), or closed with its
-    window restarting now. Any probe lease is dropped: a probe's outcome no longer decides."""
+    window restarting now. Any probe lease is dropped: a probe's outcome no longer decides.
+    The breaker keeps who made it and why until its next transition."""
     open_until = now + timedelta(seconds=open_seconds or 0.0) if state == "open" else None
-    return _moved(breaker, state, now, window, open_until=open_until)
+    return _moved(
+        breaker,
+        state,
+        now,
+        window,
+        "operator",
+        open_until=open_until,
+        changed_by=operator,
+        change_reason=reason,
+    )

@@ -7,21 +7,28 @@ that rolls back gives its rate token and its slot back.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from orchestrator.breaker import Breaker, Window
 from orchestrator.domain import TaskState
 from orchestrator.store import Connection
 
+if TYPE_CHECKING:
+    from asyncpg import Record
+
 # The states of an attempt whose order is being created or proven (max_in_flight).
 IN_FLIGHT_STATES = (TaskState.CREATING.value, TaskState.RECHECKING.value)
 
-_BREAKER_COLUMNS = (
-    "b.provider_id, b.state, b.changed_at, b.open_until, b.probe_task, b.probe_until,"
-    " b.probe_successes, b.failure_rate, b.calls, b.version"
-)
+_BREAKER_FIELDS = tuple(f.name for f in dataclasses.fields(Breaker))
+_BREAKER_COLUMNS = ", ".join(f"b.{name}" for name in _BREAKER_FIELDS)
+
+
+def _breaker(row: Record) -> Breaker:
+    return Breaker(**{name: row[name] for name in _BREAKER_FIELDS})
 
 
 async def ensure_breakers(conn: Connection, provider_ids: Sequence[str], now: datetime) -> None:
@@ -57,24 +64,7 @@ async def load_breakers(
         [provider_id for provider_id, _ in windows],
         [since for _, since in windows],
     )
-    return [
-        (
-            Breaker(
-                provider_id=r["provider_id"],
-                state=r["state"],
-                changed_at=r["changed_at"],
-                open_until=r["open_until"],
-                probe_task=r["probe_task"],
-                probe_until=r["probe_until"],
-                probe_successes=r["probe_successes"],
-                failure_rate=r["failure_rate"],
-                calls=r["calls"],
-                version=r["version"],
-            ),
-            Window(ok=r["ok"], technical=r["technical"]),
-        )
-        for r in rows
-    ]
+    return [(_breaker(r), Window(ok=r["ok"], technical=r["technical"])) for r in rows]
 
 
 async def save_breaker(conn: Connection, before: Breaker, after: Breaker) -> bool:
@@ -83,7 +73,7 @@ async def save_breaker(conn: Connection, before: Breaker, after: Breaker) -> boo
     status = await conn.execute(
         "UPDATE provider_breakers SET state = $3, changed_at = $4, open_until = $5,"
         " probe_task = $6, probe_until = $7, probe_successes = $8, failure_rate = $9,"
-        " calls = $10, version = $11"
+        " calls = $10, version = $11, change_cause = $13, changed_by = $14, change_reason = $15"
         " WHERE provider_id = $1 AND version = $2 AND probe_task IS NOT DISTINCT FROM $12",
         before.provider_id,
         before.version,
@@ -97,6 +87,9 @@ async def save_breaker(conn: Connection, before: Breaker, after: Breaker) -> boo
         after.calls,
         after.version,
         before.probe_task,
+        after.change_cause,
+        after.changed_by,
+        after.change_reason,
     )
     return status == "UPDATE 1"
 
@@ -196,9 +189,7 @@ async def breaker_for_update(conn: Connection, provider_id: str) -> Breaker | No
         " WHERE b.provider_id = $1 FOR UPDATE",
         provider_id,
     )
-    if row is None:
-        return None
-    return Breaker(**dict(row))
+    return None if row is None else _breaker(row)
 
 
 async def waiting_work(conn: Connection, provider_ids: Sequence[str]) -> dict[str, tuple[int, int]]:

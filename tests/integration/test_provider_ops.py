@@ -104,6 +104,12 @@ async def test_an_opened_breaker_makes_new_attempts_pass_over_then_hold_until_th
     view = opened.json()
     assert view["state"] == "open"
     assert view["open_until"] > view["last_transition"]["changed_at"]
+    last = view["last_transition"]
+    assert (last["cause"], last["operator"], last["reason"]) == (
+        "operator",
+        "ops:oncall-kim",
+        "PSP maintenance",
+    )
     await _worker_sees(stack, "sbx_ok", "open")
 
     passed = await create_withdrawal(stack, ["sbx_ok", "sbx_sync_ok"])

@@ -58,6 +58,7 @@ async def test_operators_list_show_drain_and_restore_a_provider(
     status, out, err = await _cli(stack, tmp_path, "show", "sbx_ok")
     assert status == 0, err
     assert "breaker          open until" in out
+    assert ", by ops:oncall-kim: PSP maintenance (window then:" in out
     assert "policy           open at 50% of at least 20 calls in 60s" in out
 
     status, out, err = await _cli(

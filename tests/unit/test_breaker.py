@@ -32,6 +32,7 @@ def test_a_closed_breaker_opens_for_open_seconds_and_keeps_what_tripped_it() -> 
         NOW + timedelta(seconds=30),
     )
     assert (opened.failure_rate, opened.calls, opened.version) == (0.75, 20, 2)
+    assert (opened.change_cause, opened.changed_by) == ("tripped", None)
     assert on_window(closed(), Window(ok=15, technical=5), POLICY, NOW) is None
 
 
@@ -43,6 +44,7 @@ def test_an_open_breaker_turns_half_open_when_its_time_is_up_and_not_before() ->
     half = on_window(opened, Window(), POLICY, NOW + timedelta(seconds=30))
     assert half is not None
     assert (half.state, half.probe_task, half.probe_successes) == ("half_open", None, 0)
+    assert half.change_cause == "open_time_up"
 
 
 def test_a_half_open_breaker_ignores_its_window() -> None:
@@ -57,9 +59,11 @@ def test_the_probe_closes_it_or_opens_it_again() -> None:
     closed_again = on_probe(half, probe, False, POLICY, later)
     assert closed_again is not None
     assert (closed_again.state, closed_again.changed_at) == ("closed", later)
+    assert closed_again.change_cause == "probes_succeeded"
     reopened = on_probe(half, probe, True, POLICY, later)
     assert reopened is not None
     assert (reopened.state, reopened.open_until) == ("open", later + timedelta(seconds=30))
+    assert reopened.change_cause == "probe_failed"
 
 
 def test_several_probes_in_a_row_must_succeed_one_at_a_time() -> None:

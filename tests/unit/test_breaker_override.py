@@ -28,7 +28,10 @@ def half_open() -> Breaker:
 
 def test_open_by_hand_drains_until_its_time_then_the_usual_probe_follows() -> None:
     window = Window(ok=3, technical=1)
-    opened = forced(half_open(), "open", NOW, window, open_seconds=600)
+    opened = forced(
+        half_open(), "open", NOW, window, operator="ops:kim", reason="PSP maintenance",
+        open_seconds=600,
+    )  # fmt: skip
     assert (opened.state, opened.changed_at, opened.open_until) == (
         "open",
         NOW,
@@ -37,16 +40,27 @@ def test_open_by_hand_drains_until_its_time_then_the_usual_probe_follows() -> No
     # The probe lease is dropped: its outcome no longer decides anything.
     assert (opened.probe_task, opened.probe_until, opened.probe_successes) == (None, None, 0)
     assert (opened.failure_rate, opened.calls, opened.version) == (0.25, 4, 8)
+    assert (opened.change_cause, opened.changed_by, opened.change_reason) == (
+        "operator",
+        "ops:kim",
+        "PSP maintenance",
+    )
     assert on_probe(opened, PROBE, False, POLICY, NOW) is None
     assert on_window(opened, Window(), POLICY, NOW + timedelta(seconds=599)) is None
     later = on_window(opened, Window(), POLICY, NOW + timedelta(seconds=600))
     assert later is not None
-    assert later.state == "half_open"
+    # The breaker's own transition afterwards: its cause, and no operator any more.
+    assert (later.state, later.change_cause, later.changed_by, later.change_reason) == (
+        "half_open",
+        "open_time_up",
+        None,
+        None,
+    )
 
 
 def test_close_by_hand_restarts_the_window_and_stays_closed_on_old_failures() -> None:
     tripping = Window(ok=0, technical=40)
-    closed = forced(half_open(), "closed", NOW, tripping)
+    closed = forced(half_open(), "closed", NOW, tripping, operator="ops:kim", reason="fixed")
     assert (closed.state, closed.changed_at, closed.open_until, closed.probe_task) == (
         "closed",
         NOW,
