@@ -28,7 +28,18 @@ from typing import Any
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn._types import (
+    ASGI3Application,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from contracts.legacy import (
     ApiError,
@@ -135,6 +146,13 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     are the client's tunnel, not requests. Any other ``Upgrade`` is declined by answering in
     HTTP/1.1 (RFC 9110 section 7.8), and parsing goes on with the next request. The gateway
     serves no WebSocket (``ws="none"`` in :func:`server_config`), so no upgrade is ever taken.
+
+    A request with ``Expect: 100-continue`` whose answer starts before its body came and before
+    the client was told to send it (a 401, a 404, anything answered without reading the body)
+    closes the connection after that answer (:func:`_closing_if_answered_first`). uvicorn kept
+    it open while its parser still waited for the declared body, which such a client may never
+    send: the next request's bytes were read as that body and the rest refused as a request, so
+    the next request got an answer meant for no request of the client's (a 405).
     """
 
     _refusal: bytes | None = None
@@ -193,6 +211,11 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._in_request = False
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if cycle.waiting_for_100_continue:
+            app = _closing_if_answered_first(cycle, app)
+        super()._start_asgi_task(cycle, app)
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._send_refusal_when_answered()
@@ -248,6 +271,35 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             return
         self.transport.write(self._refusal)
         self.transport.close()
+
+
+def _closing_if_answered_first(
+    cycle: RequestResponseCycle, app: ASGI3Application
+) -> ASGI3Application:
+    """``app``, its answer closing the connection when it starts while the client still waits
+    for a 100 (Continue) to send a body that has not all come.
+
+    The parser frames what follows that request by the body it declared, but the client may
+    never send it (RFC 9110 section 10.1.1): what the client sends next would be read as that
+    body, and the rest as a request, answered in the next request's place. The answer says
+    ``Connection: close`` instead, as a server that answers before reading the whole body
+    should say whether it goes on reading (ibid.), and nothing more is read. Once a 100 was
+    sent, or the whole body came, the framing holds and the connection is kept alive.
+    """
+
+    async def answering(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        async def closing_send(message: ASGISendEvent) -> None:
+            if (
+                message["type"] == "http.response.start"
+                and cycle.waiting_for_100_continue
+                and cycle.more_body
+            ):
+                cycle.keep_alive = False
+            await send(message)
+
+        await app(scope, receive, closing_send)
+
+    return answering
 
 
 class _UnreadableBody(Exception):

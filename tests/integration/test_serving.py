@@ -372,3 +372,41 @@ async def test_an_upgrade_is_declined_and_the_connection_goes_on(make_stack: Sta
     assert healthz.status == 200
     assert _assert_error(refused, 400, b"malformed_json") == b"r-9"
     assert refused.headers[b"connection"] == b"close"
+
+
+async def test_an_answer_before_the_body_the_client_waits_to_send_closes_the_connection(
+    make_stack: StackFactory,
+) -> None:
+    """A client that sends ``Expect: 100-continue`` sends the body only once told to. An answer
+    that starts before (here the 404 of an unknown path, which reads no body) left the
+    connection open while the parser still waited for the 9 declared bytes: the client's next
+    request (``GET /healthz HTTP/1.1...``) was read as that body (``GET /heal``) and the rest
+    (``thz HTTP/1.1...``) refused as a request, so the GET got a 405 meant for no request. Such
+    an answer says ``Connection: close`` and the connection closes, the client sending nothing
+    more. When the body came with the head, the framing holds and the connection stays open."""
+    stack = await make_stack(flags=flags_document(enabled=False), with_worker=False)
+    expect = (b"Expect: 100-continue\r\n", b"X-Request-Id: r-11\r\n")
+    host, port = stack.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(_request(b"POST", b"/nowhere", *expect, b"Content-Length: 9\r\n"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        [length] = [
+            line[15:] for line in head.split(b"\r\n") if line.startswith(b"content-length: ")
+        ]
+        [answer] = _answers(head + await reader.readexactly(int(length)))
+        if answer.headers.get(b"connection") != b"close":
+            writer.write(_HEALTHZ)  # the connection is open: the client goes on, body unsent
+        after = _answers(await asyncio.wait_for(reader.read(-1), 10))
+    finally:
+        writer.close()
+    assert after == [], after
+    assert _assert_error(answer, 404, b"not_found") == b"r-11"
+    assert answer.headers[b"connection"] == b"close"
+
+    with_body = _request(b"POST", b"/nowhere", *expect, body=b"{not json")
+    answers = _answers(await _exchange(stack.url, with_body, _request(b"GET", b"/healthz", _CLOSE)))
+    assert [(answer.status, answer.headers.get(b"connection")) for answer in answers] == [
+        (404, None),
+        (200, b"close"),
+    ]
