@@ -173,6 +173,9 @@ def _parse_time(name: str, value: str | None) -> datetime | None:
 
 def _window(since: str | None, until: str | None, merchant: str | None) -> reports.Window:
     """The report's filters as given on the command line or the query string."""
+    if merchant and "\x00" in merchant:
+        # Postgres text cannot hold NUL: refused here rather than failing the query (a 500).
+        raise ReportError(f"merchant {merchant!r} must not contain a NUL character")
     return reports.Window(
         since=_parse_time("since", since),
         until=_parse_time("until", until),

@@ -372,6 +372,12 @@ async def test_cohort_report_and_the_ops_endpoint_agree(
     bad = await stack.client.get("/ops/cohorts", headers=OPS, params={"since": "yesterday"})
     assert bad.status_code == 400
     assert "since" in bad.json()["error"]["message"]
+    nul = await stack.client.get("/ops/cohorts", headers=OPS, params={"merchant": "m\x00"})
+    assert nul.status_code == 400, nul.text
+    assert nul.json()["error"] == {
+        "code": "invalid_parameter",
+        "message": "merchant 'm\\x00' must not contain a NUL character",
+    }
 
     # The CLI prints the same numbers: as JSON, and as a table.
     assert (
