@@ -165,6 +165,9 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     _unread: list[bytes] | None = None
     _unread_size = 0
     _begun = 0
+    # The cycle before the last one uvicorn made: the newest earlier request still owed an answer
+    # when the last request is refused in its body (see ``_refuse``).
+    _earlier_cycle: RequestResponseCycle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
@@ -203,6 +206,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             # httptools reads no body after a request that asks to switch protocols, so the app
             # would answer this one as if it had none: refused instead (a 400).
             raise _UnreadableBody
+        self._earlier_cycle = self.cycle
         super().on_headers_complete()
         if self.scope["method"] == "CONNECT":
             self.cycle.keep_alive = False  # its answer says Connection: close, then closes
@@ -235,11 +239,23 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self._in_request and cycle is not None and cycle.scope is self.scope:
             # The parser refused the body of the request whose head it read last, which the app
-            # can never read. If that request is the one in flight (no earlier answer is owed)
-            # and the app has not begun answering, the refusal is its answer; otherwise the
-            # connection just closes.
+            # can never read.
+            head = _RefusedHead(self.headers)
+            if self.pipeline and self.pipeline[0][0] is cycle:
+                # Its cycle waits in the pipeline (the newest, on the left) behind answers still
+                # owed: it never runs, and the refusal is sent once those answers are, as for a
+                # refusal in a head. Closing now dropped them: the client of a create before it
+                # never learnt the outcome. ``self.cycle`` is the earlier cycle again, the last
+                # that owes an answer, which ``_send_refusal_when_answered`` waits for.
+                self.pipeline.popleft()
+                self.cycle = self._earlier_cycle  # type: ignore[assignment]  # never None here
+                self._refusal = self._refusal_bytes(refusal, head)
+                self._send_refusal_when_answered()
+                return
+            # It is the one in flight (no earlier answer is owed): if the app has not begun
+            # answering, the refusal is its answer; otherwise the connection just closes.
             if not cycle.response_started and not self.pipeline:
-                self.transport.write(self._refusal_bytes(refusal, _RefusedHead(self.headers)))
+                self.transport.write(self._refusal_bytes(refusal, head))
             self.transport.close()
             return
         unread = b"".join(self._unread) if self._unread is not None else b""

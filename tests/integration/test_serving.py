@@ -410,3 +410,55 @@ async def test_an_answer_before_the_body_the_client_waits_to_send_closes_the_con
         (404, None),
         (200, b"close"),
     ]
+
+
+def _post(*headers: bytes) -> bytes:
+    return _request(
+        b"POST",
+        b"/v1/withdrawals",
+        b"Authorization: Bearer %s\r\n" % API_TOKEN.encode(),
+        b"Content-Type: application/json\r\n",
+        b"X-Request-Id: r-12\r\n",
+        *headers,
+    )
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        # The refused request's head is read (its answer queued behind the create's), then its
+        # body cannot be framed: a chunk size that is no number.
+        _post(b"Transfer-Encoding: chunked\r\n") + b"2\r\n{}\r\nzz\r\n",
+        # Refused in its head: a Content-Length that is no number, a control character.
+        _post(b"Content-Length: 1x\r\n") + b"{}",
+        _post(b"X-Note: a\x01b\r\n", b"Content-Length: 2\r\n") + b"{}",
+    ],
+    ids=["malformed-chunk", "bad-content-length", "control-character"],
+)
+@pytest.mark.parametrize("between", [[], [_HEALTHZ]], ids=["right-after", "after-a-healthz"])
+async def test_a_refusal_after_a_create_in_flight_comes_after_the_creates_answer(
+    make_stack: StackFactory, refused: bytes, between: list[bytes]
+) -> None:
+    """A create (which awaits Postgres) and, in the same write, a request the parser refuses:
+    the create's answer comes first (and those of the requests between them), then the
+    refusal's envelope with ``Connection: close``, then the connection closes. When the refused
+    request's head had been read (a malformed chunk), the connection closed with none of them,
+    and the client never learnt the create's outcome."""
+    stack = await make_stack(flags=flags_document(enabled=False), with_worker=False)
+    withdrawal_id = new_id()
+    body = json.dumps(withdrawal_body(withdrawal_id, ["sbx_ok"])).encode()
+    create = _request(
+        b"POST",
+        b"/v1/withdrawals",
+        b"Authorization: Bearer %s\r\n" % API_TOKEN.encode(),
+        b"Content-Type: application/json\r\n",
+        b"Idempotency-Key: k-%s\r\n" % withdrawal_id.encode(),
+        body=body,
+    )
+    answers = _answers(await _exchange(stack.url, b"".join([create, *between, refused])))
+    assert [answer.status for answer in answers] == [201, *len(between) * [200], 400], answers
+    created, *_, refusal = answers
+    assert json.loads(created.body)["withdrawal_id"] == withdrawal_id
+    assert (await stack.withdrawal(withdrawal_id))["withdrawal_id"] == withdrawal_id
+    assert _assert_error(refusal, 400, b"malformed_json") == b"r-12"
+    assert refusal.headers[b"connection"] == b"close"
