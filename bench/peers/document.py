@@ -86,7 +86,18 @@ def reference_table(
             [_cell(top[s].env_ms, "ms", n) for s in ("sync", "mixed")],
         ),
         row(
-            f"**ceiling**: {cores} cores × 1000 ÷ the lowest, final withdrawals/s",
+            "of which per withdrawal, and per second (fitted over every turn: env ms = "
+            "per withdrawal + per second ÷ rate)",
+            [
+                f"{_fmt(top[s].per_withdrawal_ms, 'ms')} ms + {top[s].per_second_ms:.0f} ms/s"
+                if top[s].fitted
+                else "too few turns to fit"
+                for s in ("sync", "mixed")
+            ],
+        ),
+        row(
+            f"**ceiling**: ({cores} cores × 1000 − per second) ÷ per withdrawal, final "
+            "withdrawals/s",
             [_fmt(top[s].rate, "/s") for s in ("sync", "mixed")],
         ),
         row(

@@ -32,9 +32,9 @@ simulated cascade-core (its ``notifications`` table, polled every 20 ms), which 
 sends right after the commit. The sandbox and the load client are excluded from CPU and RSS.
 
 The environment's own CPU per withdrawal is measured in every saturation turn too (the sandbox
-process, its Postgres, and this load client's process alone): it shares the machine's cores
-with the system under test, so ``cores × 1000 ÷ its CPU ms per withdrawal`` is the most final
-withdrawals/s *any* system could reach here, the **ceiling**. The report divides it by the
+process, its Postgres, and this process alone: the load client, the finals poller, the memory
+sampler): it shares the machine's cores with the system under test, so it bounds what *any*
+system could reach here, the **ceiling** (:class:`Ceiling`). The report divides it by the
 baseline as well: a ratio to the baseline above that ceiling's is out of every system's reach
 on this machine.
 """
@@ -672,24 +672,49 @@ def summary(results: list[Result]) -> dict[str, dict[str, Spread]]:
 
 @dataclass(frozen=True)
 class Ceiling:
-    """One cascade's environment cost over every saturation turn, and what it leaves."""
+    """One cascade's environment cost over every saturation turn, and what it leaves.
+
+    The environment's CPU is part per withdrawal (``per_withdrawal_ms``: the sandbox's
+    answers, the load client's requests) and part per second (``per_second_ms``: the
+    sandbox's loops, the bench's own polling for finals), so a slow system's turn charges it
+    more per withdrawal. Fitted over every turn, env_ms = per_withdrawal + per_second ÷ rate
+    (least squares in 1 ÷ rate), a system costing nothing could finish at most
+    ``(cores × 1000 − per_second_ms) ÷ per_withdrawal_ms`` withdrawals/s: the ceiling. With
+    fewer than three turns, or a fit that makes no sense (a cost below zero), the ceiling
+    is cores × 1000 ÷ the lowest env_ms, which counts the per-second part against it."""
 
     env_ms: Spread  # the environment's CPU ms per withdrawal, over every system's turns
-    rate: float  # cores × 1000 ÷ its lowest: final withdrawals/s no system can pass here
+    per_withdrawal_ms: float
+    per_second_ms: float
+    fitted: bool
+    rate: float  # final withdrawals/s no system can pass here
 
 
 def ceilings(results: list[Result]) -> dict[str, Ceiling]:
-    """``sync``/``mixed`` → the ceiling the co-located environment puts on every system. From
-    the environment's *lowest* cost in any turn: part of it runs per second, not per
-    withdrawal (the sandbox's loops, the load client's polling), so a slow system's turn
-    charges it more per withdrawal; the fastest turn's figure is the one every system would
-    at least pay."""
-    cores = os.cpu_count() or 1
+    """``sync``/``mixed`` → the ceiling the co-located environment puts on every system."""
+    budget = (os.cpu_count() or 1) * 1000.0
     out = {}
     for key in ("sync", "mixed"):
-        env = spread([r.env_cpu_ms[key] for r in results if key in r.env_cpu_ms])
-        out[key] = Ceiling(env, cores * 1000 / env.low)
+        turns = [(1 / r.rate[key], r.env_cpu_ms[key]) for r in results if key in r.env_cpu_ms]
+        env = spread([ms for _, ms in turns])
+        fit = _line(turns) if len(turns) >= 3 else None
+        if fit is not None and fit[0] > 0 and 0 <= fit[1] < budget:
+            a, b = fit
+            out[key] = Ceiling(env, a, b, True, (budget - b) / a)
+        else:
+            out[key] = Ceiling(env, env.low, 0.0, False, budget / env.low)
     return out
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares y = a + b·x: (a, b); None when every x is the same."""
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    sxx = sum((x - mean_x) ** 2 for x, _ in points)
+    if sxx == 0:
+        return None
+    b = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+    return mean_y - b * mean_x, b
 
 
 def labels(rounds: list[Round]) -> dict[str, str]:
@@ -745,9 +770,16 @@ def build_report(wanted: list[str], results: list[Result], rounds: list[Round]) 
         env = ceiling.env_ms
         report.add(
             f"environment_cpu_{scenario}",
-            f"environment (sandbox, its Postgres, load client): lowest CPU ms per withdrawal "
-            f"in a turn [{scenario}] [median {env.median:.4g}, highest {env.high:.4g}]",
-            env.low,
+            f"environment (sandbox, its Postgres, load client): CPU ms per withdrawal "
+            f"[{scenario}] [{env.low:.4g}–{env.high:.4g}]",
+            env.median,
+            "ms",
+        )
+        report.add(
+            f"environment_fit_{scenario}",
+            f"  of which per withdrawal, and {ceiling.per_second_ms:.0f} ms per second "
+            + ("(fitted over the turns)" if ceiling.fitted else "(too few turns to fit)"),
+            ceiling.per_withdrawal_ms,
             "ms",
         )
         report.add(
