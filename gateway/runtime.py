@@ -162,7 +162,10 @@ async def _open_database(settings: Settings) -> store.Pool:
         raise DependencyError(f"database check failed: {exc}") from exc
     if missing:
         await pool.close()
-        raise DependencyError("the database has no schema: run `cascade-gateway migrate` first")
+        raise DependencyError(
+            f"the database schema is missing or older than this version needs (migration"
+            f" {probes.SCHEMA_REVISION}): run `cascade-gateway migrate` first"
+        )
     return pool
 
 
