@@ -302,6 +302,8 @@ def _override_body(raw: bytes) -> BreakerOverrideBody:
         raise _BadOverride(400, "malformed_json", "Request body is not valid JSON.") from exc
     if not body.reason.strip():
         raise _BadOverride(422, "validation_failed", "reason must not be empty")
+    if "\x00" in body.reason:  # kept in a text column, which cannot hold NUL
+        raise _BadOverride(422, "validation_failed", "reason must not contain a NUL character")
     if len(body.reason) > MAX_REASON:
         raise _BadOverride(
             422, "validation_failed", f"reason must be at most {MAX_REASON} characters"

@@ -278,6 +278,7 @@ def _log_transition(before: Breaker, after: Breaker) -> None:
         "provider_id": after.provider_id,
         "from": before.state,
         "to": after.state,
+        "cause": after.change_cause,
         "failure_rate": after.failure_rate,
         "calls": after.calls,
     }

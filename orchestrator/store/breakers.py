@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 IN_FLIGHT_STATES = (TaskState.CREATING.value, TaskState.RECHECKING.value)
 
 _BREAKER_FIELDS = tuple(f.name for f in dataclasses.fields(Breaker))
-_BREAKER_COLUMNS = ", ".join(f"b.{name}" for name in _BREAKER_FIELDS)
+# The last transition's cause, read only if it was written with the row's version: a writer
+# of the previous release moves the version and leaves an older cause behind (migration 0005).
+_CAUSE_FIELDS = ("change_cause", "changed_by", "change_reason")
+_BREAKER_COLUMNS = ", ".join(
+    f"CASE WHEN b.cause_version = b.version THEN b.{name} END AS {name}"
+    if name in _CAUSE_FIELDS
+    else f"b.{name}"
+    for name in _BREAKER_FIELDS
+)
 
 
 def _breaker(row: Record) -> Breaker:
@@ -73,7 +81,8 @@ async def save_breaker(conn: Connection, before: Breaker, after: Breaker) -> boo
     status = await conn.execute(
         "UPDATE provider_breakers SET state = $3, changed_at = $4, open_until = $5,"
         " probe_task = $6, probe_until = $7, probe_successes = $8, failure_rate = $9,"
-        " calls = $10, version = $11, change_cause = $13, changed_by = $14, change_reason = $15"
+        " calls = $10, version = $11, change_cause = $13, changed_by = $14, change_reason = $15,"
+        " cause_version = $11"
         " WHERE provider_id = $1 AND version = $2 AND probe_task IS NOT DISTINCT FROM $12",
         before.provider_id,
         before.version,

@@ -183,6 +183,7 @@ async def test_bad_overrides_get_precise_refusals_and_change_nothing(
         ({"action": "close", "seconds": 5, "reason": "x"}, 422, "seconds applies to open only"),
         ({"action": "drain", "reason": "x"}, 422, "action"),
         ({"action": "close", "reason": "  "}, 422, "reason must not be empty"),
+        ({"action": "close", "reason": "a\x00b"}, 422, "reason must not contain a NUL"),
         ({"action": "close"}, 422, "reason"),
         ({"action": "close", "reason": "x", "colour": "red"}, 422, "colour"),
         ({"action": "open", "seconds": "600", "reason": "x"}, 422, "seconds"),
@@ -209,3 +210,27 @@ async def test_bad_overrides_get_precise_refusals_and_change_nothing(
     assert (await stack.client.post("/ops/providers/sbx_ok/breaker", json={})).status_code == 401
     shown = (await stack.client.get("/ops/providers/sbx_ok", headers=OPS)).json()
     assert (shown["state"], shown["last_transition"]) == ("closed", None)
+
+
+async def test_a_cause_left_behind_by_a_writer_of_the_previous_release_reads_as_unknown(
+    make_stack: StackFactory,
+) -> None:
+    """A worker of the release before 0005 moves the breaker (its version) but not the cause:
+    the operator's reason must not be shown for a transition the operator did not make."""
+    stack = await make_stack(providers=_providers(), with_worker=False)
+    opened = await _override(stack, "sbx_ok", action="open", seconds=60, reason="maintenance")
+    assert opened.json()["last_transition"]["cause"] == "operator"
+    async with stack.runtime.pool.acquire() as conn:
+        # What the previous release's save_breaker writes for open → half-open.
+        await conn.execute(
+            "UPDATE provider_breakers SET state = 'half_open', open_until = NULL,"
+            " changed_at = now(), version = version + 1 WHERE provider_id = 'sbx_ok'"
+        )
+    shown = (await stack.client.get("/ops/providers/sbx_ok", headers=OPS)).json()
+    last = shown["last_transition"]
+    assert (shown["state"], last["cause"], last["operator"], last["reason"]) == (
+        "half_open",
+        None,
+        None,
+        None,
+    )
